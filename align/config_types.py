@@ -1,0 +1,18 @@
+"""Which config type each folder under `configs/` holds (used by commands and by the test that loads them all)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from base_model import QwenConfig
+
+CONFIG_TYPES: dict[str, type] = {
+    "model": QwenConfig,
+}
+
+
+def config_type_for(path: str | Path) -> type:
+    folder = Path(path).parent.name
+    if folder not in CONFIG_TYPES:
+        raise KeyError(f"{path}: no config type is registered for configs/{folder}/")
+    return CONFIG_TYPES[folder]

@@ -1,0 +1,405 @@
+"""Hugging Face checkpoint IO.
+
+Reads Qwen v1 (`QWenLMHeadModel`) and Qwen2 (`Qwen2ForCausalLM`) folders, safetensors (sharded or not) or `.bin`;
+writes Qwen2 format, which `transformers` and vLLM load as they are. Qwen v1 names map through one table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from base_model.config import QwenConfig
+from base_model.model import QwenForCausalLM
+from base_model.tokenizer import VOCAB_FILE, QwenTokenizer
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# Qwen v1 name -> Qwen2 name(s). A tuple means the v1 tensor is q, k and v fused along the output dimension.
+QWEN1_TO_QWEN2: list[tuple[str, str | tuple[str, ...]]] = [
+    ("transformer.wte.weight", "model.embed_tokens.weight"),
+    ("transformer.ln_f.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("transformer.h.{i}.ln_1.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("transformer.h.{i}.ln_2.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("transformer.h.{i}.attn.c_attn.weight", tuple(f"model.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv")),
+    ("transformer.h.{i}.attn.c_attn.bias", tuple(f"model.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv")),
+    ("transformer.h.{i}.attn.c_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("transformer.h.{i}.mlp.w2.weight", "model.layers.{i}.mlp.gate_proj.weight"),  # w2 is the SwiGLU gate
+    ("transformer.h.{i}.mlp.w1.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("transformer.h.{i}.mlp.c_proj.weight", "model.layers.{i}.mlp.down_proj.weight"),
+]
+
+
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+def qwen1_to_qwen2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        for src, dst in QWEN1_TO_QWEN2:
+            m = _template_regex(src).match(name)
+            if not m:
+                continue
+            fill = lambda t: t.replace("{i}", m.groupdict().get("i") or "")
+            if isinstance(dst, tuple):
+                for part_name, part in zip(dst, tensor.chunk(len(dst), dim=0)):
+                    out[fill(part_name)] = part.contiguous()
+            else:
+                out[fill(dst)] = tensor
+            break
+        else:
+            raise CheckpointError(f"unknown Qwen v1 tensor {name!r}")
+    return out
+
+
+def qwen2_to_qwen1(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for src, dst in QWEN1_TO_QWEN2:
+        names = dst if isinstance(dst, tuple) else (dst,)
+        first = _template_regex(names[0])
+        for name in state:
+            m = first.match(name)
+            if not m:
+                continue
+            fill = lambda t: t.replace("{i}", m.groupdict().get("i") or "")
+            out[fill(src)] = torch.cat([state[fill(n)] for n in names], dim=0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+
+def config_from_hf(d: dict, source: str = "config.json") -> tuple[QwenConfig, str]:
+    """A `config.json` dict → (QwenConfig, "qwen" | "qwen2"). Unknown architectures fail naming the file."""
+    arch = (d.get("architectures") or [None])[0]
+    model_type = d.get("model_type")
+    try:
+        if model_type == "qwen" or arch == "QWenLMHeadModel":
+            return _config_from_qwen1(d), "qwen"
+        if model_type == "qwen2" or arch == "Qwen2ForCausalLM":
+            return _config_from_qwen2(d, source), "qwen2"
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing key {e.args[0]!r}") from None
+    raise CheckpointError(
+        f"{source}: unknown architecture {arch!r} (model_type {model_type!r}); "
+        "expected QWenLMHeadModel (Qwen v1) or Qwen2ForCausalLM"
+    )
+
+
+def _config_from_qwen1(d: dict) -> QwenConfig:
+    if not d.get("scale_attn_weights", True):
+        raise CheckpointError("config.json: scale_attn_weights=false is not supported")
+    return QwenConfig(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"] // 2,  # v1 stores twice the SwiGLU width
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"],
+        head_dim=d.get("kv_channels", d["hidden_size"] // d["num_attention_heads"]),
+        rotary_pct=d.get("rotary_pct", 1.0),
+        rope_theta=d.get("rotary_emb_base", 10000.0),
+        rms_norm_eps=d.get("layer_norm_epsilon", 1e-6),
+        seq_length=d.get("seq_length", 2048),
+        max_position_embeddings=d.get("max_position_embeddings", 32768),
+        use_dynamic_ntk=d.get("use_dynamic_ntk", False),
+        use_logn_attn=d.get("use_logn_attn", False),
+        attention_dropout=d.get("attn_dropout_prob", 0.0),
+        hidden_dropout=d.get("emb_dropout_prob", 0.0),
+        initializer_range=d.get("initializer_range", 0.02),
+        tie_word_embeddings=d.get("tie_word_embeddings", False),
+    )
+
+
+def _config_from_qwen2(d: dict, source: str) -> QwenConfig:
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported (only the default RoPE)")
+    theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+    layers = d["num_hidden_layers"]
+    windows = d.get("window_sizes")
+    if windows is None and d.get("layer_types") and "sliding_attention" in d["layer_types"]:
+        windows = [d["sliding_window"] if t == "sliding_attention" else None for t in d["layer_types"]]
+    elif windows is None and d.get("use_sliding_window") and d.get("sliding_window"):
+        first = d.get("max_window_layers", layers)
+        windows = [d["sliding_window"] if i >= first else None for i in range(layers)]
+    return QwenConfig(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=layers,
+        num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads"),
+        head_dim=d.get("head_dim"),
+        rotary_pct=d.get("partial_rotary_factor", d.get("rotary_pct", 1.0)),
+        rope_theta=theta,
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        seq_length=d.get("seq_length", d.get("max_position_embeddings", 32768)),
+        max_position_embeddings=d.get("max_position_embeddings", 32768),
+        use_dynamic_ntk=d.get("use_dynamic_ntk", False),
+        use_logn_attn=d.get("use_logn_attn", False),
+        ntk_alpha=d.get("ntk_alpha", 1.0),
+        window_sizes=windows,
+        attention_dropout=d.get("attention_dropout", 0.0),
+        hidden_dropout=d.get("hidden_dropout", 0.0),
+        initializer_range=d.get("initializer_range", 0.02),
+        tie_word_embeddings=d.get("tie_word_embeddings", False),
+    )
+
+
+def config_to_hf(config: QwenConfig, dtype: torch.dtype, tokenizer: QwenTokenizer | None = None) -> dict:
+    """Qwen2 `config.json`. Writes both `rope_theta` (older readers, vLLM) and `rope_parameters` (transformers 5)."""
+    d = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_dropout": config.attention_dropout,
+        "initializer_range": config.initializer_range,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": config.num_hidden_layers,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        # Qwen v1 behaviour that Qwen2 readers ignore; this workbench reads it back.
+        "seq_length": config.seq_length,
+        "use_dynamic_ntk": config.use_dynamic_ntk,
+        "use_logn_attn": config.use_logn_attn,
+        "ntk_alpha": config.ntk_alpha,
+        "hidden_dropout": config.hidden_dropout,
+    }
+    if config.rotary_pct < 1.0:
+        d["partial_rotary_factor"] = config.rotary_pct
+    if config.window_sizes is not None:
+        d["window_sizes"] = config.window_sizes
+        sizes = {w for w in config.window_sizes if w is not None}
+        if len(sizes) == 1:  # expressible in Qwen2's own terms
+            d["use_sliding_window"] = True
+            d["sliding_window"] = sizes.pop()
+            d["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in config.window_sizes]
+    if tokenizer is not None:
+        d["bos_token_id"] = tokenizer.eod_id
+        d["eos_token_id"] = tokenizer.im_end_id
+        d["pad_token_id"] = tokenizer.eod_id
+    return d
+
+
+# ------------------------------------------------------------------------------------------------------ read
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder, from safetensors or .bin, sharded or not."""
+    for index_name, loader in (("model.safetensors.index.json", _load_safetensors),
+                               ("pytorch_model.bin.index.json", _load_bin)):
+        index_path = folder / index_name
+        if index_path.exists():
+            weight_map: dict[str, str] = _read_json(index_path).get("weight_map") or {}
+            if not weight_map:
+                raise CheckpointError(f"{index_path}: empty or missing weight_map")
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                shard_path = folder / shard
+                if not shard_path.exists():
+                    example = next(k for k, v in weight_map.items() if v == shard)
+                    raise CheckpointError(
+                        f"{shard_path}: shard listed in {index_name} is missing (it holds {example!r})"
+                    )
+                state.update(loader(shard_path))
+            missing = [k for k in weight_map if k not in state]
+            if missing:
+                raise CheckpointError(f"{index_path}: tensor {missing[0]!r} is not in {weight_map[missing[0]]}")
+            return state
+    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
+        if (folder / name).exists():
+            return loader(folder / name)
+    raise CheckpointError(f"{folder}: no model.safetensors, pytorch_model.bin or index file found")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read PyTorch weights ({e})") from None
+
+
+def _tensor_file(folder: Path, name: str, arch: str) -> str:
+    """Which file holds a tensor (for error messages)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index_name).exists():
+            weight_map = _read_json(folder / index_name).get("weight_map", {})
+            if arch == "qwen":
+                for src, dst in QWEN1_TO_QWEN2:
+                    names = dst if isinstance(dst, tuple) else (dst,)
+                    for n in names:
+                        m = _template_regex(n).match(name)
+                        if m:
+                            name = src.replace("{i}", m.groupdict().get("i") or "")
+            return str(folder / weight_map.get(name, index_name))
+    for f in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / f).exists():
+            return str(folder / f)
+    return str(folder)
+
+
+def load_config(path: str | Path) -> QwenConfig:
+    folder = Path(path)
+    return config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))[0]
+
+
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> QwenForCausalLM:
+    """Build a `QwenForCausalLM` from a Qwen v1 or Qwen2 checkpoint folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    config, arch = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    state = read_state_dict(folder)
+    if arch == "qwen":
+        state = qwen1_to_qwen2(state)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    expected = {k: v for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    for name, param in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{_tensor_file(folder, name, arch)}: tensor {name!r} is missing")
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{_tensor_file(folder, name, arch)}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                f"expected {tuple(param.shape)} from config.json"
+            )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{_tensor_file(folder, unexpected[0], arch)}: unexpected tensor {unexpected[0]!r}")
+    target = dtype or next(iter(state.values())).dtype
+    state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------- write
+
+
+def save_pretrained(
+    model: QwenForCausalLM,
+    path: str | Path,
+    tokenizer: QwenTokenizer | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> None:
+    """Write a Qwen2-format folder (config.json, safetensors shards with an index when sharded, tokenizer files).
+
+    The folder is written beside the target and renamed into place, so a crash never leaves a half-written
+    checkpoint where a good one was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        _write_shards(state, tmp, max_shard_bytes)
+        config = config_to_hf(model.config, model.dtype, tokenizer)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(tokenizer), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _generation_config(tokenizer: QwenTokenizer | None) -> dict:
+    d: dict = {"do_sample": True, "top_p": 0.8, "max_new_tokens": 512}
+    if tokenizer is not None:
+        d.update(eos_token_id=[tokenizer.im_end_id, tokenizer.eod_id], pad_token_id=tokenizer.eod_id)
+    return d
+
+
+def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata=metadata)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old)
+    else:
+        new.rename(target)
+
+
+def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Convert any readable checkpoint (Qwen v1 or Qwen2) into a Qwen2-format folder, tokenizer included."""
+    src = Path(src)
+    model = load_pretrained(src)
+    tokenizer = QwenTokenizer.from_file(src / VOCAB_FILE) if (src / VOCAB_FILE).exists() else None
+    save_pretrained(model, dst, tokenizer, max_shard_bytes)

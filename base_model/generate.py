@@ -1,0 +1,119 @@
+"""Batched sampling with the KV cache.
+
+Prompts are left-padded into one batch, prefilled once, then decoded one token per step. Per-token logprobs are
+those of the unmodified model distribution (temperature 1, no top-p/top-k filtering) at the chosen token, which is
+what PPO needs as the behaviour policy's logprob.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from base_model.model import QwenForCausalLM
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k filtering
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[list[int]]  # new tokens per prompt; the stop token is included when one ended the response
+    logprobs: list[list[float]]  # one per new token
+    finish_reasons: list[str]  # "stop" or "length"
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # (B, V) per step, when asked for
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """(B, V) fp32 logits → temperature-scaled logits with everything outside top-k / top-p set to -inf."""
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of all better tokens
+        drop_sorted = mass_before >= top_p  # the token that crosses top_p is kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: QwenForCausalLM,
+    prompts: list[list[int]],
+    sampling: SamplingParams,
+    pad_id: int = 0,
+    return_logits: bool = False,
+) -> GenerationOutput:
+    """Sample continuations of `prompts` (lists of token ids)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+    was_training = model.training
+    model.eval()
+    device = model.device
+    b = len(prompts)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((b, width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p, device=device)
+        attention_mask[i, width - len(p):] = 1
+    mask_arg = attention_mask if not bool(attention_mask.all()) else None
+
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    stop = torch.tensor(sorted(set(sampling.stop_token_ids)) or [-1], device=device)
+    cache = model.new_cache(max_length=width + sampling.max_new_tokens)
+    out_ids = torch.empty((b, 0), dtype=torch.long, device=device)
+    out_logprobs = torch.empty((b, 0), dtype=torch.float32, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    stopped = torch.zeros(b, dtype=torch.bool, device=device)
+    step_logits: list[torch.Tensor] = []
+
+    step_input = input_ids
+    for _ in range(sampling.max_new_tokens):
+        logits = model(step_input, attention_mask=mask_arg, past_key_values=cache, last_only=True).logits[:, -1]
+        logits = logits.float()  # (B, V)
+        if return_logits:
+            step_logits.append(logits.clone())
+        if sampling.temperature == 0:
+            next_ids = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits, sampling.temperature, sampling.top_p, sampling.top_k).softmax(-1)
+            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        logprobs = logits.log_softmax(-1).gather(-1, next_ids[:, None]).squeeze(-1)
+        next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+        out_ids = torch.cat((out_ids, next_ids[:, None]), dim=1)
+        out_logprobs = torch.cat((out_logprobs, logprobs[:, None]), dim=1)
+        hit = torch.isin(next_ids, stop) & ~finished
+        stopped |= hit
+        finished |= hit
+        if bool(finished.all()):
+            break
+        step_input = next_ids[:, None]
+        if mask_arg is not None:
+            mask_arg = torch.cat((mask_arg, torch.ones((b, 1), dtype=mask_arg.dtype, device=device)), dim=1)
+
+    model.train(was_training)
+    token_ids, logprobs_out, reasons = [], [], []
+    for i in range(b):
+        ids = out_ids[i].tolist()
+        n = len(ids)
+        if bool(stopped[i]):
+            n = next(j for j, t in enumerate(ids) if t in set(sampling.stop_token_ids)) + 1
+        token_ids.append(ids[:n])
+        logprobs_out.append(out_logprobs[i, :n].tolist())
+        reasons.append("stop" if bool(stopped[i]) else "length")
+    return GenerationOutput(token_ids, logprobs_out, reasons, step_logits)

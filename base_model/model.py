@@ -1,0 +1,330 @@
+"""The Qwen decoder: one model file, Hugging Face Qwen2 parameter names.
+
+Shapes: B batch, L query length, K key length (past + L), H query heads, G key/value heads, D head dim,
+R rotary dim, V vocabulary, E hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from base_model import flash_attn_adapter
+from base_model.config import QwenConfig, dynamic_ntk_alpha
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()  # the norm is always computed in fp32
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(rotary_dim: int, base: float, device: torch.device | None = None) -> torch.Tensor:
+    """(R/2,) fp32 inverse frequencies, computed in fp32 exactly as Qwen v1 does."""
+    exponents = torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim
+    return 1.0 / (base ** exponents)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, rotary_dim: int, bases: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (B, L, R) in fp32; one rotary base per row (dynamic NTK picks it per row)."""
+    inv_freq = torch.stack([rope_inv_freq(rotary_dim, b, position_ids.device) for b in bases])  # (B, R/2)
+    freqs = position_ids.float()[:, :, None] * inv_freq[:, None, :]  # (B, L, R/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, R), NeoX half-rotation layout
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first R channels of x (B, heads, L, D) in fp32; the rest pass through (partial rotary)."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r].float(), x[..., r:]
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, L, R)
+    x_rot = x_rot * cos + _rotate_half(x_rot) * sin
+    return torch.cat((x_rot.to(x.dtype), x_pass), dim=-1)
+
+
+def logn_factors(position_ids: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """(B, L) LogN query scale: ln(p+1)/ln(seq_length) for 0-based positions p with p+1 > seq_length, else 1."""
+    p1 = (position_ids + 1).double()
+    scale = torch.where(p1 > seq_length, torch.log(p1) / math.log(seq_length), torch.ones_like(p1))
+    return scale.float()
+
+
+class KVCache:
+    """Keys and values of every layer, (B, G, K, D) each, plus the NTK factors chosen at prefill.
+
+    With `max_length`, buffers are allocated once and filled in place; otherwise they grow by concatenation.
+    """
+
+    def __init__(self, num_layers: int, max_length: int | None = None) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.max_length = max_length
+        self.length = 0
+        self.ntk_alphas: list[float] | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if self.max_length is not None and end <= self.max_length:
+            if self.keys[layer] is None:
+                shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
+                self.keys[layer] = k.new_empty(shape)
+                self.values[layer] = v.new_empty(shape)
+            self.keys[layer][:, :, start:end] = k
+            self.values[layer][:, :, start:end] = v
+            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer][:, :, :start], k), dim=2)
+            v = torch.cat((self.values[layer][:, :, :start], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        self.max_length = None  # grown past the buffer: keep concatenating from here on
+        return k, v
+
+
+@dataclass
+class AttentionBias:
+    """What each query may attend to. `mask` is (B, 1, L, K) bool or None (then `is_causal` says plain causal)."""
+
+    mask: torch.Tensor | None
+    is_causal: bool
+    doc_ids: torch.Tensor | None = None  # (B, L) for packed rows, used by the flash-attn varlen path
+    window: int | None = None  # sliding-window size of this layer (None: full attention)
+
+
+class QwenAttention(nn.Module):
+    def __init__(self, config: QwenConfig, layer_idx: int) -> None:
+        super().__init__()
+        d, h, g = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+        self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = layer_idx, h, g, d
+        self.q_proj = nn.Linear(config.hidden_size, h * d, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, g * d, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, g * d, bias=True)
+        self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
+        self.dropout = config.attention_dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        logn: torch.Tensor | None,
+        bias: AttentionBias,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        b, length, _ = x.shape
+        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, L, D)
+        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, L, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if logn is not None:
+            q = q * logn[:, None, :, None].to(q.dtype)  # after rotary, before attention (Qwen v1)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, G, K, D)
+        dropout = self.dropout if self.training else 0.0
+        if bias.doc_ids is not None and flash_attn_adapter.usable(q):
+            out = flash_attn_adapter.packed_attention(q, k, v, bias.doc_ids, dropout, bias.window)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.mask, dropout_p=dropout,
+                is_causal=bias.is_causal and bias.mask is None,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )  # (B, H, L, D)
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
+
+
+class QwenMLP(nn.Module):
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # Qwen v1: w2
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # Qwen v1: w1
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)  # Qwen v1: c_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class QwenDecoderLayer(nn.Module):
+    def __init__(self, config: QwenConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = QwenAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = QwenMLP(config)
+
+    def forward(self, x, cos, sin, logn, bias, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, logn, bias, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # (B, L, V); only the last position when called with last_only=True
+    hidden_states: torch.Tensor  # (B, L, E) after the final norm
+    past_key_values: KVCache | None
+
+
+class QwenModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (Qwen2's `model.` prefix)."""
+
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(QwenDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """input_ids (B, L); attention_mask (B, K) with 1 for real tokens (left padding for generation);
+        position_ids (B, L), restarting at 0 for each document of a packed row."""
+        cfg = self.config
+        b, length = input_ids.shape
+        past = past_key_values.length if past_key_values is not None else 0
+        packed = position_ids is not None and past == 0 and bool((position_ids[:, 1:] == 0).any())
+        if position_ids is None:
+            position_ids = _default_positions(b, length, past, attention_mask, input_ids.device)
+
+        bases = self._rope_bases(b, length, past, attention_mask, past_key_values)
+        cos, sin = rope_cos_sin(position_ids, cfg.rotary_dim, bases)
+        logn = None
+        if cfg.use_logn_attn and not self.training:
+            logn = logn_factors(position_ids, cfg.seq_length)
+
+        doc_ids = (position_ids == 0).cumsum(-1) if packed else None  # (B, L)
+        biases = _attention_biases(cfg, length, past, attention_mask, doc_ids, input_ids.device)
+
+        x = self.embed_dropout(self.embed_tokens(input_ids))  # (B, L, E)
+        for i, layer in enumerate(self.layers):
+            bias = biases[cfg.window_sizes[i] if cfg.window_sizes else None]
+            if cfg.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, logn, bias, past_key_values, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, logn, bias, past_key_values)
+        if past_key_values is not None:
+            past_key_values.length += length
+        return self.norm(x), past_key_values
+
+    def _rope_bases(self, b, length, past, attention_mask, cache) -> list[float]:
+        """The rotary base per row. Dynamic NTK picks alpha from the prefill length and keeps it while decoding."""
+        cfg = self.config
+        alphas = [cfg.ntk_alpha] * b
+        if cfg.use_dynamic_ntk and not self.training:
+            if cache is not None and past > 0 and cache.ntk_alphas is not None:
+                alphas = cache.ntk_alphas
+            else:
+                if attention_mask is not None:
+                    lengths = attention_mask.sum(-1).tolist()
+                else:
+                    lengths = [past + length] * b
+                alphas = [max(cfg.ntk_alpha, dynamic_ntk_alpha(n, cfg.seq_length)) for n in lengths]
+        if cache is not None and cache.ntk_alphas is None:
+            cache.ntk_alphas = alphas
+        r = cfg.rotary_dim
+        return [cfg.rope_theta * a ** (r / (r - 2)) if a != 1.0 else cfg.rope_theta for a in alphas]
+
+
+def _default_positions(b, length, past, attention_mask, device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.arange(past, past + length, device=device).expand(b, length)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: first real token at 0
+    return positions[:, past:past + length]
+
+
+def _attention_biases(cfg, length, past, attention_mask, doc_ids, device) -> dict[int | None, AttentionBias]:
+    """One AttentionBias per distinct window size (None: full attention)."""
+    windows = set(cfg.window_sizes or [None])
+    has_padding = attention_mask is not None and not bool(attention_mask.all())
+    out: dict[int | None, AttentionBias] = {}
+    for window in windows:
+        needs_window = window is not None and past + length > window
+        if not (has_padding or doc_ids is not None or needs_window):
+            # plain causal, or a single decoding step that may see every cached key
+            out[window] = AttentionBias(mask=None, is_causal=length > 1, doc_ids=None, window=window)
+            continue
+        k_len = past + length
+        q_idx = torch.arange(past, k_len, device=device)[:, None]  # (L, 1)
+        k_idx = torch.arange(k_len, device=device)[None, :]  # (1, K)
+        allowed = (k_idx <= q_idx)[None, None]  # (1, 1, L, K)
+        if window is not None:
+            allowed = allowed & (q_idx - k_idx < window)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :].bool()
+        if doc_ids is not None:
+            allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+        # a fully padded query row would softmax over nothing; let it attend anywhere (its output is unused)
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        out[window] = AttentionBias(allowed, False, doc_ids if not has_padding else None, window)
+    return out
+
+
+class QwenForCausalLM(nn.Module):
+    """Qwen language model. State-dict keys equal those of `transformers.Qwen2ForCausalLM`."""
+
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = QwenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Qwen v1 initialisation: normal(0, initializer_range); output projections scaled by 1/sqrt(2 layers)."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "layernorm" in name or name == "model.norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, std / math.sqrt(2 * self.config.num_hidden_layers))
+            else:
+                p.normal_(0.0, std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        last_only: bool = False,
+    ) -> ModelOutput:
+        hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)  # (B, L, V)
+        return ModelOutput(logits=logits, hidden_states=hidden, past_key_values=cache)
+
+    def new_cache(self, max_length: int | None = None) -> KVCache:
+        return KVCache(self.config.num_hidden_layers, max_length)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype

@@ -1,0 +1,58 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+QWEN_REF = FIXTURES / "qwen_reference"
+QWEN_VOCAB = FIXTURES / "qwen.tiktoken"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true", help="also run tests marked gpu (needs CUDA)")
+
+
+def pytest_configure(config):
+    if config.getoption("--gpu"):
+        config.option.markexpr = ""
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    from base_model import QwenTokenizer
+
+    return QwenTokenizer.from_file(QWEN_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def reference_logits():
+    return load_file(str(QWEN_REF / "logits.safetensors")), json.loads((QWEN_REF / "logits.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def chatml_fixture():
+    return json.loads((QWEN_REF / "chatml.json").read_text())
+
+
+def tiny_config(**overrides):
+    from base_model import QwenConfig
+
+    base = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, seq_length=64, max_position_embeddings=512, initializer_range=0.2)
+    base.update(overrides)
+    return QwenConfig(**base)
+
+
+def randomize_biases(model, seed=0):
+    """Biases and norm weights start at constants; perturb them so tests exercise them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif "norm" in name:
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.1)
+    return model

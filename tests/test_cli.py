@@ -1,0 +1,85 @@
+"""The `align` command and the README's commands, run as a user would."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from base_model import load_pretrained
+from conftest import QWEN_REF, QWEN_VOCAB, ROOT
+
+
+def run(args, cwd=None, stdin=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=cwd, input=stdin, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def readme_block(name):
+    """The shell lines of the README's fenced block that follows the marker `<!-- name -->`."""
+    text = (ROOT / "README.md").read_text()
+    m = re.search(rf"<!-- {name} -->\s*```(?:bash|sh)\n(.*?)```", text, re.S)
+    assert m, f"README has no block marked {name}"
+    return [line.strip() for line in m.group(1).splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_main_job(tmp_path):
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    lines = [l for l in readme_block("main-job") if l.startswith("align ")]
+    assert lines, "the main-job block runs align commands"
+    for line in lines:
+        args = line.split(maxsplit=1)[1]
+        result = subprocess.run(f"{sys.executable} -m align.cli {args}", shell=True, cwd=tmp_path, text=True,
+                                capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+        assert result.returncode == 0, f"{line}\n{result.stderr}"
+    assert result.stdout.strip(), "the last command prints generated text"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    test_lines = readme_block("tests")
+    ci = (ROOT / ".ci" / "run").read_text()
+    for line in test_lines:
+        assert line in ci, f"README test command {line!r} is not run by .ci/run"
+
+
+def test_help_lists_commands():
+    out = run(["--help"])
+    assert out.returncode == 0
+    for cmd in ("init-model", "generate", "chat", "convert"):
+        assert cmd in out.stdout
+
+
+def test_generate_and_chat_with_qwen_vocab(tmp_path):
+    out = run(["init-model", str(ROOT / "configs/model/tiny.yaml"), "--tokenizer", str(QWEN_VOCAB),
+               "--out", str(tmp_path / "m"), "num_hidden_layers=1"])
+    assert out.returncode == 0, out.stderr
+    assert load_pretrained(tmp_path / "m").config.num_hidden_layers == 1
+    out = run(["generate", "--model", str(tmp_path / "m"), "--prompt", "hi", "--prompt", "你好",
+               "--max-new-tokens", "4", "--temperature", "0"])
+    assert out.returncode == 0, out.stderr
+    assert "### hi" in out.stdout and "### 你好" in out.stdout
+    out = run(["chat", "--model", str(tmp_path / "m"), "--max-new-tokens", "3"], stdin="hello\n/reset\nagain\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("assistant>") == 2
+
+
+def test_convert_qwen1_checkpoint(tmp_path):
+    out = run(["convert", str(QWEN_REF / "qwen1_tiny"), str(tmp_path / "q2"), "--max-shard-mb", "0.1"])
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "q2" / "model.safetensors.index.json").exists()
+    a, b = load_pretrained(QWEN_REF / "qwen1_tiny"), load_pretrained(tmp_path / "q2")
+    ids = torch.randint(0, 512, (1, 50))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_errors_are_reported_without_traceback(tmp_path):
+    out = run(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+    assert out.returncode == 2 and "checkpoint folder not found" in out.stderr and "Traceback" not in out.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hidden_sise: 3\n")
+    out = run(["init-model", str(bad), "--out", str(tmp_path / "x")])
+    assert out.returncode == 2 and "unknown key 'hidden_sise'" in out.stderr

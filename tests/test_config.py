@@ -1,0 +1,78 @@
+"""Typed configuration: every shipped YAML loads; bad keys and values are named."""
+
+from pathlib import Path
+
+import pytest
+
+from align.config_types import config_type_for
+from align.core.config import ConfigError, load_config
+from base_model import QwenConfig
+from conftest import ROOT
+
+SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in SHIPPED}
+    assert {"model/tiny.yaml", "model/qwen-1.8b.yaml", "model/qwen-7b.yaml", "model/qwen-14b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_every_shipped_config_loads(path):
+    cfg = load_config(config_type_for(path), path)
+    assert cfg is not None
+
+
+def test_model_presets_match_released_checkpoints():
+    load = lambda n: load_config(QwenConfig, ROOT / "configs" / "model" / f"{n}.yaml")
+    q18, q7, q14 = load("qwen-1.8b"), load("qwen-7b"), load("qwen-14b")
+    assert (q18.hidden_size, q18.num_hidden_layers, q18.num_attention_heads, q18.intermediate_size) == (2048, 24, 16, 5504)
+    assert (q7.hidden_size, q7.num_hidden_layers, q7.num_attention_heads, q7.intermediate_size) == (4096, 32, 32, 11008)
+    assert (q14.hidden_size, q14.num_hidden_layers, q14.num_attention_heads, q14.intermediate_size) == (5120, 40, 40, 13696)
+    assert q14.vocab_size == 152064 and q14.seq_length == 2048
+    for c in (q18, q7):
+        assert c.vocab_size == 151936 and c.seq_length == 8192
+    for c in (q18, q7, q14):
+        assert c.rope_theta == 10000 and c.rms_norm_eps == 1e-6
+    assert 1.7e9 < q18.num_parameters() < 1.9e9 and 7.5e9 < q7.num_parameters() < 7.9e9
+
+
+def test_overrides_apply(tmp_path):
+    cfg = load_config(QwenConfig, ROOT / "configs/model/tiny.yaml", ["hidden_size=128", "rms_norm_eps=1e-5",
+                                                                     "window_sizes=[4, null]"])
+    assert cfg.hidden_size == 128 and cfg.rms_norm_eps == 1e-5 and cfg.window_sizes == [4, None]
+
+
+def test_unknown_key_names_key_value_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("hidden_size: 64\nhiden_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'hiden_layers' \(value 3\)"):
+        load_config(QwenConfig, path)
+
+
+def test_wrong_type_names_key_value_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("hidden_size: big\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: key 'hidden_size' has invalid value 'big'"):
+        load_config(QwenConfig, path)
+
+
+def test_bad_override_is_attributed_to_the_command_line():
+    with pytest.raises(ConfigError, match=r"command-line override: key 'num_hidden_layers' has invalid value 'x'"):
+        load_config(QwenConfig, ROOT / "configs/model/tiny.yaml", ["num_hidden_layers=x"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(QwenConfig, ROOT / "configs/model/tiny.yaml", ["hidden_size"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml: invalid YAML"):
+        load_config(QwenConfig, path)
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(QwenConfig, tmp_path / "nope.yaml")
+
+
+def test_unmapped_config_folder_is_an_error(tmp_path):
+    with pytest.raises(KeyError):
+        config_type_for(ROOT / "configs" / "nonexistent" / "x.yaml")

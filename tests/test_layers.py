@@ -1,0 +1,42 @@
+"""Imports go one way (STYLE.md): base_model imports nothing of ours; align/core imports only base_model."""
+
+import ast
+
+from conftest import ROOT
+
+OURS = ("align", "base_model", "sft", "rm", "ppo", "labeling_ui")
+TOP = ("align.cli", "align.pipeline", "align.sweep", "align.report", "align.bench", "align.world", "align.config_types")
+
+
+def _imports(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+
+
+def _check(folder, allowed):
+    bad = []
+    for path in (ROOT / folder).rglob("*.py"):
+        for mod in _imports(path):
+            root = mod.split(".")[0]
+            if root in OURS and not any(mod == a or mod.startswith(a + ".") for a in allowed):
+                bad.append(f"{path.relative_to(ROOT)} imports {mod}")
+    return bad
+
+
+def test_base_model_imports_nothing_of_ours():
+    bad = [b for b in _check("base_model", ("base_model",)) if "base_model/pretrain/" not in b]
+    assert not bad, bad
+
+
+def test_core_imports_only_base_model():
+    assert not _check("align/core", ("base_model", "align.core")), _check("align/core", ("base_model", "align.core"))
+
+
+def test_stages_do_not_import_the_top():
+    for stage in ("sft", "rm", "ppo", "labeling_ui", "base_model/pretrain"):
+        bad = [b for b in _check(stage, OURS) if any(f" {t}" in b for t in TOP)]
+        assert not bad, bad

@@ -1,0 +1,155 @@
+"""Model behaviour: packing, KV cache, dtypes, windows, checkpointing, generation."""
+
+import pytest
+import torch
+
+from base_model import QwenForCausalLM
+from base_model.generate import SamplingParams, filter_logits, generate
+from conftest import randomize_biases, tiny_config
+
+
+def _model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return randomize_biases(QwenForCausalLM(tiny_config(**overrides)), seed).eval()
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(use_dynamic_ntk=True, use_logn_attn=True)])
+def test_packed_rows_equal_separate_documents(flags):
+    model = _model(**flags)
+    docs = [torch.randint(0, 300, (n,)) for n in (10, 7, 5)]
+    row = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        packed = model(row, position_ids=positions).logits[0]
+        alone = torch.cat([model(d[None]).logits[0] for d in docs])
+    assert (packed - alone).abs().max().item() < 1e-5
+
+
+def test_packed_training_loss_equals_separate():
+    model = _model().train()
+    docs = [torch.randint(0, 300, (n,)) for n in (9, 6)]
+    row = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    packed = model(row, position_ids=positions).logits[0]
+    alone = torch.cat([model(d[None]).logits[0] for d in docs])
+    assert (packed - alone).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(use_dynamic_ntk=True, use_logn_attn=True), dict(window_sizes=[3, None])])
+def test_kv_cache_decoding_equals_full_forward(flags):
+    model = _model(**flags)
+    ids = torch.randint(0, 300, (2, 30))  # below seq_length (64)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :12], past_key_values=cache).logits]
+        for t in range(12, 30):
+            steps.append(model(ids[:, t:t + 1], past_key_values=cache).logits)
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
+
+
+def test_preallocated_cache_grows_past_its_buffer():
+    model = _model()
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(max_length=12)
+        steps = [model(ids[:, :10], past_key_values=cache).logits]
+        steps += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(10, 20)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
+
+
+def test_bf16_agrees_with_fp32():
+    model = _model(initializer_range=0.05, use_dynamic_ntk=True, use_logn_attn=True)
+    ids = torch.randint(0, 300, (2, 100))  # past seq_length: NTK and LogN active
+    with torch.no_grad():
+        fp32 = model(ids).logits
+        bf16 = model.to(torch.bfloat16)(ids).logits.float()
+    err = (bf16 - fp32).abs()
+    # bf16 keeps 8 bits of mantissa (relative step 2**-8 = 0.4%); errors compound over layers
+    assert err.mean().item() < 0.02 * fp32.abs().mean().item()
+    assert err.max().item() < 0.05 * fp32.abs().max().item()
+
+
+def test_rotary_stays_fp32_in_bf16():
+    from base_model.model import rope_cos_sin
+    cos, sin = rope_cos_sin(torch.arange(5)[None], 16, [10000.0])
+    assert cos.dtype == sin.dtype == torch.float32
+
+
+def test_window_attention_limits_what_a_position_sees():
+    model = _model(num_hidden_layers=1, window_sizes=[4])
+    ids = torch.randint(0, 300, (1, 12))
+    changed = ids.clone()
+    changed[0, 0] = (ids[0, 0] + 1) % 300
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    diff = (a - b).abs().amax(-1)[0]
+    assert diff[:4].min() > 0 and diff[4:].max() == 0  # position p sees p-3..p
+
+
+def test_window_larger_than_input_changes_nothing():
+    full, windowed = _model(), _model(window_sizes=[64, 64])
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(full(ids).logits, windowed(ids).logits, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = _model(gradient_checkpointing=ckpt).train()
+        ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+        model(ids).logits.logsumexp(-1).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_dropout_only_in_training():
+    model = _model(attention_dropout=0.5, hidden_dropout=0.5)
+    ids = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_left_padded_batch_generation_equals_single():
+    model = _model(use_dynamic_ntk=True, use_logn_attn=True)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    greedy = SamplingParams(max_new_tokens=10, temperature=0)
+    batched = generate(model, prompts, greedy, pad_id=0)
+    for i, p in enumerate(prompts):
+        single = generate(model, [p], greedy)
+        assert batched.token_ids[i] == single.token_ids[0]
+        assert torch.allclose(torch.tensor(batched.logprobs[i]), torch.tensor(single.logprobs[0]), atol=1e-5)
+
+
+def test_generation_stops_and_reports_logprobs():
+    model = _model()
+    prompt = [1, 2, 3]
+    free = generate(model, [prompt], SamplingParams(max_new_tokens=8, temperature=0))
+    stop_id = free.token_ids[0][3]
+    out = generate(model, [prompt], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=(stop_id,)))
+    first = free.token_ids[0].index(stop_id)
+    assert out.token_ids[0] == free.token_ids[0][:first + 1] and out.finish_reasons == ["stop"]
+    assert free.finish_reasons == ["length"]
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + free.token_ids[0]])).logits[0].log_softmax(-1)
+    expected = [full[len(prompt) - 1 + j, t].item() for j, t in enumerate(free.token_ids[0])]
+    assert torch.allclose(torch.tensor(free.logprobs[0]), torch.tensor(expected), atol=1e-5)
+
+
+def test_sampling_is_seeded():
+    model = _model()
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    a, b = generate(model, [[1, 2], [3]], params), generate(model, [[1, 2], [3]], params)
+    assert a.token_ids == b.token_ids
+
+
+def test_top_p_and_top_k_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = filter_logits(logits, 1.0, top_p=0.7, top_k=0).isfinite()[0].tolist()
+    assert kept == [True, True, False, False]  # 0.5 < 0.7, 0.5 + 0.3 crosses it: both kept
+    kept = filter_logits(logits, 1.0, top_p=1.0, top_k=1).isfinite()[0].tolist()
+    assert kept == [True, False, False, False]
