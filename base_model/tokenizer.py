@@ -86,6 +86,7 @@ class QwenTokenizer:
         self.im_start_id = self.special_tokens[IM_START]
         self.im_end_id = self.special_tokens[IM_END]
         self.source_path: Path | None = None
+        self._hf_json: str | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "QwenTokenizer":
@@ -143,17 +144,17 @@ class QwenTokenizer:
         return self._encoding.decode_single_token_bytes(token_id)
 
     def save(self, folder: str | Path) -> None:
-        """Write `qwen.tiktoken` and a `tokenizer_config.json` naming the special tokens into a checkpoint folder."""
-        import json
+        """Write `qwen.tiktoken` (read by this class) and the equivalent `tokenizer.json` + `tokenizer_config.json`
+        (read by `transformers.AutoTokenizer` and vLLM) into a checkpoint folder."""
+        from base_model.hf_tokenizer import tokenizer_config, tokenizer_json
 
         folder = Path(folder)
         save_ranks(self.ranks, folder / VOCAB_FILE)
-        config = {
-            "tokenizer_class": "QWenTokenizer",
-            "vocab_file": VOCAB_FILE,
-            "eos_token": IM_END,
-            "pad_token": ENDOFTEXT,
-            "special_tokens": self.special_tokens,
-            "model_max_length": 32768,
-        }
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if self._hf_json is None:
+            cached = self.source_path.parent / "tokenizer.json" if self.source_path else None
+            if cached is not None and cached.is_file() and cached.stat().st_mtime >= self.source_path.stat().st_mtime:
+                self._hf_json = cached.read_text()  # written by an earlier save of this same vocabulary
+            else:
+                self._hf_json = tokenizer_json(self.ranks, self.special_tokens, PAT_STR)
+        (folder / "tokenizer.json").write_text(self._hf_json)
+        (folder / "tokenizer_config.json").write_text(tokenizer_config(self.special_tokens, IM_END, ENDOFTEXT, 32768))
