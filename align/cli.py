@@ -9,27 +9,20 @@ from pathlib import Path
 from align.core.config import ConfigError
 
 
-def _load_tokenizer(spec: str):
-    from base_model import QwenTokenizer
-
-    if spec == "cl100k_base":
-        return QwenTokenizer.from_cl100k_base()
-    return QwenTokenizer.from_file(spec)
-
-
 def cmd_init_model(args: argparse.Namespace) -> None:
     """Write a randomly initialised model (and tokenizer) as a checkpoint folder."""
     import torch
 
     from align.core.config import load_config
-    from base_model import QwenConfig, QwenForCausalLM, save_pretrained
+    from base_model import QwenConfig, QwenForCausalLM, QwenTokenizer, save_pretrained
 
     config = load_config(QwenConfig, args.config, args.overrides)
-    tokenizer = _load_tokenizer(args.tokenizer)
+    tokenizer = QwenTokenizer.load(args.tokenizer)
+    if args.fit_vocab:
+        config.vocab_size = -(-len(tokenizer) // 128) * 128
     if len(tokenizer) > config.vocab_size:
-        fitted = -(-len(tokenizer) // 128) * 128
-        print(f"vocab_size {config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} ids); using {fitted}")
-        config.vocab_size = fitted
+        raise ConfigError(f"{args.config}: vocab_size {config.vocab_size} is smaller than the tokenizer "
+                          f"({len(tokenizer)} ids); pass --fit-vocab")
     torch.manual_seed(args.seed)
     model = QwenForCausalLM(config)
     save_pretrained(model, args.out, tokenizer)
@@ -102,6 +95,21 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote Qwen2-format checkpoint to {args.dst}")
 
 
+def cmd_sft(args: argparse.Namespace) -> None:
+    from align.core.config import load_config
+    from sft.train import SFTConfig, main
+
+    main(load_config(SFTConfig, args.config, args.overrides))
+
+
+def cmd_sft_preview(args: argparse.Namespace) -> None:
+    from base_model import QwenTokenizer
+    from sft.preview import preview
+
+    tokenizer = QwenTokenizer.load(args.tokenizer)
+    preview(str(args.data), tokenizer, args.max_len, args.mask_mode, args.limit, color=False if args.plain else None)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
@@ -121,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-model", help="write a randomly initialised model from a model config")
     p.add_argument("config", type=Path, help="model config YAML, e.g. configs/model/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.add_argument("--tokenizer", default="cl100k_base", help="'cl100k_base' or a qwen.tiktoken ranks file")
+    p.add_argument("--tokenizer", default="cl100k_base", help="'cl100k_base', 'bytes' or a qwen.tiktoken ranks file")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--fit-vocab", action="store_true", help="set vocab_size to the tokenizer's size (rounded up to 128)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_model)
 
@@ -139,6 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat, max_new_tokens=256)
 
+    p = sub.add_parser("sft", help="ChatML supervised fine-tuning (`align sft preview` shows the trained tokens)")
+    p.add_argument("config", type=Path, help="SFT config YAML, e.g. configs/sft/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-5")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("sft-preview", help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--tokenizer", default="cl100k_base", help="'cl100k_base', 'bytes', a ranks file or a checkpoint")
+    p.add_argument("--mask-mode", choices=["assistant", "qwen", "none"], default="assistant")
+    p.add_argument("--max-len", type=int, default=4096)
+    p.add_argument("--limit", type=int, default=3, help="conversations to show")
+    p.add_argument("--plain", action="store_true", help="mark trained text with ⟦ ⟧ instead of colour")
+    p.set_defaults(func=cmd_sft_preview)
+
     p = sub.add_parser("convert", help="convert a Qwen v1 or Qwen2 checkpoint to Hugging Face Qwen2 format")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
@@ -148,10 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from align.core.records import DataError
     from base_model import CheckpointError
     from base_model.tokenizer import TokenizerFileError
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["sft", "preview"]:
+        argv = ["sft-preview"] + argv[2:]
     args, extra = parser.parse_known_args(argv)
     # dotted key=value overrides may come anywhere on the line, also after options
     overrides = [e for e in extra if "=" in e and not e.startswith("-")]
@@ -162,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, TokenizerFileError) as e:
+    except (ConfigError, CheckpointError, TokenizerFileError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from base_model import QwenConfig
+from sft.train import SFTConfig
 
 CONFIG_TYPES: dict[str, type] = {
     "model": QwenConfig,
+    "sft": SFTConfig,
 }
 
 

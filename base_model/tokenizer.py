@@ -103,6 +103,20 @@ class QwenTokenizer:
         """cl100k_base's ranks under Qwen's pattern and special tokens (the starting point of Qwen's vocabulary)."""
         return cls(cl100k_base_ranks(), name="cl100k_base_qwen")
 
+    @classmethod
+    def from_bytes(cls) -> "QwenTokenizer":
+        """A byte-level vocabulary (256 single-byte tokens, no merges): tiny and fast, for CPU experiments."""
+        return cls({bytes([b]): b for b in range(256)}, name="bytes")
+
+    @classmethod
+    def load(cls, spec: str | Path) -> "QwenTokenizer":
+        """`cl100k_base`, `bytes`, a ranks file, or a checkpoint folder holding `qwen.tiktoken`."""
+        if str(spec) == "cl100k_base":
+            return cls.from_cl100k_base()
+        if str(spec) == "bytes":
+            return cls.from_bytes()
+        return cls.from_file(spec)
+
     def __len__(self) -> int:
         return self._encoding.n_vocab
 

@@ -83,3 +83,10 @@ def test_errors_are_reported_without_traceback(tmp_path):
     bad.write_text("hidden_sise: 3\n")
     out = run(["init-model", str(bad), "--out", str(tmp_path / "x")])
     assert out.returncode == 2 and "unknown key 'hidden_sise'" in out.stderr
+
+
+def test_sft_preview_marks_trained_tokens():
+    out = run(["sft", "preview", "--data", str(ROOT / "examples/data/sft_tiny.jsonl"), "--tokenizer", "bytes",
+               "--plain", "--limit", "1"])
+    assert out.returncode == 0, out.stderr
+    assert "⟦2+3 = 5.<|im_end|>⟧" in out.stdout and "⟦What" not in out.stdout

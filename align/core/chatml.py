@@ -7,8 +7,9 @@ text. A conversation without a system message gets the default system prompt.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from base_model.tokenizer import QwenTokenizer
 
@@ -27,6 +28,26 @@ class RenderedTurn:
     content_start: int  # first content token
     content_end: int  # index of <|im_end|>
     end: int  # one past the trailing newline
+    observation_spans: list[tuple[int, int]] = field(default_factory=list)  # ReAct tool output, [start, end)
+
+
+# In Qwen's ReAct format the model writes "Observation:" (its stop word) and the tool's output follows until the
+# next "Thought:"; that output was not written by the model and is never trained on.
+_OBSERVATION = re.compile(r"(?<=Observation:)(.*?)(?=\nThought:|\Z)", re.S)
+
+
+def split_observations(content: str) -> list[tuple[str, bool]]:
+    """Assistant content → [(text, is_observation)] segments, in order."""
+    segments, pos = [], 0
+    for m in _OBSERVATION.finditer(content):
+        if m.start() > pos:
+            segments.append((content[pos:m.start()], False))
+        if m.end() > m.start():
+            segments.append((m.group(1), True))
+        pos = m.end()
+    if pos < len(content):
+        segments.append((content[pos:], False))
+    return segments
 
 
 def _check(messages: Sequence[dict]) -> None:
@@ -46,17 +67,30 @@ def render_turns(
     tokenizer: QwenTokenizer,
     add_generation_prompt: bool = False,
     max_window_size: int | None = None,
+    split_react: bool = False,
 ) -> tuple[list[int], list[RenderedTurn]]:
-    """Token ids and where each turn sits in them (for label masks)."""
+    """Token ids and where each turn sits in them (for label masks).
+
+    With `split_react`, assistant content is encoded in pieces split around ReAct observations, whose token
+    ranges are reported in `observation_spans`."""
     _check(messages)
     messages = list(messages)
     if not messages or messages[0]["role"] != "system":
         messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + messages
     nl = tokenizer.encode("\n")
 
-    def turn(role: str, content: str) -> tuple[list[int], int]:
+    def turn(role: str, content: str) -> tuple[list[int], int, list[tuple[int, int]]]:
         head = [tokenizer.im_start_id] + tokenizer.encode(role) + nl
-        return head + tokenizer.encode(content) + [tokenizer.im_end_id] + nl, len(head)
+        body: list[int] = []
+        spans: list[tuple[int, int]] = []
+        # assistant content is encoded in segments so tool output can be masked exactly; elsewhere in one piece
+        segments = split_observations(content) if role == "assistant" and split_react else [(content, False)]
+        for text, is_observation in segments:
+            piece = tokenizer.encode(text)
+            if is_observation:
+                spans.append((len(head) + len(body), len(head) + len(body) + len(piece)))
+            body += piece
+        return head + body + [tokenizer.im_end_id] + nl, len(head), spans
 
     encoded = [(m["role"],) + turn(m["role"], m["content"]) for m in messages]
     system, rest = encoded[0], encoded[1:]
@@ -65,10 +99,11 @@ def render_turns(
 
     ids: list[int] = []
     turns: list[RenderedTurn] = []
-    for role, tokens, head_len in [system] + rest:
+    for role, tokens, head_len, spans in [system] + rest:
         start = len(ids)
         ids += tokens
-        turns.append(RenderedTurn(role, start, start + head_len, len(ids) - 1 - len(nl), len(ids)))
+        turns.append(RenderedTurn(role, start, start + head_len, len(ids) - 1 - len(nl), len(ids),
+                                  [(start + a, start + b) for a, b in spans]))
     if add_generation_prompt:
         ids += [tokenizer.im_start_id] + tokenizer.encode("assistant") + nl
     return ids, turns
@@ -80,7 +115,7 @@ def _window(system, rest, max_window_size: int, add_generation_prompt: bool):
     make_context keeps the newest history round whose addition leaves the context (without the final query)
     below `max_window_size`, counting the system turn without its trailing newline.
     """
-    starts = [i for i, (role, _, _) in enumerate(rest) if role == "user"]
+    starts = [i for i, (role, *_) in enumerate(rest) if role == "user"]
     if not starts:
         return rest
     last = starts[-1] if add_generation_prompt else len(rest)

@@ -1,0 +1,225 @@
+"""The one module that imports DeepSpeed.
+
+`TrainEngine` wraps a model in a DeepSpeed engine (ZeRO stage 0-3, optional CPU offload, bf16) with AdamW and a
+learning-rate schedule. The training loops see only this class: `backward`, `step`, `save_state`, `load_state`,
+`gathered_parameters`. It runs as one process (a gloo process group of one is created) or under `torchrun` /
+the `deepspeed` launcher with several.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from align.core.schedule import build_scheduler
+from align.core.sections import DeepSpeedSection, OptimConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group, or make a single-process one."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum floats over ranks (fp64 so token counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def deepspeed_config(ds: DeepSpeedSection, optim: OptimConfig, micro_batch_size: int, grad_accum: int) -> dict:
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        if ds.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3")
+        zero["offload_param"] = {"device": "cpu"}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size(),
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": ds.bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class TrainEngine:
+    """A model under DeepSpeed with AdamW and a schedule. Call `backward` per micro-batch, `step` after each."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optim: OptimConfig,
+        ds: DeepSpeedSection,
+        total_steps: int,
+        micro_batch_size: int = 1,
+        grad_accum: int = 1,
+    ) -> None:
+        import deepspeed
+
+        init_distributed()
+        model = model.to(device())
+        optimizer = torch.optim.AdamW(
+            param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps
+        )
+        scheduler = build_scheduler(optimizer, total_steps, optim)
+        config = deepspeed_config(ds, optim, micro_batch_size, grad_accum)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+        self.zero_stage = ds.zero_stage
+        self.grad_accum = grad_accum
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def forward(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss` must already carry its share of the step (see align.core.losses.normalised_loss).
+
+        DeepSpeed averages gradients over ranks; we undo that average so a rank's loss can be its exact share of
+        the global token count, and we stop it from dividing by the accumulation steps a second time."""
+        self.engine.backward(loss * world_size(), scale_wrt_gas=False)
+
+    def step(self) -> dict[str, float] | None:
+        """Advance one micro-step; at an accumulation boundary this updates the weights and returns stats."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        local_norm = None
+        if boundary and self.zero_stage == 0:  # DeepSpeed reports the norm only for ZeRO stages
+            grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
+            local_norm = float(torch.stack(grads).norm()) if grads else 0.0
+        lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
+        self.engine.step()
+        if not boundary:
+            return None
+        norm = local_norm if local_norm is not None else self.engine.get_global_grad_norm()
+        return {"lr": lr, "grad_norm": float(norm) if norm is not None else float("nan")}
+
+    def skip_step(self) -> None:
+        """Drop the accumulated gradients without updating (the NaN guard)."""
+        self.engine.zero_grad()
+
+    def get_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def gathered_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full parameters one at a time (ZeRO-3 shards gathered per parameter). Every rank must iterate."""
+        import deepspeed
+
+        for name, p in self.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                yield name, p.detach().to("cpu", copy=True)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's full state dict (all ranks call; all get it)."""
+        state = dict(self.gathered_parameters())
+        for name, buf in self.module.named_buffers():
+            state[name] = buf.detach().cpu()
+        return state
+
+    @contextlib.contextmanager
+    def full_module(self) -> Iterator[torch.nn.Module]:
+        """The module with every parameter gathered (for evaluation or saving small models under ZeRO-3)."""
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield self.module
+
+    def save_state(self, folder: Path, client_state: dict) -> None:
+        """Optimizer, scheduler, model shards and `client_state` (rank 0's), written by every rank."""
+        self.engine.save_checkpoint(str(folder), tag="deepspeed", client_state=client_state, save_latest=False)
+
+    def load_state(self, folder: Path) -> dict:
+        _, client_state = self.engine.load_checkpoint(str(folder), tag="deepspeed")
+        if client_state is None:
+            raise FileNotFoundError(f"{folder}: no DeepSpeed training state found")
+        return client_state
+
+
+# ---------------------------------------------------------------------------------------- checkpoint folders
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def publish_checkpoint(tmp: Path, final: Path, latest_file: Path, keep_last: int) -> None:
+    """Rank 0: move a fully written checkpoint into place, point `latest` at it, drop old ones."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    write_json_atomic(latest_file, {"checkpoint": final.name})
+    steps = sorted((p for p in final.parent.glob("step-*") if p.is_dir()), key=lambda p: int(p.name[5:]))
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,57 @@
+"""Building models from a `ModelSource`, and saving them from a training engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from align.core.config import ConfigError, load_config
+from align.core.sections import ModelSource
+from base_model import QwenConfig, QwenForCausalLM, QwenTokenizer, load_pretrained, save_pretrained
+
+
+def load_tokenizer(source: ModelSource) -> QwenTokenizer:
+    if source.tokenizer is not None:
+        return QwenTokenizer.load(source.tokenizer)
+    if source.init is None:
+        raise ConfigError("model.tokenizer is required when the model is initialised from model.config")
+    return QwenTokenizer.from_file(Path(source.init))
+
+
+def build_model(source: ModelSource, seed: int = 0) -> tuple[QwenForCausalLM, QwenTokenizer]:
+    """The model and tokenizer named by `source`: a checkpoint, or a fresh model from a config (fp32)."""
+    tokenizer = load_tokenizer(source)
+    if source.init is not None:
+        model = load_pretrained(source.init, dtype=torch.float32)
+    elif source.config is not None:
+        config = load_config(QwenConfig, source.config)
+        if source.fit_vocab:
+            config.vocab_size = -(-len(tokenizer) // 128) * 128
+        torch.manual_seed(seed)
+        model = QwenForCausalLM(config)
+    else:
+        raise ConfigError("model: give either init (a checkpoint folder) or config (a model config YAML)")
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"model: the tokenizer has {len(tokenizer)} ids but the model's vocab_size is "
+                          f"{model.config.vocab_size}; set model.fit_vocab=true for a fresh model")
+    if source.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = source.dropout
+            if hasattr(module, "dropout") and isinstance(module.dropout, float):
+                module.dropout = source.dropout
+        model.config.attention_dropout = model.config.hidden_dropout = source.dropout
+    model.config.gradient_checkpointing = source.gradient_checkpointing
+    return model.train(), tokenizer
+
+
+def save_from_engine(engine, config: QwenConfig, tokenizer: QwenTokenizer, path: Path, is_rank0: bool) -> None:
+    """Gather the (possibly ZeRO-3 sharded) weights and write a Hugging Face folder from rank 0."""
+    state = engine.full_state_dict()  # every rank takes part in the gather
+    if not is_rank0:
+        return
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    model.load_state_dict(state, assign=True, strict=not config.tie_word_embeddings)
+    save_pretrained(model, path, tokenizer)

@@ -1,0 +1,180 @@
+"""ChatML supervised fine-tuning: `align sft CONFIG [key=value …]`.
+
+Read top to bottom: `setup()` loads config, model, data and engine (and resumes); `train()` is the loop; the
+loss is the mean over every assistant token of the global batch, however it is split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from tqdm import tqdm
+
+from align.core import engine as dist
+from align.core.checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
+from align.core.config import Section, dump_config
+from align.core.engine import TrainEngine
+from align.core.losses import count_targets, normalised_loss, summed_token_loss
+from align.core.metrics import MetricsLogger, tokens_per_second
+from align.core.modeling import build_model, save_from_engine
+from align.core.sections import DeepSpeedSection, LoopConfig, ModelSource, OptimConfig
+from base_model import QwenTokenizer
+from sft.data import MaskMode, MicroBatches, Truncation, collate, load_examples, pack_examples, split_eval
+
+
+class SFTData(Section):
+    train: str
+    eval: str | None = None  # a held-out file; otherwise eval_fraction of train is held out
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    max_len: int = Field(2048, ge=8)
+    mask_mode: MaskMode = "assistant"
+    truncation: Truncation = "drop_oldest"
+    packing: bool = False
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+class SFTConfig(Section):
+    model: ModelSource
+    data: SFTData
+    optim: OptimConfig = OptimConfig()
+    train: LoopConfig = LoopConfig()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    out_dir: str = "runs/sft"
+    resume: bool | str = False  # true: continue from the latest checkpoint in out_dir; or a checkpoint path
+
+
+@dataclass
+class Run:
+    cfg: SFTConfig
+    engine: TrainEngine
+    tokenizer: QwenTokenizer
+    batches: MicroBatches
+    eval_rows: list
+    total_steps: int
+    start_step: int
+    logger: MetricsLogger
+    out_dir: Path
+
+
+def setup(cfg: SFTConfig) -> Run:
+    dist.init_distributed()
+    rank0 = dist.rank() == 0
+    out_dir = Path(cfg.out_dir)
+    model, tokenizer = build_model(cfg.model, cfg.train.seed)
+    d = cfg.data
+    examples, report = load_examples(d.train, tokenizer, d.max_len, d.mask_mode, d.truncation, d.on_error)
+    if d.eval:
+        eval_rows, eval_report = load_examples(d.eval, tokenizer, d.max_len, d.mask_mode, d.truncation, d.on_error)
+    else:
+        examples, eval_rows = split_eval(examples, d.eval_fraction, cfg.train.seed)
+    if rank0:
+        print(f"[sft] train data: {report.summary()}")
+        for problem in report.first_problems:
+            print(f"[sft]   skipped: {problem}")
+    rows = pack_examples(examples, d.max_len) if d.packing else examples
+    loop = cfg.train
+    batches = MicroBatches(rows, loop.micro_batch_size, dist.rank(), dist.world_size(), loop.seed)
+    steps_per_epoch = max(batches.per_epoch // loop.grad_accum, 1)
+    total_steps = loop.max_steps or math.ceil(loop.epochs * steps_per_epoch)
+
+    engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
+    start_step = 0
+    checkpoint = find_checkpoint(out_dir, cfg.resume)
+    if checkpoint is not None:
+        state = load_checkpoint({"model": engine}, checkpoint)
+        start_step = state["step"]
+        if rank0:
+            print(f"[sft] resumed from {checkpoint} at step {start_step}")
+    logger = MetricsLogger(out_dir, enabled=rank0)
+    logger.truncate_after(start_step)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out_dir / "config.yaml")
+    return Run(cfg, engine, tokenizer, batches, eval_rows, total_steps, start_step, logger, out_dir)
+
+
+def evaluate(run: Run) -> float:
+    """Mean token loss over the held-out rows (sharded over ranks)."""
+    if not run.eval_rows:
+        return float("nan")
+    run.engine.eval()
+    mine = run.eval_rows[dist.rank()::dist.world_size()]
+    loss_sum, targets = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(mine), run.cfg.train.micro_batch_size):
+            batch = collate(mine[i:i + run.cfg.train.micro_batch_size], run.tokenizer.pad_id)
+            logits = run.engine.forward(batch["input_ids"].to(dist.device())).logits
+            loss_sum += summed_token_loss(logits, batch["labels"].to(logits.device)).item()
+            targets += count_targets(batch["labels"])
+    total_loss, total_targets = dist.all_reduce_sum([loss_sum, targets])
+    run.engine.train()
+    return total_loss / max(total_targets, 1)
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One optimizer step over grad_accum micro-batches; returns the step's mean token loss and counts."""
+    accum = run.cfg.train.grad_accum
+    micro = [collate(run.batches.get(step * accum + i), run.tokenizer.pad_id) for i in range(accum)]
+    local_targets = sum(count_targets(b["labels"]) for b in micro)
+    global_targets = int(dist.all_reduce_sum([local_targets])[0])
+    loss_share, tokens, stats = 0.0, 0, None
+    for b in micro:
+        b = {k: v.to(dist.device()) for k, v in b.items()}
+        logits = run.engine.forward(b["input_ids"], position_ids=b.get("position_ids")).logits
+        loss = normalised_loss(summed_token_loss(logits, b["labels"]), global_targets)
+        run.engine.backward(loss)
+        stats = run.engine.step() or stats
+        loss_share += loss.item()
+        tokens += b["input_ids"].numel()
+    loss_total, tokens_total = dist.all_reduce_sum([loss_share, tokens])
+    return {"loss": loss_total, "tokens": tokens_total, "target_tokens": global_targets, **(stats or {})}
+
+
+def train(run: Run) -> dict[str, float]:
+    cfg, loop = run.cfg, run.cfg.train
+    rank0 = dist.rank() == 0
+    last_step = min(run.total_steps, loop.stop_after or run.total_steps)
+    bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not rank0, desc="sft", unit="step")
+    run.engine.train()
+    metrics: dict[str, float] = {}
+    for step in range(run.start_step, last_step):
+        t0 = time.perf_counter()
+        metrics = train_step(run, step)
+        metrics["tokens_per_s"] = tokens_per_second(metrics["tokens"], time.perf_counter() - t0)
+        done = step + 1
+        if done % loop.log_every == 0 or done == last_step:
+            run.logger.log(done, metrics, prefix="train/")
+        if loop.eval_every and done % loop.eval_every == 0:
+            run.logger.log(done, {"loss": evaluate(run)}, prefix="eval/")
+        if (loop.save_every and done % loop.save_every == 0) or done == last_step:
+            save(run, done)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        bar.update(1)
+    bar.close()
+    if last_step == run.total_steps and run.start_step < run.total_steps:
+        metrics["eval_loss"] = evaluate(run)
+        run.logger.log(run.total_steps, {"loss": metrics["eval_loss"]}, prefix="eval/")
+        save_from_engine(run.engine, run.engine.module.config, run.tokenizer, run.out_dir / "final", rank0)
+        if rank0:
+            print(f"[sft] wrote {run.out_dir / 'final'}")
+    run.logger.close()
+    return metrics
+
+
+def save(run: Run, step: int) -> None:
+    def save_models(folder: Path) -> None:
+        save_from_engine(run.engine, run.engine.module.config, run.tokenizer, folder, dist.rank() == 0)
+
+    state = {"step": step, "micro_position": step * run.cfg.train.grad_accum, "total_steps": run.total_steps,
+             "world_size": dist.world_size()}
+    save_checkpoint({"model": run.engine}, run.out_dir, step, state, save_models, run.cfg.train.keep_last)
+
+
+def main(cfg: SFTConfig) -> dict[str, float]:
+    return train(setup(cfg))
