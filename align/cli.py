@@ -110,6 +110,37 @@ def cmd_sft_preview(args: argparse.Namespace) -> None:
     preview(str(args.data), tokenizer, args.max_len, args.mask_mode, args.limit, color=False if args.plain else None)
 
 
+def cmd_rm(args: argparse.Namespace) -> None:
+    from align.core.config import load_config
+    from rm.train import RMConfig, main
+
+    overrides = list(args.overrides) + ([f"stage={'pmp' if args.rm_command == 'pmp' else 'finetune'}"])
+    main(load_config(RMConfig, args.config, overrides))
+
+
+def cmd_rm_eval(args: argparse.Namespace) -> None:
+    from rm.eval import dump_metrics, evaluate_file
+
+    report = args.report or (args.model / "eval_report.html")
+    metrics = evaluate_file(str(args.model), str(args.data), args.max_len, args.batch_size, report)
+    if args.json:
+        print(dump_metrics(metrics))
+    else:
+        o = metrics["overall"]
+        print(f"pairwise accuracy {o['accuracy']:.4f} over {o['n']} pairs, 95% CI [{o['ci95'][0]:.4f}, "
+              f"{o['ci95'][1]:.4f}]; length-only baseline {metrics['length_baseline']['accuracy']:.4f}")
+        for source, v in metrics["per_source"].items():
+            print(f"  {source}: {v['accuracy']:.4f} ({v['n']} pairs)")
+        print(f"report: {report}")
+
+
+def cmd_rm_score(args: argparse.Namespace) -> None:
+    from rm.eval import score_file
+
+    n = score_file(str(args.model), str(args.data), str(args.out), args.max_len, args.batch_size, args.normalise)
+    print(f"scored {n} records into {args.out}")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
@@ -161,6 +192,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=3, help="conversations to show")
     p.add_argument("--plain", action="store_true", help="mark trained text with ⟦ ⟧ instead of colour")
     p.set_defaults(func=cmd_sft_preview)
+
+    p = sub.add_parser("rm", help="reward model: pmp | train | eval | score")
+    rm_sub = p.add_subparsers(dest="rm_command", metavar="pmp|train|eval|score")
+    rm_sub.required = True
+    for name, text in (("pmp", "preference model pretraining on forum threads or comparison pairs"),
+                       ("train", "fine-tune on human comparisons (init=PMP_CHECKPOINT)")):
+        q = rm_sub.add_parser(name, help=text)
+        q.add_argument("config", type=Path)
+        q.add_argument("overrides", nargs="*")
+        q.set_defaults(func=cmd_rm)
+    q = rm_sub.add_parser("eval", help="pairwise accuracy, per tag and source, calibration; an HTML report")
+    q.add_argument("--model", type=Path, required=True)
+    q.add_argument("--data", type=Path, required=True)
+    q.add_argument("--json", action="store_true", help="print every figure as JSON")
+    q.add_argument("--report", type=Path, default=None, help="HTML report path (default: MODEL/eval_report.html)")
+    q.add_argument("--max-len", type=int, default=2048)
+    q.add_argument("--batch-size", type=int, default=16)
+    q.set_defaults(func=cmd_rm_eval)
+    q = rm_sub.add_parser("score", help="score conversations in batches")
+    q.add_argument("--model", type=Path, required=True)
+    q.add_argument("--data", type=Path, required=True)
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--normalise", action="store_true", help="standardise with the saved training statistics")
+    q.add_argument("--max-len", type=int, default=2048)
+    q.add_argument("--batch-size", type=int, default=16)
+    q.set_defaults(func=cmd_rm_score)
 
     p = sub.add_parser("convert", help="convert a Qwen v1 or Qwen2 checkpoint to Hugging Face Qwen2 format")
     p.add_argument("src", type=Path)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from base_model import QwenConfig
+from rm.train import RMConfig
 from sft.train import SFTConfig
 
 CONFIG_TYPES: dict[str, type] = {
     "model": QwenConfig,
     "sft": SFTConfig,
+    "rm": RMConfig,
 }
 
 

@@ -25,7 +25,8 @@ from align.core.metrics import MetricsLogger, tokens_per_second
 from align.core.modeling import build_model, save_from_engine
 from align.core.sections import DeepSpeedSection, LoopConfig, ModelSource, OptimConfig
 from base_model import QwenTokenizer
-from sft.data import MaskMode, MicroBatches, Truncation, collate, load_examples, pack_examples, split_eval
+from align.core.batching import MicroBatches, split_eval
+from sft.data import MaskMode, Truncation, collate, load_examples, pack_examples
 
 
 class SFTData(Section):
@@ -137,7 +138,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 
 
 def train(run: Run) -> dict[str, float]:
-    cfg, loop = run.cfg, run.cfg.train
+    loop = run.cfg.train
     rank0 = dist.rank() == 0
     last_step = min(run.total_steps, loop.stop_after or run.total_steps)
     bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not rank0, desc="sft", unit="step")

@@ -56,3 +56,22 @@ def randomize_biases(model, seed=0):
             elif "norm" in name:
                 p.copy_(1 + torch.randn(p.shape, generator=g) * 0.1)
     return model
+
+
+def kill_after_first_checkpoint(args, run_dir, env, timeout=600):
+    """Start `python -m align.cli ARGS`, SIGKILL it as soon as a checkpoint is published, return its step."""
+    import json as _json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = Path(run_dir) / "checkpoints" / "latest.json"
+    deadline = time.time() + timeout
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return int(_json.loads(latest.read_text())["checkpoint"].split("-")[1])

@@ -1,6 +1,5 @@
 """Typed configuration: every shipped YAML loads; bad keys and values are named."""
 
-from pathlib import Path
 
 import pytest
 

@@ -1,6 +1,5 @@
 """The one loss normalisation: packing, padding and micro-batching do not change the loss or its gradients."""
 
-import pytest
 import torch
 
 from align.core.losses import count_targets, normalised_loss, summed_token_loss

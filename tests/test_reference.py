@@ -1,6 +1,5 @@
 """Exact agreement with outputs recorded from the original Qwen v1 code (tests/fixtures/qwen_reference)."""
 
-import json
 
 import pytest
 import torch

@@ -1,16 +1,13 @@
 """The SFT recipe end to end on CPU: memorisation, generation, ZeRO-3 on 2 processes, kill and resume."""
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from align.core.metrics import read_metrics
-from conftest import ROOT
+from conftest import ROOT, kill_after_first_checkpoint
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 TINY = str(ROOT / "configs" / "sft" / "tiny.yaml")
@@ -60,15 +57,7 @@ def test_killed_run_resumes_exactly(tmp_path):
               "data.eval_fraction=0.25", "train.eval_every=20"]
     align("sft", TINY, f"out_dir={tmp_path / 'full'}", *common)
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "align.cli", "sft", TINY, f"out_dir={run_dir}", *common],
-                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = run_dir / "checkpoints" / "latest.json"
-    deadline = time.time() + 300
-    while not latest.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = int(json.loads(latest.read_text())["checkpoint"].split("-")[1])
+    killed_at = kill_after_first_checkpoint(["sft", TINY, f"out_dir={run_dir}", *common], run_dir, ENV)
     assert 10 <= killed_at < 60, "the run was killed mid-way"
     align("sft", TINY, f"out_dir={run_dir}", "resume=true", *common)
     full, resumed = losses(tmp_path / "full"), losses(run_dir)

@@ -1,0 +1,256 @@
+"""Reward-model data: comparison records, their pairs, public layouts, and PMP pairs from forum votes.
+
+A comparison record (the labelling app's export format, see README):
+
+    {"prompt": [{"role": "user", "content": "…"}, …],     # a conversation
+     "responses": ["…", "…", …],                            # 2..K candidate assistant replies
+     "ranking": [1, 2, 2],                                  # rank of each response, 1 = best, equal = tie
+     "strength": 0.8,                                       # optional preference strength (K = 2)
+     "tags": ["math/arithmetic"], "annotator": "ann-3", "source": "human"}   # optional
+
+A ranking of K responses expands to every ordered pair with different ranks; ties give no pair and are counted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from align.core.records import DataError, iter_records
+
+
+@dataclass
+class Pair:
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+    strength: float | None = None
+    tags: list[str] = field(default_factory=list)
+    source: str = ""
+    annotator: str | None = None
+
+
+@dataclass
+class PairReport:
+    records: int = 0
+    pairs: int = 0
+    ties: int = 0
+    layouts: Counter = field(default_factory=Counter)
+
+
+def ranking_pairs(ranking: list[int]) -> tuple[list[tuple[int, int]], int]:
+    """Ordered (better, worse) index pairs of a ranking (1 = best), and the number of tied pairs."""
+    pairs, ties = [], 0
+    for i in range(len(ranking)):
+        for j in range(i + 1, len(ranking)):
+            if ranking[i] < ranking[j]:
+                pairs.append((i, j))
+            elif ranking[j] < ranking[i]:
+                pairs.append((j, i))
+            else:
+                ties += 1
+    return pairs, ties
+
+
+def _check_prompt(prompt, where: str) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise DataError(f"{where}: field 'prompt' must be a string or a non-empty list of messages")
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: field 'prompt[{i}]' must be {{'role': str, 'content': str}}")
+        if m["role"] not in ("system", "user", "assistant", "function", "tool"):
+            raise DataError(f"{where}: field 'prompt[{i}].role': unknown role {m['role']!r}")
+    return prompt
+
+
+def comparison_pairs(record: dict, where: str) -> tuple[list[Pair], int]:
+    """Pairs of one comparison record, and its tie count."""
+    prompt = _check_prompt(record.get("prompt"), where)
+    responses = record.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+        raise DataError(f"{where}: field 'responses' must be a list of at least 2 strings")
+    ranking = record.get("ranking")
+    if not isinstance(ranking, list) or len(ranking) != len(responses) or not all(
+            isinstance(r, int) and r >= 1 for r in ranking):
+        raise DataError(f"{where}: field 'ranking' must hold one rank (an integer >= 1) per response")
+    strength = record.get("strength")
+    if strength is not None and not isinstance(strength, (int, float)):
+        raise DataError(f"{where}: field 'strength' must be a number")
+    tags = record.get("tags") or []
+    if not isinstance(tags, list):
+        raise DataError(f"{where}: field 'tags' must be a list")
+    index_pairs, ties = ranking_pairs(ranking)
+    pairs = [Pair(prompt, responses[i], responses[j], strength, tags, record.get("source", ""),
+                  record.get("annotator")) for i, j in index_pairs]
+    return pairs, ties
+
+
+# --------------------------------------------------------------------------------------- public layouts
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh_text(text: str, where: str) -> tuple[list[dict], str]:
+    """Anthropic HH text ('\\n\\nHuman: …\\n\\nAssistant: …') → (prompt messages, final assistant reply)."""
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[-2] != "Assistant":
+        raise DataError(f"{where}: HH text must alternate '\\n\\nHuman:' and '\\n\\nAssistant:' turns and end with one")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    messages = [{"role": roles[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts), 2)]
+    return messages[:-1], messages[-1]["content"]
+
+
+def chosen_rejected_pair(record: dict, where: str) -> Pair:
+    """`chosen`/`rejected` as HH text or as message lists (sharing the prompt), with an optional `prompt`."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if "prompt" in record:
+            return Pair(_check_prompt(record["prompt"], where), chosen, rejected, source=record.get("source", "hh"))
+        prompt_c, reply_c = parse_hh_text(chosen, where + " (chosen)")
+        prompt_r, reply_r = parse_hh_text(rejected, where + " (rejected)")
+        if prompt_c != prompt_r:
+            raise DataError(f"{where}: 'chosen' and 'rejected' have different conversations before the last reply")
+        return Pair(prompt_c, reply_c, reply_r, source=record.get("source", "hh"))
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        c, r = _check_prompt(chosen, where), _check_prompt(rejected, where)
+        if c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant" or c[:-1] != r[:-1]:
+            raise DataError(f"{where}: 'chosen'/'rejected' message lists must share a prompt and end with the reply")
+        return Pair(c[:-1], c[-1]["content"], r[-1]["content"], source=record.get("source", "hh"))
+    raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both be message lists")
+
+
+def shp_pair(record: dict, where: str) -> Pair:
+    """Stanford SHP: `history`, `human_ref_A`, `human_ref_B`, `labels` (1 when A is preferred)."""
+    try:
+        a, b, label = record["human_ref_A"], record["human_ref_B"], int(record["labels"])
+        prompt = [{"role": "user", "content": record["history"]}]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{where}: SHP record needs history, human_ref_A, human_ref_B and labels ({e})") from None
+    chosen, rejected = (a, b) if label == 1 else (b, a)
+    return Pair(prompt, chosen, rejected, source=record.get("domain", "shp"))
+
+
+# --------------------------------------------------------------------------------------------------- PMP
+
+
+def pmp_score(upvotes: int, accepted: bool) -> int:
+    """Askell et al. (2021): round(log2(1 + upvotes)), +1 if accepted; -1 if the votes are negative."""
+    if upvotes < 0:
+        return -1
+    return int(math.floor(math.log2(1 + upvotes) + 0.5)) + (1 if accepted else 0)
+
+
+def forum_pairs(record: dict, where: str, binarize: bool = True) -> list[Pair]:
+    """A forum thread {"question", "answers": [{"text", "upvotes", "accepted"}]} → PMP pairs.
+
+    Every two answers with different scores give a pair (higher score preferred). With `binarize`, each pair
+    A > B also gives "GOOD:A" > "BAD:A" and "BAD:B" > "GOOD:B", as in Askell et al."""
+    question, answers = record.get("question"), record.get("answers")
+    if not isinstance(question, str) or not isinstance(answers, list):
+        raise DataError(f"{where}: a forum thread needs 'question' (string) and 'answers' (list)")
+    scored = []
+    for i, a in enumerate(answers):
+        if not isinstance(a, dict) or not isinstance(a.get("text"), str) or not isinstance(a.get("upvotes"), int):
+            raise DataError(f"{where}: field 'answers[{i}]' needs 'text' (string) and 'upvotes' (integer)")
+        scored.append((pmp_score(a["upvotes"], bool(a.get("accepted", False))), a["text"]))
+    prompt = [{"role": "user", "content": question}]
+    tags = record.get("tags") or []
+    pairs = []
+    for i in range(len(scored)):
+        for j in range(i + 1, len(scored)):
+            (si, ti), (sj, tj) = scored[i], scored[j]
+            if si == sj:
+                continue
+            good, bad = (ti, tj) if si > sj else (tj, ti)
+            pairs.append(Pair(prompt, good, bad, tags=tags, source="pmp"))
+            if binarize:
+                pairs.append(Pair(prompt, f"GOOD:{good}", f"BAD:{good}", tags=tags, source="pmp-binarized"))
+                pairs.append(Pair(prompt, f"BAD:{bad}", f"GOOD:{bad}", tags=tags, source="pmp-binarized"))
+    return pairs
+
+
+def load_pairs(path: str, binarize: bool = True) -> tuple[list[Pair], PairReport]:
+    """Every pair in a file, whatever its layout (detected per record)."""
+    report = PairReport()
+    pairs: list[Pair] = []
+    for where, record in iter_records(path):
+        report.records += 1
+        if "responses" in record:
+            new, ties = comparison_pairs(record, where)
+            report.ties += ties
+            report.layouts["comparison"] += 1
+        elif "chosen" in record and "rejected" in record:
+            new = [chosen_rejected_pair(record, where)]
+            report.layouts["chosen/rejected"] += 1
+        elif "human_ref_A" in record:
+            new = [shp_pair(record, where)]
+            report.layouts["shp"] += 1
+        elif "answers" in record:
+            new = forum_pairs(record, where, binarize)
+            report.layouts["forum"] += 1
+        else:
+            raise DataError(f"{where}: unknown record layout (expected 'responses'+'ranking', 'chosen'+'rejected', "
+                            f"SHP 'human_ref_A'/'human_ref_B', or a forum thread with 'answers')")
+        pairs.extend(new)
+    report.pairs = len(pairs)
+    if not pairs:
+        raise DataError(f"{path}: no preference pairs ({report.records} records, {report.ties} ties)")
+    return pairs, report
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+
+
+def encode_response(prompt: list[dict], response: str, tokenizer, max_len: int, end_token_id: int
+                    ) -> tuple[list[int], list[int], bool]:
+    """ChatML ids of prompt + response, then the reward end token; a mask of the response tokens (content and
+    its <|im_end|>). Over-long sequences lose tokens from the front (the reward is read at the end)."""
+    from align.core.chatml import render_turns
+
+    ids, turns = render_turns(list(prompt) + [{"role": "assistant", "content": response}], tokenizer)
+    last = turns[-1]
+    mask = [0] * len(ids)
+    mask[last.content_start:last.content_end + 1] = [1] * (last.content_end + 1 - last.content_start)
+    ids, mask = ids + [end_token_id], mask + [0]
+    truncated = len(ids) > max_len
+    return ids[-max_len:], mask[-max_len:], truncated
+
+
+def collate_sequences(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """Right-pad (ids, response_mask) sequences into input_ids, attention_mask, response_mask (B, L)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    response_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (ids, mask) in enumerate(seqs):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention_mask[i, :len(ids)] = 1
+        response_mask[i, :len(mask)] = torch.tensor(mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def encode_pairs(pairs: list[Pair], tokenizer, max_len: int, end_token_id: int) -> tuple[list[dict], int]:
+    """Each pair as {"chosen": (ids, mask), "rejected": (ids, mask), "strength"}; and how many were truncated."""
+    out, truncated = [], 0
+    for p in pairs:
+        c_ids, c_mask, c_cut = encode_response(p.prompt, p.chosen, tokenizer, max_len, end_token_id)
+        r_ids, r_mask, r_cut = encode_response(p.prompt, p.rejected, tokenizer, max_len, end_token_id)
+        truncated += int(c_cut or r_cut)
+        out.append({"chosen": (c_ids, c_mask), "rejected": (r_ids, r_mask),
+                    "strength": 0.0 if p.strength is None else float(p.strength)})
+    return out, truncated
+
+
+def collate_pairs(encoded: list[dict], pad_id: int) -> dict:
+    """Chosen sequences first, then rejected: rows [0, B) and [B, 2B) of one batch."""
+    import torch
+
+    batch = collate_sequences([e["chosen"] for e in encoded] + [e["rejected"] for e in encoded], pad_id)
+    batch["strength"] = torch.tensor([e["strength"] for e in encoded], dtype=torch.float32)
+    return batch

@@ -1,0 +1,115 @@
+"""Reward model: a Qwen language model plus a scalar head read at one position of each sequence.
+
+Saved as a Hugging Face Qwen2 folder (the language model, so the backbone loads anywhere) plus
+`reward_head.safetensors` and `reward_config.json` (pooling, end token, and the reward normalisation statistics).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from base_model import QwenForCausalLM, QwenTokenizer, load_pretrained, save_pretrained
+
+Pooling = Literal["end_token", "last", "mean"]
+HEAD_FILE, CONFIG_FILE = "reward_head.safetensors", "reward_config.json"
+
+
+@dataclass
+class RewardOutput:
+    rewards: torch.Tensor  # (B,) raw scalar rewards
+    logits: torch.Tensor | None  # (B, L, V) when asked for (language-model loss on the chosen response)
+
+
+def last_real_position(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) mask → (B,) index of each row's last real token, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(-1)
+
+
+class RewardModel(nn.Module):
+    def __init__(self, lm: QwenForCausalLM, pooling: Pooling = "end_token", end_token_id: int | None = None,
+                 mean: float = 0.0, std: float = 1.0) -> None:
+        super().__init__()
+        if pooling == "end_token" and end_token_id is None:
+            raise ValueError("pooling='end_token' needs end_token_id")
+        self.lm = lm
+        self.score = nn.Linear(lm.config.hidden_size, 1)
+        with torch.no_grad():
+            self.score.weight.normal_(0.0, 1.0 / (lm.config.hidden_size + 1) ** 0.5)
+            self.score.bias.zero_()
+        self.pooling, self.end_token_id = pooling, end_token_id
+        self.mean, self.std = mean, std
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        response_mask: torch.Tensor | None = None,
+        with_logits: bool = False,
+    ) -> RewardOutput:
+        """input_ids (B, L); attention_mask (B, L), 1 for real tokens (either padding side);
+        response_mask (B, L), 1 on response tokens (needed for pooling='mean')."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden, _ = self.lm.model(input_ids, attention_mask=attention_mask)  # (B, L, E)
+        if self.pooling == "mean":
+            if response_mask is None:
+                raise ValueError("pooling='mean' needs response_mask")
+            w = (response_mask * attention_mask).unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+            pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1)
+        else:
+            idx = last_real_position(attention_mask)  # (B,)
+            if self.pooling == "end_token":
+                found = input_ids.gather(1, idx[:, None]).squeeze(1)
+                if bool((found != self.end_token_id).any()):
+                    raise ValueError("pooling='end_token': a sequence does not end with the reward end token")
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, E)
+        rewards = self.score(pooled.to(self.score.weight.dtype)).squeeze(-1)  # (B,)
+        logits = self.lm.lm_head(hidden) if with_logits else None
+        return RewardOutput(rewards=rewards, logits=logits)
+
+    def normalise(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Rewards standardised by the training-set statistics saved with the model."""
+        return (rewards - self.mean) / max(self.std, 1e-8)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.score.weight.detach().cpu().contiguous(), "bias": self.score.bias.detach().cpu()}
+
+    def reward_config(self) -> dict:
+        return {"pooling": self.pooling, "end_token_id": self.end_token_id, "mean": self.mean, "std": self.std}
+
+
+def save_reward_model(lm: QwenForCausalLM, head: dict[str, torch.Tensor], reward_config: dict, path: str | Path,
+                      tokenizer: QwenTokenizer | None) -> None:
+    """Write the language model as a Hugging Face folder, then the head and its config beside it."""
+    path = Path(path)
+    save_pretrained(lm, path, tokenizer)
+    save_file({k: v.contiguous() for k, v in head.items()}, str(path / HEAD_FILE))
+    (path / CONFIG_FILE).write_text(json.dumps(reward_config, indent=2) + "\n")
+
+
+def is_reward_model(path: str | Path) -> bool:
+    return (Path(path) / HEAD_FILE).exists()
+
+
+def load_reward_model(path: str | Path, dtype: torch.dtype | None = torch.float32) -> RewardModel:
+    path = Path(path)
+    if not is_reward_model(path):
+        raise FileNotFoundError(f"{path}: no {HEAD_FILE}; not a reward model folder")
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    model = RewardModel(load_pretrained(path, dtype=dtype), cfg["pooling"], cfg["end_token_id"], cfg["mean"],
+                        cfg["std"])
+    head = load_file(str(path / HEAD_FILE))
+    model.score.load_state_dict(head)
+    return model.eval()

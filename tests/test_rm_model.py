@@ -1,0 +1,81 @@
+"""Reward model: pooling, independence from padding and batch composition, save/load, the loss."""
+
+import math
+
+import pytest
+import torch
+
+from base_model import QwenForCausalLM
+from conftest import randomize_biases, tiny_config
+from rm.data import collate_sequences
+from rm.losses import bradley_terry_loss_sum
+from rm.model import RewardModel, load_reward_model, save_reward_model
+
+END = 299
+
+
+def _model(pooling="end_token", **flags):
+    torch.manual_seed(0)
+    lm = randomize_biases(QwenForCausalLM(tiny_config(**flags)))
+    return RewardModel(lm, pooling, END).eval()
+
+
+def _seqs():
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in (5, 12, 9, 3):
+        ids = torch.randint(0, 290, (n,), generator=g).tolist() + [END]
+        out.append((ids, [0] * (n // 2) + [1] * (n - n // 2) + [0]))
+    return out
+
+
+def _left_pad(seqs, pad):
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s, _ in seqs])
+    att = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s, _ in seqs])
+    resp = torch.tensor([[0] * (width - len(s)) + m for s, m in seqs])
+    return ids, att, resp
+
+
+@pytest.mark.parametrize("pooling", ["end_token", "last", "mean"])
+@pytest.mark.parametrize("flags", [{}, {"use_dynamic_ntk": True, "use_logn_attn": True, "seq_length": 8}])
+def test_rewards_do_not_depend_on_padding_or_batch(pooling, flags):
+    model, seqs = _model(pooling, **flags), _seqs()
+    with torch.no_grad():
+        alone = [model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long), torch.tensor([m])).rewards.item()
+                 for s, m in seqs]
+        right = collate_sequences(seqs, pad_id=0)
+        r_right = model(right["input_ids"], right["attention_mask"], right["response_mask"]).rewards.tolist()
+        r_left = model(*_left_pad(seqs, 0)).rewards.tolist()
+        sub = collate_sequences(seqs[1:3], pad_id=7)  # another batch, another pad id
+        r_sub = model(sub["input_ids"], sub["attention_mask"], sub["response_mask"]).rewards.tolist()
+    assert max(abs(a - b) for a, b in zip(alone, r_right)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(alone, r_left)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(alone[1:3], r_sub)) < 1e-5
+
+
+def test_end_token_pooling_checks_the_end_token():
+    model = _model()
+    with pytest.raises(ValueError, match="does not end with the reward end token"):
+        model(torch.tensor([[1, 2, 3]]))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = _model()
+    save_reward_model(model.lm, model.head_state(), {**model.reward_config(), "mean": 1.5, "std": 2.0}, tmp_path / "rm",
+                      tokenizer=None)
+    loaded = load_reward_model(tmp_path / "rm")
+    ids = torch.tensor([_seqs()[0][0]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).rewards, loaded(ids).rewards, atol=1e-6)
+    assert loaded.normalise(torch.tensor([3.5])).item() == pytest.approx(1.0)
+    assert (tmp_path / "rm" / "config.json").exists()  # the backbone is an ordinary Hugging Face folder
+
+
+def test_bradley_terry_by_hand():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5])
+    expected = -math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(0.5)))
+    assert bradley_terry_loss_sum(chosen, rejected).item() == pytest.approx(expected, abs=1e-6)
+    margin = torch.tensor([1.0, 0.0])
+    expected_m = -math.log(0.5) - math.log(1 / (1 + math.exp(0.5)))
+    assert bradley_terry_loss_sum(chosen, rejected, margin).item() == pytest.approx(expected_m, abs=1e-6)

@@ -1,0 +1,86 @@
+"""Reward-model training end to end on CPU: accuracy on a content-decided task, ZeRO on 2 processes, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from align.core.metrics import read_metrics
+from align.core.records import write_jsonl_atomic
+from align.world.preferences import translation_comparisons
+from conftest import ROOT, kill_after_first_checkpoint
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+TINY = str(ROOT / "configs" / "rm" / "tiny.yaml")
+PMP = str(ROOT / "configs" / "rm" / "pmp-tiny.yaml")
+
+
+def align(*args, timeout=900):
+    out = subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def curve(run_dir, key="train/loss"):
+    return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
+
+
+@pytest.mark.slow
+def test_tiny_reward_model_learns_content_not_length(tmp_path):
+    """Comparison records (the labelling export format) → ≥ 0.9 held-out accuracy; length alone ≈ 0.5."""
+    align("rm", "train", TINY, f"out_dir={tmp_path / 'rm'}")
+    heldout = tmp_path / "heldout.jsonl"
+    write_jsonl_atomic(heldout, translation_comparisons(400, seed=12345))
+    out = align("rm", "eval", "--model", str(tmp_path / "rm" / "final"), "--data", str(heldout), "--json")
+    metrics = json.loads(out.stdout[out.stdout.index("{"):])
+    assert metrics["overall"]["accuracy"] >= 0.9, metrics["overall"]
+    assert abs(metrics["length_baseline"]["accuracy"] - 0.5) < 0.08
+    assert (tmp_path / "rm" / "final" / "eval_report.html").exists()
+    scored = tmp_path / "scored.jsonl"
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "Translate 'cat' into Chinese.", "response": "cat = 猫"})
+                                       + "\n" + json.dumps({"prompt": "Translate 'cat' into Chinese.",
+                                                            "response": "cat = 狗"}) + "\n")
+    align("rm", "score", "--model", str(tmp_path / "rm" / "final"), "--data", str(tmp_path / "in.jsonl"),
+          "--out", str(scored))
+    right, wrong = [json.loads(l)["reward"] for l in scored.read_text().splitlines()]
+    assert right > wrong
+
+
+@pytest.mark.slow
+def test_pmp_then_finetune_from_pmp(tmp_path):
+    align("rm", "pmp", PMP, f"out_dir={tmp_path / 'pmp'}", "train.max_steps=6")
+    align("rm", "train", TINY, f"out_dir={tmp_path / 'ft'}", f"init={tmp_path / 'pmp' / 'final'}",
+          "train.max_steps=4")
+    assert (tmp_path / "ft" / "final" / "reward_head.safetensors").exists()
+    cfg = (tmp_path / "ft" / "config.yaml").read_text()
+    assert "stage: finetune" in cfg and "pmp/final" in cfg
+
+
+@pytest.mark.slow
+def test_zero2_two_processes_follow_single_process(tmp_path):
+    common = ["train.max_steps=8", "train.log_every=1", "data.eval_fraction=0", "loss.lm_coef=0.5"]
+    align("rm", "train", TINY, f"out_dir={tmp_path / 'one'}", *common)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli"]
+    out = subprocess.run(torchrun + ["rm", "train", TINY, f"out_dir={tmp_path / 'two'}", "deepspeed.zero_stage=2",
+                                     "train.micro_batch_size=8", *common],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 9))
+    assert max(abs(one[s] - two[s]) for s in one) < 1e-4
+
+
+@pytest.mark.slow
+def test_killed_reward_model_run_resumes_exactly(tmp_path):
+    common = ["train.max_steps=40", "train.log_every=1", "train.save_every=5", "data.eval_fraction=0"]
+    align("rm", "train", TINY, f"out_dir={tmp_path / 'full'}", *common)
+    run_dir = tmp_path / "killed"
+    killed_at = kill_after_first_checkpoint(["rm", "train", TINY, f"out_dir={run_dir}", *common], run_dir, ENV)
+    assert 5 <= killed_at < 40
+    align("rm", "train", TINY, f"out_dir={run_dir}", "resume=true", *common)
+    full, resumed = curve(tmp_path / "full"), curve(run_dir)
+    assert sorted(resumed) == list(range(1, 41))
+    assert max(abs(full[s] - resumed[s]) for s in range(killed_at + 1, 41)) < 1e-6
