@@ -141,6 +141,23 @@ def cmd_rm_score(args: argparse.Namespace) -> None:
     print(f"scored {n} records into {args.out}")
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from align.core.config import load_config
+    from base_model.pretrain.train import PretrainConfig, main
+
+    main(load_config(PretrainConfig, args.config, args.overrides))
+
+
+def cmd_data_pack(args: argparse.Namespace) -> None:
+    from base_model import QwenTokenizer
+    from base_model.pretrain.packing import pack
+
+    index = pack(args.input, args.output, QwenTokenizer.load(args.tokenizer), args.seq_len, args.text_field,
+                 str(args.tokenizer))
+    print(f"packed {index['n_docs']} documents ({index['n_tokens']} tokens) into {index['n_rows']} rows of "
+          f"{index['seq_len']} at {args.output}")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
@@ -192,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=3, help="conversations to show")
     p.add_argument("--plain", action="store_true", help="mark trained text with ⟦ ⟧ instead of colour")
     p.set_defaults(func=cmd_sft_preview)
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest != "sft-preview"]  # reached as `sft preview`
 
     p = sub.add_parser("rm", help="reward model: pmp | train | eval | score")
     rm_sub = p.add_subparsers(dest="rm_command", metavar="pmp|train|eval|score")
@@ -218,6 +236,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-len", type=int, default=2048)
     q.add_argument("--batch-size", type=int, default=16)
     q.set_defaults(func=cmd_rm_score)
+
+    p = sub.add_parser("pretrain", help="pretraining / continued pretraining on packed data")
+    p.add_argument("config", type=Path)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("data", help="pretraining data: pack | dedup | filter | decontaminate")
+    data_sub = p.add_subparsers(dest="data_command", metavar="pack|dedup|filter|decontaminate")
+    data_sub.required = True
+    q = data_sub.add_parser("pack", help="tokenise and pack documents into fixed-length rows")
+    q.add_argument("--input", nargs="+", required=True, type=Path, help="JSONL or Parquet files")
+    q.add_argument("--output", required=True, type=Path, help="packed folder")
+    q.add_argument("--tokenizer", default="cl100k_base", help="'cl100k_base', 'bytes', a ranks file or checkpoint")
+    q.add_argument("--seq-len", type=int, default=2048)
+    q.add_argument("--text-field", default="text")
+    q.set_defaults(func=cmd_data_pack)
+    _add_data_commands(data_sub)
+
+    p = sub.add_parser("tokenizer", help="vocabulary tools: extend")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", metavar="extend")
+    tok_sub.required = True
+    q = tok_sub.add_parser("extend", help="learn extra BPE merges on a corpus, starting from a base vocabulary")
+    q.add_argument("--base", default="cl100k_base", help="'cl100k_base', 'bytes' or a ranks file")
+    q.add_argument("--corpus", nargs="+", required=True, type=Path, help="JSONL or Parquet with a text field")
+    q.add_argument("--vocab-size", type=int, required=True, help="number of ranks in the result")
+    q.add_argument("--output", type=Path, required=True)
+    q.add_argument("--min-frequency", type=int, default=2)
+    q.add_argument("--text-field", default="text")
+    q.set_defaults(func=cmd_tokenizer_extend)
 
     p = sub.add_parser("convert", help="convert a Qwen v1 or Qwen2 checkpoint to Hugging Face Qwen2 format")
     p.add_argument("src", type=Path)
@@ -250,6 +297,93 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+
+def cmd_data_dedup(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from base_model.pretrain.dedup import dedup
+
+    report_path = args.report or args.output.with_name(args.output.stem + ".dedup_report.jsonl")
+    with tqdm(desc="dedup", unit="doc") as bar:
+        report = dedup(args.input, args.output, args.threshold, args.text_field, args.num_perm,
+                       report_path=report_path, progress=lambda n: bar.update(n - bar.n))
+    print(f"{report.documents} documents: kept {report.kept}, dropped {report.exact_dropped} exact and "
+          f"{report.near_dropped} near duplicates in {len(report.clusters)} clusters; report: {report_path}")
+
+
+def cmd_data_filter(args: argparse.Namespace) -> None:
+    from align.core.config import load_config
+    from base_model.pretrain.quality import QualityRules, filter_documents
+
+    rules = load_config(QualityRules, args.rules, args.overrides) if args.rules else load_config(
+        QualityRules, None, args.overrides)
+    if args.banned_words:
+        rules.banned_words = [w.strip() for w in args.banned_words.read_text().splitlines() if w.strip()]
+    counts = filter_documents(args.input, args.output, rules, args.text_field, args.model, args.rejected)
+    kept = counts.pop("kept", 0)
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1]))
+    print(f"kept {kept} documents; dropped {sum(counts.values())}" + (f" ({reasons})" if reasons else ""))
+
+
+def cmd_data_decontaminate(args: argparse.Namespace) -> None:
+    from base_model.pretrain.decontam import decontaminate
+
+    report_path = args.report or args.output.with_name(args.output.stem + ".decontam_report.json")
+    report = decontaminate(args.input, args.output, args.against, args.n, args.text_field, report_path)
+    print(f"kept {report['kept']} documents, dropped {report['dropped']} sharing a {args.n}-gram with an "
+          f"evaluation item; report: {report_path}")
+
+
+def cmd_tokenizer_extend(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from base_model import QwenTokenizer
+    from base_model.pretrain.packing import iter_texts
+    from base_model.pretrain.vocab import SAMPLES, bytes_per_token, extend_ranks
+    from base_model.tokenizer import save_ranks
+
+    base = QwenTokenizer.load(args.base)
+    texts = (t for _, t in iter_texts(args.corpus, args.text_field))
+    with tqdm(desc="merges", total=args.vocab_size, initial=len(base.ranks)) as bar:
+        ranks = extend_ranks(base.ranks, texts, args.vocab_size, args.min_frequency,
+                             progress=lambda n: bar.update(n - bar.n))
+    save_ranks(ranks, args.output)
+    extended = QwenTokenizer(ranks)
+    print(f"wrote {len(ranks)} ranks ({len(ranks) - len(base.ranks)} new) to {args.output}")
+    print(f"{'sample':<10}{'bytes/token ' + str(args.base):>28}{'bytes/token extended':>24}")
+    for name, text in SAMPLES.items():
+        print(f"{name:<10}{bytes_per_token(base.encode, text):>28.3f}{bytes_per_token(extended.encode, text):>24.3f}")
+
+
+def _add_data_commands(data_sub) -> None:
+    q = data_sub.add_parser("dedup", help="exact and MinHash-LSH near-duplicate removal")
+    q.add_argument("--input", nargs="+", required=True, type=Path)
+    q.add_argument("--output", required=True, type=Path, help=".jsonl or .parquet")
+    q.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
+    q.add_argument("--text-field", default="text")
+    q.add_argument("--num-perm", type=int, default=128)
+    q.add_argument("--report", type=Path, default=None, help="clusters removed (default: beside the output)")
+    q.set_defaults(func=cmd_data_dedup)
+    q = data_sub.add_parser("filter", help="Gopher-style rules and reference-model perplexity")
+    q.add_argument("--input", nargs="+", required=True, type=Path)
+    q.add_argument("--output", required=True, type=Path)
+    q.add_argument("--rejected", type=Path, default=None, help="also write dropped documents with their scores")
+    q.add_argument("--rules", type=Path, default=None, help="YAML of thresholds (see QualityRules)")
+    q.add_argument("--model", type=Path, default=None, help="reference model for perplexity")
+    q.add_argument("--banned-words", type=Path, default=None, help="one word or phrase per line")
+    q.add_argument("--text-field", default="text")
+    q.add_argument("overrides", nargs="*", help="rule overrides, e.g. min_words=20 max_perplexity=500")
+    q.set_defaults(func=cmd_data_filter)
+    q = data_sub.add_parser("decontaminate", help="drop documents sharing an n-gram with evaluation items")
+    q.add_argument("--input", nargs="+", required=True, type=Path)
+    q.add_argument("--output", required=True, type=Path)
+    q.add_argument("--against", nargs="+", required=True, type=Path, help="evaluation files (JSONL/Parquet)")
+    q.add_argument("--n", type=int, default=13)
+    q.add_argument("--text-field", default="text")
+    q.add_argument("--report", type=Path, default=None)
+    q.set_defaults(func=cmd_data_decontaminate)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from base_model import QwenConfig
+from base_model.pretrain.train import PretrainConfig
 from rm.train import RMConfig
 from sft.train import SFTConfig
 
@@ -12,6 +13,7 @@ CONFIG_TYPES: dict[str, type] = {
     "model": QwenConfig,
     "sft": SFTConfig,
     "rm": RMConfig,
+    "pretrain": PretrainConfig,
 }
 
 

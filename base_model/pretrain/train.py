@@ -1,0 +1,176 @@
+"""Pretraining and continued pretraining on packed data: `align pretrain CONFIG [key=value …]`.
+
+AdamW (0.9, 0.95, 1e-8), linear warmup then cosine decay to 10% of the peak, bf16 where the hardware has it,
+gradient clipping and accumulation, packed attention, periodic evaluation, full-state checkpoints, resume.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from tqdm import tqdm
+
+from align.core import engine as dist
+from align.core.batching import MicroBatches
+from align.core.checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
+from align.core.config import ConfigError, Section, dump_config
+from align.core.engine import TrainEngine
+from align.core.losses import count_targets, normalised_loss, summed_token_loss
+from align.core.metrics import MetricsLogger, tokens_per_second
+from align.core.modeling import build_model, save_from_engine
+from align.core.sections import DeepSpeedSection, LoopConfig, ModelSource, OptimConfig
+from base_model import QwenTokenizer
+from base_model.pretrain.packing import PackedDataset, split_rows
+
+
+class PretrainData(Section):
+    train: str  # a packed folder (`align data pack`)
+    eval: str | None = None  # a packed folder; otherwise eval_rows rows of train are held out
+    eval_rows: int = Field(0, ge=0)
+
+
+class PretrainConfig(Section):
+    model: ModelSource
+    data: PretrainData
+    optim: OptimConfig = OptimConfig(lr=3e-4, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1)
+    train: LoopConfig = LoopConfig()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    peak_tflops: float | None = None  # the machine's matmul peak (`align bench peak`), for model-FLOPs utilisation
+    out_dir: str = "runs/pretrain"
+    resume: bool | str = False
+
+
+@dataclass
+class Run:
+    cfg: PretrainConfig
+    engine: TrainEngine
+    tokenizer: QwenTokenizer
+    train_data: PackedDataset
+    eval_data: PackedDataset
+    eval_indices: list[int]
+    batches: MicroBatches
+    total_steps: int
+    start_step: int
+    logger: MetricsLogger
+    out_dir: Path
+    flops_per_token: float
+
+
+def setup(cfg: PretrainConfig) -> Run:
+    dist.init_distributed()
+    rank0 = dist.rank() == 0
+    out_dir = Path(cfg.out_dir)
+    model, tokenizer = build_model(cfg.model, cfg.train.seed)
+    train_data = PackedDataset(cfg.data.train)
+    if int(train_data.tokens.max()) >= model.config.vocab_size:
+        raise ConfigError(f"{cfg.data.train}: token ids reach {int(train_data.tokens.max())}, beyond the model's "
+                          f"vocab_size {model.config.vocab_size}; was it packed with another tokenizer?")
+    if cfg.data.eval:
+        eval_data = PackedDataset(cfg.data.eval)
+        train_rows, eval_indices = list(range(len(train_data))), list(range(len(eval_data)))
+    else:
+        eval_data = train_data
+        train_rows, eval_indices = split_rows(len(train_data), cfg.data.eval_rows, cfg.train.seed)
+    loop = cfg.train
+    batches = MicroBatches(train_rows, loop.micro_batch_size, dist.rank(), dist.world_size(), loop.seed)
+    total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))
+    flops = model.config.flops_per_token(train_data.seq_len)
+    engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
+    start_step = 0
+    checkpoint = find_checkpoint(out_dir, cfg.resume)
+    if checkpoint is not None:
+        start_step = load_checkpoint({"model": engine}, checkpoint)["step"]
+        if rank0:
+            print(f"[pretrain] resumed from {checkpoint} at step {start_step}")
+    logger = MetricsLogger(out_dir, enabled=rank0)
+    logger.truncate_after(start_step)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out_dir / "config.yaml")
+        print(f"[pretrain] {len(train_rows)} rows x {train_data.seq_len} tokens, {len(eval_indices)} held out; "
+              f"{total_steps} steps")
+    return Run(cfg, engine, tokenizer, train_data, eval_data, eval_indices, batches, total_steps, start_step, logger,
+               out_dir, flops)
+
+
+def evaluate(run: Run) -> float:
+    if not run.eval_indices:
+        return float("nan")
+    run.engine.eval()
+    mine = run.eval_indices[dist.rank()::dist.world_size()]
+    loss_sum, targets = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(mine), run.cfg.train.micro_batch_size):
+            b = {k: v.to(dist.device()) for k, v in run.eval_data.batch(mine[i:i + run.cfg.train.micro_batch_size]).items()}
+            logits = run.engine.forward(b["input_ids"], position_ids=b["position_ids"]).logits
+            loss_sum += summed_token_loss(logits, b["labels"]).item()
+            targets += count_targets(b["labels"])
+    total, n = dist.all_reduce_sum([loss_sum, targets])
+    run.engine.train()
+    return total / max(n, 1)
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    accum = run.cfg.train.grad_accum
+    micro = [run.train_data.batch(run.batches.get(step * accum + i)) for i in range(accum)]
+    global_targets = int(dist.all_reduce_sum([sum(count_targets(b["labels"]) for b in micro)])[0])
+    loss_share, tokens, stats = 0.0, 0, None
+    for b in micro:
+        b = {k: v.to(dist.device()) for k, v in b.items()}
+        logits = run.engine.forward(b["input_ids"], position_ids=b["position_ids"]).logits
+        loss = normalised_loss(summed_token_loss(logits, b["labels"]), global_targets)
+        run.engine.backward(loss)
+        stats = run.engine.step() or stats
+        loss_share += loss.item()
+        tokens += b["input_ids"].numel()
+    loss_total, tokens_total = dist.all_reduce_sum([loss_share, tokens])
+    return {"loss": loss_total, "tokens": tokens_total, **(stats or {})}
+
+
+def train(run: Run) -> dict[str, float]:
+    loop = run.cfg.train
+    rank0 = dist.rank() == 0
+    last_step = min(run.total_steps, loop.stop_after or run.total_steps)
+    bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not rank0, desc="pretrain", unit="step")
+    run.engine.train()
+    metrics: dict[str, float] = {}
+    for step in range(run.start_step, last_step):
+        t0 = time.perf_counter()
+        metrics = train_step(run, step)
+        metrics["tokens_per_s"] = tokens_per_second(metrics["tokens"], time.perf_counter() - t0)
+        if run.cfg.peak_tflops:
+            metrics["mfu"] = metrics["tokens_per_s"] * run.flops_per_token / (run.cfg.peak_tflops * 1e12 * dist.world_size())
+        done = step + 1
+        if done % loop.log_every == 0 or done == last_step:
+            run.logger.log(done, metrics, prefix="train/")
+        if loop.eval_every and done % loop.eval_every == 0:
+            run.logger.log(done, {"loss": evaluate(run)}, prefix="eval/")
+        if (loop.save_every and done % loop.save_every == 0) or done == last_step:
+            state = {"step": done, "tokens_seen": done * run.train_data.seq_len * loop.micro_batch_size
+                     * loop.grad_accum * dist.world_size(), "total_steps": run.total_steps}
+            save_checkpoint({"model": run.engine}, run.out_dir, done, state,
+                            lambda f: save_from_engine(run.engine, run.engine.module.config, run.tokenizer, f,
+                                                       dist.rank() == 0), loop.keep_last)
+        postfix = {"loss": f"{metrics['loss']:.4f}", "tok_s": f"{metrics['tokens_per_s']:.0f}"}
+        if "mfu" in metrics:
+            postfix["mfu"] = f"{metrics['mfu']:.1%}"
+        bar.set_postfix(postfix)
+        bar.update(1)
+    bar.close()
+    if last_step == run.total_steps and run.start_step < run.total_steps:
+        metrics["eval_loss"] = evaluate(run)
+        run.logger.log(run.total_steps, {"loss": metrics["eval_loss"]}, prefix="eval/")
+        save_from_engine(run.engine, run.engine.module.config, run.tokenizer, run.out_dir / "final", rank0)
+        if rank0:
+            print(f"[pretrain] wrote {run.out_dir / 'final'}")
+    run.logger.close()
+    return metrics
+
+
+def main(cfg: PretrainConfig) -> dict[str, float]:
+    return train(setup(cfg))
