@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from align.core import engine as dist
 from align.core.batching import MicroBatches, split_eval
-from align.core.checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
-from align.core.config import ConfigError, Section, dump_config
+from align.core.checkpointing import open_run, save_checkpoint
+from align.core.config import ConfigError, Section
 from align.core.engine import TrainEngine
 from align.core.losses import count_targets, normalised_loss, summed_token_loss
 from align.core.metrics import MetricsLogger, tokens_per_second
@@ -119,17 +119,7 @@ def setup(cfg: RMConfig) -> Run:
     total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))
     lm_config = model.lm.config
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
-    start_step = 0
-    checkpoint = find_checkpoint(out_dir, cfg.resume)
-    if checkpoint is not None:
-        start_step = load_checkpoint({"model": engine}, checkpoint)["step"]
-        if rank0:
-            print(f"[rm] resumed from {checkpoint} at step {start_step}")
-    logger = MetricsLogger(out_dir, enabled=rank0)
-    logger.truncate_after(start_step)
-    if rank0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out_dir / "config.yaml")
+    start_step, _, logger = open_run(cfg, out_dir, {"model": engine}, f"rm {cfg.stage}")
     return Run(cfg, engine, tokenizer, lm_config, batches, train_rows, eval_rows, total_steps, start_step, logger,
                out_dir)
 

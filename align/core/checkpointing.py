@@ -110,3 +110,25 @@ def load_checkpoint(engines: dict[str, TrainEngine], folder: Path) -> dict:
         raise FileNotFoundError(f"{rng_file}: missing (was the checkpoint written with a different world size?)")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
+
+
+def open_run(cfg, out_dir: Path, engines: dict[str, TrainEngine], name: str):
+    """Resume from `cfg.resume` if asked, open the metrics log (cut back to the resumed step), write the resolved
+    config. Returns (start_step, client_state, logger)."""
+    from align.core.config import dump_config
+    from align.core.metrics import MetricsLogger
+
+    rank0 = rank() == 0
+    start_step, state = 0, {}
+    checkpoint = find_checkpoint(out_dir, cfg.resume)
+    if checkpoint is not None:
+        state = load_checkpoint(engines, checkpoint)
+        start_step = state["step"]
+        if rank0:
+            print(f"[{name}] resumed from {checkpoint} at step {start_step}")
+    logger = MetricsLogger(out_dir, enabled=rank0)
+    logger.truncate_after(start_step)
+    if rank0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, Path(out_dir) / "config.yaml")
+    return start_step, state, logger

@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from align.core import engine as dist
 from align.core.batching import MicroBatches
-from align.core.checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
-from align.core.config import ConfigError, Section, dump_config
+from align.core.checkpointing import open_run, save_checkpoint
+from align.core.config import ConfigError, Section
 from align.core.engine import TrainEngine
 from align.core.losses import count_targets, normalised_loss, summed_token_loss
 from align.core.metrics import MetricsLogger, tokens_per_second
@@ -81,17 +81,8 @@ def setup(cfg: PretrainConfig) -> Run:
     total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))
     flops = model.config.flops_per_token(train_data.seq_len)
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
-    start_step = 0
-    checkpoint = find_checkpoint(out_dir, cfg.resume)
-    if checkpoint is not None:
-        start_step = load_checkpoint({"model": engine}, checkpoint)["step"]
-        if rank0:
-            print(f"[pretrain] resumed from {checkpoint} at step {start_step}")
-    logger = MetricsLogger(out_dir, enabled=rank0)
-    logger.truncate_after(start_step)
+    start_step, _, logger = open_run(cfg, out_dir, {"model": engine}, "pretrain")
     if rank0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out_dir / "config.yaml")
         print(f"[pretrain] {len(train_rows)} rows x {train_data.seq_len} tokens, {len(eval_indices)} held out; "
               f"{total_steps} steps")
     return Run(cfg, engine, tokenizer, train_data, eval_data, eval_indices, batches, total_steps, start_step, logger,
