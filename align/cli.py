@@ -34,7 +34,7 @@ def _sampling(args: argparse.Namespace, tokenizer):
 
     return SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        stop_token_ids=(tokenizer.im_end_id, tokenizer.eod_id), seed=args.seed,
+        stop_token_ids=(tokenizer.im_end_id, tokenizer.eod_id), seed=args.seed, vocab_limit=len(tokenizer),
     )
 
 
@@ -141,6 +141,13 @@ def cmd_rm_score(args: argparse.Namespace) -> None:
     print(f"scored {n} records into {args.out}")
 
 
+def cmd_ppo(args: argparse.Namespace) -> None:
+    from align.core.config import load_config
+    from ppo.train import PPOConfig, main
+
+    main(load_config(PPOConfig, args.config, args.overrides))
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from align.core.config import load_config
     from base_model.pretrain.train import PretrainConfig, main
@@ -236,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-len", type=int, default=2048)
     q.add_argument("--batch-size", type=int, default=16)
     q.set_defaults(func=cmd_rm_score)
+
+    p = sub.add_parser("ppo", help="PPO with a reward model, a value model, a reference policy and ptx")
+    p.add_argument("config", type=Path)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("pretrain", help="pretraining / continued pretraining on packed data")
     p.add_argument("config", type=Path)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from base_model import QwenConfig
 from base_model.pretrain.train import PretrainConfig
+from ppo.train import PPOConfig
 from rm.train import RMConfig
 from sft.train import SFTConfig
 
@@ -14,6 +15,7 @@ CONFIG_TYPES: dict[str, type] = {
     "sft": SFTConfig,
     "rm": RMConfig,
     "pretrain": PretrainConfig,
+    "ppo": PPOConfig,
 }
 
 

@@ -22,6 +22,8 @@ class SamplingParams:
     top_k: int = 0  # 0 means no top-k filtering
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    row_seeds: list[int] | None = None  # one generator per prompt: samples then do not depend on the batch
+    vocab_limit: int | None = None  # ids at or past this (embedding padding beyond the tokenizer) are never chosen
 
 
 @dataclass
@@ -74,6 +76,11 @@ def generate(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    row_generators = None
+    if sampling.row_seeds is not None:
+        if len(sampling.row_seeds) != b:
+            raise ValueError(f"row_seeds has {len(sampling.row_seeds)} seeds for {b} prompts")
+        row_generators = [torch.Generator(device=device).manual_seed(s) for s in sampling.row_seeds]
     stop = torch.tensor(sorted(set(sampling.stop_token_ids)) or [-1], device=device)
     cache = model.new_cache(max_length=width + sampling.max_new_tokens)
     out_ids = torch.empty((b, 0), dtype=torch.long, device=device)
@@ -86,13 +93,19 @@ def generate(
     for _ in range(sampling.max_new_tokens):
         logits = model(step_input, attention_mask=mask_arg, past_key_values=cache, last_only=True).logits[:, -1]
         logits = logits.float()  # (B, V)
+        if sampling.vocab_limit is not None:
+            logits[:, sampling.vocab_limit:] = float("-inf")
         if return_logits:
             step_logits.append(logits.clone())
         if sampling.temperature == 0:
             next_ids = logits.argmax(-1)
         else:
             probs = filter_logits(logits, sampling.temperature, sampling.top_p, sampling.top_k).softmax(-1)
-            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+            if row_generators is not None:
+                next_ids = torch.cat([torch.multinomial(probs[i], 1, generator=row_generators[i])
+                                      for i in range(b)])  # (B,)
+            else:
+                next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
         logprobs = logits.log_softmax(-1).gather(-1, next_ids[:, None]).squeeze(-1)
         next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
         out_ids = torch.cat((out_ids, next_ids[:, None]), dim=1)

@@ -142,6 +142,10 @@ class TrainEngine:
     def forward(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
 
+    def zero_loss(self) -> torch.Tensor:
+        """A loss with exactly zero gradient for every parameter (stands in for a non-finite one)."""
+        return sum(p.sum() * 0.0 for p in self.module.parameters() if p.requires_grad)
+
     def backward(self, loss: torch.Tensor) -> None:
         """`loss` must already carry its share of the step (see align.core.losses.normalised_loss).
 
@@ -149,9 +153,17 @@ class TrainEngine:
         the global token count, and we stop it from dividing by the accumulation steps a second time."""
         self.engine.backward(loss * world_size(), scale_wrt_gas=False)
 
-    def step(self) -> dict[str, float] | None:
-        """Advance one micro-step; at an accumulation boundary this updates the weights and returns stats."""
+    def step(self, skip: bool = False) -> dict[str, float] | None:
+        """Advance one micro-step; at an accumulation boundary this updates the weights and returns stats.
+
+        `skip` (the NaN guard) leaves the weights unchanged at this boundary: the update runs with a learning
+        rate of 0, so DeepSpeed's micro-step bookkeeping stays in step on every rank."""
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if skip and boundary:
+            for g in self.optimizer.param_groups:
+                g["lr"] = 0.0
+            self.engine.step()  # the scheduler then sets the next step's rate again
+            return {"lr": 0.0, "grad_norm": float("nan"), "skipped": 1.0}
         local_norm = None
         if boundary and self.zero_stage == 0:  # DeepSpeed reports the norm only for ZeRO stages
             grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
@@ -162,10 +174,6 @@ class TrainEngine:
             return None
         norm = local_norm if local_norm is not None else self.engine.get_global_grad_norm()
         return {"lr": lr, "grad_norm": float(norm) if norm is not None else float("nan")}
-
-    def skip_step(self) -> None:
-        """Drop the accumulated gradients without updating (the NaN guard)."""
-        self.engine.zero_grad()
 
     def get_lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

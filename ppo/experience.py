@@ -1,0 +1,122 @@
+"""Experience: rollouts turned into the tensors PPO trains on.
+
+Shapes: N rollouts, L = longest prompt + response (right-padded), T = L - 1 positions that predict a next token.
+Position t of a (N, T) tensor refers to the token at t + 1 of the sequence, predicted from tokens <= t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from align.core.chatml import render
+from ppo.losses import logprobs_from_logits
+from ppo.rollout.engine import Rollout
+
+
+@dataclass
+class Experience:
+    input_ids: torch.Tensor  # (N, L) prompt + response, right-padded
+    attention_mask: torch.Tensor  # (N, L)
+    response_mask: torch.Tensor  # (N, T) 1 where the predicted token is a response token
+    old_logprobs: torch.Tensor  # (N, T) the training policy's log-probabilities (recomputed, not the engine's)
+    ref_logprobs: torch.Tensor  # (N, T)
+    values: torch.Tensor  # (N, T)
+    rewards: torch.Tensor  # (N, T) KL-penalised token rewards
+    advantages: torch.Tensor  # (N, T)
+    returns: torch.Tensor  # (N, T)
+
+    def rows(self, idx: list[int]) -> "Experience":
+        return Experience(**{k: v[idx] for k, v in self.__dict__.items()})
+
+
+def build_sequences(prompts: list[list[int]], rollouts: list[Rollout], pad_id: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids (N, L), attention_mask (N, L), response_mask (N, T), engine_logprobs (N, T))."""
+    n = len(rollouts)
+    width = max(len(p) + len(r.token_ids) for p, r in zip(prompts, rollouts))
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    response_mask = torch.zeros((n, width - 1), dtype=torch.float32)
+    engine_logprobs = torch.zeros((n, width - 1), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, rollouts)):
+        seq = p + r.token_ids
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+        attention_mask[i, :len(seq)] = 1
+        response_mask[i, len(p) - 1:len(seq) - 1] = 1
+        engine_logprobs[i, len(p) - 1:len(seq) - 1] = torch.tensor(r.logprobs, dtype=torch.float32)
+    return input_ids, attention_mask, response_mask, engine_logprobs
+
+
+@torch.no_grad()
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N, T) log-probabilities of each next token under a causal LM."""
+    out = []
+    for i in range(0, len(input_ids), batch_size):
+        ids, mask = input_ids[i:i + batch_size], attention_mask[i:i + batch_size]
+        logits = model(ids, attention_mask=mask).logits[:, :-1]
+        out.append(logprobs_from_logits(logits, ids[:, 1:]))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sequence_values(value_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int
+                    ) -> torch.Tensor:
+    """(N, T) value estimates of the state before each predicted token."""
+    out = []
+    for i in range(0, len(input_ids), batch_size):
+        out.append(value_model(input_ids[i:i + batch_size], attention_mask[i:i + batch_size]).float()[:, :-1])
+    return torch.cat(out)
+
+
+def response_text(tokenizer, rollout: Rollout) -> str:
+    """The response as text, without the stop token."""
+    ids = rollout.token_ids[:-1] if rollout.finish_reason == "stop" else rollout.token_ids
+    return tokenizer.decode(ids)
+
+
+@torch.no_grad()
+def reward_scores(reward_model, rm_tokenizer, prompts: list[list[dict]], responses: list[str], batch_size: int,
+                  max_len: int) -> torch.Tensor:
+    """(N,) raw reward-model scores of prompt + response, rendered with the reward model's own tokenizer."""
+    from rm.data import collate_sequences, encode_response
+
+    end_id = reward_model.end_token_id if reward_model.end_token_id is not None else rm_tokenizer.eod_id
+    scores = []
+    for i in range(0, len(responses), batch_size):
+        seqs = [encode_response(p, r, rm_tokenizer, max_len, end_id)[:2]
+                for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        batch = collate_sequences(seqs, rm_tokenizer.pad_id)
+        scores.append(reward_model(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).rewards.float())
+    return torch.cat(scores)
+
+
+def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
+    return render(messages, tokenizer, add_generation_prompt=True)
+
+
+class RunningMoments:
+    """Running mean and standard deviation of rewards (Chan et al. parallel update), for normalisation."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
+
+    def update(self, count: float, mean: float, m2: float) -> None:
+        if count == 0:
+            return
+        delta = mean - self.mean
+        total = self.count + count
+        self.mean += delta * count / total
+        self.m2 += m2 + delta ** 2 * self.count * count / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / max(self.count - 1, 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]

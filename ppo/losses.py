@@ -1,0 +1,129 @@
+"""PPO maths: pure functions of tensors (torch only).
+
+Shapes: B rows (responses), T response positions, right-padded; `mask` is 1 on real response tokens. Every
+function ignores masked positions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over positions where mask is 1. x, mask: (B, T); dim=None gives a scalar, dim=1 gives (B,)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of x over masked positions (scalar); unbiased uses n - 1."""
+    mean = masked_mean(x, mask)
+    sq = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        sq = sq * n / (n - 1).clamp(min=1)
+    return sq
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over masked positions; masked positions are set to 0. x, mask: (B, T)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation on right-padded (B, T) tensors.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, with V after the last response token taken as 0;
+    A_t = delta_t + gamma * lam * A_{t+1}. Returns (advantages, returns = advantages + values), both 0 where
+    masked."""
+    mask = response_mask.to(values.dtype)
+    b, t_len = rewards.shape
+    advantages = torch.zeros_like(values)
+    last = torch.zeros(b, dtype=values.dtype, device=values.device)
+    for t in reversed(range(t_len)):
+        next_mask = mask[:, t + 1] if t + 1 < t_len else torch.zeros_like(last)
+        next_value = values[:, t + 1] * next_mask if t + 1 < t_len else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last * next_mask
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+    """Per-token KL(policy || reference) estimates from sampled-token log-probabilities (Schulman's k1, k2, k3)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    return torch.exp(-log_ratio) - 1 + log_ratio  # k3: unbiased and non-negative
+
+
+def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         response_mask: torch.Tensor, kl_coef: float, estimator: KLEstimator = "k1"
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rewards: -kl_coef * KL_t at every response token, plus the sequence score at the last one.
+
+    scores (B,), logprobs/ref_logprobs/response_mask (B, T) → (rewards (B, T), kl (B, T))."""
+    mask = response_mask.to(logprobs.dtype)
+    kl = kl_estimate(logprobs, ref_logprobs, estimator) * mask
+    rewards = -kl_coef * kl
+    last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & (mask > 0)  # (B, T) one-hot at the last token
+    rewards = rewards + last.to(rewards.dtype) * scores[:, None]
+    return rewards, kl
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate loss max(-A r, -A clip(r, 1-e, 1+e)), r = exp(logp - logp_old).
+
+    Returns (loss, clipped, approx_kl) per token, (B, T) each; reduce with a masked mean."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped)
+    approx_kl = 0.5 * log_ratio ** 2
+    return loss, (clipped > unclipped).to(loss.dtype), approx_kl
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_range: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2).
+
+    Returns (loss, clipped) per token, (B, T) each."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_sq = (values - returns) ** 2
+    clipped_sq = (clipped_values - returns) ** 2
+    return 0.5 * torch.maximum(unclipped_sq, clipped_sq), (clipped_sq > unclipped_sq).to(values.dtype)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits → (B, T) entropy of the softmax distribution."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits and (B, T) tokens → (B, T) log-probability of each token."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over masked positions."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)

@@ -1,0 +1,1 @@
+"""Rollout engines: one protocol, a native torch engine and a vLLM engine."""

@@ -1,0 +1,485 @@
+"""PPO with four models (policy, value, reference, reward) and pretraining gradients mixed in:
+`align ppo CONFIG [key=value …]`.
+
+One iteration: sample `n_samples` responses per prompt with the rollout engine → score them with the reward
+model (normalised by running moments) → recompute policy, reference and value estimates → KL-penalised token
+rewards → GAE → PPO epochs over minibatches (the value model alone for the first `critic_warmup_steps`), the policy
+loss plus `ptx_coef` x a language-model loss on packed pretraining rows → send the new weights to the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from tqdm import tqdm
+
+from align.core import engine as dist
+from align.core.batching import MicroBatches
+from align.core.checkpointing import open_run, save_checkpoint
+from align.core.config import Section
+from align.core.engine import TrainEngine
+from align.core.losses import count_targets, normalised_loss, summed_token_loss
+from align.core.metrics import MetricsLogger, tokens_per_second
+from align.core.modeling import save_from_engine
+from align.core.records import DataError, iter_records
+from align.core.sections import DeepSpeedSection, LoopConfig, OptimConfig
+from base_model import QwenForCausalLM, QwenTokenizer, load_pretrained
+from base_model.generate import SamplingParams
+from base_model.pretrain.packing import PackedDataset, split_rows
+from ppo.experience import (Experience, RunningMoments, build_sequences, prompt_ids, response_text, reward_scores,
+                            sequence_logprobs, sequence_values)
+from ppo.kl_control import AdaptiveKLController, FixedKLController
+from ppo.losses import (entropy_from_logits, explained_variance, gae, kl_estimate, kl_penalised_rewards,
+                        logprobs_from_logits, masked_sum, policy_loss, value_loss)
+from ppo.models import ValueModel
+from rm.model import load_reward_model, save_reward_model
+
+
+class PPOModels(Section):
+    policy: str  # the SFT checkpoint: initial policy and the frozen reference
+    reward: str  # a reward-model folder (`align rm train`)
+    value: str | None = None  # a reward-model folder to start the value model from; default: `reward`
+
+
+class PPOData(Section):
+    prompts: str  # JSONL/Parquet rows with "prompt" (messages or text) or "messages"
+    eval_prompts: str | None = None
+    ptx: str | None = None  # a packed folder (`align data pack`) for the pretraining-gradient term
+    ptx_eval_rows: int = Field(8, ge=0)  # rows of ptx held out to measure the alignment tax
+    max_prompt_len: int = Field(1024, ge=8)
+
+
+class PPOSection(Section):
+    iterations: int = Field(100, ge=1)
+    rollout_batch_size: int = Field(8, ge=1)  # prompts per rank per iteration
+    n_samples: int = Field(2, ge=1)  # responses per prompt
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0
+    engine: Literal["native", "vllm"] = "native"
+    vllm_gpu_memory_utilization: float = 0.4
+    ppo_epochs: int = Field(1, ge=1)
+    mini_batch_size: int = Field(8, ge=1)  # rollouts per optimizer step, per rank
+    clip_range: float = 0.2
+    clip_range_value: float = 0.15
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.04
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_target: float | None = None  # set for the adaptive controller
+    kl_horizon: int = 10000
+    kl_in_reward: bool = True  # false: KL (k3) as a loss term weighted by kl_coef instead
+    entropy_coef: float = 0.0
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = Field(2, ge=1)  # packed rows per micro-batch
+    normalize_reward: bool = True
+    reward_clip: float | None = 5.0
+    no_eos_penalty: float = -1.0  # added to the reward of responses that never ended
+    whiten_advantages: bool = True
+    critic_warmup_steps: int = Field(0, ge=0)
+    max_nan_steps: int = Field(3, ge=1)
+    sample_every: int = Field(10, ge=1)
+    eval_samples: int = Field(1, ge=1)
+
+
+class PPOConfig(Section):
+    models: PPOModels
+    data: PPOData
+    ppo: PPOSection = PPOSection()
+    policy_optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant", weight_decay=0.0)
+    value_optim: OptimConfig = OptimConfig(lr=5e-6, schedule="constant", weight_decay=0.0)
+    policy_deepspeed: DeepSpeedSection = DeepSpeedSection()
+    value_deepspeed: DeepSpeedSection = DeepSpeedSection()
+    train: LoopConfig = LoopConfig()  # micro_batch_size, seed, save_every, eval_every, log_every, keep_last
+    out_dir: str = "runs/ppo"
+    resume: bool | str = False
+
+
+@dataclass
+class Run:
+    cfg: PPOConfig
+    actor: TrainEngine
+    critic: TrainEngine
+    ref_policy: QwenForCausalLM
+    reward_model: torch.nn.Module
+    tokenizer: QwenTokenizer
+    rm_tokenizer: QwenTokenizer
+    rollout: object
+    prompts: list
+    eval_prompts: list
+    batches: MicroBatches
+    ptx: PackedDataset | None
+    ptx_train: list[int]
+    ptx_eval: list[int]
+    kl_ctl: object
+    moments: RunningMoments
+    start_step: int
+    logger: MetricsLogger
+    out_dir: Path
+    nan_streak: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+def read_prompts(path: str, tokenizer, max_len: int) -> list[tuple[int, list[dict], list[int]]]:
+    """(index, messages, prompt ids) per row; a trailing assistant message in `messages` is dropped."""
+    out = []
+    for where, rec in iter_records(path):
+        if "prompt" in rec:
+            msgs = rec["prompt"] if isinstance(rec["prompt"], list) else [{"role": "user", "content": rec["prompt"]}]
+        elif "messages" in rec:
+            msgs = rec["messages"][:-1] if rec["messages"] and rec["messages"][-1].get("role") == "assistant" \
+                else rec["messages"]
+        else:
+            raise DataError(f"{where}: expected a 'prompt' or 'messages' field")
+        ids = prompt_ids(msgs, tokenizer)
+        if len(ids) > max_len:
+            raise DataError(f"{where}: prompt of {len(ids)} tokens is longer than data.max_prompt_len={max_len}")
+        out.append((len(out), msgs, ids))
+    if not out:
+        raise DataError(f"{path}: no prompts")
+    return out
+
+
+def make_rollout_engine(cfg: PPOConfig, actor: TrainEngine, tokenizer: QwenTokenizer):
+    if cfg.ppo.engine == "vllm":
+        from ppo.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(cfg.models.policy, seed=cfg.train.seed,
+                          gpu_memory_utilization=cfg.ppo.vllm_gpu_memory_utilization)
+    from ppo.rollout.native import NativeEngine
+
+    engine = NativeEngine(actor.module.config, tokenizer.pad_id, dist.device())
+    engine.load_weights(actor.gathered_parameters())  # ZeRO-3 shards are gathered one parameter at a time
+    return engine
+
+
+def setup(cfg: PPOConfig) -> Run:
+    dist.init_distributed()
+    p = cfg.ppo
+    torch.manual_seed(cfg.train.seed)
+    policy = load_pretrained(cfg.models.policy, dtype=torch.float32).train()
+    tokenizer = QwenTokenizer.from_file(cfg.models.policy)
+    ref_policy = load_pretrained(cfg.models.policy, dtype=torch.float32).to(dist.device()).eval()
+    reward_model = load_reward_model(cfg.models.reward).to(dist.device()).eval()
+    rm_tokenizer = QwenTokenizer.from_file(cfg.models.reward)
+    value_model = ValueModel(load_reward_model(cfg.models.value or cfg.models.reward).train())
+    for module in (ref_policy, reward_model):
+        module.requires_grad_(False)
+
+    prompts = read_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_len)
+    eval_prompts = read_prompts(cfg.data.eval_prompts, tokenizer, cfg.data.max_prompt_len) \
+        if cfg.data.eval_prompts else []
+    batches = MicroBatches(prompts, p.rollout_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
+    rollouts_per_rank = p.rollout_batch_size * p.n_samples
+    if rollouts_per_rank % p.mini_batch_size or p.mini_batch_size % cfg.train.micro_batch_size:
+        raise DataError(f"ppo.mini_batch_size ({p.mini_batch_size}) must divide rollout_batch_size x n_samples "
+                        f"({rollouts_per_rank}) and be a multiple of train.micro_batch_size "
+                        f"({cfg.train.micro_batch_size})")
+    accum = p.mini_batch_size // cfg.train.micro_batch_size
+    updates = p.iterations * p.ppo_epochs * (rollouts_per_rank // p.mini_batch_size)
+    actor = TrainEngine(policy, cfg.policy_optim, cfg.policy_deepspeed, updates, cfg.train.micro_batch_size, accum)
+    critic = TrainEngine(value_model, cfg.value_optim, cfg.value_deepspeed, updates, cfg.train.micro_batch_size,
+                         accum)
+    ptx, ptx_train, ptx_eval = None, [], []
+    if cfg.data.ptx:
+        ptx = PackedDataset(cfg.data.ptx)
+        ptx_train, ptx_eval = split_rows(len(ptx), cfg.data.ptx_eval_rows, cfg.train.seed)
+    kl_ctl = AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target else \
+        FixedKLController(p.kl_coef)
+    moments = RunningMoments()
+    out_dir = Path(cfg.out_dir)
+    start_step, state, logger = open_run(cfg, out_dir, {"policy": actor, "value": critic}, "ppo")
+    if state:
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        moments.load_state_dict(state["reward_moments"])
+    rollout = make_rollout_engine(cfg, actor, tokenizer)
+    if start_step and cfg.ppo.engine == "vllm":
+        rollout.load_weights(actor.gathered_parameters())
+    return Run(cfg, actor, critic, ref_policy, reward_model, tokenizer, rm_tokenizer, rollout, prompts,
+               eval_prompts, batches, ptx, ptx_train, ptx_eval, kl_ctl, moments, start_step, logger, out_dir)
+
+
+def sampling_for(run: Run, rows: list, step: int, n: int) -> SamplingParams:
+    """Each response gets its own seed from (seed, step, prompt index, sample), whatever the world size."""
+    p = run.cfg.ppo
+    seeds = [hash((run.cfg.train.seed, step, idx, k)) % (2 ** 62) for idx, _, _ in rows for k in range(n)]
+    return SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                          stop_token_ids=(run.tokenizer.im_end_id, run.tokenizer.eod_id), row_seeds=seeds,
+                          vocab_limit=len(run.tokenizer))
+
+
+def global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """Mean and (unbiased) variance of masked values over every rank."""
+    n, s, sq = dist.all_reduce_sum([float(mask.sum()), float((x * mask).sum()), float((x * x * mask).sum())])
+    mean = s / max(n, 1)
+    return mean, max(sq / max(n, 1) - mean * mean, 0.0) * n / max(n - 1, 1)
+
+
+def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
+    cfg, p = run.cfg, run.cfg.ppo
+    rows = run.batches.get(step)
+    t0 = time.perf_counter()
+    prompt_list = [ids for _, _, ids in rows for _ in range(p.n_samples)]
+    rollouts = run.rollout.generate(prompt_list, sampling_for(run, rows, step, p.n_samples))
+    t1 = time.perf_counter()
+    dev = dist.device()
+    input_ids, attention_mask, mask, engine_logprobs = build_sequences(prompt_list, rollouts, run.tokenizer.pad_id)
+    input_ids, attention_mask, mask = input_ids.to(dev), attention_mask.to(dev), mask.to(dev)
+    mb = cfg.train.micro_batch_size
+    run.actor.eval()
+    run.critic.eval()
+    old_logprobs = sequence_logprobs(run.actor.forward, input_ids, attention_mask, mb)
+    ref_logprobs = sequence_logprobs(run.ref_policy, input_ids, attention_mask, mb)
+    values = sequence_values(run.critic.forward, input_ids, attention_mask, mb)
+    run.actor.train()
+    run.critic.train()
+    messages = [m for _, m, _ in rows for _ in range(p.n_samples)]
+    texts = [response_text(run.tokenizer, r) for r in rollouts]
+    raw = reward_scores(run.reward_model, run.rm_tokenizer, messages, texts, mb, 4096).to(dev)
+
+    n, s, sq = dist.all_reduce_sum([float(len(raw)), float(raw.double().sum()), float((raw.double() ** 2).sum())])
+    run.moments.update(n, s / n, max(sq - s * s / n, 0.0))  # this batch's count, mean and sum of squared deviations
+    scores = (raw - run.moments.mean) / max(run.moments.std, 1e-6) if p.normalize_reward else raw.clone()
+    if p.reward_clip is not None:
+        scores = scores.clamp(-p.reward_clip, p.reward_clip)
+    ended = torch.tensor([r.finish_reason == "stop" for r in rollouts], device=dev)
+    scores = scores + (~ended).float() * p.no_eos_penalty
+
+    kl_coef = run.kl_ctl.value if p.kl_in_reward else 0.0
+    rewards, kl = kl_penalised_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, p.kl_estimator)
+    advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
+    if p.whiten_advantages:
+        mean, var = global_moments(advantages, mask)
+        advantages = (advantages - mean) / math.sqrt(var + 1e-8) * mask
+    exp = Experience(input_ids, attention_mask, mask, old_logprobs, ref_logprobs, values, rewards, advantages, returns)
+    t2 = time.perf_counter()
+
+    lengths = mask.sum(1)
+    totals = dist.all_reduce_sum([
+        float(raw.sum()), float(scores.sum()), float(masked_sum(kl_estimate(old_logprobs, ref_logprobs, "k1"), mask)),
+        float(lengths.sum()), float(ended.sum()), float(len(raw)),
+        float(masked_sum((old_logprobs - engine_logprobs.to(dev)).abs(), mask))])
+    n_rows, n_tokens = totals[5], totals[3]
+    metrics = {"reward/raw": totals[0] / n_rows, "reward/normalised": totals[1] / n_rows,
+               "kl": totals[2] / n_rows, "kl_coef": run.kl_ctl.value, "response_length": n_tokens / n_rows,
+               "ended_fraction": totals[4] / n_rows, "engine_logprob_abs_diff": totals[6] / max(n_tokens, 1),
+               "time/rollout_s": t1 - t0, "time/experience_s": t2 - t1,
+               "rollout_tokens_per_s": tokens_per_second(n_tokens / dist.world_size(), t1 - t0)}
+    samples = [{"prompt": m, "response": t, "reward": float(r)} for m, t, r in zip(messages, texts, raw)]
+    return exp, metrics, samples
+
+
+def actor_loss(run: Run, mb: Experience, global_tokens: int, ptx_batch: dict | None, global_ptx: int):
+    p = run.cfg.ppo
+    logits = run.actor.forward(mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+    logprobs = logprobs_from_logits(logits, mb.input_ids[:, 1:])
+    per_token, clipped, approx_kl = policy_loss(logprobs, mb.old_logprobs, mb.advantages, p.clip_range)
+    mask = mb.response_mask
+    loss = normalised_loss(masked_sum(per_token, mask), global_tokens)
+    stats = {"policy_loss": float(masked_sum(per_token.detach(), mask)), "clipfrac": float(masked_sum(clipped, mask)),
+             "approx_kl": float(masked_sum(approx_kl.detach(), mask))}
+    entropy = entropy_from_logits(logits if p.entropy_coef else logits.detach())
+    stats["entropy"] = float(masked_sum(entropy.detach(), mask))
+    if p.entropy_coef:
+        loss = loss - p.entropy_coef * normalised_loss(masked_sum(entropy, mask), global_tokens)
+    if not p.kl_in_reward:
+        loss = loss + run.kl_ctl.value * normalised_loss(
+            masked_sum(kl_estimate(logprobs, mb.ref_logprobs, "k3"), mask), global_tokens)
+    if ptx_batch is not None:
+        ptx_logits = run.actor.forward(ptx_batch["input_ids"], position_ids=ptx_batch["position_ids"]).logits
+        ptx_sum = summed_token_loss(ptx_logits, ptx_batch["labels"])
+        loss = loss + p.ptx_coef * normalised_loss(ptx_sum, global_ptx)
+        stats["ptx_loss"] = float(ptx_sum.detach())
+    return loss, stats
+
+
+def critic_loss(run: Run, mb: Experience, global_tokens: int):
+    values = run.critic.forward(mb.input_ids, mb.attention_mask).float()[:, :-1]
+    per_token, clipped = value_loss(values, mb.values, mb.returns, run.cfg.ppo.clip_range_value)
+    mask = mb.response_mask
+    return normalised_loss(masked_sum(per_token, mask), global_tokens), {
+        "value_loss": float(masked_sum(per_token.detach(), mask)), "value_clipfrac": float(masked_sum(clipped, mask))}
+
+
+def any_rank_nonfinite(loss: torch.Tensor) -> bool:
+    return dist.all_reduce_sum([0.0 if bool(torch.isfinite(loss)) else 1.0])[0] > 0
+
+
+def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[str, float]:
+    """PPO epochs over minibatches; returns sums over every rank, divided into means."""
+    cfg, p = run.cfg, run.cfg.ppo
+    n, mb_size, micro = len(exp.input_ids), p.mini_batch_size, cfg.train.micro_batch_size
+    sums: dict[str, float] = {}
+    tokens_total = ptx_tokens_total = 0.0
+    skipped = 0
+    g = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
+    for epoch in range(p.ppo_epochs):
+        order = torch.randperm(n, generator=g).tolist()
+        for start in range(0, n, mb_size):
+            minibatch = order[start:start + mb_size]
+            micros = [minibatch[i:i + micro] for i in range(0, len(minibatch), micro)]
+            global_tokens = int(dist.all_reduce_sum([float(exp.response_mask[minibatch].sum())])[0])
+            ptx_batches = [None] * len(micros)
+            global_ptx = 0
+            if train_actor and run.ptx is not None and p.ptx_coef > 0:
+                # draw the whole step's rows with the shared generator; this rank takes its slice, so the rows
+                # used do not depend on the number of ranks
+                world, r = dist.world_size(), dist.rank()
+                draw = torch.randint(len(run.ptx_train), (world * len(micros), p.ptx_batch_size), generator=g)
+                mine = draw[r * len(micros):(r + 1) * len(micros)].tolist()
+                ptx_batches = [{k: v.to(dist.device()) for k, v in run.ptx.batch([run.ptx_train[i] for i in d]).items()}
+                               for d in mine]
+                global_ptx = int(dist.all_reduce_sum([float(sum(count_targets(b["labels"]) for b in ptx_batches))])[0])
+            bad = False
+            for idx, ptx_batch in zip(micros, ptx_batches):
+                mb = exp.rows(idx)
+                v_loss, v_stats = critic_loss(run, mb, global_tokens)
+                losses = [v_loss]
+                stats = dict(v_stats)
+                if train_actor:
+                    a_loss, a_stats = actor_loss(run, mb, global_tokens, ptx_batch, global_ptx)
+                    losses.append(a_loss)
+                    stats.update(a_stats)
+                bad = bad or any(any_rank_nonfinite(l) for l in losses)
+                run.critic.backward(v_loss if not bad else run.critic.zero_loss())
+                run.critic.step(skip=bad)
+                if train_actor:
+                    run.actor.backward(a_loss if not bad else run.actor.zero_loss())
+                    run.actor.step(skip=bad)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            skipped += int(bad)
+            tokens_total += global_tokens
+            ptx_tokens_total += global_ptx
+    if skipped:
+        run.nan_streak += 1
+        if run.nan_streak >= p.max_nan_steps:
+            raise FloatingPointError(f"non-finite PPO loss in {run.nan_streak} iterations in a row (step {step}); "
+                                     "lower the learning rates or check the reward model")
+    else:
+        run.nan_streak = 0
+    keys = sorted(sums)
+    totals = dict(zip(keys, dist.all_reduce_sum([sums[k] for k in keys])))
+    per_token = max(tokens_total, 1)
+    out = {k: v / per_token for k, v in totals.items() if k != "ptx_loss"}
+    if "ptx_loss" in totals:
+        out["ptx_loss"] = totals["ptx_loss"] / max(ptx_tokens_total, 1)
+    out["skipped_minibatches"] = float(skipped)
+    mask = exp.response_mask
+    with torch.no_grad():
+        out["explained_variance"] = float(explained_variance(exp.values, exp.returns, mask))
+    return out
+
+
+@torch.no_grad()
+def evaluate(run: Run, step: int) -> dict[str, float]:
+    """Mean reward and KL on held-out prompts (sampled as in training), and the loss on held-out ptx rows."""
+    out: dict[str, float] = {}
+    p = run.cfg.ppo
+    if run.eval_prompts:
+        mine = run.eval_prompts[dist.rank()::dist.world_size()]
+        prompt_list = [ids for _, _, ids in mine for _ in range(p.eval_samples)]
+        sampling = sampling_for(run, mine, -1, p.eval_samples)  # the same seeds at every evaluation
+        rollouts = run.rollout.generate(prompt_list, sampling)
+        messages = [m for _, m, _ in mine for _ in range(p.eval_samples)]
+        texts = [response_text(run.tokenizer, r) for r in rollouts]
+        raw = reward_scores(run.reward_model, run.rm_tokenizer, messages, texts, run.cfg.train.micro_batch_size, 4096)
+        ids, att, mask, _ = build_sequences(prompt_list, rollouts, run.tokenizer.pad_id)
+        ids, att, mask = ids.to(dist.device()), att.to(dist.device()), mask.to(dist.device())
+        run.actor.eval()
+        lp = sequence_logprobs(run.actor.forward, ids, att, run.cfg.train.micro_batch_size)
+        run.actor.train()
+        ref = sequence_logprobs(run.ref_policy, ids, att, run.cfg.train.micro_batch_size)
+        s, sq, kl, n = dist.all_reduce_sum([float(raw.sum()), float((raw ** 2).sum()),
+                                            float(masked_sum(kl_estimate(lp, ref, "k1"), mask)), float(len(raw))])
+        out.update({"reward_mean": s / n, "reward_std": math.sqrt(max(sq / n - (s / n) ** 2, 0.0)), "kl": kl / n})
+    if run.ptx is not None and run.ptx_eval:
+        run.actor.eval()
+        mine = run.ptx_eval[dist.rank()::dist.world_size()]
+        loss_sum = targets = 0.0
+        for i in range(0, len(mine), run.cfg.ppo.ptx_batch_size):
+            b = {k: v.to(dist.device()) for k, v in run.ptx.batch(mine[i:i + run.cfg.ppo.ptx_batch_size]).items()}
+            logits = run.actor.forward(b["input_ids"], position_ids=b["position_ids"]).logits
+            loss_sum += float(summed_token_loss(logits, b["labels"]))
+            targets += count_targets(b["labels"])
+        run.actor.train()
+        total, n = dist.all_reduce_sum([loss_sum, targets])
+        out["ptx_loss"] = total / max(n, 1)
+    return out
+
+
+def save(run: Run, folder_step: int) -> None:
+    def save_models(folder: Path) -> None:
+        save_from_engine(run.actor, run.actor.module.config, run.tokenizer, folder / "policy", dist.rank() == 0)
+        save_value(run, folder / "value")
+
+    state = {"step": folder_step, "kl_ctl": run.kl_ctl.state_dict(), "reward_moments": run.moments.state_dict(),
+             "world_size": dist.world_size()}
+    save_checkpoint({"policy": run.actor, "value": run.critic}, run.out_dir, folder_step, state, save_models,
+                    run.cfg.train.keep_last)
+
+
+def save_value(run: Run, folder: Path) -> None:
+    state = run.critic.full_state_dict()
+    if dist.rank() != 0:
+        return
+    config = run.critic.module.config
+    with torch.device("meta"):
+        lm = QwenForCausalLM(config)
+    lm.load_state_dict({k[len("rm.lm."):]: v for k, v in state.items() if k.startswith("rm.lm.")}, assign=True,
+                       strict=not config.tie_word_embeddings)
+    rm = run.critic.module.rm
+    save_reward_model(lm, {"weight": state["rm.score.weight"], "bias": state["rm.score.bias"]},
+                      rm.reward_config(), folder, run.rm_tokenizer)
+
+
+def train(run: Run) -> dict[str, float]:
+    p, loop = run.cfg.ppo, run.cfg.train
+    rank0 = dist.rank() == 0
+    last = min(p.iterations, loop.stop_after or p.iterations)
+    if run.start_step == 0 and loop.eval_every:
+        run.logger.log(0, evaluate(run, 0), prefix="eval/")
+    bar = tqdm(total=p.iterations, initial=run.start_step, disable=not rank0, desc="ppo", unit="iter")
+    metrics: dict[str, float] = {}
+    for step in range(run.start_step, last):
+        exp, metrics, samples = make_experience(run, step)
+        t0 = time.perf_counter()
+        train_actor = step >= p.critic_warmup_steps
+        metrics.update(ppo_update(run, exp, step, train_actor))
+        run.rollout.load_weights(run.actor.gathered_parameters())
+        metrics["time/train_s"] = time.perf_counter() - t0
+        run.kl_ctl.update(metrics["kl"], p.rollout_batch_size * p.n_samples * dist.world_size())
+        metrics["policy_updated"] = float(train_actor)
+        done = step + 1
+        if done % loop.log_every == 0 or done == last:
+            run.logger.log(done, metrics, prefix="train/")
+        if rank0 and (done % p.sample_every == 0 or done == 1):
+            with (run.out_dir / "samples.jsonl").open("a") as f:
+                for s in samples[:4]:
+                    f.write(json.dumps({"step": done, **s}, ensure_ascii=False) + "\n")
+        if loop.eval_every and done % loop.eval_every == 0:
+            run.logger.log(done, evaluate(run, done), prefix="eval/")
+        if (loop.save_every and done % loop.save_every == 0) or done == last:
+            save(run, done)
+        bar.set_postfix(reward=f"{metrics['reward/raw']:.3f}", kl=f"{metrics['kl']:.3f}")
+        bar.update(1)
+    bar.close()
+    if last == p.iterations and run.start_step < p.iterations:
+        save_from_engine(run.actor, run.actor.module.config, run.tokenizer, run.out_dir / "final" / "policy", rank0)
+        save_value(run, run.out_dir / "final" / "value")
+        if rank0:
+            print(f"[ppo] wrote {run.out_dir / 'final'}")
+    run.logger.close()
+    return metrics
+
+
+def main(cfg: PPOConfig) -> dict[str, float]:
+    return train(setup(cfg))

@@ -1,0 +1,157 @@
+"""PPO maths against hand-worked numbers and plain-loop reference implementations on random inputs."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from ppo.kl_control import AdaptiveKLController, FixedKLController
+from ppo.losses import (entropy_from_logits, explained_variance, gae, kl_estimate, kl_penalised_rewards, masked_mean,
+                        masked_var, masked_whiten, policy_loss, value_loss)
+
+
+def test_gae_by_hand():
+    adv, ret = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3), 1.0, 0.9)
+    assert adv.tolist()[0] == pytest.approx([0.433, 0.37, 0.3])
+    assert ret.tolist()[0] == pytest.approx([0.933, 0.97, 1.0])
+
+
+def test_gae_ignores_padding():
+    adv, ret = gae(torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.5, 0.6, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]]),
+                   1.0, 1.0)
+    assert adv.tolist()[0] == pytest.approx([0.5, 0.4, 0.0])
+    assert ret.tolist()[0] == pytest.approx([1.0, 1.0, 0.0])
+
+
+def test_masked_statistics_by_hand():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    assert masked_mean(x, m).item() == pytest.approx(2.5)
+    assert masked_mean(x, m, dim=1).tolist() == pytest.approx([1.5, 3.5])
+    assert masked_var(x, m).item() == pytest.approx(5 / 3)  # squares 2.25+0.25+0.25+2.25 over n-1 = 3
+    w = masked_whiten(x, m)
+    assert masked_mean(w, m).item() == pytest.approx(0.0, abs=1e-6) and w[0, 2] == 0
+    assert masked_var(w, m).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_kl_estimators_by_hand():
+    lp, ref = torch.tensor([-1.0]), torch.tensor([-1.5])
+    assert kl_estimate(lp, ref, "k1").item() == pytest.approx(0.5)
+    assert kl_estimate(lp, ref, "k2").item() == pytest.approx(0.125)
+    assert kl_estimate(lp, ref, "k3").item() == pytest.approx(math.exp(-0.5) - 1 + 0.5)
+
+
+def test_kl_penalised_rewards_by_hand():
+    rewards, kl = kl_penalised_rewards(torch.tensor([2.0]), torch.tensor([[-1.0, -2.0, -3.0]]),
+                                       torch.tensor([[-1.5, -2.0, -9.0]]), torch.tensor([[1.0, 1.0, 0.0]]), 0.1)
+    assert kl.tolist()[0] == pytest.approx([0.5, 0.0, 0.0])
+    assert rewards.tolist()[0] == pytest.approx([-0.05, 2.0, 0.0])
+
+
+def test_policy_and_value_losses_by_hand():
+    lp, old, adv = torch.tensor([[math.log(1.5), math.log(0.5)]]), torch.zeros(1, 2), torch.tensor([[1.0, -1.0]])
+    loss, clipped, approx_kl = policy_loss(lp, old, adv, clip_range=0.2)
+    # ratio 1.5 with A=1: max(-1.5, -1.2) = -1.2 (clipped); ratio 0.5 with A=-1: max(0.5, 0.8) = 0.8 (clipped)
+    assert loss.tolist()[0] == pytest.approx([-1.2, 0.8])
+    assert clipped.tolist()[0] == [1.0, 1.0]
+    assert approx_kl.tolist()[0] == pytest.approx([0.5 * math.log(1.5) ** 2, 0.5 * math.log(0.5) ** 2])
+    v_loss, v_clip = value_loss(torch.tensor([[1.0, 0.1]]), torch.tensor([[0.5, 0.0]]), torch.tensor([[2.0, 0.0]]), 0.15)
+    # first: clipped value 0.65 -> max(1.0, 1.8225) / 2; second: 0.1 within range -> 0.01 / 2
+    assert v_loss.tolist()[0] == pytest.approx([0.91125, 0.005])
+    assert v_clip.tolist()[0] == [1.0, 0.0]
+
+
+def test_entropy_and_explained_variance():
+    uniform = torch.zeros(1, 1, 4)
+    assert entropy_from_logits(uniform).item() == pytest.approx(math.log(4))
+    m = torch.ones(1, 4)
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert explained_variance(returns, returns, m).item() == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.5), returns, m).item() == pytest.approx(0.0)
+
+
+# ------------------------------------------------------------------------------ plain-loop references
+
+
+def ref_gae(rewards, values, mask, gamma, lam):
+    adv = [[0.0] * len(r) for r in rewards]
+    for b in range(len(rewards)):
+        n = int(sum(mask[b]))
+        last = 0.0
+        for t in reversed(range(n)):
+            next_v = values[b][t + 1] if t + 1 < n else 0.0
+            delta = rewards[b][t] + gamma * next_v - values[b][t]
+            last = delta + gamma * lam * last
+            adv[b][t] = last
+    ret = [[(adv[b][t] + values[b][t]) * mask[b][t] for t in range(len(rewards[b]))] for b in range(len(rewards))]
+    return adv, ret
+
+
+def random_batch(seed, b=5, t=9):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    mask = (torch.arange(t)[None] < lengths[:, None]).float()
+    return g, mask
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_against_plain_loops_on_random_inputs(seed):
+    g, mask = random_batch(seed)
+    rewards, values = torch.randn(mask.shape, generator=g), torch.randn(mask.shape, generator=g)
+    gamma, lam = random.Random(seed).uniform(0.9, 1.0), random.Random(seed + 1).uniform(0.8, 1.0)
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    ref_adv, ref_ret = ref_gae(rewards.tolist(), values.tolist(), mask.tolist(), gamma, lam)
+    assert torch.allclose(adv, torch.tensor(ref_adv), atol=1e-5) and torch.allclose(ret, torch.tensor(ref_ret), atol=1e-5)
+
+    xs = [x for row, mrow in zip(rewards.tolist(), mask.tolist()) for x, m in zip(row, mrow) if m]
+    mean = sum(xs) / len(xs)
+    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+    assert masked_mean(rewards, mask).item() == pytest.approx(mean, abs=1e-5)
+    assert masked_var(rewards, mask).item() == pytest.approx(var, abs=1e-5)
+    white = masked_whiten(rewards, mask)
+    for b in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            want = (rewards[b, t].item() - mean) / math.sqrt(var + 1e-8) if mask[b, t] else 0.0
+            assert white[b, t].item() == pytest.approx(want, abs=1e-4)
+
+    lp, old = -torch.rand(mask.shape, generator=g) * 3, -torch.rand(mask.shape, generator=g) * 3
+    loss, clipped, _ = policy_loss(lp, old, rewards, 0.2)
+    for b in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            r, a = math.exp(lp[b, t].item() - old[b, t].item()), rewards[b, t].item()
+            want = max(-a * r, -a * min(max(r, 0.8), 1.2))
+            assert loss[b, t].item() == pytest.approx(want, rel=1e-4, abs=1e-5)
+    v_new, v_old = torch.randn(mask.shape, generator=g), torch.randn(mask.shape, generator=g)
+    v_loss, _ = value_loss(v_new, v_old, ret, 0.15)
+    for b in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            vc = v_old[b, t].item() + min(max(v_new[b, t].item() - v_old[b, t].item(), -0.15), 0.15)
+            want = 0.5 * max((v_new[b, t].item() - ret[b, t].item()) ** 2, (vc - ret[b, t].item()) ** 2)
+            assert v_loss[b, t].item() == pytest.approx(want, rel=1e-4, abs=1e-5)
+    scores = torch.randn(mask.shape[0], generator=g)
+    tok_rewards, kl = kl_penalised_rewards(scores, lp, old, mask, 0.04, "k3")
+    for b in range(mask.shape[0]):
+        n = int(mask[b].sum())
+        for t in range(mask.shape[1]):
+            d = lp[b, t].item() - old[b, t].item()
+            k3 = (math.exp(-d) - 1 + d) if t < n else 0.0
+            want = -0.04 * k3 + (scores[b].item() if t == n - 1 else 0.0)
+            assert tok_rewards[b, t].item() == pytest.approx(want, abs=1e-5)
+    logits = torch.randn(2, 3, 7, generator=g)
+    p = torch.softmax(logits, -1)
+    assert torch.allclose(entropy_from_logits(logits), -(p * p.log()).sum(-1), atol=1e-5)
+
+
+def test_kl_controllers():
+    fixed = FixedKLController(0.04)
+    fixed.update(10.0, 1)
+    assert fixed.value == 0.04
+    adaptive = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    adaptive.update(12.0, 100)  # error clipped to 0.2
+    assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 10000))
+    adaptive.update(3.0, 100)  # error -0.5 clipped to -0.2
+    assert adaptive.value == pytest.approx(0.1 * (1 + 0.002) * (1 - 0.002))
+    restored = AdaptiveKLController(1.0, 1.0, 1)
+    restored.load_state_dict(adaptive.state_dict())
+    assert restored.value == adaptive.value and restored.target == 6.0
