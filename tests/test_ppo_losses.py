@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from ppo.kl_control import AdaptiveKLController, FixedKLController
-from ppo.losses import (entropy_from_logits, explained_variance, gae, kl_estimate, kl_penalised_rewards, masked_mean,
-                        masked_var, masked_whiten, policy_loss, value_loss)
+from ppo.losses import (entropy_from_logits, explained_variance, gae, kl_estimate, kl_penalised_rewards,
+                        logprobs_from_logits, masked_mean, masked_sum, masked_var, masked_whiten, policy_loss,
+                        value_loss)
 
 
 def test_gae_by_hand():
@@ -141,6 +142,19 @@ def test_against_plain_loops_on_random_inputs(seed):
     logits = torch.randn(2, 3, 7, generator=g)
     p = torch.softmax(logits, -1)
     assert torch.allclose(entropy_from_logits(logits), -(p * p.log()).sum(-1), atol=1e-5)
+    tokens = torch.randint(0, 7, (2, 3), generator=g)
+    lp = logprobs_from_logits(logits, tokens)
+    for b in range(2):
+        for t in range(3):
+            row = logits[b, t].tolist()
+            lse = math.log(sum(math.exp(v) for v in row))
+            assert lp[b, t].item() == pytest.approx(row[tokens[b, t]] - lse, abs=1e-5)
+    assert masked_sum(rewards, mask).item() == pytest.approx(sum(xs), abs=1e-4)
+    ev = explained_variance(values, ret, mask).item()
+    res = [r - v for rr, vv, mm in zip(ret.tolist(), values.tolist(), mask.tolist()) for r, v, m in zip(rr, vv, mm) if m]
+    rs = [r for rr, mm in zip(ret.tolist(), mask.tolist()) for r, m in zip(rr, mm) if m]
+    var = lambda z: sum((x - sum(z) / len(z)) ** 2 for x in z) / (len(z) - 1)
+    assert ev == pytest.approx(1 - var(res) / var(rs), abs=1e-4)
 
 
 def test_kl_controllers():

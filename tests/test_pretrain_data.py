@@ -53,6 +53,17 @@ def test_dedup_precision_and_recall_on_planted_duplicates(tmp_path):
     assert all("kept" in c and c["why"] for c in clusters)
 
 
+def test_dedup_reads_and_writes_parquet(tmp_path):
+    import pandas as pd
+
+    docs, planted = planted_corpus(100, seed=4)
+    pd.DataFrame(docs).to_parquet(tmp_path / "in.parquet")
+    report = dedup([tmp_path / "in.parquet"], tmp_path / "out.parquet", 0.8)
+    kept = pd.read_parquet(tmp_path / "out.parquet")
+    assert len(kept) == len(docs) - report.exact_dropped - report.near_dropped
+    assert report.near_dropped >= 0.95 * len(planted)
+
+
 MEASURE = """
 import resource, sys
 from base_model.pretrain.dedup import dedup
