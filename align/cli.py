@@ -141,6 +141,80 @@ def cmd_rm_score(args: argparse.Namespace) -> None:
     print(f"scored {n} records into {args.out}")
 
 
+def _read_rows(path):
+    from align.core.records import iter_records
+
+    return list(iter_records(path))
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    from align.core.records import write_jsonl_atomic
+
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        tmp.replace(path)
+    else:
+        write_jsonl_atomic(path, rows)
+
+
+def cmd_tags_build(args: argparse.Namespace) -> None:
+    import json
+
+    from rm.tags.builder import build
+
+    rows = _read_rows(args.input)
+    raw = [[str(t) for t in (r.get(args.tags_field) or [])] for _, r in rows]
+    result = build(raw, args.alpha, args.eps, args.min_confidence, args.min_support)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result.taxonomy.save(args.out / "taxonomy.yaml")
+    _write_rows(args.out / "merges.jsonl", result.merges)
+    (args.out / "mapping.json").write_text(json.dumps(result.mapping, indent=2, ensure_ascii=False))
+    print(f"{len(result.mapping)} raw tags (after dropping {len(result.dropped)} seen fewer than {args.alpha} times) "
+          f"-> {len(result.taxonomy)} tags; {len(result.merges)} merges in {args.out / 'merges.jsonl'}")
+
+
+def cmd_tags_assign(args: argparse.Namespace) -> None:
+    import json
+
+    from rm.tags.tagger import assign
+    from rm.tags.taxonomy import Taxonomy
+
+    rows, report = assign(_read_rows(args.input), Taxonomy.load(args.taxonomy), args.method, args.threshold,
+                          args.top_k, args.endpoint, args.model, args.on_unknown)
+    _write_rows(args.output, rows)
+    print(json.dumps(report, ensure_ascii=False))
+
+
+def cmd_tags_sample(args: argparse.Namespace) -> None:
+    from align.core.records import DataError
+    from rm.tags.sampler import max_min_ratio, sample, tag_matrix
+
+    rows = _read_rows(args.input)
+    for where, r in rows:
+        if not isinstance(r.get(args.tags_field), list):
+            raise DataError(f"{where}: field '{args.tags_field}' must be a list of tags")
+    m, _ = tag_matrix([r[args.tags_field] for _, r in rows])
+    chosen = sample(m, args.n, args.method, args.seed, args.cap, args.temperature)
+    _write_rows(args.output, [rows[i][1] for i in chosen])
+    print(f"sampled {len(chosen)} of {len(rows)} rows ({args.method}); max/min tag frequency "
+          f"{max_min_ratio(m, chosen):.1f} (whole input: {max_min_ratio(m, list(range(len(rows)))):.1f})")
+
+
+def cmd_tags_audit(args: argparse.Namespace) -> None:
+    from rm.tags.audit import audit
+    from rm.tags.taxonomy import Taxonomy
+
+    result = audit(args.dataset, args.out, args.against, Taxonomy.load(args.taxonomy) if args.taxonomy else None,
+                   args.k)
+    f = result["figures"]
+    print(f"coverage {f['coverage']:.3f}, entropy {f['entropy']:.3f}, Gini {f['gini']:.3f}, "
+          f"{f['tags_under_k']} tags under {args.k} examples; report: {args.out / 'report.html'}")
+
+
 def cmd_ppo(args: argparse.Namespace) -> None:
     from align.core.config import load_config
     from ppo.train import PPOConfig, main
@@ -244,6 +318,47 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=16)
     q.set_defaults(func=cmd_rm_score)
 
+    p = sub.add_parser("tags", help="tag taxonomy: build | assign | sample | audit")
+    tags_sub = p.add_subparsers(dest="tags_command", metavar="build|assign|sample|audit")
+    tags_sub.required = True
+    q = tags_sub.add_parser("build", help="open-set raw tags -> a taxonomy (InsTag's four steps)")
+    q.add_argument("--input", type=Path, required=True, help="JSONL/Parquet rows with a list of raw tags")
+    q.add_argument("--out", type=Path, required=True, help="folder for taxonomy.yaml, merges.jsonl, mapping.json")
+    q.add_argument("--tags-field", default="tags")
+    q.add_argument("--alpha", type=int, default=2, help="drop raw tags seen fewer times")
+    q.add_argument("--eps", type=float, default=0.3, help="DBSCAN cosine distance for semantic merges")
+    q.add_argument("--min-confidence", type=float, default=0.95, help="FP-Growth confidence, both directions")
+    q.add_argument("--min-support", type=float, default=0.001)
+    q.set_defaults(func=cmd_tags_build)
+    q = tags_sub.add_parser("assign", help="tag rows onto a taxonomy")
+    q.add_argument("--input", type=Path, required=True)
+    q.add_argument("--output", type=Path, required=True)
+    q.add_argument("--taxonomy", type=Path, required=True)
+    q.add_argument("--method", choices=["data", "embedding", "llm"], default="data")
+    q.add_argument("--threshold", type=float, default=0.35, help="minimum cosine similarity (embedding)")
+    q.add_argument("--top-k", type=int, default=3)
+    q.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL for --method llm")
+    q.add_argument("--model", default="default", help="model name sent to the endpoint")
+    q.add_argument("--on-unknown", choices=["error", "drop"], default="error", help="data tags not in the taxonomy")
+    q.set_defaults(func=cmd_tags_assign)
+    q = tags_sub.add_parser("sample", help="tag-balanced sampling; output rows are input rows, unchanged")
+    q.add_argument("--input", type=Path, required=True)
+    q.add_argument("--output", type=Path, required=True)
+    q.add_argument("--n", type=int, required=True)
+    q.add_argument("--method", choices=["complexity-first", "capped", "temperature"], default="complexity-first")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--cap", type=int, default=None, help="per-tag cap (capped; default: water-filling)")
+    q.add_argument("--temperature", type=float, default=2.0, help="T5-style temperature (temperature)")
+    q.add_argument("--tags-field", default="tags")
+    q.set_defaults(func=cmd_tags_sample)
+    q = tags_sub.add_parser("audit", help="what a sample contains: coverage, balance, safety, labels")
+    q.add_argument("dataset", type=Path)
+    q.add_argument("--against", type=Path, default=None, help="the original pool the sample came from")
+    q.add_argument("--taxonomy", type=Path, default=None)
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--k", type=int, default=5, help="flag tags with fewer examples")
+    q.set_defaults(func=cmd_tags_audit)
+
     p = sub.add_parser("ppo", help="PPO with a reward model, a value model, a reference policy and ptx")
     p.add_argument("config", type=Path)
     p.add_argument("overrides", nargs="*")
@@ -290,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     from align.core.records import DataError
     from base_model import CheckpointError
     from base_model.tokenizer import TokenizerFileError
+    from rm.tags.taxonomy import TaxonomyError
 
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -305,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, TokenizerFileError, DataError) as e:
+    except (ConfigError, CheckpointError, TokenizerFileError, DataError, TaxonomyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 from base_model import QwenConfig
 from base_model.pretrain.train import PretrainConfig
 from ppo.train import PPOConfig
+from rm.tags.taxonomy import TaxonomyFile
 from rm.train import RMConfig
 from sft.train import SFTConfig
 
@@ -16,6 +17,7 @@ CONFIG_TYPES: dict[str, type] = {
     "rm": RMConfig,
     "pretrain": PretrainConfig,
     "ppo": PPOConfig,
+    "taxonomy": TaxonomyFile,
 }
 
 

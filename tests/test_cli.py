@@ -1,5 +1,6 @@
 """The `align` command and the README's commands, run as a user would."""
 
+import json
 import os
 import re
 import subprocess
@@ -89,3 +90,24 @@ def test_sft_preview_marks_trained_tokens():
                "--plain", "--limit", "1"])
     assert out.returncode == 0, out.stderr
     assert "⟦2+3 = 5.<|im_end|>⟧" in out.stdout and "⟦What" not in out.stdout
+
+
+def test_tags_commands(tmp_path):
+    from align.core.records import write_jsonl_atomic
+
+    rows = [{"prompt": f"q{i}", "tags": ["math/arithmetic"] + (["safety/violence"] if i % 7 == 0 else [])}
+            for i in range(60)]
+    write_jsonl_atomic(tmp_path / "pool.jsonl", rows)
+    out = run(["tags", "sample", "--input", str(tmp_path / "pool.jsonl"), "--output", str(tmp_path / "s.jsonl"),
+               "--n", "10", "--method", "complexity-first"])
+    assert out.returncode == 0, out.stderr
+    sampled = [json.loads(l) for l in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(sampled) == 10 and all(r in rows for r in sampled)  # rows unchanged
+    out = run(["tags", "audit", str(tmp_path / "s.jsonl"), "--against", str(tmp_path / "pool.jsonl"), "--taxonomy",
+               str(ROOT / "configs/taxonomy/demo.yaml"), "--out", str(tmp_path / "audit")])
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "audit" / "report.html").exists() and (tmp_path / "audit" / "figures.csv").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tags:\n  - {id: a, parent: ghost}\n")
+    out = run(["tags", "audit", str(tmp_path / "s.jsonl"), "--taxonomy", str(bad), "--out", str(tmp_path / "x")])
+    assert out.returncode == 2 and "bad.yaml: entry tags[0] ('a'): unknown parent 'ghost'" in out.stderr

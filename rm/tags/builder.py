@@ -1,0 +1,135 @@
+"""From open-set raw tags to a taxonomy, following InsTag's four steps: `align tags build`.
+
+1. frequency filter: drop raw tags seen fewer than `alpha` times;
+2. rule aggregation: tags equal after lower-casing, dropping punctuation and stemming each word are one tag;
+3. semantic aggregation: MiniLM embeddings clustered with DBSCAN (cosine distance `eps`);
+4. association aggregation: FP-Growth rules A -> B and B -> A both above `min_confidence` merge B into A.
+
+Each merge is reported (step, kept tag, merged tags, evidence) so a reviewer can undo it. The canonical name of a
+group is its most frequent member.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import snowballstemmer
+
+from rm.tags.taxonomy import Tag, Taxonomy
+
+_PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
+
+
+@dataclass
+class BuildResult:
+    taxonomy: Taxonomy
+    mapping: dict[str, str]  # raw tag -> kept tag (dropped raw tags are absent)
+    merges: list[dict] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)  # raw tag -> count, below alpha
+
+
+def rule_key(tag: str, stemmer=snowballstemmer.stemmer("english")) -> str:
+    words = _PUNCT.sub(" ", tag.lower().replace("_", " ").replace("-", " ")).split()
+    return " ".join(stemmer.stemWords(words))
+
+
+class _Groups:
+    """Union of raw tags into groups; the representative is the most frequent member."""
+
+    def __init__(self, counts: Counter) -> None:
+        self.counts = counts
+        self.parent = {t: t for t in counts}
+
+    def find(self, t: str) -> str:
+        while self.parent[t] != t:
+            self.parent[t] = self.parent[self.parent[t]]
+            t = self.parent[t]
+        return t
+
+    def members(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for t in self.parent:
+            out.setdefault(self.find(t), []).append(t)
+        return out
+
+    def size(self, root: str) -> int:
+        return sum(self.counts[t] for t in self.parent if self.find(t) == root)
+
+    def merge(self, tags: list[str]) -> str:
+        roots = sorted({self.find(t) for t in tags}, key=lambda r: (-self.counts[r], r))
+        for r in roots[1:]:
+            self.parent[r] = roots[0]
+        return roots[0]
+
+
+def build(raw: list[list[str]], alpha: int = 2, eps: float = 0.3, min_confidence: float = 0.95,
+          min_support: float = 0.001, semantic: bool = True, association: bool = True) -> BuildResult:
+    """`raw` holds the open-set tags of each query."""
+    counts = Counter(t.strip() for tags in raw for t in tags if t.strip())
+    kept = Counter({t: c for t, c in counts.items() if c >= alpha})
+    dropped = {t: c for t, c in counts.items() if c < alpha}
+    groups = _Groups(kept)
+    merges: list[dict] = []
+
+    by_key: dict[str, list[str]] = {}
+    for t in kept:
+        by_key.setdefault(rule_key(t), []).append(t)
+    for key, tags in sorted(by_key.items()):
+        if len(tags) > 1:
+            into = groups.merge(tags)
+            merges.append({"step": "rule", "into": into, "merged": sorted(t for t in tags if t != into),
+                           "evidence": f"same after lower-casing, punctuation and stemming: {key!r}"})
+
+    if semantic and len(groups.members()) > 1:
+        _semantic(groups, eps, merges)
+    if association:
+        _association(raw, groups, min_confidence, min_support, merges)
+
+    members = groups.members()
+    mapping = {t: root for root, ts in members.items() for t in ts}
+    tags = [Tag(root, root, None, sorted(t for t in ts if t != root)) for root, ts in
+            sorted(members.items(), key=lambda x: (-groups.size(x[0]), x[0]))]
+    return BuildResult(Taxonomy(tags, "<built>"), mapping, merges, dropped)
+
+
+def _semantic(groups: _Groups, eps: float, merges: list[dict]) -> None:
+    from sklearn.cluster import DBSCAN
+
+    from rm.tags.embed import embed
+
+    roots = sorted(groups.members())
+    vectors = embed(roots)
+    labels = DBSCAN(eps=eps, min_samples=2, metric="cosine").fit_predict(vectors)
+    for label in sorted(set(labels) - {-1}):
+        cluster = [roots[i] for i in range(len(roots)) if labels[i] == label]
+        into = groups.merge(cluster)
+        merges.append({"step": "semantic", "into": into, "merged": sorted(t for t in cluster if t != into),
+                       "evidence": f"MiniLM embeddings within cosine distance {eps} (DBSCAN)"})
+
+
+def _association(raw: list[list[str]], groups: _Groups, min_confidence: float, min_support: float,
+                 merges: list[dict]) -> None:
+    import pandas as pd
+    from mlxtend.frequent_patterns import association_rules, fpgrowth
+    from mlxtend.preprocessing import TransactionEncoder
+
+    baskets = [sorted({groups.find(t.strip()) for t in tags if t.strip() in groups.parent}) for tags in raw]
+    baskets = [b for b in baskets if b]
+    if len(baskets) < 2:
+        return
+    enc = TransactionEncoder()
+    frame = pd.DataFrame(enc.fit(baskets).transform(baskets), columns=enc.columns_)
+    frequent = fpgrowth(frame, min_support=min_support, use_colnames=True, max_len=2)
+    if frequent.empty or (frequent["itemsets"].map(len) == 2).sum() == 0:
+        return
+    rules = association_rules(frequent, metric="confidence", min_threshold=min_confidence)
+    one_to_one = rules[(rules["antecedents"].map(len) == 1) & (rules["consequents"].map(len) == 1)]
+    pairs = {(next(iter(a)), next(iter(c))): conf for a, c, conf in
+             zip(one_to_one["antecedents"], one_to_one["consequents"], one_to_one["confidence"])}
+    for (a, b), conf in sorted(pairs.items()):
+        if a < b and (b, a) in pairs and groups.find(a) != groups.find(b):
+            into = groups.merge([a, b])
+            merges.append({"step": "association", "into": into, "merged": [b if into == a else a],
+                           "evidence": f"FP-Growth: confidence {conf:.2f} and {pairs[(b, a)]:.2f} both ways"})
