@@ -39,6 +39,8 @@ class RMData(Section):
     max_len: int = Field(2048, ge=8)
     binarize: bool = True  # PMP binarisation of forum threads (GOOD:/BAD: pairs)
     limit: int | None = Field(None, ge=1)  # use only the first N pairs (after shuffling with the seed)
+    balance_n: int | None = Field(None, ge=1)  # draw N pairs by tag-balanced sampling over their tags
+    balance_method: Literal["complexity-first", "capped", "temperature"] = "capped"
 
 
 class RMLoss(Section):
@@ -100,6 +102,13 @@ def setup(cfg: RMConfig) -> Run:
     end_id = model.end_token_id if model.end_token_id is not None else tokenizer.special_tokens[cfg.end_token]
     d = cfg.data
     pairs, report = load_pairs(d.train, d.binarize)
+    if d.balance_n is not None:
+        from rm.tags.sampler import sample, tag_matrix
+
+        if not any(p.tags for p in pairs):
+            raise ConfigError(f"data.balance_n is set but no pair in {d.train} carries tags")
+        matrix, _ = tag_matrix([p.tags for p in pairs])
+        pairs = [pairs[i] for i in sample(matrix, d.balance_n, d.balance_method, cfg.train.seed)]
     if d.limit is not None:
         import random
         order = list(range(len(pairs)))

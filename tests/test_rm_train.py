@@ -59,6 +59,25 @@ def test_pmp_then_finetune_from_pmp(tmp_path):
     assert "stage: finetune" in cfg and "pmp/final" in cfg
 
 
+def test_finetuning_draws_a_tag_balanced_sample(tmp_path):
+    from align.core.config import load_config
+    from base_model import QwenTokenizer
+    from rm.data import encode_pairs, load_pairs
+    from rm.tags.sampler import sample, tag_matrix
+    from rm.train import RMConfig, setup
+
+    cfg = load_config(RMConfig, TINY, [f"out_dir={tmp_path}", "data.balance_n=200", "data.eval_fraction=0",
+                                       "train.max_steps=1"])
+    run = setup(cfg)
+    pairs, _ = load_pairs(str(ROOT / "examples/data/rm_tiny.jsonl"))
+    m, _ = tag_matrix([p.tags for p in pairs])
+    picked = sample(m, 200, "capped", 0)
+    tok = QwenTokenizer.from_bytes()
+    assert run.train_pairs == encode_pairs([pairs[i] for i in picked], tok, 128, tok.eod_id)[0]
+    per_tag = sorted(int(c) for c in m[picked].sum(0).A1 if c)
+    assert per_tag[-1] <= 2 * per_tag[0] + 2  # 24 words, about 8 pairs each
+
+
 @pytest.mark.slow
 def test_zero2_two_processes_follow_single_process(tmp_path):
     common = ["train.max_steps=8", "train.log_every=1", "data.eval_fraction=0", "loss.lm_coef=0.5"]
