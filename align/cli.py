@@ -215,6 +215,12 @@ def cmd_tags_audit(args: argparse.Namespace) -> None:
           f"{f['tags_under_k']} tags under {args.k} examples; report: {args.out / 'report.html'}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from align.bench import run
+
+    run(args.suites, args.device, args.json)
+
+
 def cmd_ppo(args: argparse.Namespace) -> None:
     from align.core.config import load_config
     from ppo.train import PPOConfig, main
@@ -358,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--k", type=int, default=5, help="flag tags with fewer examples")
     q.set_defaults(func=cmd_tags_audit)
+
+    p = sub.add_parser("bench", help="performance side by side with the usual peers (peak, model, generate, ppo, tags)")
+    p.add_argument("suites", nargs="*", help="suites to run (default: all)")
+    p.add_argument("--json", default=None, help="write the rows to this file")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("ppo", help="PPO with a reward model, a value model, a reference policy and ptx")
     p.add_argument("config", type=Path)

@@ -111,3 +111,13 @@ def test_tags_commands(tmp_path):
     bad.write_text("tags:\n  - {id: a, parent: ghost}\n")
     out = run(["tags", "audit", str(tmp_path / "s.jsonl"), "--taxonomy", str(bad), "--out", str(tmp_path / "x")])
     assert out.returncode == 2 and "bad.yaml: entry tags[0] ('a'): unknown parent 'ghost'" in out.stderr
+
+
+def test_bench_command_writes_rows(tmp_path):
+    out = run(["bench", "peak", "--json", str(tmp_path / "b.json")])
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert {r["metric"] for r in rows} == {"matmul_fp32", "matmul_bf16"}
+    assert all(set(r) == {"suite", "metric", "ours", "peer", "ratio", "unit"} and r["ours"] > 0 for r in rows)
+    out = run(["bench", "nonsense"])
+    assert out.returncode != 0 and "unknown suite" in out.stderr

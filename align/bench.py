@@ -1,0 +1,239 @@
+"""`align bench [SUITE …] [--json OUT]`: our code side by side with what users would otherwise pick.
+
+Each suite runs ours and the peer on the same machine, weights, data, dtype and thread count, alternating, for
+several repetitions, and reports medians and the ratio ours / peer (higher is better for rates). Rows:
+`{"suite", "metric", "ours", "peer", "ratio", "unit"}`; `peer` and `ratio` are null where nothing comparable
+exists (for example the machine's own matmul peak).
+
+Suites here: peak, model, generate, ppo, tags. Not yet: sft (TRL's SFTTrainer), label (the labelling API).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SUITES = ("peak", "model", "generate", "ppo", "tags")
+
+
+def _median_time(fn: Callable[[], None], reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _alternate(ours: Callable[[], None], peer: Callable[[], None], reps: int) -> tuple[float, float]:
+    """Median seconds of each, measured alternately so drifts in machine load hit both."""
+    ours(), peer()  # warm-up
+    t_ours, t_peer = [], []
+    for _ in range(reps):
+        for fn, acc in ((ours, t_ours), (peer, t_peer)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(t_ours), statistics.median(t_peer)
+
+
+def row(suite: str, metric: str, ours: float, peer: float | None, unit: str) -> dict:
+    return {"suite": suite, "metric": metric, "ours": ours, "peer": peer,
+            "ratio": (ours / peer) if peer else None, "unit": unit}
+
+
+def peak(device: str = "cpu", n: int = 1024, reps: int = 5) -> list[dict]:
+    """Matmul FLOP/s in fp32 and bf16 (torch); fp32 against NumPy's BLAS as the peer."""
+
+    out = []
+    flops = 2 * n ** 3
+    a32, b32 = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    an, bn = a32.cpu().numpy(), b32.cpu().numpy()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    t_ours, t_peer = _alternate(lambda: (a32 @ b32, sync()), lambda: an @ bn, reps)
+    out.append(row("peak", "matmul_fp32", flops / t_ours / 1e12, flops / t_peer / 1e12, "TFLOP/s"))
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    t16 = _median_time(lambda: (a16 @ b16, sync()), reps)
+    out.append(row("peak", "matmul_bf16", flops / t16 / 1e12, None, "TFLOP/s"))
+    return out
+
+
+def _bench_config(hidden: int, layers: int, heads: int, vocab: int, ffn: int):
+    from base_model import QwenConfig
+
+    return QwenConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, seq_length=4096, max_position_embeddings=4096)
+
+
+def _pair(config, dtype):
+    """Our model and transformers' Qwen2ForCausalLM with the same weights."""
+    import transformers
+
+    from base_model import QwenForCausalLM
+    from base_model.checkpoint import config_to_hf
+
+    torch.manual_seed(0)
+    ours = QwenForCausalLM(config)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config_to_hf(config, torch.float32)))
+    hf.load_state_dict(ours.state_dict())
+    hf.config._attn_implementation = "sdpa"
+    return ours.to(dtype), hf.to(dtype)
+
+
+def model(device: str = "cpu", reps: int = 3, peak_rows: list[dict] | None = None) -> list[dict]:
+    """Forward + backward tokens/s of a ~100M-parameter config, fp32 and bf16, and model-FLOPs utilisation."""
+    config = _bench_config(hidden=768, layers=12, heads=12, vocab=32000, ffn=2048)
+    batch, seq = 4, 256
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+    peaks = {r["metric"]: r["ours"] for r in (peak_rows or peak(device))}
+    out = []
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        ours, hf = (m.to(device).train() for m in _pair(config, dtype))
+
+        def step(m):
+            def run():
+                m.zero_grad(set_to_none=True)
+                m(ids).logits.float().logsumexp(-1).mean().backward()
+            return run
+
+        t_ours, t_peer = _alternate(step(ours), step(hf), reps)
+        tokens = batch * seq
+        out.append(row("model", f"fwd_bwd_tokens_per_s_{name}", tokens / t_ours, tokens / t_peer, "tokens/s"))
+        mfu = tokens / t_ours * config.flops_per_token(seq) / (peaks[f"matmul_{name}"] * 1e12)
+        mfu_peer = tokens / t_peer * config.flops_per_token(seq) / (peaks[f"matmul_{name}"] * 1e12)
+        out.append(row("model", f"mfu_{name}", mfu, mfu_peer, "fraction of measured matmul peak"))
+    out.append(row("model", "parameters", float(config.num_parameters()), None, "count"))
+    return out
+
+
+def generate(device: str = "cpu", reps: int = 2, batch: int = 32, new_tokens: int = 128) -> list[dict]:
+    """The native rollout engine against transformers' generate, sampling, same weights, tokens/s."""
+    from base_model.generate import SamplingParams
+    from base_model.generate import generate as ours_generate
+
+    config = _bench_config(hidden=512, layers=8, heads=8, vocab=32000, ffn=1408)
+    ours, hf = (m.to(device).eval() for m in _pair(config, torch.float32))
+    prompts = torch.randint(0, config.vocab_size, (batch, 32), device=device)
+    sampling = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, top_p=0.9, seed=0)
+
+    def run_ours():
+        ours_generate(ours, prompts.tolist(), sampling)
+
+    def run_peer():
+        with torch.no_grad():
+            hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_p=0.9,
+                        temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+
+    t_ours, t_peer = _alternate(run_ours, run_peer, reps)
+    tokens = batch * new_tokens
+    return [row("generate", "sampling_tokens_per_s", tokens / t_ours, tokens / t_peer, "tokens/s")]
+
+
+def tags(reps: int = 3) -> list[dict]:
+    """Balanced sampling of 50,000 from 1,000,000 prompts over 6,600 Zipf tags; MinHash dedup documents/s against
+    datasketch's in-memory MinHashLSH."""
+    import random
+    import tempfile
+
+    from align.core.records import write_jsonl_atomic
+    from align.world.corpus import documents
+    from base_model.pretrain.dedup import dedup, shingles
+    from rm.tags.sampler import sample, zipf_pool
+
+    pool = zipf_pool(1_000_000, 6600, seed=0)
+    out = []
+    for method in ("complexity-first", "capped"):
+        t = _median_time(lambda: sample(pool, 50_000, method, seed=0), reps, warmup=0)
+        out.append(row("tags", f"sample_1M_{method}_seconds", t, None, "s"))
+    docs = documents(4000, seed=1, sentences=(10, 20))
+    rng = random.Random(0)
+    docs += [dict(d, id=d["id"] + "-copy") for d in rng.sample(docs, 400)]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_jsonl_atomic(Path(tmp) / "in.jsonl", docs)
+
+        def run_ours():
+            dedup([Path(tmp) / "in.jsonl"], Path(tmp) / "out.jsonl", 0.8)
+
+        def run_peer():
+            from datasketch import MinHash, MinHashLSH
+
+            lsh = MinHashLSH(threshold=0.8, num_perm=128)
+            for i, d in enumerate(docs):
+                m = MinHash(num_perm=128, seed=1)
+                m.update_batch(list(shingles(d["text"])))
+                if not lsh.query(m):
+                    lsh.insert(str(i), m)
+
+        t_ours, t_peer = _alternate(run_ours, run_peer, reps)
+    out.append(row("tags", "dedup_documents_per_s", len(docs) / t_ours, len(docs) / t_peer, "documents/s"))
+    return out
+
+
+def ppo(reps: int = 1) -> list[dict]:
+    """Seconds per PPO iteration of the tiny recipe, split into rollout, experience and training."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from align.core.metrics import read_metrics
+    from align.core.records import write_jsonl_atomic
+    from align.world import ppo_task
+
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        write_jsonl_atomic(d / "sft.jsonl", ppo_task.sft_conversations(100, 0))
+        write_jsonl_atomic(d / "rm.jsonl", ppo_task.enthusiasm_comparisons(100, 0))
+        run = lambda *a: subprocess.run([sys.executable, "-m", "align.cli", *a], cwd=root, check=True,
+                                        capture_output=True)
+        run("sft", "configs/sft/tiny.yaml", f"data.train={d / 'sft.jsonl'}", "train.max_steps=5", "train.save_every=0",
+            f"out_dir={d / 'sft'}")
+        run("rm", "train", "configs/rm/tiny.yaml", f"data.train={d / 'rm.jsonl'}", "train.max_steps=5",
+            f"out_dir={d / 'rm'}")
+        run("ppo", "configs/ppo/tiny.yaml", f"models.policy={d / 'sft' / 'final'}", f"models.reward={d / 'rm' / 'final'}",
+            "data.ptx=null", "ppo.iterations=6", "train.eval_every=0", "train.save_every=0", f"out_dir={d / 'ppo'}")
+        rows = [r for r in read_metrics(d / "ppo") if "train/time/rollout_s" in r][1:]  # the first includes warm-up
+    med = lambda k: statistics.median(r[k] for r in rows)
+    return [row("ppo", "rollout_seconds", med("train/time/rollout_s"), None, "s/iteration"),
+            row("ppo", "experience_seconds", med("train/time/experience_s"), None, "s/iteration"),
+            row("ppo", "train_seconds", med("train/time/train_s"), None, "s/iteration"),
+            row("ppo", "rollout_tokens_per_s", med("train/rollout_tokens_per_s"), None, "tokens/s")]
+
+
+def run(suites: list[str], device: str = "cpu", json_out: str | None = None) -> list[dict]:
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        from align.core.config import ConfigError
+
+        raise ConfigError(f"unknown suite(s) {', '.join(unknown)}; available: {', '.join(SUITES)}")
+    rows: list[dict] = []
+    peak_rows = None
+    for suite in suites or list(SUITES):
+        t0 = time.perf_counter()
+        if suite == "peak":
+            peak_rows = peak(device)
+            new = peak_rows
+        elif suite == "model":
+            new = model(device, peak_rows=peak_rows)
+        elif suite == "generate":
+            new = generate(device)
+        elif suite == "tags":
+            new = tags()
+        else:
+            new = ppo()
+        rows += new
+        for r in new:
+            ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+            peer = f"{r['peer']:.4g}" if r["peer"] is not None else "-"
+            print(f"{r['suite']:<9}{r['metric']:<34}{r['ours']:>12.4g}{peer:>12}{ratio:>9}  {r['unit']}", flush=True)
+        print(f"  ({suite}: {time.perf_counter() - t0:.0f} s)", flush=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
