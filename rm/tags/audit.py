@@ -113,8 +113,8 @@ def audit(dataset: str | Path, out_dir: str | Path, against: str | Path | None =
         table.append(row)
     if original is not None:
         ranked = sorted((r for r in table if r["original_count"]), key=lambda r: r["representation"])
-        figures["most_under_represented"] = ", ".join(r["tag"] for r in ranked[:10])
-        figures["most_over_represented"] = ", ".join(r["tag"] for r in ranked[::-1][:10])
+        figures["most_under_represented"] = ", ".join(r["tag"] for r in ranked[:10] if r["representation"] < 1)
+        figures["most_over_represented"] = ", ".join(r["tag"] for r in ranked[::-1][:10] if r["representation"] > 1)
     else:
         uniform = 1 / len(all_tags) if all_tags else 0
         ranked = sorted(table, key=lambda r: r["share"])
