@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -215,6 +216,60 @@ def cmd_tags_audit(args: argparse.Namespace) -> None:
           f"{f['tags_under_k']} tags under {args.k} examples; report: {args.out / 'report.html'}")
 
 
+def cmd_label_users_add(args: argparse.Namespace) -> None:
+    import getpass
+
+    from labeling_ui.auth import hash_password
+    from labeling_ui.store import Store
+
+    password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("password: ")
+    if not password:
+        raise ConfigError("an empty password is not allowed (give it on stdin)")
+    Store(args.db).add_user(args.name, args.role, hash_password(password))
+    print(f"added {args.role} {args.name}")
+
+
+def cmd_label_import(args: argparse.Namespace) -> None:
+    from align.core.records import DataError
+    from labeling_ui.api import validate_items
+    from labeling_ui.store import Store
+
+    rows, problems = [], []
+    for lineno, line in enumerate(args.file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            problems.append(f"{args.file}:{lineno}: not valid JSON ({e.msg})")
+    problems += [f"{args.file}:{rows[int(e.split()[1].rstrip(':'))][0]}:{e.split(':', 1)[1]}"
+                 for e in validate_items([r for _, r in rows])]
+    if problems:
+        raise DataError("import refused; nothing was imported:\n  " + "\n  ".join(problems))
+    n = Store(args.db).import_tasks(args.project, [r for _, r in rows], args.overlap)
+    print(f"imported {n} tasks into {args.project} (overlap {args.overlap})")
+
+
+def cmd_label_export(args: argparse.Namespace) -> None:
+    from align.core.records import write_jsonl_atomic
+    from labeling_ui.export import comparison_record
+    from labeling_ui.store import Store
+
+    records = [r for t, anns in Store(args.db).annotations(args.project)
+               if (r := comparison_record(t, anns, args.rule)) is not None]
+    write_jsonl_atomic(args.out, records)
+    print(f"exported {len(records)} comparison records to {args.out}")
+
+
+def cmd_label_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from labeling_ui.api import create_app
+    from labeling_ui.store import Store
+
+    uvicorn.run(create_app(Store(args.db)), host=args.host, port=args.port)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from align.bench import run
 
@@ -364,6 +419,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--k", type=int, default=5, help="flag tags with fewer examples")
     q.set_defaults(func=cmd_tags_audit)
+
+    p = sub.add_parser("label", help="labelling: serve (REST API) | users | import | export")
+    label_sub = p.add_subparsers(dest="label_command", metavar="serve|users|import|export")
+    label_sub.required = True
+    q = label_sub.add_parser("serve", help="serve the JSON REST API (the web page is not built yet)")
+    q.add_argument("--db", default="sqlite:///labels.db", help="SQLAlchemy URL (sqlite:///… or postgresql://…)")
+    q.add_argument("--host", default="127.0.0.1")
+    q.add_argument("--port", type=int, default=7860)
+    q.set_defaults(func=cmd_label_serve)
+    q = label_sub.add_parser("users", help="manage accounts: users add NAME --role ROLE (password on stdin)")
+    users_sub = q.add_subparsers(dest="users_command", metavar="add")
+    users_sub.required = True
+    r = users_sub.add_parser("add")
+    r.add_argument("name")
+    r.add_argument("--role", choices=["annotator", "reviewer", "admin"], required=True)
+    r.add_argument("--db", default="sqlite:///labels.db")
+    r.set_defaults(func=cmd_label_users_add)
+    q = label_sub.add_parser("import", help="import tasks (JSONL: prompt, responses, tags); all or nothing")
+    q.add_argument("--project", required=True)
+    q.add_argument("--file", type=Path, required=True)
+    q.add_argument("--overlap", type=int, default=1)
+    q.add_argument("--db", default="sqlite:///labels.db")
+    q.set_defaults(func=cmd_label_import)
+    q = label_sub.add_parser("export", help="comparison records for `align rm train`")
+    q.add_argument("--project", required=True)
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--rule", choices=["majority", "ranked_pairs"], default="majority")
+    q.add_argument("--db", default="sqlite:///labels.db")
+    q.set_defaults(func=cmd_label_export)
 
     p = sub.add_parser("bench", help="performance side by side with the usual peers (peak, model, generate, ppo, tags)")
     p.add_argument("suites", nargs="*", help="suites to run (default: all)")

@@ -1,0 +1,129 @@
+"""The JSON REST API (FastAPI), used by the web page, scripts and load tests. Every endpoint checks the role."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import PlainTextResponse, Response
+from pydantic import BaseModel, Field
+
+from labeling_ui.auth import verify_password
+from labeling_ui.export import comparison_record
+from labeling_ui.store import Conflict, Store, User, dumps
+
+
+class Login(BaseModel):
+    username: str
+    password: str
+
+
+class AnnotationIn(BaseModel):
+    ranks: list[int] | None = None
+    skip: bool = False
+    all_bad: bool = False
+    unsafe: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    rationale: str = ""
+    strength: float | None = Field(None, ge=0, le=1)
+
+
+def validate_items(items: list, known_tags: set[str] | None = None) -> list[str]:
+    """Every problem of an import, item by item (the import is refused as a whole if there is any)."""
+    errors = []
+    for i, item in enumerate(items):
+        where = f"item {i}"
+        if not isinstance(item, dict):
+            errors.append(f"{where}: not a JSON object")
+            continue
+        prompt, responses = item.get("prompt"), item.get("responses")
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt))):
+            errors.append(f"{where}: 'prompt' must be text or a list of messages")
+        if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+            errors.append(f"{where}: 'responses' must hold at least 2 strings")
+        tags = item.get("tags") or []
+        if not isinstance(tags, list):
+            errors.append(f"{where}: 'tags' must be a list")
+        elif known_tags is not None:
+            unknown = [t for t in tags if t not in known_tags]
+            if unknown:
+                errors.append(f"{where}: unknown tag(s) {', '.join(map(repr, unknown))}")
+    return errors
+
+
+def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
+    app = FastAPI(title="Labelling API")
+
+    def current_user(authorization: str | None = Header(default=None)) -> User:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise HTTPException(401, "missing bearer token")
+        user = store.user_by_token(authorization.removeprefix("Bearer ").strip())
+        if user is None:
+            raise HTTPException(401, "invalid token")
+        return user
+
+    def role(*allowed: str):
+        def check(user: User = Depends(current_user)) -> User:
+            if user.role not in allowed:
+                raise HTTPException(403, f"this needs the role {' or '.join(allowed)}")
+            return user
+        return check
+
+    @app.post("/api/login")
+    def login(body: Login):
+        user = store.user_by_name(body.username)
+        if user is None or not verify_password(body.password, user.password_hash):
+            raise HTTPException(401, "wrong user name or password")
+        return {"token": store.new_token(user.id), "role": user.role}
+
+    @app.get("/api/tasks/next")
+    def next_task(project: str = Query(...), user: User = Depends(role("annotator", "reviewer", "admin"))):
+        task = store.next_task(project, user.id)
+        if task is None:
+            return Response(status_code=204)
+        prompt = task.prompt if isinstance(task.prompt, list) else [{"role": "user", "content": task.prompt}]
+        return {"id": task.id, "prompt": prompt, "responses": task.responses, "tags": task.tags}
+
+    @app.post("/api/tasks/{task_id}/annotations", status_code=201)
+    def annotate(task_id: int, body: AnnotationIn, user: User = Depends(role("annotator", "reviewer", "admin"))):
+        if not body.skip:
+            if body.ranks is None or not body.ranks or any(r < 1 for r in body.ranks):
+                raise HTTPException(422, "'ranks' must give each response a rank >= 1 (or send skip: true)")
+        try:
+            ann_id = store.submit(task_id, user.id, ranks=None if body.skip else body.ranks, skipped=body.skip,
+                                  all_bad=body.all_bad, unsafe=body.unsafe, tags=body.tags,
+                                  rationale=body.rationale, strength=body.strength, expected_k=True)
+        except KeyError as e:
+            raise HTTPException(404, str(e)) from None
+        except Conflict as e:
+            raise HTTPException(409, str(e)) from None
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        return {"id": ann_id}
+
+    @app.post("/api/projects/{name}/tasks", status_code=201)
+    async def import_tasks(name: str, request: Request, overlap: int = Query(1, ge=1),
+                           user: User = Depends(role("admin"))):
+        try:
+            items = await request.json()
+        except ValueError:
+            raise HTTPException(400, "body is not JSON") from None
+        if not isinstance(items, list):
+            raise HTTPException(400, "body must be a JSON list of tasks")
+        errors = validate_items(items, known_tags)
+        if errors:
+            raise HTTPException(400, {"message": "import refused; nothing was imported", "errors": errors})
+        return {"imported": store.import_tasks(name, items, overlap)}
+
+    @app.get("/api/projects/{name}/export", response_class=PlainTextResponse)
+    def export(name: str, rule: Literal["majority", "ranked_pairs"] = "majority",
+               user: User = Depends(role("admin", "reviewer"))):
+        try:
+            rows = store.annotations(name)
+        except KeyError as e:
+            raise HTTPException(404, str(e)) from None
+        records = [comparison_record(t, anns, rule) for t, anns in rows]
+        return "".join(dumps(r) + "\n" for r in records if r is not None)
+
+    return app

@@ -1,0 +1,220 @@
+"""The one module that talks to the database (SQLAlchemy): users, tokens, projects, tasks, leases, annotations.
+
+SQLite by default (WAL mode, a file in the working folder), PostgreSQL when given a `postgresql://` URL. The
+schema is created by the app. Handing out the next task is one transaction: the annotator's unexpired lease if any,
+else the first task with fewer (annotations + live leases) than its overlap that the annotator has not touched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
+                        create_engine, event, func, select)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+ROLES = ("annotator", "reviewer", "admin")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    password_hash: Mapped[str] = mapped_column(String(300))
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+    token: Mapped[str] = mapped_column(String(100), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=dt.datetime.utcnow)
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    guidelines: Mapped[str] = mapped_column(Text, default="")
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    prompt: Mapped[list] = mapped_column(JSON)
+    responses: Mapped[list] = mapped_column(JSON)
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    overlap: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class Lease(Base):
+    __tablename__ = "leases"
+    __table_args__ = (UniqueConstraint("task_id", "user_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    expires: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class Annotation(Base):
+    __tablename__ = "annotations"
+    __table_args__ = (UniqueConstraint("task_id", "user_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    ranks: Mapped[list | None] = mapped_column(JSON, nullable=True)  # None for a skip
+    skipped: Mapped[bool] = mapped_column(Boolean, default=False)
+    all_bad: Mapped[bool] = mapped_column(Boolean, default=False)
+    unsafe: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+    rationale: Mapped[str] = mapped_column(Text, default="")
+    strength: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=dt.datetime.utcnow)
+
+
+class Conflict(Exception):
+    pass
+
+
+class Store:
+    def __init__(self, url: str = "sqlite:///labels.db", lease_seconds: int = 600) -> None:
+        self.url = url
+        self.lease = dt.timedelta(seconds=lease_seconds)
+        self.engine = create_engine(url, future=True, pool_pre_ping=True)
+        if url.startswith("sqlite"):
+            @event.listens_for(self.engine, "connect")
+            def _sqlite_pragmas(conn, _):
+                cur = conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")  # an acknowledged annotation survives a kill
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+        Base.metadata.create_all(self.engine)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    # ------------------------------------------------------------------------------------------- accounts
+
+    def add_user(self, name: str, role: str, password_hash: str) -> int:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        with self.sessions.begin() as s:
+            if s.scalar(select(User).where(User.name == name)):
+                raise Conflict(f"user {name!r} already exists")
+            user = User(name=name, role=role, password_hash=password_hash)
+            s.add(user)
+            s.flush()
+            return user.id
+
+    def user_by_name(self, name: str) -> User | None:
+        with self.sessions() as s:
+            return s.scalar(select(User).where(User.name == name))
+
+    def new_token(self, user_id: int) -> str:
+        token = secrets.token_urlsafe(32)
+        with self.sessions.begin() as s:
+            s.add(Token(token=token, user_id=user_id))
+        return token
+
+    def user_by_token(self, token: str) -> User | None:
+        with self.sessions() as s:
+            return s.scalar(select(User).join(Token, Token.user_id == User.id).where(Token.token == token))
+
+    # ------------------------------------------------------------------------------------- projects/tasks
+
+    def import_tasks(self, project: str, items: list[dict], overlap: int, guidelines: str | None = None) -> int:
+        """All or nothing: one transaction."""
+        with self.sessions.begin() as s:
+            proj = s.scalar(select(Project).where(Project.name == project))
+            if proj is None:
+                proj = Project(name=project, guidelines=guidelines or "")
+                s.add(proj)
+                s.flush()
+            elif guidelines is not None:
+                proj.guidelines = guidelines
+            for item in items:
+                s.add(Task(project_id=proj.id, prompt=item["prompt"], responses=item["responses"],
+                           tags=item.get("tags") or [], meta=item.get("meta") or {}, overlap=overlap))
+        return len(items)
+
+    def next_task(self, project: str, user_id: int, now: dt.datetime | None = None) -> Task | None:
+        now = now or dt.datetime.utcnow()
+        for _ in range(20):  # a concurrent annotator may win the same slot; try the next one
+            try:
+                with self.sessions.begin() as s:
+                    if self.url.startswith("sqlite"):
+                        s.execute(select(func.count()).select_from(Lease))  # open the write transaction early
+                    proj = s.scalar(select(Project).where(Project.name == project))
+                    if proj is None:
+                        return None
+                    mine = s.scalar(select(Task).join(Lease, Lease.task_id == Task.id).where(
+                        Lease.user_id == user_id, Lease.expires > now, Task.project_id == proj.id))
+                    if mine is not None:
+                        return mine
+                    s.query(Lease).filter(Lease.user_id == user_id, Lease.expires <= now).delete()
+                    done = select(Annotation.task_id).where(Annotation.user_id == user_id)
+                    leased = select(Lease.task_id).where(Lease.user_id == user_id)
+                    n_ann = select(func.count()).where(Annotation.task_id == Task.id).scalar_subquery()
+                    n_live = select(func.count()).where(Lease.task_id == Task.id, Lease.expires > now).scalar_subquery()
+                    query = select(Task).where(Task.project_id == proj.id, Task.id.not_in(done),
+                                               Task.id.not_in(leased), n_ann + n_live < Task.overlap).order_by(Task.id)
+                    if not self.url.startswith("sqlite"):
+                        query = query.with_for_update(skip_locked=True)
+                    task = s.scalar(query.limit(1))
+                    if task is None:
+                        return None
+                    s.add(Lease(task_id=task.id, user_id=user_id, expires=now + self.lease))
+                    return task
+            except IntegrityError:
+                continue
+        raise Conflict("could not lease a task after 20 attempts")
+
+    def submit(self, task_id: int, user_id: int, expected_k: bool = False, **fields) -> int:
+        """Store an annotation for a task the user holds a lease on; exactly once, in one transaction."""
+        with self.sessions.begin() as s:
+            task = s.get(Task, task_id)
+            if task is None:
+                raise KeyError(f"task {task_id} not found")
+            if expected_k and fields.get("ranks") is not None and len(fields["ranks"]) != len(task.responses):
+                raise ValueError(f"task {task_id} has {len(task.responses)} responses; got {len(fields['ranks'])} ranks")
+            lease = s.scalar(select(Lease).where(Lease.task_id == task_id, Lease.user_id == user_id))
+            if lease is None:
+                raise Conflict(f"task {task_id} is not leased to you (request it with /api/tasks/next)")
+            if s.scalar(select(func.count()).where(Annotation.task_id == task_id)) >= task.overlap:
+                s.delete(lease)
+                raise Conflict(f"task {task_id} already has its {task.overlap} annotations")
+            ann = Annotation(task_id=task_id, user_id=user_id, **fields)
+            s.add(ann)
+            s.delete(lease)
+            s.flush()
+            return ann.id
+
+    def annotations(self, project: str) -> list[tuple[Task, list[tuple[Annotation, str]]]]:
+        with self.sessions() as s:
+            proj = s.scalar(select(Project).where(Project.name == project))
+            if proj is None:
+                raise KeyError(f"project {project!r} not found")
+            tasks = s.scalars(select(Task).where(Task.project_id == proj.id).order_by(Task.id)).all()
+            rows = s.execute(select(Annotation, User.name).join(User, User.id == Annotation.user_id).join(
+                Task, Task.id == Annotation.task_id).where(Task.project_id == proj.id)).all()
+        by_task: dict[int, list] = {}
+        for ann, name in rows:
+            by_task.setdefault(ann.task_id, []).append((ann, name))
+        return [(t, by_task.get(t.id, [])) for t in tasks]
+
+    def counts(self) -> dict[str, int]:
+        with self.sessions() as s:
+            return {"tasks": s.scalar(select(func.count()).select_from(Task)),
+                    "annotations": s.scalar(select(func.count()).select_from(Annotation))}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False)
