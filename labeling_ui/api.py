@@ -8,6 +8,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
+from labeling_ui.agreement import project_report
 from labeling_ui.auth import verify_password
 from labeling_ui.export import comparison_record
 from labeling_ui.store import Conflict, Store, User, dumps
@@ -125,5 +126,24 @@ def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
             raise HTTPException(404, str(e)) from None
         records = [comparison_record(t, anns, rule) for t, anns in rows]
         return "".join(dumps(r) + "\n" for r in records if r is not None)
+
+    @app.get("/api/projects/{name}/agreement")
+    def project_agreement(name: str, user: User = Depends(role("admin", "reviewer"))):
+        """Agreement overall and per tag, per-annotator statistics and the flagged queue."""
+        try:
+            return project_report(store.annotations(name))
+        except KeyError as e:
+            raise HTTPException(404, str(e)) from None
+
+    @app.get("/api/projects/{name}/progress")
+    def progress(name: str, user: User = Depends(current_user)):
+        return store.progress(name, user.id)
+
+    @app.post("/api/projects/{name}/undo")
+    def undo(name: str, user: User = Depends(role("annotator", "reviewer", "admin"))):
+        task_id = store.undo_last(name, user.id)
+        if task_id is None:
+            raise HTTPException(404, "nothing to undo")
+        return {"task": task_id}
 
     return app

@@ -1,8 +1,9 @@
 """The one module that talks to the database (SQLAlchemy): users, tokens, projects, tasks, leases, annotations.
 
 SQLite by default (WAL mode, a file in the working folder), PostgreSQL when given a `postgresql://` URL. The
-schema is created by the app. Handing out the next task is one transaction: the annotator's unexpired lease if any,
-else the first task with fewer (annotations + live leases) than its overlap that the annotator has not touched.
+schema is created by the app and migrated forward by `MIGRATIONS` (its version lives in `schema_version`).
+Handing out the next task is one transaction: the annotator's unexpired lease if any, else the first task with
+fewer (annotations + live leases) than its overlap that the annotator has not touched.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ import json
 import secrets
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, event, func, select)
+                        create_engine, delete, event, func, inspect, select, text)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 ROLES = ("annotator", "reviewer", "admin")
+SCHEMA_VERSION = 2
+# version -> (table, column, SQL type) added by that version; a database at version v gets every later step
+MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
+    2: [("leases", "created", "TIMESTAMP"), ("annotations", "seconds", "FLOAT")],
+}
 
 
 class Base(DeclarativeBase):
@@ -63,6 +69,7 @@ class Lease(Base):
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     expires: Mapped[dt.datetime] = mapped_column(DateTime)
+    created: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Annotation(Base):
@@ -79,6 +86,12 @@ class Annotation(Base):
     rationale: Mapped[str] = mapped_column(Text, default="")
     strength: Mapped[float | None] = mapped_column(Float, nullable=True)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=dt.datetime.utcnow)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # from lease to submission
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
 
 
 class Conflict(Exception):
@@ -87,9 +100,12 @@ class Conflict(Exception):
 
 class Store:
     def __init__(self, url: str = "sqlite:///labels.db", lease_seconds: int = 600) -> None:
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")  # psycopg 3 is the driver we ship
         self.url = url
         self.lease = dt.timedelta(seconds=lease_seconds)
-        self.engine = create_engine(url, future=True, pool_pre_ping=True)
+        pool = {} if url.startswith("sqlite") else {"pool_size": 20, "max_overflow": 60}
+        self.engine = create_engine(url, future=True, pool_pre_ping=True, **pool)
         if url.startswith("sqlite"):
             @event.listens_for(self.engine, "connect")
             def _sqlite_pragmas(conn, _):
@@ -98,8 +114,27 @@ class Store:
                 cur.execute("PRAGMA synchronous=FULL")  # an acknowledged annotation survives a kill
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.close()
-        Base.metadata.create_all(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.migrate()
+
+    def migrate(self) -> int:
+        """Create missing tables, then add what each later schema version added; returns the version reached."""
+        existed = inspect(self.engine).has_table("annotations")
+        Base.metadata.create_all(self.engine)
+        with self.sessions.begin() as s:
+            row = s.scalar(select(SchemaVersion))
+            version = row.version if row else (1 if existed else SCHEMA_VERSION)
+            for step in sorted(v for v in MIGRATIONS if v > version):
+                present = {t: {c["name"] for c in inspect(s.connection()).get_columns(t)} for t, _, _ in MIGRATIONS[step]}
+                for table, column, sql_type in MIGRATIONS[step]:
+                    if column not in present[table]:
+                        s.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+                version = step
+            if row is None:
+                s.add(SchemaVersion(version=version))
+            else:
+                row.version = version
+        return version
 
     # ------------------------------------------------------------------------------------------- accounts
 
@@ -146,56 +181,68 @@ class Store:
         return len(items)
 
     def next_task(self, project: str, user_id: int, now: dt.datetime | None = None) -> Task | None:
-        now = now or dt.datetime.utcnow()
+        sqlite = self.url.startswith("sqlite")
         for _ in range(20):  # a concurrent annotator may win the same slot; try the next one
+            now = now or dt.datetime.utcnow()
             try:
                 with self.sessions.begin() as s:
-                    if self.url.startswith("sqlite"):
-                        s.execute(select(func.count()).select_from(Lease))  # open the write transaction early
+                    # a write first: on SQLite it takes the write lock, so what follows is read and written alone
+                    s.query(Lease).filter(Lease.user_id == user_id, Lease.expires <= now).delete()
                     proj = s.scalar(select(Project).where(Project.name == project))
                     if proj is None:
                         return None
                     mine = s.scalar(select(Task).join(Lease, Lease.task_id == Task.id).where(
-                        Lease.user_id == user_id, Lease.expires > now, Task.project_id == proj.id))
+                        Lease.user_id == user_id, Task.project_id == proj.id))
                     if mine is not None:
                         return mine
-                    s.query(Lease).filter(Lease.user_id == user_id, Lease.expires <= now).delete()
                     done = select(Annotation.task_id).where(Annotation.user_id == user_id)
                     leased = select(Lease.task_id).where(Lease.user_id == user_id)
-                    n_ann = select(func.count()).where(Annotation.task_id == Task.id).scalar_subquery()
-                    n_live = select(func.count()).where(Lease.task_id == Task.id, Lease.expires > now).scalar_subquery()
                     query = select(Task).where(Task.project_id == proj.id, Task.id.not_in(done),
-                                               Task.id.not_in(leased), n_ann + n_live < Task.overlap).order_by(Task.id)
-                    if not self.url.startswith("sqlite"):
+                                               Task.id.not_in(leased), self._taken(now) < Task.overlap).order_by(Task.id)
+                    if not sqlite:
                         query = query.with_for_update(skip_locked=True)
                     task = s.scalar(query.limit(1))
                     if task is None:
                         return None
-                    s.add(Lease(task_id=task.id, user_id=user_id, expires=now + self.lease))
+                    # PostgreSQL: the count above may predate a lease committed before we locked the row; recount
+                    if not sqlite and s.scalar(select(self._taken(now)).where(Task.id == task.id)) >= task.overlap:
+                        raise IntegrityError("slot taken meanwhile", None, Exception())
+                    s.add(Lease(task_id=task.id, user_id=user_id, expires=now + self.lease, created=now))
                     return task
             except IntegrityError:
                 continue
         raise Conflict("could not lease a task after 20 attempts")
 
+    @staticmethod
+    def _taken(now: dt.datetime):
+        """Annotations plus live leases of the task in the enclosing query."""
+        n_ann = select(func.count()).where(Annotation.task_id == Task.id).scalar_subquery()
+        n_live = select(func.count()).where(Lease.task_id == Task.id, Lease.expires > now).scalar_subquery()
+        return n_ann + n_live
+
     def submit(self, task_id: int, user_id: int, expected_k: bool = False, **fields) -> int:
         """Store an annotation for a task the user holds a lease on; exactly once, in one transaction."""
         with self.sessions.begin() as s:
-            task = s.get(Task, task_id)
+            lease = s.scalar(select(Lease).where(Lease.task_id == task_id, Lease.user_id == user_id))
+            released = s.execute(delete(Lease).where(Lease.task_id == task_id, Lease.user_id == user_id)).rowcount
+            task = s.get(Task, task_id, with_for_update=not self.url.startswith("sqlite"))
             if task is None:
                 raise KeyError(f"task {task_id} not found")
+            if not released:
+                raise Conflict(f"task {task_id} is not leased to you (request it with /api/tasks/next)")
             if expected_k and fields.get("ranks") is not None and len(fields["ranks"]) != len(task.responses):
                 raise ValueError(f"task {task_id} has {len(task.responses)} responses; got {len(fields['ranks'])} ranks")
-            lease = s.scalar(select(Lease).where(Lease.task_id == task_id, Lease.user_id == user_id))
-            if lease is None:
-                raise Conflict(f"task {task_id} is not leased to you (request it with /api/tasks/next)")
             if s.scalar(select(func.count()).where(Annotation.task_id == task_id)) >= task.overlap:
-                s.delete(lease)
-                raise Conflict(f"task {task_id} already has its {task.overlap} annotations")
-            ann = Annotation(task_id=task_id, user_id=user_id, **fields)
-            s.add(ann)
-            s.delete(lease)
-            s.flush()
-            return ann.id
+                full = True  # commit the lease's release (an expired lease someone else's annotation filled)
+            else:
+                full = False
+                seconds = (dt.datetime.utcnow() - lease.created).total_seconds() if lease and lease.created else None
+                ann = Annotation(task_id=task_id, user_id=user_id, seconds=seconds, **fields)
+                s.add(ann)
+                s.flush()
+        if full:
+            raise Conflict(f"task {task_id} already has its {task.overlap} annotations")
+        return ann.id
 
     def annotations(self, project: str) -> list[tuple[Task, list[tuple[Annotation, str]]]]:
         with self.sessions() as s:
@@ -209,6 +256,46 @@ class Store:
         for ann, name in rows:
             by_task.setdefault(ann.task_id, []).append((ann, name))
         return [(t, by_task.get(t.id, [])) for t in tasks]
+
+    def undo_last(self, project: str, user_id: int) -> int | None:
+        """Withdraw the user's last submission in a project and hand its task back to them; returns the task id."""
+        with self.sessions.begin() as s:
+            ann = s.scalar(select(Annotation).join(Task, Task.id == Annotation.task_id).join(
+                Project, Project.id == Task.project_id).where(Project.name == project, Annotation.user_id == user_id)
+                .order_by(Annotation.id.desc()).limit(1))
+            if ann is None:
+                return None
+            task_id = ann.task_id
+            s.delete(ann)
+            s.query(Lease).filter(Lease.user_id == user_id).delete()  # the undone task comes next
+            now = dt.datetime.utcnow()
+            s.add(Lease(task_id=task_id, user_id=user_id, expires=now + self.lease, created=now))
+            return task_id
+
+    def progress(self, project: str, user_id: int) -> dict[str, int]:
+        """done/remaining for the annotator and for the project (annotation slots = tasks x overlap)."""
+        with self.sessions() as s:
+            proj = s.scalar(select(Project).where(Project.name == project))
+            if proj is None:
+                return {"mine_done": 0, "mine_remaining": 0, "project_done": 0, "project_total": 0}
+            in_proj = select(Task.id).where(Task.project_id == proj.id)
+            mine = s.scalar(select(func.count()).select_from(Annotation).where(
+                Annotation.user_id == user_id, Annotation.task_id.in_(in_proj)))
+            n_ann = select(func.count()).where(Annotation.task_id == Task.id).scalar_subquery()
+            open_for_me = s.scalar(select(func.count()).select_from(Task).where(
+                Task.project_id == proj.id, n_ann < Task.overlap,
+                Task.id.not_in(select(Annotation.task_id).where(Annotation.user_id == user_id))))
+            done = s.scalar(select(func.count()).select_from(Annotation).where(Annotation.task_id.in_(in_proj)))
+            total = s.scalar(select(func.coalesce(func.sum(Task.overlap), 0)).where(Task.project_id == proj.id))
+        return {"mine_done": mine, "mine_remaining": open_for_me, "project_done": done, "project_total": int(total)}
+
+    def projects(self) -> list[str]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Project.name).order_by(Project.id)))
+
+    def guidelines(self, project: str) -> str:
+        with self.sessions() as s:
+            return s.scalar(select(Project.guidelines).where(Project.name == project)) or ""
 
     def counts(self) -> dict[str, int]:
         with self.sessions() as s:

@@ -153,3 +153,152 @@ def test_label_cli_users_import_export(tmp_path):
     assert run("export", "--project", "p", "--out", str(tmp_path / "out.jsonl"), "--db", db).returncode == 0
     record = json.loads((tmp_path / "out.jsonl").read_text())
     assert record["ranking"] == [2, 1] and record["responses"] == ["a", "b"]
+
+
+ADMIN_ENDPOINTS = [("post", "/api/projects/p/tasks", {"json": [{"prompt": "q", "responses": ["a", "b"]}]}),
+                   ("get", "/api/projects/p/export", {}), ("get", "/api/projects/p/agreement", {})]
+
+
+@pytest.mark.parametrize("method,url,kwargs", ADMIN_ENDPOINTS, ids=[u for _, u, _ in ADMIN_ENDPOINTS])
+def test_annotator_token_gets_403(env, method, url, kwargs):
+    store, client, auth = env
+    client.post("/api/projects/p/tasks", json=[{"prompt": "q", "responses": ["a", "b"]}], headers=auth("root"))
+    assert getattr(client, method)(url, headers=auth("alice"), **kwargs).status_code == 403
+    assert getattr(client, method)(url, headers={"Authorization": "Bearer forged"}, **kwargs).status_code == 401
+
+
+def test_agreement_statistics_by_hand():
+    from labeling_ui.agreement import agreement, kendalls_w, krippendorff_alpha, pairwise_agreement
+
+    # three raters, four responses: rank sums 4, 6, 8, 12; S = 35; W = 12 * 35 / (9 * 60)
+    assert kendalls_w([[1, 2, 3, 4], [2, 1, 3, 4], [1, 3, 2, 4]]) == pytest.approx(420 / 540)
+    assert kendalls_w([[1, 2, 3], [3, 2, 1]]) == pytest.approx(0.0)
+    # ties: [1,1,2] and [1,2,3] -> average ranks [1.5,1.5,3], [1,2,3]; sums 2.5,3.5,6; S = 6.5; T = 6
+    assert kendalls_w([[1, 1, 2], [1, 2, 3]]) == pytest.approx(12 * 6.5 / (4 * 24 - 2 * 6))
+    # pairs (0,1),(0,2),(1,2): tie vs ordered, same, same -> 2/3
+    assert pairwise_agreement([[1, 2, 2], [1, 2, 3]]) == pytest.approx(2 / 3)
+    assert krippendorff_alpha([{"a": [1, 2, 3], "b": [1, 2, 3]}, {"a": [2, 1], "b": [2, 1]}]) == 1.0
+    assert krippendorff_alpha([{"a": [1, 2, 3], "b": [3, 2, 1]}, {"a": [1, 2], "b": [2, 1]}]) < 0
+    single = agreement([{"a": [1, 2]}])
+    assert single["items_multi"] == 0 and single["kendall_w"] is None
+
+
+def test_agreement_endpoint_undo_and_progress(env):
+    store, client, auth = env
+    items = [{"prompt": f"q{i}", "responses": ["a", "b", "c"], "tags": ["math" if i < 2 else "safety"]}
+             for i in range(3)]
+    client.post("/api/projects/p/tasks?overlap=2", json=items, headers=auth("root"))
+    plans = {"alice": [1, 2, 3], "bob": [1, 3, 2]}
+    for name, ranks in plans.items():
+        while (r := client.get("/api/tasks/next?project=p", headers=auth(name))).status_code == 200:
+            body = {"ranks": ranks, "unsafe": "violence"} if r.json()["id"] == 3 and name == "bob" else {"ranks": ranks}
+            client.post(f"/api/tasks/{r.json()['id']}/annotations", json=body, headers=auth(name))
+    report = client.get("/api/projects/p/agreement", headers=auth("root")).json()
+    assert report["overall"]["items_multi"] == 3
+    assert report["overall"]["pairwise"] == pytest.approx(2 / 3)  # they differ on the pair (1, 2) only
+    assert set(report["per_tag"]) == {"math", "safety"} and report["per_tag"]["math"]["items"] == 2
+    assert [f["task"] for f in report["flagged"]] == [3] and report["flagged"][0]["unsafe"] == "violence"
+    assert {a["annotator"] for a in report["annotators"]} == {"alice", "bob"}
+    assert client.get("/api/projects/p/progress", headers=auth("alice")).json() == {
+        "mine_done": 3, "mine_remaining": 0, "project_done": 6, "project_total": 6}
+    assert client.post("/api/projects/p/undo", headers=auth("alice")).json() == {"task": 3}
+    assert client.get("/api/projects/p/progress", headers=auth("alice")).json()["mine_done"] == 2
+    again = client.get("/api/tasks/next?project=p", headers=auth("alice")).json()
+    assert again["id"] == 3  # the undone item comes back to its annotator
+    assert client.get("/api/tasks/next?project=p", headers=auth("carol")).status_code == 204  # slot is held
+
+
+def test_schema_migrates_an_old_database(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)  # the first schema: no lease creation time, no annotation duration
+    con.executescript("""
+        CREATE TABLE users (id INTEGER PRIMARY KEY, name VARCHAR(200) UNIQUE, role VARCHAR(20), password_hash VARCHAR(300));
+        CREATE TABLE tokens (token VARCHAR(100) PRIMARY KEY, user_id INTEGER, created DATETIME);
+        CREATE TABLE projects (id INTEGER PRIMARY KEY, name VARCHAR(200) UNIQUE, guidelines TEXT);
+        CREATE TABLE tasks (id INTEGER PRIMARY KEY, project_id INTEGER, prompt JSON, responses JSON, tags JSON,
+                            meta JSON, overlap INTEGER);
+        CREATE TABLE leases (id INTEGER PRIMARY KEY, task_id INTEGER, user_id INTEGER, expires DATETIME,
+                             UNIQUE (task_id, user_id));
+        CREATE TABLE annotations (id INTEGER PRIMARY KEY, task_id INTEGER, user_id INTEGER, ranks JSON, skipped BOOLEAN,
+                                  all_bad BOOLEAN, unsafe VARCHAR(100), tags JSON, rationale TEXT, strength FLOAT,
+                                  created DATETIME, UNIQUE (task_id, user_id));
+        INSERT INTO users VALUES (1, 'old', 'annotator', 'x');
+        INSERT INTO projects VALUES (1, 'p', '');
+        INSERT INTO tasks VALUES (1, 1, '"q"', '["a", "b"]', '[]', '{}', 1);
+        INSERT INTO annotations VALUES (1, 1, 1, '[2, 1]', 0, 0, NULL, '[]', '', NULL, '2026-01-01 00:00:00');
+    """)
+    con.commit()
+    con.close()
+    store = Store(f"sqlite:///{db}")
+    assert store.migrate() == 2
+    [(task, anns)] = store.annotations("p")
+    assert anns[0][0].ranks == [2, 1] and anns[0][0].seconds is None  # old data kept, new column added
+    cols = {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(annotations)")}
+    assert "seconds" in cols
+
+
+def test_cli_import_names_bad_lines_and_checks_tags(tmp_path):
+    import subprocess
+    import sys
+
+    good = {"prompt": "q", "responses": ["a", "b"], "tags": ["math"]}
+    bad = tmp_path / "tasks.jsonl"
+    bad.write_text("\n".join([json.dumps(good), "{not json", json.dumps({"prompt": "q", "responses": ["a"]}),
+                              json.dumps({**good, "tags": ["astrology"]})]) + "\n")
+    taxonomy = tmp_path / "tax.yaml"
+    taxonomy.write_text("tags:\n  - id: math\n")
+    db = f"sqlite:///{tmp_path / 'l.db'}"
+    out = subprocess.run([sys.executable, "-m", "align.cli", "label", "import", "--project", "p", "--file", str(bad),
+                          "--taxonomy", str(taxonomy), "--db", db], capture_output=True, text=True)
+    assert out.returncode != 0
+    for line in (2, 3, 4):
+        assert f"tasks.jsonl:{line}:" in out.stderr
+    assert "astrology" in out.stderr and Store(db).counts()["tasks"] == 0
+
+
+def test_candidates_from_a_checkpoint(tmp_path):
+    from base_model import QwenTokenizer, save_pretrained
+    from base_model.model import QwenForCausalLM
+    from conftest import tiny_config
+    from labeling_ui.candidates import generate_candidates
+
+    tok = QwenTokenizer.load("bytes")
+    torch_model = QwenForCausalLM(tiny_config(vocab_size=len(tok) + 8))
+    save_pretrained(torch_model, tmp_path / "m", tokenizer=tok)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hello", "tags": ["math"]}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
+    n = generate_candidates(tmp_path / "m", prompts, tmp_path / "tasks.jsonl", k=3, max_new_tokens=8)
+    rows = [json.loads(l) for l in (tmp_path / "tasks.jsonl").read_text().splitlines()]
+    assert n == 2 and all(len(r["responses"]) == 3 for r in rows) and rows[0]["tags"] == ["math"]
+    assert rows[0]["meta"]["sampling"][0] == {"temperature": 0.0}
+    store = Store(f"sqlite:///{tmp_path / 'l.db'}")
+    assert store.import_tasks("gen", rows, overlap=1) == 2
+
+
+@pytest.mark.slow
+def test_export_of_a_labelled_project_trains_a_reward_model(env, tmp_path):
+    import subprocess
+    import sys
+
+    from align.world.preferences import translation_comparisons
+
+    store, client, auth = env
+    truth = translation_comparisons(64, seed=3)
+    items = [{"prompt": r["prompt"], "responses": r["responses"]} for r in truth]
+    client.post("/api/projects/tr/tasks?overlap=2", json=items, headers=auth("root"))
+    by_prompt = {json.dumps(r["prompt"]) + r["responses"][0]: r["ranking"] for r in truth}
+    for name in ("alice", "bob"):
+        while (r := client.get("/api/tasks/next?project=tr", headers=auth(name))).status_code == 200:
+            task = r.json()
+            ranks = by_prompt[json.dumps(task["prompt"]) + task["responses"][0]]
+            client.post(f"/api/tasks/{task['id']}/annotations", json={"ranks": ranks, "strength": 1.0},
+                        headers=auth(name))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "align.cli", *a], capture_output=True, text=True)
+    out = run("label", "export", "--project", "tr", "--out", str(tmp_path / "export.jsonl"), "--db", store.url)
+    assert out.returncode == 0, out.stderr
+    out = run("rm", "train", "configs/rm/tiny.yaml", f"data.train={tmp_path / 'export.jsonl'}", "train.max_steps=4",
+              f"out_dir={tmp_path / 'rm'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "rm" / "final" / "reward_head.safetensors").exists()

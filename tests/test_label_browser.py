@@ -1,0 +1,123 @@
+"""The web page in Debian's Chromium (Playwright): log in, rank with the keyboard, isolation, escaping, review tab."""
+
+import json
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+from sqlalchemy import select
+
+from label_servers import LabelServer
+from labeling_ui.auth import hash_password
+from labeling_ui.store import Annotation, Store, User
+
+SHOTS = Path(__file__).parent / "screenshots"
+EVIL = "Sure. <script>window.pwned = true</script> <img src=x onerror=\"window.pwned = true\">"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("label-ui")
+    db = f"sqlite:///{tmp / 'labels.db'}"
+    store = Store(db)
+    for name, role in (("alice", "annotator"), ("bob", "annotator"), ("rita", "reviewer")):
+        store.add_user(name, role, hash_password(f"{name}-secret"))
+    prompt = [{"role": "system", "content": "You are helpful."},
+              {"role": "user", "content": "Show me a loop in Python.\n\n```python\nfor i in range(3):\n    print(i)\n```"}]
+    store.import_tasks("demo", [{"prompt": prompt, "responses": [EVIL, "**Bold** answer", "A plain answer"],
+                                 "tags": ["code"]}], overlap=2, guidelines="# Guidelines\nPrefer *correct* answers.")
+    taxonomy = tmp / "taxonomy.yaml"
+    taxonomy.write_text(json.dumps({"tags": [{"id": "code"}, {"id": "math"}, {"id": "safety"}]}))
+    srv = LabelServer(db, tmp / "server.log", taxonomy).start()
+    yield srv, store
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox"])
+        yield b
+        b.close()
+
+
+def login(browser, url, name, password):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    page.get_by_label("username").fill(name)
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+    return page
+
+
+def stored(store, name):
+    with store.sessions() as s:
+        return [(a.task_id, a.ranks, a.skipped) for a in s.scalars(
+            select(Annotation).join(User, User.id == Annotation.user_id).where(User.name == name))]
+
+
+@pytest.mark.slow
+def test_wrong_password_is_refused(server, browser):
+    srv, _ = server
+    page = login(browser, srv.url, "alice", "not-her-password")
+    page.wait_for_timeout(1500)
+    SHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SHOTS / "label_wrong_password.png"))
+    assert page.query_selector("#conversation") is None
+    assert page.get_by_role("button", name="Login").is_visible()
+    page.close()
+
+
+@pytest.mark.slow
+def test_annotator_ranks_with_keyboard_and_sees_no_one_elses_answer(server, browser):
+    srv, store = server
+    page = login(browser, srv.url, "alice", "alice-secret")
+    page.wait_for_selector("#responses .response", timeout=30000)
+    # the conversation is rendered as chat, code highlighted, and the response's HTML shown as text, not run
+    assert "Show me a loop" in page.inner_text("#conversation")
+    assert page.query_selector("#conversation pre code .k, #conversation pre code .kn, #conversation pre code span")
+    assert "<script>window.pwned = true</script>" in page.inner_text("#responses")
+    assert page.evaluate("window.pwned") is None
+    assert "Prefer" in page.inner_text("#guidelines")
+    assert page.query_selector("text=Review") is None or not page.get_by_role("tab", name="Review").is_visible()
+
+    page.click("#who")  # focus on the page, not on a text field
+    for key in "312":
+        page.keyboard.press(key)
+    assert page.input_value("#ranks textarea") == "3 1 2"
+    page.screenshot(path=str(SHOTS / "label_ranking.png"), full_page=True)
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Saved')", timeout=20000)
+    page.screenshot(path=str(SHOTS / "label_submitted.png"), full_page=True)
+    assert stored(store, "alice") == [(1, [3, 1, 2], False)]
+    assert "Nothing left" in page.inner_text("#status")
+    page.close()
+
+    # bob gets the same item (overlap 2) with an empty ranking, and nothing of alice's answer
+    page = login(browser, srv.url, "bob", "bob-secret")
+    page.wait_for_selector("#responses .response", timeout=30000)
+    page.wait_for_timeout(500)
+    assert page.input_value("#ranks textarea") == ""
+    body = page.inner_text("body")
+    assert "alice" not in body and "3 1 2" not in body
+    page.click("#who")
+    page.keyboard.press("s")  # S skips
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Skipped')", timeout=20000)
+    assert stored(store, "bob") == [(1, None, True)]
+    page.keyboard.press("u")  # U undoes the skip: the item is back
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Undid')", timeout=20000)
+    assert stored(store, "bob") == []
+    assert "Show me a loop" in page.inner_text("#conversation")
+    page.close()
+
+
+@pytest.mark.slow
+def test_reviewer_sees_agreement(server, browser):
+    srv, _ = server
+    page = login(browser, srv.url, "rita", "rita-secret")
+    page.get_by_role("tab", name="Review").click()
+    page.click("#refresh")
+    page.wait_for_function("document.querySelector('#agreement').innerText.includes('Kendall')", timeout=20000)
+    page.screenshot(path=str(SHOTS / "label_review.png"), full_page=True)
+    assert "ranked items" in page.inner_text("#agreement")
+    page.close()
