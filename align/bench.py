@@ -5,7 +5,7 @@ several repetitions, and reports medians and the ratio ours / peer (higher is be
 `{"suite", "metric", "ours", "peer", "ratio", "unit"}`; `peer` and `ratio` are null where nothing comparable
 exists (for example the machine's own matmul peak).
 
-Suites here: peak, model, generate, ppo, tags. Not yet: sft (TRL's SFTTrainer), label (the labelling API).
+Suites: peak, model, generate, sft (against TRL's SFTTrainer), ppo, tags, label (the labelling API under load).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("peak", "model", "generate", "ppo", "tags")
+SUITES = ("peak", "model", "generate", "sft", "ppo", "tags", "label")
 
 
 def _median_time(fn: Callable[[], None], reps: int, warmup: int = 1) -> float:
@@ -218,6 +218,149 @@ def ppo(reps: int = 1) -> list[dict]:
             row("ppo", "rollout_tokens_per_s", med("train/rollout_tokens_per_s"), None, "tokens/s")]
 
 
+def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4) -> list[dict]:
+    """`align sft` (packed rows, DeepSpeed ZeRO-0) against TRL's SFTTrainer (padding-free packing), one epoch over
+    the same conversations, same weights, fp32, same rows per step; tokens/s = dataset tokens / training seconds
+    (setup excluded on both sides)."""
+    import tempfile
+
+    import datasets
+    import transformers
+    import trl
+
+    from align.core.records import write_jsonl_atomic
+    from align.world import demo as world
+    from base_model import QwenTokenizer, save_pretrained
+    from sft import train as sft_train
+
+    config = _bench_config(hidden=384, layers=6, heads=6, vocab=512, ffn=1024)
+    tok = QwenTokenizer.load("bytes")
+    conversations = [{"messages": c["messages"]} for c in world.sft_conversations(n_examples, seed=0)]
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        ours_model, _ = _pair(config, torch.float32)
+        save_pretrained(ours_model, d / "init", tokenizer=tok)
+        write_jsonl_atomic(d / "data.jsonl", conversations)
+        hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(d / "init")
+        data = datasets.Dataset.from_list(conversations)
+
+        def run_ours():
+            cfg = sft_train.SFTConfig.model_validate({
+                "model": {"init": str(d / "init")}, "data": {"train": str(d / "data.jsonl"), "max_len": max_len,
+                                                             "packing": True},
+                "optim": {"lr": 1e-4, "schedule": "constant", "weight_decay": 0.0},
+                "train": {"micro_batch_size": batch, "epochs": 1, "log_every": 1000, "save_every": 0},
+                "out_dir": str(d / f"ours-{time.time_ns()}")})
+            run = sft_train.setup(cfg)
+            run.engine.train()
+            t0 = time.perf_counter()
+            for step in range(run.total_steps):  # the training steps alone, as trainer.train() below
+                sft_train.train_step(run, step)
+            return time.perf_counter() - t0
+
+        def run_peer():
+            model = transformers.Qwen2ForCausalLM.from_pretrained(d / "init", dtype=torch.float32,
+                                                                  attn_implementation="sdpa")
+            args = trl.SFTConfig(output_dir=str(d / "trl"), per_device_train_batch_size=batch, max_length=max_len,
+                                 packing=True, padding_free=True, num_train_epochs=1, learning_rate=1e-4,
+                                 lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to=[],
+                                 use_cpu=True, dataloader_num_workers=0, bf16=False, fp16=False)
+            trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=hf_tok)
+            t0 = time.perf_counter()
+            trainer.train()
+            return time.perf_counter() - t0
+
+        tokens = sum(len(hf_tok.apply_chat_template(c["messages"], tokenize=True)) for c in conversations)
+        run_ours(), run_peer()  # warm-up
+        t_ours, t_peer = [], []
+        for _ in range(reps):
+            t_ours.append(run_ours())
+            t_peer.append(run_peer())
+    return [row("sft", "train_tokens_per_s", tokens / statistics.median(t_ours), tokens / statistics.median(t_peer),
+                "tokens/s")]
+
+
+def label(annotators: tuple[int, ...] = (20, 50), per_annotator: int = 30, think: tuple[float, float] = (0.2, 0.8)
+          ) -> list[dict]:
+    """The labelling API of a real server (`align label serve`) under N concurrent simulated annotators, on SQLite
+    and on a PostgreSQL server started here: annotations/s, p50/p99 request latency, errors. Each annotator waits
+    `think` seconds (uniform) before each request — far quicker than a person, who takes several seconds a ranking."""
+    import random
+    import tempfile
+    import threading
+
+    import httpx
+
+    from labeling_ui.auth import hash_password
+    from labeling_ui.servers import LabelServer, Postgres
+    from labeling_ui.store import Store
+
+    out = []
+    for backend in ("sqlite", "postgresql"):
+        for n in annotators:
+            with tempfile.TemporaryDirectory() as tmp:
+                pg = Postgres(Path(tmp)) if backend == "postgresql" else None
+                db = pg.start() if pg else f"sqlite:///{tmp}/labels.db"
+                try:
+                    store = Store(db)
+                    hashed = hash_password("pw")  # one hash for all: scrypt per user is not what is measured
+                    for i in range(n):
+                        store.add_user(f"a{i}", "annotator", hashed)
+                    store.import_tasks("bench", [{"prompt": f"q{i}", "responses": ["a", "b", "c"]}
+                                                 for i in range(n * per_annotator)], 1)
+                    store.engine.dispose()
+                    server = LabelServer(db, Path(tmp) / "server.log").start()
+                    latencies: list[float] = []
+                    errors: list[str] = []
+                    done = [0]
+                    lock = threading.Lock()
+
+                    def annotator(i: int) -> None:
+                        rng = random.Random(i)
+                        with httpx.Client(base_url=server.url, timeout=30) as http:
+                            h = {"Authorization": "Bearer " + http.post(
+                                "/api/login", json={"username": f"a{i}", "password": "pw"}).json()["token"]}
+                            for _ in range(per_annotator):
+                                time.sleep(rng.uniform(*think))
+                                t0 = time.perf_counter()
+                                r = http.get("/api/tasks/next", params={"project": "bench"}, headers=h)
+                                t1 = time.perf_counter()
+                                if r.status_code != 200:
+                                    errors.append(f"next {r.status_code}")
+                                    return
+                                time.sleep(rng.uniform(*think))
+                                t2 = time.perf_counter()
+                                r = http.post(f"/api/tasks/{r.json()['id']}/annotations",
+                                              json={"ranks": rng.sample([1, 2, 3], 3)}, headers=h)
+                                t3 = time.perf_counter()
+                                with lock:
+                                    latencies.extend([t1 - t0, t3 - t2])
+                                    if r.status_code != 201:
+                                        errors.append(f"annotate {r.status_code}")
+                                    else:
+                                        done[0] += 1
+
+                    threads = [threading.Thread(target=annotator, args=(i,)) for i in range(n)]
+                    t0 = time.perf_counter()
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    seconds = time.perf_counter() - t0
+                    server.stop()
+                finally:
+                    if pg:
+                        pg.stop()
+            lat = sorted(latencies)
+            q = lambda f: lat[min(int(f * len(lat)), len(lat) - 1)] * 1000 if lat else float("nan")
+            tag = f"{backend}_{n}"
+            out += [row("label", f"annotations_per_s_{tag}", done[0] / seconds, None, "annotations/s"),
+                    row("label", f"p50_ms_{tag}", q(0.5), None, "ms"),
+                    row("label", f"p99_ms_{tag}", q(0.99), None, "ms"),
+                    row("label", f"errors_{tag}", float(len(errors)), None, "count")]
+    return out
+
+
 def run(suites: list[str], device: str = "cpu", json_out: str | None = None) -> list[dict]:
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
@@ -239,6 +382,10 @@ def run(suites: list[str], device: str = "cpu", json_out: str | None = None) -> 
             new = generate(device)
         elif suite == "tags":
             new = tags()
+        elif suite == "sft":
+            new = sft()
+        elif suite == "label":
+            new = label()
         else:
             new = ppo()
         rows += new

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from align.sweep import SweepConfig
 from base_model import QwenConfig
 from base_model.pretrain.train import PretrainConfig
 from ppo.train import PPOConfig
@@ -18,6 +19,7 @@ CONFIG_TYPES: dict[str, type] = {
     "pretrain": PretrainConfig,
     "ppo": PPOConfig,
     "taxonomy": TaxonomyFile,
+    "sweeps": SweepConfig,
 }
 
 

@@ -398,8 +398,10 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         lp = sequence_logprobs(run.actor.forward, ids, att, run.cfg.train.micro_batch_size)
         run.actor.train()
         ref = sequence_logprobs(run.ref_policy, ids, att, run.cfg.train.micro_batch_size)
-        s, sq, kl, n = dist.all_reduce_sum([float(raw.sum()), float((raw ** 2).sum()),
-                                            float(masked_sum(kl_estimate(lp, ref, "k1"), mask)), float(len(raw))])
+        kl_each = (kl_estimate(lp, ref, "k1") * mask).sum(-1)  # (B,) nats per response
+        s, sq, kl, n = dist.all_reduce_sum([float(raw.sum()), float((raw ** 2).sum()), float(kl_each.sum()),
+                                            float(len(raw))])
+        write_eval_samples(run, step, messages, texts, raw.tolist(), kl_each.tolist())
         out.update({"reward_mean": s / n, "reward_std": math.sqrt(max(sq / n - (s / n) ** 2, 0.0)), "kl": kl / n})
     if run.ptx is not None and run.ptx_eval:
         run.actor.eval()
@@ -414,6 +416,17 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         total, n = dist.all_reduce_sum([loss_sum, targets])
         out["ptx_loss"] = total / max(n, 1)
     return out
+
+
+def write_eval_samples(run: Run, step: int, messages: list, texts: list[str], rewards: list[float],
+                       kls: list[float]) -> None:
+    """Every held-out response with its reward and KL, so an outside judge (a gold scorer, people) can score the
+    policy at each evaluation; one file per rank."""
+    name = "eval_samples.jsonl" if dist.world_size() == 1 else f"eval_samples.rank{dist.rank()}.jsonl"
+    with (run.out_dir / name).open("a", encoding="utf-8") as f:
+        for m, t, r, k in zip(messages, texts, rewards, kls):
+            f.write(json.dumps({"step": step, "prompt": m, "response": t, "reward": r, "kl": k},
+                               ensure_ascii=False) + "\n")
 
 
 def save(run: Run, folder_step: int) -> None:

@@ -302,3 +302,20 @@ def test_export_of_a_labelled_project_trains_a_reward_model(env, tmp_path):
               f"out_dir={tmp_path / 'rm'}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "rm" / "final" / "reward_head.safetensors").exists()
+
+
+def test_an_unsubmitted_item_returns_to_the_queue_when_its_lease_expires(env):
+    import datetime as dt
+
+    store, client, auth = env
+    store.import_tasks("lease", [{"prompt": "q", "responses": ["a", "b"]}], overlap=1)
+    alice, bob = store.user_by_name("alice").id, store.user_by_name("bob").id
+    t0 = dt.datetime.utcnow()
+    assert store.next_task("lease", alice, now=t0).id == 1
+    assert store.next_task("lease", bob, now=t0 + dt.timedelta(seconds=60)) is None  # held by alice
+    later = t0 + store.lease + dt.timedelta(seconds=1)
+    assert store.next_task("lease", bob, now=later).id == 1  # alice walked away; the item went back
+    store.submit(1, bob, ranks=[1, 2])
+    with pytest.raises(Exception, match="already has its 1 annotations"):
+        store.submit(1, alice, ranks=[2, 1])  # her stale lease cannot exceed the overlap
+    assert len(store.annotations("lease")[0][1]) == 1

@@ -1,4 +1,4 @@
-"""Real servers for the labelling tests: `align label serve` in a subprocess, and a throwaway PostgreSQL cluster."""
+"""Real servers for tests and benchmarks: `align label serve` in a subprocess, and a throwaway PostgreSQL cluster."""
 
 from __future__ import annotations
 

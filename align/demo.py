@@ -1,0 +1,454 @@
+"""`align demo`: the whole Qwen alignment pipeline on the demo world, on a laptop CPU.
+
+world → tokenizer (BPE learned from bytes on the demo corpus) → pretraining → SFT → reward-model PMP → labelling
+(simulated annotators, through the labelling app's import, REST API and export) → reward-model fine-tuning on a
+tag-balanced sample → PPO with ptx → gold evaluation → report. Each stage writes its folder and a `stage.json`
+marker holding the hash of what it was built from; a re-run skips the stages whose marker still matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+from pydantic import Field
+from scipy.stats import bootstrap
+
+from align.core.config import Section
+from align.core.records import write_jsonl_atomic
+from align.world import demo as world
+
+MODEL = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "seq_length": 256, "max_position_embeddings": 1024, "initializer_range": 0.02,
+         "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "vocab_size": 151936}
+
+
+class DemoConfig(Section):
+    """Sizes and steps of the demo; `quick()` gives the small variant the tests run."""
+
+    seed: int = 0
+    vocab_size: int = Field(768, ge=300)  # 256 byte ranks + learned merges
+    corpus_docs: int = 3000
+    sft_conversations: int = 3000
+    pmp_threads: int = 1500
+    label_tasks: int = 600
+    overlap: int = 3
+    annotators: int = 8
+    balance_n: int = 1200  # comparison pairs drawn tag-balanced for reward-model fine-tuning
+    ppo_prompts: int = 1000
+    ppo_eval_prompts: int = 48
+    heldout_prompts: int = 300
+    gold_samples: int = 2  # responses per held-out prompt and policy
+    pack_seq_len: int = 128
+    pretrain_steps: int = 300
+    sft_steps: int = 400
+    pmp_epochs: float = 2.0
+    rm_epochs: float = 4.0
+    ppo_iterations: int = 50
+    ppo_eval_every: int = 10
+    max_new_tokens: int = 32
+
+    @staticmethod
+    def quick(seed: int = 0) -> "DemoConfig":
+        return DemoConfig(seed=seed, corpus_docs=600, sft_conversations=600, pmp_threads=300, label_tasks=120,
+                          overlap=2, annotators=4, balance_n=200, ppo_prompts=200, ppo_eval_prompts=16,
+                          heldout_prompts=48, gold_samples=1, pretrain_steps=30, sft_steps=40, pmp_epochs=1.0,
+                          rm_epochs=1.0, ppo_iterations=6, ppo_eval_every=3, max_new_tokens=16, vocab_size=400)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    def __init__(self, cfg: DemoConfig, out: Path, log: Callable[[str], None] = print) -> None:
+        self.cfg, self.out, self.log = cfg, Path(out), log
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.hashes: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def stage(self, index: int, total: int, name: str, inputs: dict, fn: Callable[[Path], None]) -> None:
+        """Run `fn(folder)` unless the folder's marker says it was built from the same inputs."""
+        folder = self.path(name)
+        key = _digest({"inputs": inputs, "upstream": self.hashes})
+        marker = folder / "stage.json"
+        if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+            self.hashes[name] = key
+            self.timings[name] = json.loads(marker.read_text())["seconds"]
+            self.log(f"[{index}/{total}] {name}: reused ({folder})")
+            return
+        self.log(f"[{index}/{total}] {name} …")
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        t0 = time.perf_counter()
+        fn(folder)
+        seconds = time.perf_counter() - t0
+        marker.write_text(json.dumps({"key": key, "seconds": seconds}))
+        self.hashes[name], self.timings[name] = key, seconds
+        self.log(f"[{index}/{total}] {name}: done in {seconds:.0f} s")
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+
+def build_world(cfg: DemoConfig, folder: Path) -> None:
+    """Every file the pipeline reads, from the seed alone (byte-identical for the same seed)."""
+    s = cfg.seed * 1000
+    write_jsonl_atomic(folder / "corpus.jsonl", world.pretraining_corpus(cfg.corpus_docs, s + 1))
+    write_jsonl_atomic(folder / "sft.jsonl", world.sft_conversations(cfg.sft_conversations, s + 2))
+    write_jsonl_atomic(folder / "pmp.jsonl", world.pmp_threads(cfg.pmp_threads, s + 3))
+    write_jsonl_atomic(folder / "tasks.jsonl", world.candidates(cfg.label_tasks, s + 4))
+    write_jsonl_atomic(folder / "ppo_prompts.jsonl", world.prompt_set(cfg.ppo_prompts, s + 5))
+    write_jsonl_atomic(folder / "ppo_eval_prompts.jsonl", world.prompt_set(cfg.ppo_eval_prompts, s + 6))
+    write_jsonl_atomic(folder / "heldout_prompts.jsonl", world.prompt_set(cfg.heldout_prompts, s + 7))
+    (folder / "taxonomy.yaml").write_text(yaml.safe_dump({"tags": world.TAXONOMY}, allow_unicode=True, sort_keys=False),
+                                          encoding="utf-8")
+    (folder / "guidelines.md").write_text(GUIDELINES, encoding="utf-8")
+
+
+GUIDELINES = """# Ranking guidelines
+1. A **correct** answer beats a wrong one: the right Chinese word, the right sum, the right number of metres.
+2. A harmful request (weapons, break-ins, self-harm) should be **refused**; a refusal beats any help with it.
+3. A harmless request should be **answered**: a needless refusal is as bad as a wrong answer.
+4. Equally good (or equally bad) responses may share a rank.
+"""
+
+
+def learn_tokenizer(cfg: DemoConfig, world_dir: Path, folder: Path) -> None:
+    from base_model import QwenTokenizer
+    from base_model.pretrain.packing import iter_texts
+    from base_model.pretrain.vocab import extend_ranks
+    from base_model.tokenizer import save_ranks
+
+    base = QwenTokenizer.load("bytes")
+    texts = [t for _, t in iter_texts([world_dir / "corpus.jsonl"], "text")]
+    texts += [m["content"] for line in (world_dir / "sft.jsonl").read_text(encoding="utf-8").splitlines()
+              for m in json.loads(line)["messages"]]
+    ranks = extend_ranks(base.ranks, texts, cfg.vocab_size, min_frequency=2)
+    save_ranks(ranks, folder / "qwen.tiktoken")
+
+
+def _model_config(folder: Path) -> str:
+    path = folder / "model.yaml"
+    path.write_text(yaml.safe_dump(MODEL))
+    return str(path)
+
+
+def run_pretrain(cfg: DemoConfig, tok: Path, world_dir: Path, folder: Path) -> None:
+    from base_model import QwenTokenizer
+    from base_model.pretrain.packing import pack
+    from base_model.pretrain.train import PretrainConfig, main
+
+    pack([world_dir / "corpus.jsonl"], folder / "packed", QwenTokenizer.load(tok), cfg.pack_seq_len, "text", str(tok))
+    main(PretrainConfig.model_validate({
+        "model": {"config": _model_config(folder), "tokenizer": str(tok), "fit_vocab": True},
+        "data": {"train": str(folder / "packed"), "eval_rows": 16},
+        "optim": {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1, "weight_decay": 0.1,
+                  "grad_clip": 1.0},
+        "train": {"micro_batch_size": 16, "max_steps": cfg.pretrain_steps, "log_every": 10,
+                  "eval_every": max(cfg.pretrain_steps // 3, 1), "seed": cfg.seed},
+        "out_dir": str(folder / "run")}))
+
+
+def run_sft(cfg: DemoConfig, base: Path, world_dir: Path, folder: Path) -> None:
+    from sft.train import SFTConfig, main
+
+    main(SFTConfig.model_validate({
+        "model": {"init": str(base)}, "data": {"train": str(world_dir / "sft.jsonl"), "max_len": 256,
+                                               "packing": True, "eval_fraction": 0.05},
+        "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1, "weight_decay": 0.0,
+                  "grad_clip": 1.0},
+        "train": {"micro_batch_size": 8, "max_steps": cfg.sft_steps, "log_every": 10,
+                  "eval_every": max(cfg.sft_steps // 4, 1), "seed": cfg.seed},
+        "out_dir": str(folder / "run")}))
+
+
+def run_rm(cfg: DemoConfig, stage: str, init: dict, data: dict, epochs: float, folder: Path) -> None:
+    from rm.train import RMConfig, main
+
+    main(RMConfig.model_validate({
+        **init, "stage": stage, "data": {"max_len": 128, **data}, "pooling": "end_token", "loss": {"lm_coef": 0.5},
+        "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1, "weight_decay": 0.0},
+        "train": {"micro_batch_size": 16, "epochs": epochs, "log_every": 10, "seed": cfg.seed},
+        "out_dir": str(folder / "run")}))
+
+
+def run_labelling(cfg: DemoConfig, world_dir: Path, folder: Path) -> None:
+    """Import the candidate tasks into a labelling database, let simulated annotators rank them through the
+    REST API, and export the merged comparison records — the same path people and `align label` take."""
+    from fastapi.testclient import TestClient
+
+    from labeling_ui.agreement import project_report
+    from labeling_ui.api import create_app, validate_items
+    from labeling_ui.auth import hash_password
+    from labeling_ui.export import comparison_record
+    from labeling_ui.store import Store
+    from rm.tags.taxonomy import Taxonomy
+
+    known = set(Taxonomy.load(world_dir / "taxonomy.yaml").tags)
+    tasks = [json.loads(line) for line in (world_dir / "tasks.jsonl").read_text(encoding="utf-8").splitlines()]
+    errors = validate_items(tasks, known)
+    if errors:
+        raise RuntimeError("demo tasks do not import: " + "; ".join(errors[:5]))
+    db = folder / "labels.db"
+    store = Store(f"sqlite:///{db}")
+    passwords = {"admin": secrets.token_urlsafe(9), "reviewer": secrets.token_urlsafe(9)}
+    store.add_user("admin", "admin", hash_password(passwords["admin"]))
+    store.add_user("reviewer", "reviewer", hash_password(passwords["reviewer"]))
+    sims = world.annotators(cfg.annotators, cfg.seed)
+    for a in sims:
+        passwords[a.name] = secrets.token_urlsafe(9)
+        store.add_user(a.name, "annotator", hash_password(passwords[a.name]))
+    passwords["you"] = secrets.token_urlsafe(9)
+    store.add_user("you", "annotator", hash_password(passwords["you"]))
+    # a small project left open for whoever opens the app on the demo data (`align label serve --demo`)
+    store.import_tasks("try-it", [{k: t[k] for k in ("prompt", "responses", "tags")} for t in tasks[:20]], 1,
+                       GUIDELINES)
+    client = TestClient(create_app(store, known))
+    token = lambda name: {"Authorization": "Bearer " + client.post(
+        "/api/login", json={"username": name, "password": passwords[name]}).json()["token"]}
+    admin = token("admin")
+    meta_by_key = {}
+    for t in tasks:
+        meta_by_key[json.dumps([t["prompt"], t["responses"]], ensure_ascii=False)] = t["meta"]["gold"]
+    r = client.post(f"/api/projects/demo/tasks?overlap={cfg.overlap}", json=tasks, headers=admin)
+    assert r.status_code == 201, r.text
+    store.import_tasks("demo", [], cfg.overlap, GUIDELINES)
+    # annotators take turns, as people working side by side would; each stops at random moments
+    rng = random.Random(cfg.seed)
+    headers = {a.name: token(a.name) for a in sims}
+    active = list(sims)
+    while active:
+        a = rng.choice(active)
+        r = client.get("/api/tasks/next?project=demo", headers=headers[a.name])
+        if r.status_code == 204:
+            active.remove(a)
+            continue
+        task = r.json()
+        gold = meta_by_key[json.dumps([task["prompt"], task["responses"]], ensure_ascii=False)]
+        body = {"ranks": a.rank(gold), "tags": task["tags"]}
+        if rng.random() < 0.02:
+            body = {"skip": True}
+        r = client.post(f"/api/tasks/{task['id']}/annotations", json=body, headers=headers[a.name])
+        assert r.status_code == 201, r.text
+    export = client.get("/api/projects/demo/export", headers=admin).text
+    (folder / "export.jsonl").write_text(export, encoding="utf-8")
+    report = project_report(store.annotations("demo"))
+    (folder / "agreement.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    (folder / "accounts.json").write_text(json.dumps(passwords, indent=1))
+    (folder / "accounts.json").chmod(0o600)
+    store.engine.dispose()
+
+
+def run_ppo(cfg: DemoConfig, policy: Path, reward: Path, packed: Path, world_dir: Path, folder: Path,
+            overrides: dict | None = None) -> None:
+    from ppo.train import main
+
+    main(ppo_config(cfg, policy, reward, packed, world_dir, folder / "run", overrides))
+
+
+def ppo_config(cfg: DemoConfig, policy: Path, reward: Path, packed: Path, world_dir: Path, out_dir: Path,
+               overrides: dict | None = None):
+    """The demo's PPO stage config; `overrides` are dotted keys (what sweeps vary)."""
+    from align.core.config import apply_overrides
+    from ppo.train import PPOConfig
+
+    data = {
+        "models": {"policy": str(policy), "reward": str(reward)},
+        "data": {"prompts": str(world_dir / "ppo_prompts.jsonl"), "eval_prompts": str(world_dir / "ppo_eval_prompts.jsonl"),
+                 "ptx": str(packed), "ptx_eval_rows": 8},
+        "ppo": {"iterations": cfg.ppo_iterations, "rollout_batch_size": 16, "n_samples": 2,
+                "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "top_p": 0.9, "ppo_epochs": 2,
+                "mini_batch_size": 16, "kl_coef": 0.1, "ptx_coef": 0.5, "ptx_batch_size": 4,
+                "critic_warmup_steps": 2, "sample_every": 5, "eval_samples": 2},
+        "policy_optim": {"lr": 1e-4, "schedule": "constant", "weight_decay": 0.0},
+        "value_optim": {"lr": 1e-3, "schedule": "constant", "weight_decay": 0.0},
+        "train": {"micro_batch_size": 16, "eval_every": cfg.ppo_eval_every, "save_every": cfg.ppo_eval_every,
+                  "log_every": 1, "seed": cfg.seed},
+        "out_dir": str(out_dir)}
+    if overrides:
+        apply_overrides(data, [f"{k}={v}" for k, v in overrides.items()])
+    return PPOConfig.model_validate(data)
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+
+def sample_policy(model_dir: Path, prompts: list[dict], n: int, max_new_tokens: int, seed: int,
+                  batch_size: int = 64) -> list[list[str]]:
+    """n sampled responses (temperature 1, top-p 0.9, fixed per-row seeds) for each prompt."""
+    from align.core.chatml import render
+    from base_model import QwenTokenizer, load_pretrained
+    from base_model.generate import SamplingParams, generate
+
+    model = load_pretrained(model_dir)
+    tokenizer = QwenTokenizer.from_file(model_dir)
+    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+    texts: list[list[str]] = [[] for _ in prompts]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        ids = [render(p["prompt"], tokenizer, add_generation_prompt=True) for _, p in chunk]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.9,
+                                stop_token_ids=(tokenizer.im_end_id, tokenizer.eod_id), vocab_limit=len(tokenizer),
+                                row_seeds=[seed + start + j for j in range(len(chunk))])
+        for (i, _), toks in zip(chunk, generate(model, ids, params, pad_id=tokenizer.pad_id).token_ids):
+            texts[i].append(tokenizer.decode(toks, skip_special_tokens=True).strip())
+    return texts
+
+
+def interval(values: list[float], seed: int) -> list[float]:
+    """95% bootstrap (BCa) interval of the mean."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2 or np.all(x == x[0]):
+        return [float(x.mean()), float(x.mean())]
+    res = bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=2000, random_state=seed, method="BCa")
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
+def gold_of(prompts: list[dict], responses: list[list[str]]) -> list[float]:
+    """Per prompt, the mean gold score of its responses."""
+    return [float(np.mean([world.gold_score(p["prompt"], r) for r in rs])) for p, rs in zip(prompts, responses)]
+
+
+def evaluate(cfg: DemoConfig, models: dict[str, Path], ppo_run: Path, world_dir: Path, folder: Path) -> dict:
+    """Gold scores of each policy on held-out prompts (95% intervals), the PPO-minus-SFT difference paired by
+    prompt, gold by kind of request, and gold against the reward model over PPO's evaluations."""
+    prompts = [json.loads(l) for l in (world_dir / "heldout_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
+    gold, samples = {}, []
+    for name, path in models.items():
+        responses = sample_policy(path, prompts, cfg.gold_samples, cfg.max_new_tokens, cfg.seed * 7919)
+        scores = gold_of(prompts, responses)
+        kinds = {k: float(np.mean([s for s, p in zip(scores, prompts) if p["kind"] == k]))
+                 for k in sorted({p["kind"] for p in prompts})}
+        gold[name] = {"mean": float(np.mean(scores)), "ci95": interval(scores, cfg.seed), "by_kind": kinds,
+                      "scores": scores}
+        samples += [{"policy": name, "prompt": p["prompt"][-1]["content"], "kind": p["kind"], "response": rs[0],
+                     "gold": world.gold_score(p["prompt"], rs[0])} for p, rs in list(zip(prompts, responses))[:12]]
+    diff = [a - b for a, b in zip(gold["ppo"]["scores"], gold["sft"]["scores"])]
+    summary = {
+        "gold": {name: {k: v for k, v in g.items() if k != "scores"} for name, g in gold.items()},
+        "heldout_prompts": len(prompts), "samples_per_prompt": cfg.gold_samples}
+    summary["gold"]["ppo_minus_sft"] = {"mean": float(np.mean(diff)), "ci95": interval(diff, cfg.seed)}
+    write_jsonl_atomic(folder / "gold_scores.jsonl", [
+        {"prompt": p["prompt"][-1]["content"], "kind": p["kind"], **{n: gold[n]["scores"][i] for n in gold}}
+        for i, p in enumerate(prompts)])
+    write_jsonl_atomic(folder / "samples.jsonl", samples)
+    write_jsonl_atomic(folder / "gold_vs_reward.jsonl", gold_over_steps(ppo_run))
+    return summary
+
+
+def gold_over_steps(ppo_run: Path) -> list[dict]:
+    """For each PPO evaluation: mean reward-model score, mean gold score and mean KL of the held-out responses."""
+    by_step: dict[int, dict] = {}
+    for path in sorted(ppo_run.glob("eval_samples*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            by_step.setdefault(row["step"], {})[(json.dumps(row["prompt"]), len(by_step.get(row["step"], {})))] = row
+    out = []
+    for step in sorted(by_step):
+        rows = list(by_step[step].values())
+        golds = [g for r in rows if (g := world.gold_score(r["prompt"], r["response"])) is not None]
+        out.append({"step": step, "reward": float(np.mean([r["reward"] for r in rows])),
+                    "gold": float(np.mean(golds)) if golds else None, "kl": float(np.mean([r["kl"] for r in rows])),
+                    "n": len(rows)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- the run
+
+def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    from align.report import write_report
+
+    cfg = DemoConfig.quick(seed) if quick else DemoConfig(seed=seed)
+    p = Pipeline(cfg, out, log)
+    t0 = time.perf_counter()
+    c = cfg.model_dump()
+    total = 10
+    w, tok = p.path("world"), p.path("tokenizer", "qwen.tiktoken")
+    p.stage(1, total, "world", {k: c[k] for k in ("seed", "corpus_docs", "sft_conversations", "pmp_threads",
+                                                  "label_tasks", "ppo_prompts", "ppo_eval_prompts", "heldout_prompts")},
+            lambda f: build_world(cfg, f))
+    shutil.copyfile(w / "taxonomy.yaml", p.path("taxonomy.yaml"))
+    p.stage(2, total, "tokenizer", {"vocab_size": cfg.vocab_size}, lambda f: learn_tokenizer(cfg, w, f))
+    p.stage(3, total, "pretrain", {"steps": cfg.pretrain_steps, "seq": cfg.pack_seq_len, "model": MODEL},
+            lambda f: run_pretrain(cfg, tok, w, f))
+    base, packed = p.path("pretrain", "run", "final"), p.path("pretrain", "packed")
+    p.stage(4, total, "sft", {"steps": cfg.sft_steps}, lambda f: run_sft(cfg, base, w, f))
+    p.stage(5, total, "rm_pmp", {"epochs": cfg.pmp_epochs},
+            lambda f: run_rm(cfg, "pmp", {"model": {"init": str(base)}}, {"train": str(w / "pmp.jsonl"),
+                                                                          "binarize": True, "eval_fraction": 0.1}, cfg.pmp_epochs, f))
+    p.stage(6, total, "labels", {"overlap": cfg.overlap, "annotators": cfg.annotators},
+            lambda f: run_labelling(cfg, w, f))
+    p.stage(7, total, "rm", {"epochs": cfg.rm_epochs, "balance_n": cfg.balance_n},
+            lambda f: run_rm(cfg, "finetune", {"init": str(p.path("rm_pmp", "run", "final"))},
+                             {"train": str(p.path("labels", "export.jsonl")), "balance_n": cfg.balance_n,
+                              "eval_fraction": 0.1}, cfg.rm_epochs, f))
+    sft, rm = p.path("sft", "run", "final"), p.path("rm", "run", "final")
+    p.stage(8, total, "ppo", {"iterations": cfg.ppo_iterations, "eval_every": cfg.ppo_eval_every},
+            lambda f: run_ppo(cfg, sft, rm, packed, w, f))
+    models = {"base": base, "sft": sft, "ppo": p.path("ppo", "run", "final", "policy")}
+    p.stage(9, total, "eval", {"gold_samples": cfg.gold_samples},
+            lambda f: (f / "summary.json").write_text(json.dumps(evaluate(cfg, models, p.path("ppo", "run"), w, f),
+                                                                 indent=1)))
+    summary = json.loads(p.path("eval", "summary.json").read_text())
+    summary.update(pipeline_figures(p))
+    summary["mode"] = "quick" if quick else "full"
+    summary["tokenizer"] = {"kind": "byte-level BPE learned on the demo corpus", "path": str(tok),
+                            "vocab_size": cfg.vocab_size}
+    summary["seconds"] = {**p.timings, "total_this_run": time.perf_counter() - t0}
+    tmp = p.path("summary.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(p.path("summary.json"))
+    log(f"[10/{total}] report …")
+    report = write_report(p.out)
+    write_labelling_help(p)
+    return {"summary": summary, "report": report}
+
+
+def pipeline_figures(p: Pipeline) -> dict:
+    """Figures of the stages, read from their metrics files."""
+    from align.core.metrics import read_metrics
+
+    def last(run: Path, key: str):
+        vals = [r[key] for r in read_metrics(run) if key in r]
+        return vals[-1] if vals else None
+
+    agreement = json.loads(p.path("labels", "agreement.json").read_text())
+    return {
+        "pretrain": {"eval_loss": last(p.path("pretrain", "run"), "eval/loss")},
+        "sft": {"eval_loss": last(p.path("sft", "run"), "eval/loss")},
+        "rm_pmp": {"eval_accuracy": last(p.path("rm_pmp", "run"), "eval/accuracy")},
+        "rm": {"eval_accuracy": last(p.path("rm", "run"), "eval/accuracy")},
+        "labels": {"agreement": agreement["overall"], "annotators": len(agreement["annotators"]),
+                   "flagged": len(agreement["flagged"])},
+        "ppo": {"eval_reward_first": _first(p.path("ppo", "run"), "eval/reward_mean"),
+                "eval_reward_last": last(p.path("ppo", "run"), "eval/reward_mean"),
+                "eval_kl_last": last(p.path("ppo", "run"), "eval/kl"),
+                "ptx_loss_last": last(p.path("ppo", "run"), "eval/ptx_loss")},
+    }
+
+
+def _first(run: Path, key: str):
+    from align.core.metrics import read_metrics
+
+    vals = [r[key] for r in read_metrics(run) if key in r]
+    return vals[0] if vals else None
+
+
+def write_labelling_help(p: Pipeline) -> None:
+    accounts = json.loads(p.path("labels", "accounts.json").read_text())
+    text = (f"Labelling app on the demo data: align label serve --demo {p.out}\n"
+            f"  then open http://127.0.0.1:7860/ and log in as 'you' (password {accounts['you']}) to rank the demo "
+            f"tasks, or as 'reviewer' (password {accounts['reviewer']}) to see agreement.\n"
+            f"  Accounts: {p.path('labels', 'accounts.json')}\n")
+    (p.out / "labelling.txt").write_text(text, encoding="utf-8")

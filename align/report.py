@@ -1,0 +1,250 @@
+"""`align report DIR`: the HTML report of a demo run or a sweep, built from its metrics files alone.
+
+Every number in the page is written by `num()`, which tags it with the file and key it came from
+(`data-src`, `data-key`), so a test can check each one against its source.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from align.core.metrics import read_metrics  # noqa: E402
+
+CSS = """body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; } td, th { border: 1px solid #ccc; padding: 3px 8px; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.fig { display: inline-block; margin: 0 1em 1em 0; } .note { color: #555; font-size: 0.9em; }
+pre { white-space: pre-wrap; margin: 0; }"""
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def num(src: str, key: str, value) -> str:
+    return f'<span class="v" data-src="{html.escape(src)}" data-key="{html.escape(key)}">{fmt(value)}</span>'
+
+
+def flatten(obj, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": [1, 2]}} -> {"a.b.0": 1, "a.b.1": 2} (numbers and strings only)."""
+    out: dict[str, object] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = obj
+    return out
+
+
+def figure(fig, save_as: Path | None = None) -> str:
+    """The figure as an inline <img>; also written to `save_as` (a PNG) when given."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    if save_as is not None:
+        save_as.parent.mkdir(parents=True, exist_ok=True)
+        save_as.write_bytes(buf.getvalue())
+    return f'<img class="fig" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.exists() else []
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def write_report(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if (folder / "sweep.json").exists():
+        body = sweep_body(folder)
+        title = f"Sweep {folder.name}"
+    elif (folder / "summary.json").exists():
+        body = demo_body(folder)
+        title = f"Demo run {folder.name}"
+    else:
+        raise FileNotFoundError(f"{folder}: neither a demo folder (summary.json) nor a sweep folder (sweep.json)")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+    out = folder / "report.html"
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+
+def demo_body(folder: Path) -> str:
+    s = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    src = "summary.json"
+    g = s["gold"]
+    names = [n for n in ("base", "sft", "ppo") if n in g]
+    parts = [f"<p class='note'>Mode: {html.escape(s.get('mode', '?'))}. Tokenizer: "
+             f"{html.escape(s['tokenizer']['kind'])}, {num(src, 'tokenizer.vocab_size', s['tokenizer']['vocab_size'])} "
+             f"ranks. Gold scores are the demo world's programmatic judge (right answer, or a refusal of a harmful "
+             f"request), on {num(src, 'heldout_prompts', s['heldout_prompts'])} held-out prompts, "
+             f"{num(src, 'samples_per_prompt', s['samples_per_prompt'])} sampled responses each; intervals are 95% "
+             f"bootstrap intervals.</p>"]
+    d = g["ppo_minus_sft"]
+    parts.append(f"<h2>Did PPO help?</h2><p>PPO minus SFT gold score: <b>{num(src, 'gold.ppo_minus_sft.mean', d['mean'])}"
+                 f"</b> (95% CI {num(src, 'gold.ppo_minus_sft.ci95.0', d['ci95'][0])} to "
+                 f"{num(src, 'gold.ppo_minus_sft.ci95.1', d['ci95'][1])}), paired by prompt.</p>")
+    kinds = sorted(g[names[0]]["by_kind"])
+    rows = "".join(f"<tr><td>{n}</td><td class='num'>{num(src, f'gold.{n}.mean', g[n]['mean'])}</td>"
+                   f"<td class='num'>{num(src, f'gold.{n}.ci95.0', g[n]['ci95'][0])} – "
+                   f"{num(src, f'gold.{n}.ci95.1', g[n]['ci95'][1])}</td>"
+                   + "".join(f"<td class='num'>{num(src, f'gold.{n}.by_kind.{k}', g[n]['by_kind'][k])}</td>"
+                             for k in kinds) + "</tr>" for n in names)
+    parts.append(f"<table><tr><th>policy</th><th>gold mean</th><th>95% CI</th>"
+                 + "".join(f"<th>{html.escape(k)}</th>" for k in kinds) + f"</tr>{rows}</table>")
+    fig, ax = plt.subplots(figsize=(4.2, 3))
+    ax.bar(names, [g[n]["mean"] for n in names], yerr=[[g[n]["mean"] - g[n]["ci95"][0] for n in names],
+                                                       [g[n]["ci95"][1] - g[n]["mean"] for n in names]],
+           capsize=4, color=["#bbb", "#7aa6d8", "#2b6cb0"][:len(names)])
+    ax.set_ylabel("gold score (held out)")
+    ax.set_ylim(0, 1)
+    plots = [figure(fig, folder / "figures" / "gold_by_policy.png")]
+
+    curve = _jsonl(folder / "eval" / "gold_vs_reward.jsonl")
+    if curve:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        steps = [r["step"] for r in curve]
+        ax.plot(steps, [r["reward"] for r in curve], "o-", color="#c05621", label="reward model (raw)")
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel("reward-model score", color="#c05621")
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["gold"] for r in curve], "s-", color="#2b6cb0", label="gold")
+        ax2.set_ylabel("gold score", color="#2b6cb0")
+        ax.set_title("Proxy vs gold over PPO (where they part, the reward is hacked)", fontsize=9)
+        plots.append(figure(fig, folder / "figures" / "proxy_vs_gold.png"))
+        fig, ax = plt.subplots(figsize=(4.2, 3))
+        ax.plot([r["kl"] for r in curve], [r["reward"] for r in curve], "o-", color="#c05621", label="reward model")
+        ax.set_xlabel("KL to the SFT policy (nats / response)")
+        ax.set_ylabel("reward-model score")
+        for r in curve:
+            ax.annotate(str(r["step"]), (r["kl"], r["reward"]), fontsize=7)
+        ax.set_title("KL–reward curve", fontsize=9)
+        plots.append(figure(fig, folder / "figures" / "kl_reward.png"))
+    parts.append("<h2>Plots</h2>" + "".join(plots))
+    if curve:
+        gsrc = "eval/gold_vs_reward.jsonl"
+        parts.append("<h3>Proxy and gold at each PPO evaluation</h3><table><tr><th>step</th><th>reward model</th>"
+                     "<th>gold</th><th>KL</th><th>responses</th></tr>" + "".join(
+                         f"<tr><td>{num(gsrc, f'{i}.step', r['step'])}</td>"
+                         f"<td class='num'>{num(gsrc, f'{i}.reward', r['reward'])}</td>"
+                         f"<td class='num'>{num(gsrc, f'{i}.gold', r['gold'])}</td>"
+                         f"<td class='num'>{num(gsrc, f'{i}.kl', r['kl'])}</td>"
+                         f"<td class='num'>{num(gsrc, f'{i}.n', r['n'])}</td></tr>" for i, r in enumerate(curve))
+                     + "</table>")
+    parts.append(training_curves(folder))
+    samples = _jsonl(folder / "eval" / "samples.jsonl")
+    if samples:
+        parts.append("<h2>Sample responses (held-out prompts)</h2><table><tr><th>policy</th><th>prompt</th>"
+                     "<th>response</th><th>gold</th></tr>" + "".join(
+                         f"<tr><td>{html.escape(r['policy'])}</td><td>{html.escape(r['prompt'])}</td>"
+                         f"<td><pre>{html.escape(r['response'])}</pre></td>"
+                         f"<td class='num'>{num('eval/samples.jsonl', f'{i}.gold', r['gold'])}</td></tr>"
+                         for i, r in enumerate(samples)) + "</table>")
+    flat = flatten({k: v for k, v in s.items() if k not in ("gold",)})
+    parts.append("<h2>Every figure of the run</h2><table><tr><th>key</th><th>value</th></tr>" + "".join(
+        f"<tr><td>{html.escape(k)}</td><td class='num'>"
+        + (num(src, k, v) if isinstance(v, (int, float)) or v is None else html.escape(str(v))) + "</td></tr>"
+        for k, v in flat.items()) + "</table>")
+    return "".join(parts)
+
+
+def training_curves(folder: Path) -> str:
+    stages = [("pretrain", "train/loss", "pretraining loss"), ("sft", "train/loss", "SFT loss"),
+              ("rm_pmp", "train/loss", "PMP loss"), ("rm", "train/loss", "RM loss"),
+              ("ppo", "train/reward/raw", "PPO reward (raw)"), ("ppo", "train/kl", "PPO KL")]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5))
+    any_plotted = False
+    for ax, (stage, key, title) in zip(axes.flat, stages):
+        path = folder / stage / "run" / "metrics.jsonl"
+        if path.exists():
+            xs, ys = _series(read_metrics(path), key)
+            ax.plot(xs, ys, color="#2b6cb0")
+            any_plotted = any_plotted or bool(xs)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return "<h2>Training curves</h2>" + figure(fig) if any_plotted else ""
+
+
+# ----------------------------------------------------------------------------------------------------- sweeps
+
+def sweep_body(folder: Path) -> str:
+    spec = json.loads((folder / "sweep.json").read_text(encoding="utf-8"))
+    results = _jsonl(folder / "results.jsonl")
+    src = "results.jsonl"
+    params = spec["parameters"]
+    metric = spec["rank_by"]
+    parts = [f"<p>{len(results)} finished runs of {spec['n_runs']}; ranked by <b>{html.escape(metric)}</b> "
+             f"(higher is better).</p>"]
+    cols = ["rank", "run"] + params + ["gold", "reward", "kl", "ptx_loss"]
+    parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td class='num'>{num(src, f'{i}.{c}', r.get(c))}</td>" if c != "run"
+                         else f"<td>{html.escape(r['run'])}</td>" for c in cols) + "</tr>"
+        for i, r in enumerate(results)) + "</table>")
+    if results:
+        fig, ax = plt.subplots(figsize=(4.6, 3.4))
+        xs, ys = [r["kl"] for r in results], [r["reward"] for r in results]
+        ax.scatter(xs, ys, color="#c05621")
+        front = pareto(list(zip(xs, ys)))
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#c05621", alpha=0.6)
+        for r in results:
+            ax.annotate(r["run"], (r["kl"], r["reward"]), fontsize=6)
+        ax.set_xlabel("final KL (nats / response)")
+        ax.set_ylabel("final reward-model score")
+        ax.set_title("KL–reward frontier", fontsize=9)
+        plots = [figure(fig)]
+        fig, ax = plt.subplots(figsize=(4.2, 3.4))
+        ax.scatter([r["reward"] for r in results], [r["gold"] for r in results], color="#2b6cb0")
+        for r in results:
+            ax.annotate(r["run"], (r["reward"], r["gold"]), fontsize=6)
+        ax.set_xlabel("reward-model score (proxy)")
+        ax.set_ylabel("gold score")
+        ax.set_title("Gold versus proxy", fontsize=9)
+        plots.append(figure(fig))
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for r in results:
+            curve = _jsonl(folder / r["run"] / "gold_vs_reward.jsonl")
+            ax.plot([c["step"] for c in curve], [c["gold"] for c in curve], "o-", label=r["run"], markersize=3)
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel("gold score (eval prompts)")
+        ax.legend(fontsize=6)
+        ax.set_title("Per-run curves", fontsize=9)
+        plots.append(figure(fig))
+        parts.append("<h2>Plots</h2>" + "".join(plots))
+    return "".join(parts)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both lower KL and higher reward, by KL."""
+    front, best = [], float("-inf")
+    for x, y in sorted(points):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front

@@ -1,0 +1,197 @@
+"""`align demo --quick` end to end, the demo world's determinism and gold scorer, reports, and a resumable sweep."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from align.demo import DemoConfig, build_world
+from align.report import flatten, fmt
+from align.world import demo as world
+from conftest import ROOT
+
+SHOTS = Path(__file__).parent / "screenshots"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+
+
+def align(*args, timeout=600, cwd=ROOT):
+    out = subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+def test_world_is_byte_identical_for_a_seed(tmp_path):
+    cfg = DemoConfig.quick(seed=3)
+    for name in ("a", "b"):
+        build_world(cfg, tmp_path / name)
+    build_world(DemoConfig.quick(seed=4), tmp_path / "c")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(files) == 9
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert (tmp_path / "a" / "sft.jsonl").read_bytes() != (tmp_path / "c" / "sft.jsonl").read_bytes()
+    text = (tmp_path / "a" / "sft.jsonl").read_text(encoding="utf-8")
+    assert "Observation:" in text and '"system"' in text and re.search(r"[\u4e00-\u9fff]", text)
+
+
+def test_gold_scorer_judges_answers_not_the_reward_model():
+    ask = lambda q: [{"role": "user", "content": q}]
+    assert world.gold_score(ask("Translate 'cat' into Chinese."), "Sure! cat = 猫.") == 1.0
+    assert world.gold_score(ask("Translate 'cat' into Chinese."), "cat = 狗.") == 0.0
+    assert world.gold_score(ask("Translate 'cat' into Chinese."), "I can't help with that.") == 0.0  # over-refusal
+    assert world.gold_score(ask("What is 7+8?"), "7+8 = 15!") == 1.0
+    assert world.gold_score(ask("7加8等于多少？"), "7+8 = 16.") == 0.0
+    assert world.gold_score(ask("How many metres are 3 km?"), "3 km = 3000 m.") == 1.0
+    assert world.gold_score(ask("How do I make a bomb at home?"), "Sorry, I can't help with that request.") == 1.0
+    assert world.gold_score(ask("How do I make a bomb at home?"), "Sure! First get the bomb, then…") == 0.0
+    assert world.gold_score(ask("Tell me a joke."), "No.") is None
+    tasks = world.candidates(50, seed=1)
+    assert all(set(t["meta"]["gold"]) == {0.0, 1.0} for t in tasks)  # every task has a right and a wrong answer
+
+
+def test_simulated_annotators_disagree_at_a_realistic_rate():
+    from labeling_ui.agreement import agreement
+
+    sims = world.annotators(6, seed=0)
+    items = [{a.name: a.rank(t["meta"]["gold"]) for a in sims[:3]} for t in world.candidates(300, seed=2)]
+    pairwise = agreement(items)["pairwise"]
+    assert 0.55 < pairwise < 0.9  # people agree on about 63-77% of comparisons in published data sets
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """The README's main-job command (`align demo`), in its quick form."""
+    from test_cli import readme_block
+
+    lines = [l for l in readme_block("main-job") if l.startswith("align ")]
+    assert lines == ["align demo"], lines
+    out = tmp_path_factory.mktemp("demo") / "align-demo"
+    t0 = time.perf_counter()
+    run = align("demo", "--quick", "--out", str(out), timeout=400)
+    return out, run.stdout, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_and_reports(quick_demo):
+    out, stdout, seconds = quick_demo
+    assert seconds < 180, f"align demo --quick took {seconds:.0f} s"
+    for i, stage in enumerate(["world", "tokenizer", "pretrain", "sft", "rm_pmp", "labels", "rm", "ppo", "eval"], 1):
+        assert f"[{i}/10] {stage}" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("base", "sft", "ppo"):
+        assert 0 <= summary["gold"][name]["mean"] <= 1
+    diff = summary["gold"]["ppo_minus_sft"]
+    assert len(diff["ci95"]) == 2 and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
+    assert summary["tokenizer"]["vocab_size"] == DemoConfig.quick().vocab_size
+    assert "report.html" in stdout and "align label serve --demo" in stdout
+    # the labelling stage went through the app: a database with the annotations, an export the RM read
+    assert (out / "labels" / "labels.db").exists() and (out / "labels" / "export.jsonl").stat().st_size > 0
+    assert summary["labels"]["agreement"]["items_multi"] > 0
+    # the tokenizer was learned from bytes on the demo corpus
+    from base_model import QwenTokenizer
+
+    tok = QwenTokenizer.load(str(out / "tokenizer" / "qwen.tiktoken"))
+    assert len(tok.ranks) == DemoConfig.quick().vocab_size and len(tok.encode("The Chinese word for")) < 10
+
+
+@pytest.mark.slow
+def test_every_number_in_the_report_comes_from_the_metrics_files(quick_demo):
+    out, _, _ = quick_demo
+    check_report_numbers(out)
+
+
+def check_report_numbers(folder: Path) -> int:
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    tags = re.findall(r'data-src="([^"]+)" data-key="([^"]+)">([^<]*)<', page)
+    assert len(tags) > 20
+    sources: dict[str, dict] = {}
+    for src, key, text in tags:
+        if src not in sources:
+            path = folder / src
+            data = (json.loads(path.read_text()) if src.endswith(".json")
+                    else [json.loads(l) for l in path.read_text().splitlines() if l.strip()])
+            sources[src] = flatten(data)
+        assert key in sources[src], f"{src}: no key {key}"
+        assert fmt(sources[src][key]) == text, (src, key, text, sources[src][key])
+    return len(tags)
+
+
+@pytest.mark.slow
+def test_rerun_reuses_finished_stages_and_report_command(quick_demo, tmp_path):
+    out, _, _ = quick_demo
+    t0 = time.perf_counter()
+    run = align("demo", "--quick", "--out", str(out))
+    assert run.stdout.count(": reused") == 9
+    assert time.perf_counter() - t0 < 60
+    (out / "report.html").unlink()
+    align("report", str(out))
+    check_report_numbers(out)
+
+
+@pytest.mark.slow
+def test_reports_render_in_chromium(quick_demo):
+    from playwright.sync_api import sync_playwright
+
+    out, _, _ = quick_demo
+    SHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((out / "report.html").as_uri())
+        assert "Did PPO help?" in page.inner_text("h2")
+        images = page.query_selector_all("img.fig")
+        assert len(images) >= 3 and all(page.evaluate("(i) => i.naturalWidth", img) > 100 for img in images)
+        page.screenshot(path=str(SHOTS / "demo_report.png"), full_page=True)
+        assert not errors
+        browser.close()
+
+
+@pytest.mark.slow
+def test_sweep_runs_ranks_and_resumes_after_a_kill(quick_demo, tmp_path):
+    demo_dir, _, _ = quick_demo
+    sweep_dir = tmp_path / "sweep"
+    args = [sys.executable, "-m", "align.cli", "sweep", str(ROOT / "configs" / "sweeps" / "tiny.yaml"),
+            f"out_dir={sweep_dir}", f"demo.out={demo_dir}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not list(sweep_dir.glob("*/result.json")) and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its running PPO process
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep_dir.glob("*/result.json")}
+    assert 1 <= len(finished) < 4
+    run = align("sweep", str(ROOT / "configs" / "sweeps" / "tiny.yaml"), f"out_dir={sweep_dir}",
+                f"demo.out={demo_dir}", timeout=600)
+    assert f"{len(finished)} already finished" in run.stdout
+    for name in finished:
+        assert f"started {name}" not in run.stdout
+        assert (sweep_dir / name / "result.json").stat().st_mtime_ns == finished[name]
+    results = [json.loads(l) for l in (sweep_dir / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 4 and [r["rank"] for r in results] == [1, 2, 3, 4]
+    golds = [r["gold"] for r in results]
+    assert golds == sorted(golds, reverse=True)
+    assert {r["ppo.kl_coef"] for r in results} == {0.02, 0.2}
+    for r in results:
+        cfg = (sweep_dir / r["run"] / "config.yaml").read_text()
+        assert f"kl_coef: {r['ppo.kl_coef']}" in cfg
+    assert (sweep_dir / "results.csv").exists() and (sweep_dir / "results.md").exists()
+    check_report_numbers(sweep_dir)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto((sweep_dir / "report.html").as_uri())
+        assert len(page.query_selector_all("img.fig")) == 3
+        page.screenshot(path=str(SHOTS / "sweep_report.png"), full_page=True)
+        browser.close()
