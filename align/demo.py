@@ -9,6 +9,7 @@ marker holding the hash of what it was built from; a re-run skips the stages who
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import random
 import secrets
@@ -52,8 +53,8 @@ class DemoConfig(Section):
     sft_steps: int = 400
     pmp_epochs: float = 2.0
     rm_epochs: float = 4.0
-    ppo_iterations: int = 50
-    ppo_eval_every: int = 10
+    ppo_iterations: int = 30
+    ppo_eval_every: int = 5
     max_new_tokens: int = 32
 
     @staticmethod
@@ -78,10 +79,13 @@ class Pipeline:
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
 
-    def stage(self, index: int, total: int, name: str, inputs: dict, fn: Callable[[Path], None]) -> None:
-        """Run `fn(folder)` unless the folder's marker says it was built from the same inputs."""
+    def stage(self, index: int, total: int, name: str, inputs: dict, fn: Callable[[Path], None],
+              code: tuple[Callable, ...] = ()) -> None:
+        """Run `fn(folder)` unless the folder's marker says it was built from the same inputs, the same upstream
+        stages and the same code (the source of the functions in `code`, where the stage's recipe lives)."""
         folder = self.path(name)
-        key = _digest({"inputs": inputs, "upstream": self.hashes})
+        key = _digest({"inputs": inputs, "upstream": self.hashes,
+                       "code": [inspect.getsource(f) for f in code]})
         marker = folder / "stage.json"
         if marker.exists() and json.loads(marker.read_text()).get("key") == key:
             self.hashes[name] = key
@@ -270,9 +274,9 @@ def ppo_config(cfg: DemoConfig, policy: Path, reward: Path, packed: Path, world_
                  "ptx": str(packed), "ptx_eval_rows": 8},
         "ppo": {"iterations": cfg.ppo_iterations, "rollout_batch_size": 16, "n_samples": 2,
                 "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "top_p": 0.9, "ppo_epochs": 2,
-                "mini_batch_size": 16, "kl_coef": 0.1, "ptx_coef": 0.5, "ptx_batch_size": 4,
+                "mini_batch_size": 16, "kl_coef": 0.2, "ptx_coef": 0.5, "ptx_batch_size": 4,
                 "critic_warmup_steps": 2, "sample_every": 5, "eval_samples": 2},
-        "policy_optim": {"lr": 1e-4, "schedule": "constant", "weight_decay": 0.0},
+        "policy_optim": {"lr": 5e-5, "schedule": "constant", "weight_decay": 0.0},
         "value_optim": {"lr": 1e-3, "schedule": "constant", "weight_decay": 0.0},
         "train": {"micro_batch_size": 16, "eval_every": cfg.ppo_eval_every, "save_every": cfg.ppo_eval_every,
                   "log_every": 1, "seed": cfg.seed},
@@ -377,29 +381,33 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str],
     w, tok = p.path("world"), p.path("tokenizer", "qwen.tiktoken")
     p.stage(1, total, "world", {k: c[k] for k in ("seed", "corpus_docs", "sft_conversations", "pmp_threads",
                                                   "label_tasks", "ppo_prompts", "ppo_eval_prompts", "heldout_prompts")},
-            lambda f: build_world(cfg, f))
+            lambda f: build_world(cfg, f), (build_world, *(getattr(world, n) for n in dir(world)
+                                                          if inspect.isfunction(getattr(world, n)))))
     shutil.copyfile(w / "taxonomy.yaml", p.path("taxonomy.yaml"))
-    p.stage(2, total, "tokenizer", {"vocab_size": cfg.vocab_size}, lambda f: learn_tokenizer(cfg, w, f))
+    p.stage(2, total, "tokenizer", {"vocab_size": cfg.vocab_size}, lambda f: learn_tokenizer(cfg, w, f),
+            (learn_tokenizer,))
     p.stage(3, total, "pretrain", {"steps": cfg.pretrain_steps, "seq": cfg.pack_seq_len, "model": MODEL},
-            lambda f: run_pretrain(cfg, tok, w, f))
+            lambda f: run_pretrain(cfg, tok, w, f), (run_pretrain,))
     base, packed = p.path("pretrain", "run", "final"), p.path("pretrain", "packed")
-    p.stage(4, total, "sft", {"steps": cfg.sft_steps}, lambda f: run_sft(cfg, base, w, f))
+    p.stage(4, total, "sft", {"steps": cfg.sft_steps}, lambda f: run_sft(cfg, base, w, f), (run_sft,))
     p.stage(5, total, "rm_pmp", {"epochs": cfg.pmp_epochs},
-            lambda f: run_rm(cfg, "pmp", {"model": {"init": str(base)}}, {"train": str(w / "pmp.jsonl"),
-                                                                          "binarize": True, "eval_fraction": 0.1}, cfg.pmp_epochs, f))
+            lambda f: run_rm(cfg, "pmp", {"model": {"init": str(base)}},
+                             {"train": str(w / "pmp.jsonl"), "binarize": True, "eval_fraction": 0.1}, cfg.pmp_epochs, f),
+            (run_rm,))
     p.stage(6, total, "labels", {"overlap": cfg.overlap, "annotators": cfg.annotators},
-            lambda f: run_labelling(cfg, w, f))
+            lambda f: run_labelling(cfg, w, f), (run_labelling,))
     p.stage(7, total, "rm", {"epochs": cfg.rm_epochs, "balance_n": cfg.balance_n},
             lambda f: run_rm(cfg, "finetune", {"init": str(p.path("rm_pmp", "run", "final"))},
                              {"train": str(p.path("labels", "export.jsonl")), "balance_n": cfg.balance_n,
-                              "eval_fraction": 0.1}, cfg.rm_epochs, f))
+                              "eval_fraction": 0.1}, cfg.rm_epochs, f), (run_rm,))
     sft, rm = p.path("sft", "run", "final"), p.path("rm", "run", "final")
     p.stage(8, total, "ppo", {"iterations": cfg.ppo_iterations, "eval_every": cfg.ppo_eval_every},
-            lambda f: run_ppo(cfg, sft, rm, packed, w, f))
+            lambda f: run_ppo(cfg, sft, rm, packed, w, f), (run_ppo, ppo_config))
     models = {"base": base, "sft": sft, "ppo": p.path("ppo", "run", "final", "policy")}
     p.stage(9, total, "eval", {"gold_samples": cfg.gold_samples},
             lambda f: (f / "summary.json").write_text(json.dumps(evaluate(cfg, models, p.path("ppo", "run"), w, f),
-                                                                 indent=1)))
+                                                                 indent=1)),
+            (evaluate, sample_policy, gold_of, interval, gold_over_steps))
     summary = json.loads(p.path("eval", "summary.json").read_text())
     summary.update(pipeline_figures(p))
     summary["mode"] = "quick" if quick else "full"

@@ -34,20 +34,47 @@ class GenerationOutput:
     step_logits: list[torch.Tensor] = field(default_factory=list)  # (B, V) per step, when asked for
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
-    """(B, V) fp32 logits → temperature-scaled logits with everything outside top-k / top-p set to -inf."""
+def filter_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                  candidates: int = 256) -> torch.Tensor:
+    """(B, V) fp32 logits → temperature-scaled logits with everything outside top-k / top-p set to -inf.
+
+    Top-p first looks at the `candidates` most likely tokens: a row whose nucleus lies inside them (their mass
+    reaches top_p, as it does for a trained model) needs no full sort; the other rows are sorted whole."""
     logits = logits / temperature
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # probability of all better tokens
-        drop_sorted = mass_before >= top_p  # the token that crosses top_p is kept
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(-1)  # (B, V)
+        k = min(candidates, logits.shape[-1])
+        top_probs, top_ids = probs.topk(k, dim=-1)  # (B, k), descending
+        inside = top_probs.sum(-1) >= top_p  # (B,) the token that crosses top_p is among the candidates
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        mass_before = top_probs.cumsum(-1) - top_probs  # probability of all better tokens
+        keep.scatter_(-1, top_ids, (mass_before < top_p) & inside[:, None])
+        rest = (~inside).nonzero().squeeze(-1)
+        if len(rest):
+            sorted_probs, order = torch.sort(probs[rest], dim=-1, descending=True)
+            mass_before = sorted_probs.cumsum(-1) - sorted_probs
+            keep[rest] = torch.zeros_like(keep[rest]).scatter(-1, order, mass_before < top_p)
+        logits = logits.masked_fill(~keep, float("-inf"))
     return logits
+
+
+def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None,
+                  row_generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """(B, V) probabilities → (B,) token ids, one draw per row by inverting the cumulative distribution.
+
+    Exact (a token of probability 0 is never drawn) and one uniform number per row, where torch.multinomial draws
+    one exponential per vocabulary entry."""
+    b, v = probs.shape
+    if row_generators is not None:
+        u = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in row_generators])
+    else:
+        u = torch.rand(b, generator=generator, device=probs.device, dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # first cdf > u * total
+    return ids.clamp_(max=v - 1)
 
 
 @torch.no_grad()
@@ -101,11 +128,7 @@ def generate(
             next_ids = logits.argmax(-1)
         else:
             probs = filter_logits(logits, sampling.temperature, sampling.top_p, sampling.top_k).softmax(-1)
-            if row_generators is not None:
-                next_ids = torch.cat([torch.multinomial(probs[i], 1, generator=row_generators[i])
-                                      for i in range(b)])  # (B,)
-            else:
-                next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+            next_ids = sample_tokens(probs, generator, row_generators)  # (B,)
         logprobs = logits.log_softmax(-1).gather(-1, next_ids[:, None]).squeeze(-1)
         next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
         out_ids = torch.cat((out_ids, next_ids[:, None]), dim=1)

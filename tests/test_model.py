@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from base_model import QwenForCausalLM
-from base_model.generate import SamplingParams, filter_logits, generate
+from base_model.generate import SamplingParams, filter_logits, generate, sample_tokens
 from conftest import randomize_biases, tiny_config
 
 
@@ -153,3 +153,29 @@ def test_top_p_and_top_k_filtering():
     assert kept == [True, True, False, False]  # 0.5 < 0.7, 0.5 + 0.3 crosses it: both kept
     kept = filter_logits(logits, 1.0, top_p=1.0, top_k=1).isfinite()[0].tolist()
     assert kept == [True, False, False, False]
+
+
+def test_top_p_candidate_path_equals_the_full_sort():
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(6, 1000, generator=g) * 4  # nucleus inside the first candidates
+    flat = torch.randn(6, 1000, generator=g) * 0.01  # nucleus needs almost the whole vocabulary
+    for logits in (peaked, flat, torch.cat([peaked[:3], flat[:3]])):
+        for top_p in (0.5, 0.9, 0.99):
+            fast = filter_logits(logits, 1.0, top_p, 0, candidates=32).isfinite()
+            full = filter_logits(logits, 1.0, top_p, 0, candidates=1000).isfinite()
+            probs = logits.softmax(-1)
+            sorted_p, order = probs.sort(-1, descending=True)
+            expect = torch.zeros_like(full).scatter(-1, order, (sorted_p.cumsum(-1) - sorted_p) < top_p)
+            assert torch.equal(fast, expect) and torch.equal(full, expect)
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]]).repeat(20000, 1)
+    ids = sample_tokens(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).float() / len(ids)
+    assert freq[1] == 0  # a token of probability 0 is never drawn
+    assert torch.allclose(freq, probs[0], atol=0.015)
+    rows = [torch.Generator().manual_seed(s) for s in range(3)]
+    a = sample_tokens(probs[:3], row_generators=rows)
+    b = sample_tokens(probs[:3], row_generators=[torch.Generator().manual_seed(s) for s in range(3)])
+    assert torch.equal(a, b)
