@@ -193,6 +193,7 @@ def ppo(reps: int = 1) -> list[dict]:
     import sys
     import tempfile
 
+    from align.core.engine import subprocess_env
     from align.core.metrics import read_metrics
     from align.core.records import write_jsonl_atomic
     from align.world import ppo_task
@@ -203,7 +204,7 @@ def ppo(reps: int = 1) -> list[dict]:
         write_jsonl_atomic(d / "sft.jsonl", ppo_task.sft_conversations(100, 0))
         write_jsonl_atomic(d / "rm.jsonl", ppo_task.enthusiasm_comparisons(100, 0))
         run = lambda *a: subprocess.run([sys.executable, "-m", "align.cli", *a], cwd=root, check=True,
-                                        capture_output=True)
+                                        capture_output=True, env=subprocess_env())
         run("sft", "configs/sft/tiny.yaml", f"data.train={d / 'sft.jsonl'}", "train.max_steps=5", "train.save_every=0",
             f"out_dir={d / 'sft'}")
         run("rm", "train", "configs/rm/tiny.yaml", f"data.train={d / 'rm.jsonl'}", "train.max_steps=5",
@@ -228,6 +229,7 @@ def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4
     import transformers
     import trl
 
+    from align.core.chatml import render
     from align.core.records import write_jsonl_atomic
     from align.world import demo as world
     from base_model import QwenTokenizer, save_pretrained
@@ -264,13 +266,14 @@ def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4
             args = trl.SFTConfig(output_dir=str(d / "trl"), per_device_train_batch_size=batch, max_length=max_len,
                                  packing=True, padding_free=True, num_train_epochs=1, learning_rate=1e-4,
                                  lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to=[],
-                                 use_cpu=True, dataloader_num_workers=0, bf16=False, fp16=False)
+                                 use_cpu=True, dataloader_num_workers=0, bf16=False, fp16=False,
+                                 gradient_checkpointing=False)  # TRL turns it on by default; ours is off
             trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=hf_tok)
             t0 = time.perf_counter()
             trainer.train()
             return time.perf_counter() - t0
 
-        tokens = sum(len(hf_tok.apply_chat_template(c["messages"], tokenize=True)) for c in conversations)
+        tokens = sum(len(render(c["messages"], tok)) for c in conversations)  # ChatML, as both trainers see it
         run_ours(), run_peer()  # warm-up
         t_ours, t_peer = [], []
         for _ in range(reps):

@@ -23,6 +23,7 @@ import yaml
 from pydantic import Field
 
 from align.core.config import ConfigError, Section, load_config
+from align.core.engine import subprocess_env
 from align.core.metrics import read_metrics
 from align.core.records import write_jsonl_atomic
 
@@ -103,7 +104,8 @@ def run_sweep(path: str | Path, overrides: list[str] = (), log=print) -> Path:
             (folder / "params.json").write_text(json.dumps(params))
             (folder / "config.yaml").write_text(yaml.safe_dump(ppo.model_dump(mode="json"), sort_keys=False))
             proc = subprocess.Popen([sys.executable, "-m", "align.cli", "ppo", str(folder / "config.yaml")],
-                                    stdout=open(folder / "log.txt", "ab"), stderr=subprocess.STDOUT)
+                                    stdout=open(folder / "log.txt", "ab"), stderr=subprocess.STDOUT,
+                                    env=subprocess_env())
             active.append((name, proc, time.perf_counter()))
             log(f"[sweep] started {name}")
         time.sleep(0.5)

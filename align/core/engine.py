@@ -29,6 +29,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_OWN_ENV: dict[str, str] = {}  # what a single-process init_distributed put into os.environ
+
+
+def subprocess_env() -> dict[str, str]:
+    """os.environ for a child process that starts its own run: without the rank and port variables this process
+    set for its own single-process group (a child would otherwise try to join it)."""
+    return {k: v for k, v in os.environ.items() if not (k in _OWN_ENV and _OWN_ENV[k] == v)}
+
+
 def init_distributed() -> None:
     """Join the launcher's process group, or make a single-process one."""
     import deepspeed
@@ -36,8 +45,9 @@ def init_distributed() -> None:
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        own = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(own)
+        _OWN_ENV.update(own)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
