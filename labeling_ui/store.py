@@ -257,6 +257,10 @@ class Store:
             by_task.setdefault(ann.task_id, []).append((ann, name))
         return [(t, by_task.get(t.id, [])) for t in tasks]
 
+    def task(self, task_id: int) -> Task | None:
+        with self.sessions() as s:
+            return s.get(Task, task_id)
+
     def undo_last(self, project: str, user_id: int) -> int | None:
         """Withdraw the user's last submission in a project and hand its task back to them; returns the task id."""
         with self.sessions.begin() as s:

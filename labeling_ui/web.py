@@ -78,9 +78,10 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
         user = user_of(request)
         if task_id is None:
             raise gr.Error("no task on screen")
-        with store.sessions() as s:
-            from labeling_ui.store import Task
-            k = len(s.get(Task, task_id).responses)
+        task = store.task(task_id)
+        if task is None:
+            raise gr.Error(f"task {task_id} no longer exists")
+        k = len(task.responses)
         try:
             ranks = parse_ranks(ranks_text or "", k)
             store.submit(task_id, user.id, ranks=ranks, skipped=False, all_bad=bool(all_bad), unsafe=unsafe or None,
