@@ -40,7 +40,10 @@ def rope_cos_sin(
     position_ids: torch.Tensor, rotary_dim: int, bases: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (B, L, R) in fp32; one rotary base per row (dynamic NTK picks it per row)."""
-    inv_freq = torch.stack([rope_inv_freq(rotary_dim, b, position_ids.device) for b in bases])  # (B, R/2)
+    if len(set(bases)) == 1:  # the common case: one base for the whole batch
+        inv_freq = rope_inv_freq(rotary_dim, bases[0], position_ids.device)[None]  # (1, R/2)
+    else:
+        inv_freq = torch.stack([rope_inv_freq(rotary_dim, b, position_ids.device) for b in bases])  # (B, R/2)
     freqs = position_ids.float()[:, :, None] * inv_freq[:, None, :]  # (B, L, R/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, R), NeoX half-rotation layout
     return emb.cos(), emb.sin()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from base_model import QwenForCausalLM
-from base_model.generate import SamplingParams, filter_logits, generate, sample_tokens
+from base_model.generate import PACK_FROM_STEPS, SamplingParams, filter_logits, generate, sample_tokens
+from base_model.packed_linear import prepacked_linears
 from conftest import randomize_biases, tiny_config
 
 
@@ -155,18 +156,41 @@ def test_top_p_and_top_k_filtering():
     assert kept == [True, False, False, False]
 
 
-def test_top_p_candidate_path_equals_the_full_sort():
+def test_top_p_by_rejection_samples_the_nucleus():
+    """Drawing from the whole distribution and rejecting draws outside the nucleus gives the renormalised nucleus,
+    the same distribution as cutting a sorted vocabulary; also when rows fall back to the sort after one round."""
     g = torch.Generator().manual_seed(0)
-    peaked = torch.randn(6, 1000, generator=g) * 4  # nucleus inside the first candidates
-    flat = torch.randn(6, 1000, generator=g) * 0.01  # nucleus needs almost the whole vocabulary
-    for logits in (peaked, flat, torch.cat([peaked[:3], flat[:3]])):
-        for top_p in (0.5, 0.9, 0.99):
-            fast = filter_logits(logits, 1.0, top_p, 0, candidates=32).isfinite()
-            full = filter_logits(logits, 1.0, top_p, 0, candidates=1000).isfinite()
-            probs = logits.softmax(-1)
-            sorted_p, order = probs.sort(-1, descending=True)
-            expect = torch.zeros_like(full).scatter(-1, order, (sorted_p.cumsum(-1) - sorted_p) < top_p)
-            assert torch.equal(fast, expect) and torch.equal(full, expect)
+    logits = torch.stack([torch.randn(12, generator=g) * 2, torch.randn(12, generator=g) * 0.05])  # peaked, flat
+    for top_p, rounds in ((0.6, 16), (0.3, 1)):
+        nucleus = filter_logits(logits, 1.0, top_p, 0).softmax(-1)  # (2, 12) the definition, by sorting
+        n = 20000
+        probs = logits.softmax(-1).repeat_interleave(n, 0)  # (2n, 12)
+        ids = sample_tokens(probs, torch.Generator().manual_seed(1), top_p=top_p, max_rounds=rounds).view(2, n)
+        freq = torch.stack([torch.bincount(r, minlength=12).float() / n for r in ids])
+        assert torch.all(freq[nucleus == 0] == 0)  # nothing outside the nucleus, ever
+        assert torch.allclose(freq, nucleus, atol=0.015)
+
+
+def test_prepacked_linears_decode_like_the_plain_model():
+    model = _model()
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    greedy = SamplingParams(max_new_tokens=PACK_FROM_STEPS + 4, temperature=0)
+    with torch.no_grad():
+        with prepacked_linears(model, rows=2) as n:
+            assert n == 7 * model.config.num_hidden_layers + 1  # q, k, v, o, gate, up, down per layer; lm_head
+            packed = model(torch.tensor(prompts)).logits
+        plain = model(torch.tensor(prompts)).logits
+    assert "forward" not in vars(model.lm_head)  # the module's own forward is back
+    assert torch.allclose(packed, plain, atol=1e-5)
+    with prepacked_linears(model, rows=2) as n:
+        assert n == 0  # never while gradients are recorded: the packed copy would not receive them
+    out = generate(model, prompts, greedy)  # packs from the second step on
+    with torch.no_grad():
+        full = model(torch.tensor([p + t for p, t in zip(prompts, out.token_ids)])).logits.log_softmax(-1)
+    for i, (p, toks) in enumerate(zip(prompts, out.token_ids)):
+        assert toks == full[i, len(p) - 1:-1].argmax(-1).tolist()
+        expected = [full[i, len(p) - 1 + j, t].item() for j, t in enumerate(toks)]
+        assert torch.allclose(torch.tensor(out.logprobs[i]), torch.tensor(expected), atol=1e-5)
 
 
 def test_inverse_cdf_sampling_follows_the_distribution():
