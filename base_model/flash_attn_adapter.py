@@ -1,8 +1,9 @@
 """The one place that imports flash-attn: varlen attention for packed rows on CUDA.
 
 Used only when the `flash_attn` package imports, the tensors are on CUDA in fp16/bf16, and the row is packed
-(several documents). Everything else runs through `torch.nn.functional.scaled_dot_product_attention` with an
-explicit block-diagonal causal mask, which gives the same result.
+(several documents). Everything else runs through `torch.nn.functional.scaled_dot_product_attention`: one causal
+call per document (`model.attention_by_document`), or, where padding or a window cuts into documents, one call with
+an explicit block-diagonal causal mask; both give the same result.
 """
 
 from __future__ import annotations

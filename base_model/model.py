@@ -109,6 +109,8 @@ class AttentionBias:
     is_causal: bool
     doc_ids: torch.Tensor | None = None  # (B, L) for packed rows, used by the flash-attn varlen path
     window: int | None = None  # sliding-window size of this layer (None: full attention)
+    documents: list[tuple[int, int, int]] | None = None  # (row, start, end) of each document, when packed rows
+    # can be attended to one document at a time (no padding, no window cut inside a document)
 
 
 class QwenAttention(nn.Module):
@@ -143,6 +145,8 @@ class QwenAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if bias.doc_ids is not None and flash_attn_adapter.usable(q):
             out = flash_attn_adapter.packed_attention(q, k, v, bias.doc_ids, dropout, bias.window)
+        elif bias.documents is not None:
+            out = attention_by_document(q, k, v, bias.documents, dropout)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias.mask, dropout_p=dropout,
@@ -150,6 +154,33 @@ class QwenAttention(nn.Module):
                 enable_gqa=self.num_kv_heads != self.num_heads,
             )  # (B, H, L, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
+
+
+def attention_by_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: list[tuple[int, int, int]],
+                          dropout: float) -> torch.Tensor:
+    """q (B, H, L, D), k/v (B, G, L, D) → (B, H, L, D): causal attention inside each (row, start, end) document of
+    packed rows. The same result as the block-diagonal mask, without computing the blocks between documents (for a
+    row of n equal documents, 1/n of the work) and with the causal kernel instead of an explicit mask."""
+    gqa = k.shape[1] != q.shape[1]
+    rows: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
+    for row, start, end in documents:
+        span = slice(start, end)
+        rows[row].append(F.scaled_dot_product_attention(
+            q[row:row + 1, :, span], k[row:row + 1, :, span], v[row:row + 1, :, span], dropout_p=dropout,
+            is_causal=True, enable_gqa=gqa))  # (1, H, end - start, D)
+    return torch.cat([torch.cat(pieces, dim=2) for pieces in rows], dim=0)
+
+
+def _documents(doc_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(B, L) document ids → (row, start, end) of every document, in row then position order."""
+    b, length = doc_ids.shape
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    out = []
+    for row, cols in enumerate(starts.tolist()):
+        edges = [i for i, s in enumerate(cols) if s] + [length]
+        out += [(row, s, e) for s, e in zip(edges, edges[1:])]
+    return out
 
 
 class QwenMLP(nn.Module):
@@ -260,8 +291,12 @@ def _attention_biases(cfg, length, past, attention_mask, doc_ids, device) -> dic
     """One AttentionBias per distinct window size (None: full attention)."""
     windows = set(cfg.window_sizes or [None])
     has_padding = attention_mask is not None and not bool(attention_mask.all())
+    documents = _documents(doc_ids) if doc_ids is not None and not has_padding and past == 0 else None
     out: dict[int | None, AttentionBias] = {}
     for window in windows:
+        if documents is not None and (window is None or max(e - s for _, s, e in documents) <= window):
+            out[window] = AttentionBias(None, False, doc_ids, window, documents)  # no window cuts a document
+            continue
         needs_window = window is not None and past + length > window
         if not (has_padding or doc_ids is not None or needs_window):
             # plain causal, or a single decoding step that may see every cached key

@@ -5,6 +5,7 @@ import torch
 
 from base_model import QwenForCausalLM
 from base_model.generate import PACK_FROM_STEPS, SamplingParams, filter_logits, generate, sample_tokens
+from base_model.model import _attention_biases
 from base_model.packed_linear import prepacked_linears
 from conftest import randomize_biases, tiny_config
 
@@ -24,6 +25,35 @@ def test_packed_rows_equal_separate_documents(flags):
         packed = model(row, position_ids=positions).logits[0]
         alone = torch.cat([model(d[None]).logits[0] for d in docs])
     assert (packed - alone).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("windows", [None, [6, None], [12, 4]])
+def test_packed_batch_attends_by_document_with_the_gradients_of_separate_documents(windows):
+    """Two packed rows: each layer attends one document at a time, or (where a window cuts a document) through the
+    block-diagonal mask; logits and gradients equal those of the documents run one by one."""
+    model = _model(window_sizes=windows).train()
+    model.config.hidden_dropout = model.config.attention_dropout = 0.0
+    for layer in model.model.layers:
+        layer.self_attn.dropout = 0.0
+    rows = [[torch.randint(0, 300, (n,)) for n in lengths] for lengths in ((10, 7, 5), (4, 18))]
+    ids = torch.stack([torch.cat(docs) for docs in rows])  # (2, 22)
+    positions = torch.stack([torch.cat([torch.arange(len(d)) for d in docs]) for docs in rows])
+    doc_ids = (positions == 0).cumsum(-1)
+    biases = _attention_biases(model.config, ids.shape[1], 0, None, doc_ids, ids.device)
+    by_document = {w: b.documents is not None for w, b in biases.items()}
+    assert by_document == {None: {None: True}, (6, None): {6: False, None: True},
+                           (12, 4): {12: False, 4: False}}[tuple(windows) if windows else None]
+    if windows is None:
+        assert biases[None].documents == [(0, 0, 10), (0, 10, 17), (0, 17, 22), (1, 0, 4), (1, 4, 22)]
+    packed = model(ids, position_ids=positions).logits
+    packed.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    alone = torch.stack([torch.cat([model(d[None]).logits[0] for d in docs]) for docs in rows])
+    alone.square().sum().backward()
+    assert (packed - alone).abs().max().item() < 1e-5
+    for n, p in model.named_parameters():
+        assert (grads[n] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max(), n
 
 
 def test_packed_training_loss_equals_separate():
