@@ -229,7 +229,11 @@ def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4
     import transformers
     import trl
 
+    import subprocess
+    import sys
+
     from align.core.chatml import render
+    from align.core.engine import subprocess_env
     from align.core.records import write_jsonl_atomic
     from align.world import demo as world
     from base_model import QwenTokenizer, save_pretrained
@@ -243,8 +247,6 @@ def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4
         ours_model, _ = _pair(config, torch.float32)
         save_pretrained(ours_model, d / "init", tokenizer=tok)
         write_jsonl_atomic(d / "data.jsonl", conversations)
-        hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(d / "init")
-        data = datasets.Dataset.from_list(conversations)
 
         def run_ours():
             cfg = sft_train.SFTConfig.model_validate({
@@ -260,18 +262,14 @@ def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4
                 sft_train.train_step(run, step)
             return time.perf_counter() - t0
 
-        def run_peer():
-            model = transformers.Qwen2ForCausalLM.from_pretrained(d / "init", dtype=torch.float32,
-                                                                  attn_implementation="sdpa")
-            args = trl.SFTConfig(output_dir=str(d / "trl"), per_device_train_batch_size=batch, max_length=max_len,
-                                 packing=True, padding_free=True, num_train_epochs=1, learning_rate=1e-4,
-                                 lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to=[],
-                                 use_cpu=True, dataloader_num_workers=0, bf16=False, fp16=False,
-                                 gradient_checkpointing=False)  # TRL turns it on by default; ours is off
-            trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=hf_tok)
-            t0 = time.perf_counter()
-            trainer.train()
-            return time.perf_counter() - t0
+        def run_peer():  # in a fresh process: in this one the Trainer would see our process group and add DDP
+            code = (f"from align.bench import trl_sft_seconds; "
+                    f"print(trl_sft_seconds({str(d)!r}, {batch}, {max_len}))")
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  env=subprocess_env(), cwd=Path(__file__).resolve().parent.parent)
+            if done.returncode:
+                raise RuntimeError(f"TRL SFTTrainer run failed:\n{done.stderr[-3000:]}")
+            return float(done.stdout.strip().splitlines()[-1])
 
         tokens = sum(len(render(c["messages"], tok)) for c in conversations)  # ChatML, as both trainers see it
         run_ours(), run_peer()  # warm-up
@@ -283,8 +281,32 @@ def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4
                 "tokens/s")]
 
 
-def label(annotators: tuple[int, ...] = (20, 50), per_annotator: int = 30, think: tuple[float, float] = (0.2, 0.8)
-          ) -> list[dict]:
+def trl_sft_seconds(folder: str, batch: int, max_len: int) -> float:
+    """Seconds of TRL's SFTTrainer.train() over `folder`/data.jsonl from the weights in `folder`/init (the peer of
+    the sft suite, run in a process of its own)."""
+    import datasets
+    import transformers
+    import trl
+
+    from align.core.records import iter_records
+
+    d = Path(folder)
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(d / "init")
+    data = datasets.Dataset.from_list([r for _, r in iter_records(d / "data.jsonl")])
+    model = transformers.Qwen2ForCausalLM.from_pretrained(d / "init", dtype=torch.float32, attn_implementation="sdpa")
+    args = trl.SFTConfig(output_dir=str(d / "trl"), per_device_train_batch_size=batch, max_length=max_len,
+                         packing=True, padding_free=True, num_train_epochs=1, learning_rate=1e-4,
+                         lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to=[],
+                         use_cpu=True, dataloader_num_workers=0, bf16=False, fp16=False, disable_tqdm=True,
+                         gradient_checkpointing=False)  # TRL turns it on by default; ours is off
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=hf_tok)
+    t0 = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - t0
+
+
+def label(annotators: tuple[int, ...] = (20, 50), per_annotator: int = 30, think: tuple[float, float] = (0.2, 0.8),
+          backends: tuple[str, ...] = ("sqlite", "postgresql")) -> list[dict]:
     """The labelling API of a real server (`align label serve`) under N concurrent simulated annotators, on SQLite
     and on a PostgreSQL server started here: annotations/s, p50/p99 request latency, errors. Each annotator waits
     `think` seconds (uniform) before each request — far quicker than a person, who takes several seconds a ranking."""
@@ -299,7 +321,7 @@ def label(annotators: tuple[int, ...] = (20, 50), per_annotator: int = 30, think
     from labeling_ui.store import Store
 
     out = []
-    for backend in ("sqlite", "postgresql"):
+    for backend in backends:
         for n in annotators:
             with tempfile.TemporaryDirectory() as tmp:
                 pg = Postgres(Path(tmp)) if backend == "postgresql" else None
@@ -318,11 +340,14 @@ def label(annotators: tuple[int, ...] = (20, 50), per_annotator: int = 30, think
                     done = [0]
                     lock = threading.Lock()
 
+                    with httpx.Client(base_url=server.url, timeout=30) as http:  # logins (scrypt) before the clock
+                        tokens = [http.post("/api/login", json={"username": f"a{i}", "password": "pw"}).json()["token"]
+                                  for i in range(n)]
+
                     def annotator(i: int) -> None:
                         rng = random.Random(i)
+                        h = {"Authorization": "Bearer " + tokens[i]}
                         with httpx.Client(base_url=server.url, timeout=30) as http:
-                            h = {"Authorization": "Bearer " + http.post(
-                                "/api/login", json={"username": f"a{i}", "password": "pw"}).json()["token"]}
                             for _ in range(per_annotator):
                                 time.sleep(rng.uniform(*think))
                                 t0 = time.perf_counter()

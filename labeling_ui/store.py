@@ -8,14 +8,17 @@ fewer (annotations + live leases) than its overlap that the annotator has not to
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import secrets
+import threading
+from collections.abc import Iterator
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
                         create_engine, delete, event, func, inspect, select, text)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ROLES = ("annotator", "reviewer", "admin")
 SCHEMA_VERSION = 2
@@ -115,13 +118,24 @@ class Store:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.close()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time. Writers of this process queue on a lock and start the moment the last one
+        # commits; left to SQLite's busy handler they would poll with sleeps of up to 100 ms (the p99 of a busy
+        # server). Other processes writing the same file still wait through busy_timeout.
+        self.serial_writes = url.startswith("sqlite")
+        self._write_lock = threading.Lock() if self.serial_writes else contextlib.nullcontext()
         self.migrate()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A read-write transaction, committed on leaving the block (rolled back on an exception)."""
+        with self._write_lock, self.sessions.begin() as s:
+            yield s
 
     def migrate(self) -> int:
         """Create missing tables, then add what each later schema version added; returns the version reached."""
         existed = inspect(self.engine).has_table("annotations")
         Base.metadata.create_all(self.engine)
-        with self.sessions.begin() as s:
+        with self._write() as s:
             row = s.scalar(select(SchemaVersion))
             version = row.version if row else (1 if existed else SCHEMA_VERSION)
             for step in sorted(v for v in MIGRATIONS if v > version):
@@ -141,7 +155,7 @@ class Store:
     def add_user(self, name: str, role: str, password_hash: str) -> int:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        with self.sessions.begin() as s:
+        with self._write() as s:
             if s.scalar(select(User).where(User.name == name)):
                 raise Conflict(f"user {name!r} already exists")
             user = User(name=name, role=role, password_hash=password_hash)
@@ -155,7 +169,7 @@ class Store:
 
     def new_token(self, user_id: int) -> str:
         token = secrets.token_urlsafe(32)
-        with self.sessions.begin() as s:
+        with self._write() as s:
             s.add(Token(token=token, user_id=user_id))
         return token
 
@@ -167,7 +181,7 @@ class Store:
 
     def import_tasks(self, project: str, items: list[dict], overlap: int, guidelines: str | None = None) -> int:
         """All or nothing: one transaction."""
-        with self.sessions.begin() as s:
+        with self._write() as s:
             proj = s.scalar(select(Project).where(Project.name == project))
             if proj is None:
                 proj = Project(name=project, guidelines=guidelines or "")
@@ -185,7 +199,7 @@ class Store:
         for _ in range(20):  # a concurrent annotator may win the same slot; try the next one
             now = now or dt.datetime.utcnow()
             try:
-                with self.sessions.begin() as s:
+                with self._write() as s:
                     # a write first: on SQLite it takes the write lock, so what follows is read and written alone
                     s.query(Lease).filter(Lease.user_id == user_id, Lease.expires <= now).delete()
                     proj = s.scalar(select(Project).where(Project.name == project))
@@ -222,7 +236,7 @@ class Store:
 
     def submit(self, task_id: int, user_id: int, expected_k: bool = False, **fields) -> int:
         """Store an annotation for a task the user holds a lease on; exactly once, in one transaction."""
-        with self.sessions.begin() as s:
+        with self._write() as s:
             lease = s.scalar(select(Lease).where(Lease.task_id == task_id, Lease.user_id == user_id))
             released = s.execute(delete(Lease).where(Lease.task_id == task_id, Lease.user_id == user_id)).rowcount
             task = s.get(Task, task_id, with_for_update=not self.url.startswith("sqlite"))
@@ -263,7 +277,7 @@ class Store:
 
     def undo_last(self, project: str, user_id: int) -> int | None:
         """Withdraw the user's last submission in a project and hand its task back to them; returns the task id."""
-        with self.sessions.begin() as s:
+        with self._write() as s:
             ann = s.scalar(select(Annotation).join(Task, Task.id == Annotation.task_id).join(
                 Project, Project.id == Task.project_id).where(Project.name == project, Annotation.user_id == user_id)
                 .order_by(Annotation.id.desc()).limit(1))
