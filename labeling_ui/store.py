@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
@@ -22,6 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 ROLES = ("annotator", "reviewer", "admin")
 SCHEMA_VERSION = 2
+TOKEN_CACHE_SECONDS = 60.0
 # version -> (table, column, SQL type) added by that version; a database at version v gets every later step
 MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     2: [("leases", "created", "TIMESTAMP"), ("annotations", "seconds", "FLOAT")],
@@ -121,6 +123,7 @@ class Store:
         # SQLite has one writer at a time. Writers of this process queue on a lock and start the moment the last one
         # commits; left to SQLite's busy handler they would poll with sleeps of up to 100 ms (the p99 of a busy
         # server). Other processes writing the same file still wait through busy_timeout.
+        self._token_users: dict[str, tuple[User, float]] = {}  # token -> (user, monotonic time it is good until)
         self.serial_writes = url.startswith("sqlite")
         self._write_lock = threading.Lock() if self.serial_writes else contextlib.nullcontext()
         self.migrate()
@@ -174,8 +177,16 @@ class Store:
         return token
 
     def user_by_token(self, token: str) -> User | None:
+        """The token's user. Every API request asks, so a found user is remembered for TOKEN_CACHE_SECONDS (tokens
+        and roles never change once written; the bound is for a user removed from the database by hand)."""
+        hit = self._token_users.get(token)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
         with self.sessions() as s:
-            return s.scalar(select(User).join(Token, Token.user_id == User.id).where(Token.token == token))
+            user = s.scalar(select(User).join(Token, Token.user_id == User.id).where(Token.token == token))
+        if user is not None:
+            self._token_users[token] = (user, time.monotonic() + TOKEN_CACHE_SECONDS)
+        return user
 
     # ------------------------------------------------------------------------------------- projects/tasks
 
