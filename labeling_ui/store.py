@@ -3,7 +3,9 @@
 SQLite by default (WAL mode, a file in the working folder), PostgreSQL when given a `postgresql://` URL. The
 schema is created by the app and migrated forward by `MIGRATIONS` (its version lives in `schema_version`).
 Handing out the next task is one transaction: the annotator's unexpired lease if any, else the first task with
-fewer (annotations + live leases) than its overlap that the annotator has not touched.
+fewer (annotations + live leases) than its overlap that the annotator has not touched. A task that has all its
+annotations is marked `closed` in the transaction that adds the last one (an undo reopens it), so the search
+reads open tasks only, through an index, however many are done.
 """
 
 from __future__ import annotations
@@ -16,17 +18,23 @@ import threading
 import time
 from collections.abc import Iterator
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint,
                         create_engine, delete, event, func, inspect, select, text)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ROLES = ("annotator", "reviewer", "admin")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TOKEN_CACHE_SECONDS = 60.0
 # version -> (table, column, SQL type) added by that version; a database at version v gets every later step
 MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     2: [("leases", "created", "TIMESTAMP"), ("annotations", "seconds", "FLOAT")],
+    3: [("tasks", "closed", "BOOLEAN NOT NULL DEFAULT FALSE")],
+}
+# version -> statements that fill what that version added from the data already there
+BACKFILLS: dict[int, list[str]] = {
+    3: ["UPDATE tasks SET closed = ((SELECT count(*) FROM annotations WHERE annotations.task_id = tasks.id)"
+        " >= tasks.overlap)"],
 }
 
 
@@ -58,6 +66,7 @@ class Project(Base):
 
 class Task(Base):
     __tablename__ = "tasks"
+    __table_args__ = (Index("ix_tasks_open", "project_id", "closed", "id"),)  # `next` reads open tasks in order
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
     prompt: Mapped[list] = mapped_column(JSON)
@@ -65,6 +74,7 @@ class Task(Base):
     tags: Mapped[list] = mapped_column(JSON, default=list)
     meta: Mapped[dict] = mapped_column(JSON, default=dict)
     overlap: Mapped[int] = mapped_column(Integer, default=1)
+    closed: Mapped[bool] = mapped_column(Boolean, default=False)  # has its `overlap` annotations
 
 
 class Lease(Base):
@@ -146,7 +156,12 @@ class Store:
                 for table, column, sql_type in MIGRATIONS[step]:
                     if column not in present[table]:
                         s.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+                for statement in BACKFILLS.get(step, []):
+                    s.execute(text(statement))
                 version = step
+            for table in Base.metadata.sorted_tables:  # indexes of tables that existed before them
+                for index in table.indexes:
+                    index.create(s.connection(), checkfirst=True)
             if row is None:
                 s.add(SchemaVersion(version=version))
             else:
@@ -222,8 +237,9 @@ class Store:
                         return mine
                     done = select(Annotation.task_id).where(Annotation.user_id == user_id)
                     leased = select(Lease.task_id).where(Lease.user_id == user_id)
-                    query = select(Task).where(Task.project_id == proj.id, Task.id.not_in(done),
-                                               Task.id.not_in(leased), self._taken(now) < Task.overlap).order_by(Task.id)
+                    query = select(Task).where(Task.project_id == proj.id, Task.closed.is_(False),
+                                               Task.id.not_in(done), Task.id.not_in(leased),
+                                               self._taken(now) < Task.overlap).order_by(Task.id)
                     if not sqlite:
                         query = query.with_for_update(skip_locked=True)
                     task = s.scalar(query.limit(1))
@@ -257,10 +273,12 @@ class Store:
                 raise Conflict(f"task {task_id} is not leased to you (request it with /api/tasks/next)")
             if expected_k and fields.get("ranks") is not None and len(fields["ranks"]) != len(task.responses):
                 raise ValueError(f"task {task_id} has {len(task.responses)} responses; got {len(fields['ranks'])} ranks")
-            if s.scalar(select(func.count()).where(Annotation.task_id == task_id)) >= task.overlap:
+            count = s.scalar(select(func.count()).where(Annotation.task_id == task_id))
+            if count >= task.overlap:
                 full = True  # commit the lease's release (an expired lease someone else's annotation filled)
             else:
                 full = False
+                task.closed = count + 1 >= task.overlap
                 seconds = (dt.datetime.utcnow() - lease.created).total_seconds() if lease and lease.created else None
                 ann = Annotation(task_id=task_id, user_id=user_id, seconds=seconds, **fields)
                 s.add(ann)
@@ -296,6 +314,7 @@ class Store:
                 return None
             task_id = ann.task_id
             s.delete(ann)
+            s.get(Task, task_id).closed = False  # one annotation short of its overlap again
             s.query(Lease).filter(Lease.user_id == user_id).delete()  # the undone task comes next
             now = dt.datetime.utcnow()
             s.add(Lease(task_id=task_id, user_id=user_id, expires=now + self.lease, created=now))

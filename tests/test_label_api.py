@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from labeling_ui.api import create_app
 from labeling_ui.auth import hash_password, verify_password
 from labeling_ui.export import merge_rankings
-from labeling_ui.store import Store
+from labeling_ui.store import SCHEMA_VERSION, Store
 from rm.data import comparison_pairs
 
 
@@ -232,11 +232,32 @@ def test_schema_migrates_an_old_database(tmp_path):
     con.commit()
     con.close()
     store = Store(f"sqlite:///{db}")
-    assert store.migrate() == 2
+    assert store.migrate() == SCHEMA_VERSION == 3
     [(task, anns)] = store.annotations("p")
     assert anns[0][0].ranks == [2, 1] and anns[0][0].seconds is None  # old data kept, new column added
     cols = {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(annotations)")}
     assert "seconds" in cols
+    assert task.closed  # filled from the annotations already there: it has its one annotation
+    indexes = {r[1] for r in sqlite3.connect(db).execute("PRAGMA index_list(tasks)")}
+    assert "ix_tasks_open" in indexes
+    store.import_tasks("p", [{"prompt": "q2", "responses": ["a", "b"]}], 1)
+    uid = store.user_by_name("old").id
+    assert store.next_task("p", uid).prompt == "q2"
+
+
+def test_closed_flag_follows_submissions_and_undo(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/l.db")
+    users = [store.add_user(n, "annotator", "x") for n in ("a", "b", "c")]
+    store.import_tasks("p", [{"prompt": "q", "responses": ["a", "b"]}], 2)
+    closed = lambda: store.task(1).closed
+    for uid, expect in ((users[0], False), (users[1], True)):
+        assert store.next_task("p", uid).id == 1
+        store.submit(1, uid, ranks=[1, 2])
+        assert closed() is expect
+    assert store.next_task("p", users[2]) is None  # closed: not handed out
+    assert store.undo_last("p", users[1]) == 1 and closed() is False
+    store.submit(1, users[1], ranks=[2, 1])
+    assert closed() is True
 
 
 def test_cli_import_names_bad_lines_and_checks_tags(tmp_path):
