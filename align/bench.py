@@ -223,14 +223,9 @@ def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4
     """`align sft` (packed rows, DeepSpeed ZeRO-0) against TRL's SFTTrainer (padding-free packing), one epoch over
     the same conversations, same weights, fp32, same rows per step; tokens/s = dataset tokens / training seconds
     (setup excluded on both sides)."""
-    import tempfile
-
-    import datasets
-    import transformers
-    import trl
-
     import subprocess
     import sys
+    import tempfile
 
     from align.core.chatml import render
     from align.core.engine import subprocess_env

@@ -130,10 +130,10 @@ class Store:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.close()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._token_users: dict[str, tuple[User, float]] = {}  # token -> (user, monotonic time it is good until)
         # SQLite has one writer at a time. Writers of this process queue on a lock and start the moment the last one
         # commits; left to SQLite's busy handler they would poll with sleeps of up to 100 ms (the p99 of a busy
         # server). Other processes writing the same file still wait through busy_timeout.
-        self._token_users: dict[str, tuple[User, float]] = {}  # token -> (user, monotonic time it is good until)
         self.serial_writes = url.startswith("sqlite")
         self._write_lock = threading.Lock() if self.serial_writes else contextlib.nullcontext()
         self.migrate()
