@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from base_model import flash_attn_adapter
+from base_model import varlen_attention
 from base_model.config import QwenConfig, dynamic_ntk_alpha
+from base_model.losses import linear_cross_entropy_sum
 
 
 class RMSNorm(nn.Module):
@@ -107,10 +108,10 @@ class AttentionBias:
 
     mask: torch.Tensor | None
     is_causal: bool
-    doc_ids: torch.Tensor | None = None  # (B, L) for packed rows, used by the flash-attn varlen path
     window: int | None = None  # sliding-window size of this layer (None: full attention)
     documents: list[tuple[int, int, int]] | None = None  # (row, start, end) of each document, when packed rows
     # can be attended to one document at a time (no padding, no window cut inside a document)
+    varlen: tuple[torch.Tensor, int] | None = None  # (cumulative document lengths, longest) for the CUDA varlen call
 
 
 class QwenAttention(nn.Module):
@@ -143,8 +144,8 @@ class QwenAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, G, K, D)
         dropout = self.dropout if self.training else 0.0
-        if bias.doc_ids is not None and flash_attn_adapter.usable(q):
-            out = flash_attn_adapter.packed_attention(q, k, v, bias.doc_ids, dropout, bias.window)
+        if bias.varlen is not None and (dropout == 0.0 or varlen_attention.backend(q.device, q.dtype) == "flash_attn"):
+            out = varlen_attention.packed_attention(q, k, v, *bias.varlen, dropout, bias.window)
         elif bias.documents is not None:
             out = attention_by_document(q, k, v, bias.documents, dropout)
         else:
@@ -212,6 +213,7 @@ class ModelOutput:
     logits: torch.Tensor | None  # (B, L, V); only the last position when called with last_only=True
     hidden_states: torch.Tensor  # (B, L, E) after the final norm
     past_key_values: KVCache | None
+    loss_sum: torch.Tensor | None = None  # () summed next-token loss, when called with labels
 
 
 class QwenModel(nn.Module):
@@ -248,7 +250,8 @@ class QwenModel(nn.Module):
             logn = logn_factors(position_ids, cfg.seq_length)
 
         doc_ids = (position_ids == 0).cumsum(-1) if packed else None  # (B, L)
-        biases = _attention_biases(cfg, length, past, attention_mask, doc_ids, input_ids.device)
+        biases = _attention_biases(cfg, length, past, attention_mask, doc_ids, input_ids.device,
+                                   self.embed_tokens.weight.dtype)
 
         x = self.embed_dropout(self.embed_tokens(input_ids))  # (B, L, E)
         for i, layer in enumerate(self.layers):
@@ -287,62 +290,103 @@ def _default_positions(b, length, past, attention_mask, device) -> torch.Tensor:
     return positions[:, past:past + length]
 
 
-def _attention_biases(cfg, length, past, attention_mask, doc_ids, device) -> dict[int | None, AttentionBias]:
-    """One AttentionBias per distinct window size (None: full attention)."""
+def _attention_biases(cfg, length, past, attention_mask, doc_ids, device,
+                      dtype: torch.dtype = torch.float32) -> dict[int | None, AttentionBias]:
+    """One AttentionBias per distinct window size (None: full attention). Packed rows without padding take one
+    varlen call per layer on CUDA (fp16/bf16), else one causal call per document where no window cuts one."""
     windows = set(cfg.window_sizes or [None])
     has_padding = attention_mask is not None and not bool(attention_mask.all())
-    documents = _documents(doc_ids) if doc_ids is not None and not has_padding and past == 0 else None
+    whole_docs = doc_ids is not None and not has_padding and past == 0
+    varlen = None
+    if whole_docs and varlen_attention.backend(torch.device(device), dtype) is not None:
+        varlen = varlen_attention.cu_seqlens_from_doc_ids(doc_ids)
+    documents = _documents(doc_ids) if whole_docs and varlen is None else None
     out: dict[int | None, AttentionBias] = {}
     for window in windows:
+        if varlen is not None:
+            out[window] = AttentionBias(None, False, window, None, varlen)
+            continue
         if documents is not None and (window is None or max(e - s for _, s, e in documents) <= window):
-            out[window] = AttentionBias(None, False, doc_ids, window, documents)  # no window cuts a document
+            out[window] = AttentionBias(None, False, window, documents)  # no window cuts a document
             continue
-        needs_window = window is not None and past + length > window
-        if not (has_padding or doc_ids is not None or needs_window):
-            # plain causal, or a single decoding step that may see every cached key
-            out[window] = AttentionBias(mask=None, is_causal=length > 1, doc_ids=None, window=window)
-            continue
-        k_len = past + length
-        q_idx = torch.arange(past, k_len, device=device)[:, None]  # (L, 1)
-        k_idx = torch.arange(k_len, device=device)[None, :]  # (1, K)
-        allowed = (k_idx <= q_idx)[None, None]  # (1, 1, L, K)
-        if window is not None:
-            allowed = allowed & (q_idx - k_idx < window)
-        if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, None, :].bool()
-        if doc_ids is not None:
-            allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-        # a fully padded query row would softmax over nothing; let it attend anywhere (its output is unused)
-        allowed = allowed | ~allowed.any(-1, keepdim=True)
-        out[window] = AttentionBias(allowed, False, doc_ids if not has_padding else None, window)
+        out[window] = _mask_bias(length, past, attention_mask, doc_ids, window, has_padding, device)
     return out
 
 
-class QwenForCausalLM(nn.Module):
-    """Qwen language model. State-dict keys equal those of `transformers.Qwen2ForCausalLM`."""
+def _mask_bias(length, past, attention_mask, doc_ids, window, has_padding, device) -> AttentionBias:
+    """Plain causal, or an explicit (B, 1, L, K) mask for padding, windows and documents (one SDPA call)."""
+    needs_window = window is not None and past + length > window
+    if not (has_padding or doc_ids is not None or needs_window):
+        # plain causal, or a single decoding step that may see every cached key
+        return AttentionBias(mask=None, is_causal=length > 1, window=window)
+    k_len = past + length
+    q_idx = torch.arange(past, k_len, device=device)[:, None]  # (L, 1)
+    k_idx = torch.arange(k_len, device=device)[None, :]  # (1, K)
+    allowed = (k_idx <= q_idx)[None, None]  # (1, 1, L, K)
+    if window is not None:
+        allowed = allowed & (q_idx - k_idx < window)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    # a fully padded query row would softmax over nothing; let it attend anywhere (its output is unused)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return AttentionBias(allowed, False, window)
 
-    def __init__(self, config: QwenConfig) -> None:
+
+class LMHead(nn.Linear):
+    """The output projection. Called with labels, it returns the summed next-token loss without materialising the
+    (B, L, V) logits (see `base_model.losses`); inside this module's forward, so ZeRO-3 has gathered its weight."""
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(hidden)
+        return linear_cross_entropy_sum(hidden, self.weight, labels)
+
+
+class QwenForCausalLM(nn.Module):
+    """Qwen language model. State-dict keys equal those of `transformers.Qwen2ForCausalLM`.
+
+    Built on the meta device and materialised once on `device` (default: the current default device), where it is
+    initialised once (`reset_parameters`); under `torch.device("meta")` it stays unmaterialised. With `seed`, the
+    initialisation draws from its own generator on that device, whatever the global RNG has done before."""
+
+    def __init__(self, config: QwenConfig, device: torch.device | str | None = None, seed: int | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = QwenModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        target = torch.device(device) if device is not None else torch.get_default_device()
+        with torch.device("meta"):
+            self.model = QwenModel(config)
+            self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        if target.type != "meta":
+            self.to_empty(device=target)
+            if dtype is not None:
+                self.to(dtype)
+            self.reset_parameters(seed)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Qwen v1 initialisation: normal(0, initializer_range); output projections scaled by 1/sqrt(2 layers)."""
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Qwen v1 initialisation: normal(0, initializer_range); output projections scaled by 1/sqrt(2 layers).
+        Parameters are drawn in `named_parameters` order, from a generator seeded with `seed` when given."""
+        self.tie_weights()
         std = self.config.initializer_range
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 p.zero_()
             elif "layernorm" in name or name == "model.norm.weight":
                 p.fill_(1.0)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.normal_(0.0, std / math.sqrt(2 * self.config.num_hidden_layers))
+                p.normal_(0.0, std / math.sqrt(2 * self.config.num_hidden_layers), generator=generator)
             else:
-                p.normal_(0.0, std)
+                p.normal_(0.0, std, generator=generator)
 
     def forward(
         self,
@@ -351,8 +395,14 @@ class QwenForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
         last_only: bool = False,
+        labels: torch.Tensor | None = None,
     ) -> ModelOutput:
+        """With `labels` (B, L), aligned with the inputs, -100 where no loss: `loss_sum` is the summed next-token
+        loss (fp32) and no logits are returned."""
         hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        if labels is not None:
+            loss_sum = self.lm_head(hidden[:, :-1], labels[:, 1:])
+            return ModelOutput(logits=None, hidden_states=hidden, past_key_values=cache, loss_sum=loss_sum)
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)  # (B, L, V)
         return ModelOutput(logits=logits, hidden_states=hidden, past_key_values=cache)
 

@@ -9,6 +9,7 @@ loss plus `ptx_coef` x a language-model loss on packed pretraining rows → send
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -46,6 +47,7 @@ class PPOModels(Section):
     policy: str  # the SFT checkpoint: initial policy and the frozen reference
     reward: str  # a reward-model folder (`align rm train`)
     value: str | None = None  # a reward-model folder to start the value model from; default: `reward`
+    offload_frozen: bool = False  # keep the reference and reward models on the CPU between uses (GPU memory)
 
 
 class PPOData(Section):
@@ -156,21 +158,49 @@ def make_rollout_engine(cfg: PPOConfig, actor: TrainEngine, tokenizer: QwenToken
                           gpu_memory_utilization=cfg.ppo.vllm_gpu_memory_utilization)
     from ppo.rollout.native import NativeEngine
 
-    engine = NativeEngine(actor.module.config, tokenizer.pad_id, dist.device())
-    engine.load_weights(actor.gathered_parameters())  # ZeRO-3 shards are gathered one parameter at a time
+    if actor.zero_stage < 3:  # whole weights on every rank: sample from the policy itself, no second copy
+        return NativeEngine.sharing(actor.module, tokenizer.pad_id)
+    engine = NativeEngine(actor.module.config, tokenizer.pad_id, dist.device(), frozen_dtype(cfg))
+    engine.load_weights(actor.gathered_parameters(to_cpu=False))  # ZeRO-3 shards, one parameter at a time
     return engine
+
+
+def sync_rollout_weights(run: Run) -> None:
+    """After the policy's update: the engine samples from the new weights (nothing to send when it shares them)."""
+    if not getattr(run.rollout, "shares_weights", False):
+        run.rollout.load_weights(run.actor.gathered_parameters(to_cpu=False))
+
+
+def frozen_dtype(cfg: PPOConfig) -> torch.dtype:
+    """The reference and reward models (and a private rollout copy) run in bf16 on a GPU when the policy trains in
+    bf16, else in fp32."""
+    return torch.bfloat16 if cfg.policy_deepspeed.bf16 and dist.device().type == "cuda" else torch.float32
+
+
+@contextlib.contextmanager
+def resident(model: torch.nn.Module, offload: bool):
+    """A frozen model on the training device for the block; with `offload`, back on the CPU after it."""
+    if offload:
+        model.to(dist.device())
+    try:
+        yield model
+    finally:
+        if offload:
+            model.to("cpu")
 
 
 def setup(cfg: PPOConfig) -> Run:
     dist.init_distributed()
     p = cfg.ppo
     torch.manual_seed(cfg.train.seed)
-    policy = load_pretrained(cfg.models.policy, dtype=torch.float32).train()
+    dev, frozen = dist.device(), frozen_dtype(cfg)
+    home = torch.device("cpu") if cfg.models.offload_frozen else dev  # where the frozen models wait
+    policy = load_pretrained(cfg.models.policy, dtype=torch.float32, device=dev).train()
     tokenizer = QwenTokenizer.from_file(cfg.models.policy)
-    ref_policy = load_pretrained(cfg.models.policy, dtype=torch.float32).to(dist.device()).eval()
-    reward_model = load_reward_model(cfg.models.reward).to(dist.device()).eval()
+    ref_policy = load_pretrained(cfg.models.policy, dtype=frozen, device=home).eval()
+    reward_model = load_reward_model(cfg.models.reward, dtype=frozen, device=home).eval()
     rm_tokenizer = QwenTokenizer.from_file(cfg.models.reward)
-    value_model = ValueModel(load_reward_model(cfg.models.value or cfg.models.reward).train())
+    value_model = ValueModel(load_reward_model(cfg.models.value or cfg.models.reward, device=dev).train())
     for module in (ref_policy, reward_model):
         module.requires_grad_(False)
 
@@ -202,7 +232,7 @@ def setup(cfg: PPOConfig) -> Run:
         moments.load_state_dict(state["reward_moments"])
     rollout = make_rollout_engine(cfg, actor, tokenizer)
     if start_step and cfg.ppo.engine == "vllm":
-        rollout.load_weights(actor.gathered_parameters())
+        rollout.load_weights(actor.gathered_parameters(to_cpu=False))
     return Run(cfg, actor, critic, ref_policy, reward_model, tokenizer, rm_tokenizer, rollout, prompts,
                eval_prompts, batches, ptx, ptx_train, ptx_eval, kl_ctl, moments, start_step, logger, out_dir)
 
@@ -236,14 +266,17 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     mb = cfg.train.micro_batch_size
     run.actor.eval()
     run.critic.eval()
+    offload = cfg.models.offload_frozen
     old_logprobs = sequence_logprobs(run.actor.forward, input_ids, attention_mask, mb)
-    ref_logprobs = sequence_logprobs(run.ref_policy, input_ids, attention_mask, mb)
+    with resident(run.ref_policy, offload) as ref_policy:
+        ref_logprobs = sequence_logprobs(ref_policy, input_ids, attention_mask, mb)
     values = sequence_values(run.critic.forward, input_ids, attention_mask, mb)
     run.actor.train()
     run.critic.train()
     messages = [m for _, m, _ in rows for _ in range(p.n_samples)]
     texts = [response_text(run.tokenizer, r) for r in rollouts]
-    raw = reward_scores(run.reward_model, run.rm_tokenizer, messages, texts, mb, 4096).to(dev)
+    with resident(run.reward_model, offload) as reward_model:
+        raw = reward_scores(reward_model, run.rm_tokenizer, messages, texts, mb, 4096).to(dev)
 
     n, s, sq = dist.all_reduce_sum([float(len(raw)), float(raw.double().sum()), float((raw.double() ** 2).sum())])
     run.moments.update(n, s / n, max(sq - s * s / n, 0.0))  # this batch's count, mean and sum of squared deviations
@@ -391,13 +424,15 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         rollouts = run.rollout.generate(prompt_list, sampling)
         messages = [m for _, m, _ in mine for _ in range(p.eval_samples)]
         texts = [response_text(run.tokenizer, r) for r in rollouts]
-        raw = reward_scores(run.reward_model, run.rm_tokenizer, messages, texts, run.cfg.train.micro_batch_size, 4096)
+        with resident(run.reward_model, run.cfg.models.offload_frozen) as reward_model:
+            raw = reward_scores(reward_model, run.rm_tokenizer, messages, texts, run.cfg.train.micro_batch_size, 4096)
         ids, att, mask, _ = build_sequences(prompt_list, rollouts, run.tokenizer.pad_id)
         ids, att, mask = ids.to(dist.device()), att.to(dist.device()), mask.to(dist.device())
         run.actor.eval()
         lp = sequence_logprobs(run.actor.forward, ids, att, run.cfg.train.micro_batch_size)
         run.actor.train()
-        ref = sequence_logprobs(run.ref_policy, ids, att, run.cfg.train.micro_batch_size)
+        with resident(run.ref_policy, run.cfg.models.offload_frozen) as ref_policy:
+            ref = sequence_logprobs(ref_policy, ids, att, run.cfg.train.micro_batch_size)
         kl_each = (kl_estimate(lp, ref, "k1") * mask).sum(-1)  # (B,) nats per response
         s, sq, kl, n = dist.all_reduce_sum([float(raw.sum()), float((raw ** 2).sum()), float(kl_each.sum()),
                                             float(len(raw))])
@@ -466,8 +501,10 @@ def train(run: Run) -> dict[str, float]:
         exp, metrics, samples = make_experience(run, step)
         t0 = time.perf_counter()
         train_actor = step >= p.critic_warmup_steps
+        if hasattr(run.rollout, "sleep"):  # vLLM frees its GPU memory (weights, KV cache) while the policy trains
+            run.rollout.sleep()
         metrics.update(ppo_update(run, exp, step, train_actor))
-        run.rollout.load_weights(run.actor.gathered_parameters())
+        sync_rollout_weights(run)  # wakes a sleeping vLLM engine
         metrics["time/train_s"] = time.perf_counter() - t0
         run.kl_ctl.update(metrics["kl"], p.rollout_batch_size * p.n_samples * dist.world_size())
         metrics["policy_updated"] = float(train_actor)

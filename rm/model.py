@@ -24,7 +24,7 @@ HEAD_FILE, CONFIG_FILE = "reward_head.safetensors", "reward_config.json"
 @dataclass
 class RewardOutput:
     rewards: torch.Tensor  # (B,) raw scalar rewards
-    logits: torch.Tensor | None  # (B, L, V) when asked for (language-model loss on the chosen response)
+    lm_loss_sum: torch.Tensor | None = None  # () summed next-token loss of the first rows, when lm_labels are given
 
 
 def last_real_position(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ class RewardModel(nn.Module):
         if pooling == "end_token" and end_token_id is None:
             raise ValueError("pooling='end_token' needs end_token_id")
         self.lm = lm
-        self.score = nn.Linear(lm.config.hidden_size, 1)
+        self.score = nn.Linear(lm.config.hidden_size, 1, device=lm.device)
         with torch.no_grad():
             self.score.weight.normal_(0.0, 1.0 / (lm.config.hidden_size + 1) ** 0.5)
             self.score.bias.zero_()
@@ -56,10 +56,11 @@ class RewardModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         response_mask: torch.Tensor | None = None,
-        with_logits: bool = False,
+        lm_labels: torch.Tensor | None = None,
     ) -> RewardOutput:
         """input_ids (B, L); attention_mask (B, L), 1 for real tokens (either padding side);
-        response_mask (B, L), 1 on response tokens (needed for pooling='mean')."""
+        response_mask (B, L), 1 on response tokens (needed for pooling='mean'); lm_labels (C, L) with C <= B,
+        -100 where no loss: the language-model loss of the first C rows, without materialising their logits."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden, _ = self.lm.model(input_ids, attention_mask=attention_mask)  # (B, L, E)
@@ -76,8 +77,10 @@ class RewardModel(nn.Module):
                     raise ValueError("pooling='end_token': a sequence does not end with the reward end token")
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, E)
         rewards = self.score(pooled.to(self.score.weight.dtype)).squeeze(-1)  # (B,)
-        logits = self.lm.lm_head(hidden) if with_logits else None
-        return RewardOutput(rewards=rewards, logits=logits)
+        lm_loss_sum = None
+        if lm_labels is not None:
+            lm_loss_sum = self.lm.lm_head(hidden[:len(lm_labels), :-1], lm_labels[:, 1:])
+        return RewardOutput(rewards=rewards, lm_loss_sum=lm_loss_sum)
 
     def normalise(self, rewards: torch.Tensor) -> torch.Tensor:
         """Rewards standardised by the training-set statistics saved with the model."""
@@ -103,13 +106,15 @@ def is_reward_model(path: str | Path) -> bool:
     return (Path(path) / HEAD_FILE).exists()
 
 
-def load_reward_model(path: str | Path, dtype: torch.dtype | None = torch.float32) -> RewardModel:
+def load_reward_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
+                      device: torch.device | str = "cpu") -> RewardModel:
+    """The reward model of a folder, read straight onto `device`; the head is kept in fp32 whatever `dtype`."""
     path = Path(path)
     if not is_reward_model(path):
         raise FileNotFoundError(f"{path}: no {HEAD_FILE}; not a reward model folder")
     cfg = json.loads((path / CONFIG_FILE).read_text())
-    model = RewardModel(load_pretrained(path, dtype=dtype), cfg["pooling"], cfg["end_token_id"], cfg["mean"],
-                        cfg["std"])
-    head = load_file(str(path / HEAD_FILE))
+    model = RewardModel(load_pretrained(path, dtype=dtype, device=device), cfg["pooling"], cfg["end_token_id"],
+                        cfg["mean"], cfg["std"])
+    head = load_file(str(path / HEAD_FILE), device=str(device))
     model.score.load_state_dict(head)
     return model.eval()

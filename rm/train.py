@@ -22,8 +22,8 @@ from align.core.batching import MicroBatches, split_eval
 from align.core.checkpointing import open_run, save_checkpoint
 from align.core.config import ConfigError, Section
 from align.core.engine import TrainEngine
-from align.core.losses import count_targets, normalised_loss, summed_token_loss
-from align.core.metrics import MetricsLogger, tokens_per_second
+from align.core.losses import count_targets, normalised_loss
+from align.core.metrics import MetricsLogger, Throughput
 from align.core.modeling import build_model, load_tokenizer
 from align.core.sections import DeepSpeedSection, LoopConfig, ModelSource, OptimConfig
 from base_model import QwenForCausalLM, QwenTokenizer
@@ -76,17 +76,18 @@ class Run:
     start_step: int
     logger: MetricsLogger
     out_dir: Path
+    throughput: Throughput
 
 
 def build_reward_model(cfg: RMConfig) -> tuple[RewardModel, QwenTokenizer]:
     if cfg.init is not None:
         if not is_reward_model(cfg.init):
             raise ConfigError(f"init={cfg.init}: not a reward-model folder (no reward_head.safetensors)")
-        model = load_reward_model(cfg.init)
+        model = load_reward_model(cfg.init, device=dist.device())
         tokenizer = load_tokenizer(ModelSource(init=cfg.init, tokenizer=cfg.model.tokenizer))
         model.train()
         return model, tokenizer
-    lm, tokenizer = build_model(cfg.model, cfg.train.seed)
+    lm, tokenizer = build_model(cfg.model, cfg.train.seed, dist.device())
     end_id = tokenizer.special_tokens.get(cfg.end_token)
     if end_id is None:
         raise ConfigError(f"end_token={cfg.end_token!r} is not a special token of the tokenizer")
@@ -127,50 +128,59 @@ def setup(cfg: RMConfig) -> Run:
     batches = MicroBatches(train_rows, loop.micro_batch_size, dist.rank(), dist.world_size(), loop.seed)
     total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))
     lm_config = model.lm.config
+    throughput = Throughput.measured(lm_config.flops_per_token(d.max_len), loop.peak_tflops, dist.device(),
+                                     cfg.deepspeed.bf16, dist.world_size())
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
     start_step, _, logger = open_run(cfg, out_dir, {"model": engine}, f"rm {cfg.stage}")
     return Run(cfg, engine, tokenizer, lm_config, batches, train_rows, eval_rows, total_steps, start_step, logger,
-               out_dir)
+               out_dir, throughput)
 
 
-def pair_losses(run: Run, batch: dict, global_pairs: int, global_lm_targets: int) -> tuple[torch.Tensor, dict]:
-    """The micro-batch's share of the step loss, and its sums for logging."""
+def chosen_lm_labels(batch: dict) -> torch.Tensor:
+    """(B, L) language-model labels: the chosen responses' tokens (the first B of the 2B rows), -100 elsewhere."""
+    b = batch["strength"].shape[0]
+    return torch.where(batch["response_mask"][:b].bool(), batch["input_ids"][:b], -100)
+
+
+def pair_losses(run: Run, batch: dict, global_pairs: int, global_lm_targets: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batch's share of the step loss, and its sums for logging (STAT_KEYS, on the device)."""
     b = batch["strength"].shape[0]
     want_lm = run.cfg.loss.lm_coef > 0
-    out = run.engine.forward(batch["input_ids"], batch["attention_mask"], batch["response_mask"], with_logits=want_lm)
+    labels = chosen_lm_labels(batch) if want_lm else None
+    out = run.engine.forward(batch["input_ids"], batch["attention_mask"], batch["response_mask"], lm_labels=labels)
     chosen, rejected = out.rewards[:b].float(), out.rewards[b:].float()
     margin = run.cfg.loss.margin_scale * batch["strength"] if run.cfg.loss.margin_scale else None
     bt_sum = bradley_terry_loss_sum(chosen, rejected, margin)
     loss = normalised_loss(bt_sum, global_pairs)
-    lm_sum = torch.zeros(())
+    lm_sum = torch.zeros((), device=bt_sum.device)
     if want_lm:
-        labels = torch.where(batch["response_mask"][:b].bool(), batch["input_ids"][:b], -100)
-        lm_sum = summed_token_loss(out.logits[:b], labels)
+        lm_sum = out.lm_loss_sum
         loss = loss + run.cfg.loss.lm_coef * normalised_loss(lm_sum, global_lm_targets)
     diff = (chosen - rejected).detach()
-    stats = {"bt_sum": bt_sum.item(), "lm_sum": lm_sum.item(), "correct": float((diff > 0).sum()),
-             "margin_sum": float(diff.sum())}
+    stats = torch.stack([bt_sum.detach(), lm_sum.detach(), (diff > 0).sum().float(), diff.sum()])  # STAT_KEYS
     return loss, stats
+
+
+STAT_KEYS = ("bt_sum", "lm_sum", "correct", "margin_sum")
 
 
 def train_step(run: Run, step: int) -> dict[str, float]:
     accum = run.cfg.train.grad_accum
     micro = [collate_pairs(run.batches.get(step * accum + i), run.tokenizer.pad_id) for i in range(accum)]
     n_pairs = sum(m["strength"].shape[0] for m in micro)
-    lm_targets = sum(count_targets(torch.where(m["response_mask"].bool(), 0, -100)) for m in micro)
+    lm_targets = sum(count_targets(chosen_lm_labels(m)) for m in micro)  # the LM term is on chosen rows only
     global_pairs, global_lm = (int(x) for x in dist.all_reduce_sum([n_pairs, lm_targets]))
-    sums = {"bt_sum": 0.0, "lm_sum": 0.0, "correct": 0.0, "margin_sum": 0.0, "tokens": 0.0}
+    tokens = float(sum(m["attention_mask"].sum() for m in micro))  # real tokens, counted on the host
+    sums = torch.zeros(len(STAT_KEYS), device=dist.device())
     stats = None
     for m in micro:
-        m = {k: v.to(dist.device()) for k, v in m.items()}
+        m = {k: v.to(dist.device(), non_blocking=True) for k, v in m.items()}
         loss, s = pair_losses(run, m, global_pairs, global_lm)
         run.engine.backward(loss)
         stats = run.engine.step() or stats
-        for k in s:
-            sums[k] += s[k]
-        sums["tokens"] += float(m["attention_mask"].sum())
-    bt, lm, correct, margin, tokens = dist.all_reduce_sum(
-        [sums["bt_sum"], sums["lm_sum"], sums["correct"], sums["margin_sum"], sums["tokens"]])
+        sums += s
+    bt, lm, correct, margin, tokens = dist.all_reduce_sum(sums.tolist() + [tokens])  # the step's one host sync
     metrics = {"loss": bt / global_pairs, "accuracy": correct / global_pairs, "margin": margin / global_pairs,
                "tokens": tokens, **(stats or {})}
     if run.cfg.loss.lm_coef > 0:
@@ -238,7 +248,7 @@ def train(run: Run) -> dict[str, float]:
     for step in range(run.start_step, last_step):
         t0 = time.perf_counter()
         metrics = train_step(run, step)
-        metrics["tokens_per_s"] = tokens_per_second(metrics["tokens"], time.perf_counter() - t0)
+        metrics.update(run.throughput(metrics["tokens"], time.perf_counter() - t0))
         done = step + 1
         if done % loop.log_every == 0 or done == last_step:
             run.logger.log(done, metrics, prefix="train/")

@@ -20,8 +20,8 @@ from align.core import engine as dist
 from align.core.checkpointing import open_run, save_checkpoint
 from align.core.config import Section
 from align.core.engine import TrainEngine
-from align.core.losses import count_targets, normalised_loss, summed_token_loss
-from align.core.metrics import MetricsLogger, tokens_per_second
+from align.core.losses import count_targets, normalised_loss
+from align.core.metrics import MetricsLogger, Throughput
 from align.core.modeling import build_model, save_from_engine
 from align.core.sections import DeepSpeedSection, LoopConfig, ModelSource, OptimConfig
 from base_model import QwenTokenizer
@@ -61,13 +61,14 @@ class Run:
     start_step: int
     logger: MetricsLogger
     out_dir: Path
+    throughput: Throughput
 
 
 def setup(cfg: SFTConfig) -> Run:
     dist.init_distributed()
     rank0 = dist.rank() == 0
     out_dir = Path(cfg.out_dir)
-    model, tokenizer = build_model(cfg.model, cfg.train.seed)
+    model, tokenizer = build_model(cfg.model, cfg.train.seed, dist.device())
     d = cfg.data
     examples, report = load_examples(d.train, tokenizer, d.max_len, d.mask_mode, d.truncation, d.on_error)
     if d.eval:
@@ -84,9 +85,11 @@ def setup(cfg: SFTConfig) -> Run:
     steps_per_epoch = max(batches.per_epoch // loop.grad_accum, 1)
     total_steps = loop.max_steps or math.ceil(loop.epochs * steps_per_epoch)
 
+    throughput = Throughput.measured(model.config.flops_per_token(d.max_len), loop.peak_tflops, dist.device(),
+                                     cfg.deepspeed.bf16, dist.world_size())
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
     start_step, _, logger = open_run(cfg, out_dir, {"model": engine}, "sft")
-    return Run(cfg, engine, tokenizer, batches, eval_rows, total_steps, start_step, logger, out_dir)
+    return Run(cfg, engine, tokenizer, batches, eval_rows, total_steps, start_step, logger, out_dir, throughput)
 
 
 def evaluate(run: Run) -> float:
@@ -98,9 +101,9 @@ def evaluate(run: Run) -> float:
     loss_sum, targets = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(mine), run.cfg.train.micro_batch_size):
-            batch = collate(mine[i:i + run.cfg.train.micro_batch_size], run.tokenizer.pad_id)
-            logits = run.engine.forward(batch["input_ids"].to(dist.device())).logits
-            loss_sum += summed_token_loss(logits, batch["labels"].to(logits.device)).item()
+            batch = {k: v.to(dist.device()) for k, v in
+                     collate(mine[i:i + run.cfg.train.micro_batch_size], run.tokenizer.pad_id).items()}
+            loss_sum += run.engine.forward(batch["input_ids"], labels=batch["labels"]).loss_sum.item()
             targets += count_targets(batch["labels"])
     total_loss, total_targets = dist.all_reduce_sum([loss_sum, targets])
     run.engine.train()
@@ -110,19 +113,20 @@ def evaluate(run: Run) -> float:
 def train_step(run: Run, step: int) -> dict[str, float]:
     """One optimizer step over grad_accum micro-batches; returns the step's mean token loss and counts."""
     accum = run.cfg.train.grad_accum
-    micro = [collate(run.batches.get(step * accum + i), run.tokenizer.pad_id) for i in range(accum)]
+    rows = [run.batches.get(step * accum + i) for i in range(accum)]
+    tokens = sum(len(r["input_ids"]) for micro_rows in rows for r in micro_rows)  # real tokens, no padding
+    micro = [collate(micro_rows, run.tokenizer.pad_id) for micro_rows in rows]
     local_targets = sum(count_targets(b["labels"]) for b in micro)
     global_targets = int(dist.all_reduce_sum([local_targets])[0])
-    loss_share, tokens, stats = 0.0, 0, None
+    loss_share, stats = torch.zeros((), device=dist.device()), None
     for b in micro:
-        b = {k: v.to(dist.device()) for k, v in b.items()}
-        logits = run.engine.forward(b["input_ids"], position_ids=b.get("position_ids")).logits
-        loss = normalised_loss(summed_token_loss(logits, b["labels"]), global_targets)
+        b = {k: v.to(dist.device(), non_blocking=True) for k, v in b.items()}
+        out = run.engine.forward(b["input_ids"], position_ids=b.get("position_ids"), labels=b["labels"])
+        loss = normalised_loss(out.loss_sum, global_targets)
         run.engine.backward(loss)
         stats = run.engine.step() or stats
-        loss_share += loss.item()
-        tokens += b["input_ids"].numel()
-    loss_total, tokens_total = dist.all_reduce_sum([loss_share, tokens])
+        loss_share += loss.detach()
+    loss_total, tokens_total = dist.all_reduce_sum([loss_share.item(), tokens])  # the step's one host sync
     return {"loss": loss_total, "tokens": tokens_total, "target_tokens": global_targets, **(stats or {})}
 
 
@@ -136,7 +140,7 @@ def train(run: Run) -> dict[str, float]:
     for step in range(run.start_step, last_step):
         t0 = time.perf_counter()
         metrics = train_step(run, step)
-        metrics["tokens_per_s"] = tokens_per_second(metrics["tokens"], time.perf_counter() - t0)
+        metrics.update(run.throughput(metrics["tokens"], time.perf_counter() - t0))
         done = step + 1
         if done % loop.log_every == 0 or done == last_step:
             run.logger.log(done, metrics, prefix="train/")
@@ -144,7 +148,8 @@ def train(run: Run) -> dict[str, float]:
             run.logger.log(done, {"loss": evaluate(run)}, prefix="eval/")
         if (loop.save_every and done % loop.save_every == 0) or done == last_step:
             save(run, done)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                        mfu=f"{metrics['mfu']:.1%}")
         bar.update(1)
     bar.close()
     if last_step == run.total_steps and run.start_step < run.total_steps:

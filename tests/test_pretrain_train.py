@@ -59,7 +59,7 @@ def test_schedule_matches_its_formula():
 
 @pytest.mark.slow
 def test_tiny_pretraining_lowers_the_loss_and_saves(packed, tmp_path):
-    align("pretrain", TINY, f"data.train={packed}", f"out_dir={tmp_path}", "peak_tflops=0.1")
+    align("pretrain", TINY, f"data.train={packed}", f"out_dir={tmp_path}", "train.peak_tflops=0.1")
     curve = losses(tmp_path)
     evals = [r["eval/loss"] for r in read_metrics(tmp_path) if "eval/loss" in r]
     assert curve[max(curve)] < 0.6 * curve[min(curve)] and evals[-1] < evals[0]

@@ -128,8 +128,10 @@ class TrainEngine:
 
         init_distributed()
         model = model.to(device())
+        # on CUDA, torch's fused AdamW: one kernel for the whole update (not with the optimizer on the CPU)
+        fused = device().type == "cuda" and not ds.offload_optimizer
         optimizer = torch.optim.AdamW(
-            param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps
+            param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused or None
         )
         scheduler = build_scheduler(optimizer, total_steps, optim)
         config = deepspeed_config(ds, optim, micro_batch_size, grad_accum)
@@ -176,8 +178,8 @@ class TrainEngine:
             return {"lr": 0.0, "grad_norm": float("nan"), "skipped": 1.0}
         local_norm = None
         if boundary and self.zero_stage == 0:  # DeepSpeed reports the norm only for ZeRO stages
-            grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
-            local_norm = float(torch.stack(grads).norm()) if grads else 0.0
+            grads = [p.grad.detach() for p in self.module.parameters() if p.grad is not None]
+            local_norm = float(torch.stack(torch._foreach_norm(grads)).float().norm()) if grads else 0.0
         lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
         self.engine.step()
         if not boundary:
@@ -188,13 +190,14 @@ class TrainEngine:
     def get_lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def gathered_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full parameters one at a time (ZeRO-3 shards gathered per parameter). Every rank must iterate."""
+    def gathered_parameters(self, to_cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full parameters one at a time (ZeRO-3 shards gathered per parameter), copied to the CPU or kept on the
+        training device (`to_cpu=False`, for a rollout engine on the same GPU). Every rank must iterate."""
         import deepspeed
 
         for name, p in self.module.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                yield name, p.detach().to("cpu", copy=True)
+                yield name, p.detach().to("cpu", copy=True) if to_cpu else p.detach().clone()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full state dict (all ranks call; all get it)."""

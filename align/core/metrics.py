@@ -5,11 +5,52 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 
 def tokens_per_second(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else float("nan")
+
+
+def measure_peak_tflops(device: torch.device | str, bf16: bool, n: int | None = None, reps: int = 3) -> float:
+    """The best of a few square matmuls in the training dtype on `device`, in TFLOP/s (a peak, not a median)."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 1024)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+
+@dataclass
+class Throughput:
+    """The one meaning of a trainer's speed: real (non-padding) tokens per second summed over all ranks, and
+    model-FLOPs utilisation: those tokens x training FLOPs per token / (ranks x each device's matmul peak)."""
+
+    flops_per_token: float  # forward + backward FLOPs per token of every model the step trains
+    peak_tflops: float  # one device's
+    world_size: int = 1
+
+    @classmethod
+    def measured(cls, flops_per_token: float, peak_tflops: float | None, device, bf16: bool,
+                 world_size: int) -> "Throughput":
+        """With `peak_tflops` None, the peak is measured now on `device` (a fraction of a second)."""
+        return cls(flops_per_token, peak_tflops or measure_peak_tflops(device, bf16), world_size)
+
+    def __call__(self, real_tokens: float, seconds: float) -> dict[str, float]:
+        rate = tokens_per_second(real_tokens, seconds)
+        return {"tokens_per_s": rate, "mfu": rate * self.flops_per_token / (self.world_size * self.peak_tflops * 1e12)}
 
 
 class MetricsLogger:

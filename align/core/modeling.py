@@ -19,17 +19,19 @@ def load_tokenizer(source: ModelSource) -> QwenTokenizer:
     return QwenTokenizer.from_file(Path(source.init))
 
 
-def build_model(source: ModelSource, seed: int = 0) -> tuple[QwenForCausalLM, QwenTokenizer]:
-    """The model and tokenizer named by `source`: a checkpoint, or a fresh model from a config (fp32)."""
+def build_model(source: ModelSource, seed: int = 0, device: torch.device | str = "cpu"
+                ) -> tuple[QwenForCausalLM, QwenTokenizer]:
+    """The model and tokenizer named by `source`: a checkpoint read straight onto `device`, or a fresh model from a
+    config built on the meta device and initialised once, on `device`, from `seed` (fp32)."""
     tokenizer = load_tokenizer(source)
     if source.init is not None:
-        model = load_pretrained(source.init, dtype=torch.float32)
+        model = load_pretrained(source.init, dtype=torch.float32, device=device)
     elif source.config is not None:
         config = load_config(QwenConfig, source.config)
         if source.fit_vocab:
             config.vocab_size = -(-len(tokenizer) // 128) * 128
-        torch.manual_seed(seed)
-        model = QwenForCausalLM(config)
+        torch.manual_seed(seed)  # the run's other draws (dropout) start from the seed too
+        model = QwenForCausalLM(config, device=device, seed=seed)
     else:
         raise ConfigError("model: give either init (a checkpoint folder) or config (a model config YAML)")
     if len(tokenizer) > model.config.vocab_size:

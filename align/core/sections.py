@@ -53,3 +53,4 @@ class LoopConfig(Section):
     keep_last: int = Field(2, ge=1)  # training-state checkpoints kept
     seed: int = 0
     stop_after: int | None = None  # stop (checkpointed) after this many steps without finishing the schedule
+    peak_tflops: float | None = None  # one device's matmul peak for model-FLOPs utilisation; default: measured

@@ -20,8 +20,8 @@ from align.core.batching import MicroBatches
 from align.core.checkpointing import open_run, save_checkpoint
 from align.core.config import ConfigError, Section
 from align.core.engine import TrainEngine
-from align.core.losses import count_targets, normalised_loss, summed_token_loss
-from align.core.metrics import MetricsLogger, tokens_per_second
+from align.core.losses import count_targets, normalised_loss
+from align.core.metrics import MetricsLogger, Throughput
 from align.core.modeling import build_model, save_from_engine
 from align.core.sections import DeepSpeedSection, LoopConfig, ModelSource, OptimConfig
 from base_model import QwenTokenizer
@@ -40,7 +40,6 @@ class PretrainConfig(Section):
     optim: OptimConfig = OptimConfig(lr=3e-4, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1)
     train: LoopConfig = LoopConfig()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
-    peak_tflops: float | None = None  # the machine's matmul peak (`align bench peak`), for model-FLOPs utilisation
     out_dir: str = "runs/pretrain"
     resume: bool | str = False
 
@@ -58,14 +57,14 @@ class Run:
     start_step: int
     logger: MetricsLogger
     out_dir: Path
-    flops_per_token: float
+    throughput: Throughput
 
 
 def setup(cfg: PretrainConfig) -> Run:
     dist.init_distributed()
     rank0 = dist.rank() == 0
     out_dir = Path(cfg.out_dir)
-    model, tokenizer = build_model(cfg.model, cfg.train.seed)
+    model, tokenizer = build_model(cfg.model, cfg.train.seed, dist.device())
     train_data = PackedDataset(cfg.data.train)
     if int(train_data.tokens.max()) >= model.config.vocab_size:
         raise ConfigError(f"{cfg.data.train}: token ids reach {int(train_data.tokens.max())}, beyond the model's "
@@ -79,14 +78,15 @@ def setup(cfg: PretrainConfig) -> Run:
     loop = cfg.train
     batches = MicroBatches(train_rows, loop.micro_batch_size, dist.rank(), dist.world_size(), loop.seed)
     total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))
-    flops = model.config.flops_per_token(train_data.seq_len)
+    throughput = Throughput.measured(model.config.flops_per_token(train_data.seq_len), loop.peak_tflops,
+                                     dist.device(), cfg.deepspeed.bf16, dist.world_size())
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
     start_step, _, logger = open_run(cfg, out_dir, {"model": engine}, "pretrain")
     if rank0:
         print(f"[pretrain] {len(train_rows)} rows x {train_data.seq_len} tokens, {len(eval_indices)} held out; "
               f"{total_steps} steps")
     return Run(cfg, engine, tokenizer, train_data, eval_data, eval_indices, batches, total_steps, start_step, logger,
-               out_dir, flops)
+               out_dir, throughput)
 
 
 def evaluate(run: Run) -> float:
@@ -98,8 +98,8 @@ def evaluate(run: Run) -> float:
     with torch.no_grad():
         for i in range(0, len(mine), run.cfg.train.micro_batch_size):
             b = {k: v.to(dist.device()) for k, v in run.eval_data.batch(mine[i:i + run.cfg.train.micro_batch_size]).items()}
-            logits = run.engine.forward(b["input_ids"], position_ids=b["position_ids"]).logits
-            loss_sum += summed_token_loss(logits, b["labels"]).item()
+            loss_sum += run.engine.forward(b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]
+                                           ).loss_sum.item()
             targets += count_targets(b["labels"])
     total, n = dist.all_reduce_sum([loss_sum, targets])
     run.engine.train()
@@ -110,16 +110,16 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     accum = run.cfg.train.grad_accum
     micro = [run.train_data.batch(run.batches.get(step * accum + i)) for i in range(accum)]
     global_targets = int(dist.all_reduce_sum([sum(count_targets(b["labels"]) for b in micro)])[0])
-    loss_share, tokens, stats = 0.0, 0, None
+    tokens = sum(b["input_ids"].numel() for b in micro)  # packed rows: every token is a corpus token
+    loss_share, stats = torch.zeros((), device=dist.device()), None
     for b in micro:
-        b = {k: v.to(dist.device()) for k, v in b.items()}
-        logits = run.engine.forward(b["input_ids"], position_ids=b["position_ids"]).logits
-        loss = normalised_loss(summed_token_loss(logits, b["labels"]), global_targets)
+        b = {k: v.to(dist.device(), non_blocking=True) for k, v in b.items()}
+        out = run.engine.forward(b["input_ids"], position_ids=b["position_ids"], labels=b["labels"])
+        loss = normalised_loss(out.loss_sum, global_targets)
         run.engine.backward(loss)
         stats = run.engine.step() or stats
-        loss_share += loss.item()
-        tokens += b["input_ids"].numel()
-    loss_total, tokens_total = dist.all_reduce_sum([loss_share, tokens])
+        loss_share += loss.detach()
+    loss_total, tokens_total = dist.all_reduce_sum([loss_share.item(), tokens])  # the step's one host sync
     return {"loss": loss_total, "tokens": tokens_total, **(stats or {})}
 
 
@@ -133,9 +133,7 @@ def train(run: Run) -> dict[str, float]:
     for step in range(run.start_step, last_step):
         t0 = time.perf_counter()
         metrics = train_step(run, step)
-        metrics["tokens_per_s"] = tokens_per_second(metrics["tokens"], time.perf_counter() - t0)
-        if run.cfg.peak_tflops:
-            metrics["mfu"] = metrics["tokens_per_s"] * run.flops_per_token / (run.cfg.peak_tflops * 1e12 * dist.world_size())
+        metrics.update(run.throughput(metrics["tokens"], time.perf_counter() - t0))
         done = step + 1
         if done % loop.log_every == 0 or done == last_step:
             run.logger.log(done, metrics, prefix="train/")
@@ -147,10 +145,8 @@ def train(run: Run) -> dict[str, float]:
             save_checkpoint({"model": run.engine}, run.out_dir, done, state,
                             lambda f: save_from_engine(run.engine, run.engine.module.config, run.tokenizer, f,
                                                        dist.rank() == 0), loop.keep_last)
-        postfix = {"loss": f"{metrics['loss']:.4f}", "tok_s": f"{metrics['tokens_per_s']:.0f}"}
-        if "mfu" in metrics:
-            postfix["mfu"] = f"{metrics['mfu']:.1%}"
-        bar.set_postfix(postfix)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                        mfu=f"{metrics['mfu']:.1%}")
         bar.update(1)
     bar.close()
     if last_step == run.total_steps and run.start_step < run.total_steps:

@@ -1,4 +1,8 @@
-"""The native rollout engine: our own batched KV-cache sampler on a private copy of the policy (CPU or GPU)."""
+"""The native rollout engine: our own batched KV-cache sampler (CPU or GPU).
+
+It samples either from the training policy's own module (`NativeEngine.sharing`, when the weights are whole on
+every rank: ZeRO-0/1/2), so nothing is copied and `load_weights` has nothing to do, or from a private copy of the
+policy that `load_weights` refreshes (ZeRO-3, where each rank holds only a shard)."""
 
 from __future__ import annotations
 
@@ -13,10 +17,22 @@ from ppo.rollout.engine import Rollout
 
 class NativeEngine:
     def __init__(self, config: QwenConfig, pad_id: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.model = QwenForCausalLM(config).to(device=device, dtype=dtype).eval()
+                 dtype: torch.dtype = torch.float32, model: QwenForCausalLM | None = None) -> None:
+        """A private copy of the policy (uninitialised until `load_weights`), or `model` itself when given."""
+        self.shares_weights = model is not None
+        if model is None:
+            with torch.device("meta"):
+                model = QwenForCausalLM(config)
+            model = model.to_empty(device=device).to(dtype).eval()
+            model.tie_weights()
+        self.model = model
         self.pad_id = pad_id
         self._params = dict(self.model.named_parameters())
+
+    @classmethod
+    def sharing(cls, model: QwenForCausalLM, pad_id: int) -> "NativeEngine":
+        """An engine that samples from `model` itself: the training policy's current weights, always."""
+        return cls(model.config, pad_id, model=model)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
         out = generate(self.model, prompt_ids, sampling, pad_id=self.pad_id)
@@ -28,7 +44,8 @@ class NativeEngine:
         for name, tensor in named_tensors:
             if name not in self._params:
                 raise KeyError(f"native engine: no parameter named {name!r}")
-            self._params[name].copy_(tensor)
+            if not self.shares_weights:
+                self._params[name].copy_(tensor)
             seen.add(name)
         missing = set(self._params) - seen
         if missing and not (self.model.config.tie_word_embeddings and missing == {"lm_head.weight"}):
