@@ -102,6 +102,40 @@ def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None,
     return ids
 
 
+class CapturedDecoder:
+    """`model.decode_step` for one batch and cache, captured once in a CUDA graph and replayed at every step: one
+    launch per token instead of one per kernel (a decoding step of a small batch is launch-bound in eager mode)."""
+
+    def __init__(self, model: QwenForCausalLM, cache, batch: int) -> None:
+        self.ids = torch.zeros((batch, 1), dtype=torch.long, device=model.device)
+        saved = [t.clone() for t in (cache.position, cache.next_positions, cache.key_valid)]
+        stream = torch.cuda.Stream(model.device)
+        stream.wait_stream(torch.cuda.current_stream(model.device))
+        with torch.cuda.stream(stream):  # warm-up outside the capture: kernels chosen, workspaces allocated
+            model.decode_step(self.ids, cache)
+        torch.cuda.current_stream(model.device).wait_stream(stream)
+        for t, old in zip((cache.position, cache.next_positions, cache.key_valid), saved):
+            t.copy_(old)  # undo the warm-up's step (its keys and values are overwritten by the first replay)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode_step(self.ids, cache)  # recorded, not run
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.graph.replay()
+        return self.logits
+
+
+def _decode_mode(mode: str, device: torch.device, steps: int) -> str:
+    if mode not in ("auto", "dynamic", "static", "graph"):
+        raise ValueError(f"decode={mode!r}: expected auto, dynamic, static or graph")
+    if mode == "auto":
+        return "graph" if device.type == "cuda" and steps >= PACK_FROM_STEPS else "dynamic"
+    if mode == "graph" and device.type != "cuda":
+        raise ValueError("decode='graph' needs the model on a CUDA device")
+    return mode
+
+
 @torch.no_grad()
 def generate(
     model: QwenForCausalLM,
@@ -109,20 +143,27 @@ def generate(
     sampling: SamplingParams,
     pad_id: int = 0,
     return_logits: bool = False,
+    decode: str = "auto",
 ) -> GenerationOutput:
-    """Sample continuations of `prompts` (lists of token ids)."""
+    """Sample continuations of `prompts` (lists of token ids).
+
+    `decode` chooses how tokens after the first are computed: "dynamic" (the cache grows by one key per step; the
+    reference, and the CPU's default), "static" (fixed-shape steps over a preallocated cache), "graph" (static
+    steps replayed from a CUDA graph; CUDA's default) — all give the same tokens and logprobs."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
     was_training = model.training
     model.eval()
     device = model.device
+    mode = _decode_mode(decode, device, sampling.max_new_tokens)
     b = len(prompts)
     width = max(len(p) for p in prompts)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros((b, width), dtype=torch.long, device=device)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p, device=device)
+        input_ids[i, width - len(p):] = torch.tensor(p)
         attention_mask[i, width - len(p):] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     mask_arg = attention_mask if not bool(attention_mask.all()) else None
 
     generator = None
@@ -135,18 +176,30 @@ def generate(
         row_generators = [torch.Generator(device=device).manual_seed(s) for s in sampling.row_seeds]
     stop = torch.tensor(sorted(set(sampling.stop_token_ids)) or [-1], device=device)
     cache = model.new_cache(max_length=width + sampling.max_new_tokens)
-    out_ids = torch.empty((b, 0), dtype=torch.long, device=device)
-    out_logprobs = torch.empty((b, 0), dtype=torch.float32, device=device)
+    out_ids = torch.full((b, sampling.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((b, sampling.max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     stopped = torch.zeros(b, dtype=torch.bool, device=device)
     step_logits: list[torch.Tensor] = []
+    check_every = 8 if device.type == "cuda" else 1  # a finished-check is a host synchronisation
+    decoder = None
 
-    step_input = input_ids
+    steps = 0
     with ExitStack() as stack:
         for step in range(sampling.max_new_tokens):
             if step == 1 and sampling.max_new_tokens >= PACK_FROM_STEPS:  # decoding from here: b rows per matmul
                 stack.enter_context(prepacked_linears(model, rows=b))
-            logits = model(step_input, attention_mask=mask_arg, past_key_values=cache, last_only=True).logits[:, -1]
+            if step == 0:
+                logits = model(input_ids, attention_mask=mask_arg, past_key_values=cache, last_only=True).logits[:, -1]
+                if mode != "dynamic":
+                    cache.start_static_decoding(mask_arg, cache.inv_freq)
+                    decoder = CapturedDecoder(model, cache, b) if mode == "graph" else \
+                        (lambda ids: model.decode_step(ids, cache))
+            elif decoder is not None:
+                logits = decoder(next_ids[:, None])
+            else:
+                logits = model(next_ids[:, None], attention_mask=mask_arg, past_key_values=cache,
+                               last_only=True).logits[:, -1]
             logits = logits.float()  # (B, V)
             if sampling.vocab_limit is not None:
                 logits[:, sampling.vocab_limit:] = float("-inf")
@@ -159,25 +212,27 @@ def generate(
                 next_ids = sample_tokens(probs, generator, row_generators, sampling.top_p)  # (B,)
             logprobs = logits.gather(-1, next_ids[:, None]).squeeze(-1) - logits.logsumexp(-1)  # unfiltered, T=1
             next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
-            out_ids = torch.cat((out_ids, next_ids[:, None]), dim=1)
-            out_logprobs = torch.cat((out_logprobs, logprobs[:, None]), dim=1)
+            out_ids[:, step] = next_ids
+            out_logprobs[:, step] = logprobs
             hit = torch.isin(next_ids, stop) & ~finished
             stopped |= hit
             finished |= hit
-            if bool(finished.all()):
+            steps = step + 1
+            if (steps % check_every == 0 or steps == sampling.max_new_tokens) and bool(finished.all()):
                 break
-            step_input = next_ids[:, None]
-            if mask_arg is not None:
+            if mask_arg is not None and decoder is None:
                 mask_arg = torch.cat((mask_arg, torch.ones((b, 1), dtype=mask_arg.dtype, device=device)), dim=1)
 
     model.train(was_training)
     token_ids, logprobs_out, reasons = [], [], []
+    stop_set = set(sampling.stop_token_ids)
+    all_ids, all_logprobs, all_stopped = out_ids[:, :steps].tolist(), out_logprobs[:, :steps].tolist(), stopped.tolist()
     for i in range(b):
-        ids = out_ids[i].tolist()
+        ids = all_ids[i]
         n = len(ids)
-        if bool(stopped[i]):
-            n = next(j for j, t in enumerate(ids) if t in set(sampling.stop_token_ids)) + 1
+        if all_stopped[i]:
+            n = next(j for j, t in enumerate(ids) if t in stop_set) + 1
         token_ids.append(ids[:n])
-        logprobs_out.append(out_logprobs[i, :n].tolist())
-        reasons.append("stop" if bool(stopped[i]) else "length")
+        logprobs_out.append(all_logprobs[i][:n])
+        reasons.append("stop" if all_stopped[i] else "length")
     return GenerationOutput(token_ids, logprobs_out, reasons, step_logits)

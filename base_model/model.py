@@ -37,14 +37,20 @@ def rope_inv_freq(rotary_dim: int, base: float, device: torch.device | None = No
     return 1.0 / (base ** exponents)
 
 
-def rope_cos_sin(
-    position_ids: torch.Tensor, rotary_dim: int, bases: list[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (B, L, R) in fp32; one rotary base per row (dynamic NTK picks it per row)."""
+def rope_inv_freqs(rotary_dim: int, bases: list[float], device: torch.device | None = None) -> torch.Tensor:
+    """(1 or B, R/2) inverse frequencies: one row when the batch shares one base, else one per row."""
     if len(set(bases)) == 1:  # the common case: one base for the whole batch
-        inv_freq = rope_inv_freq(rotary_dim, bases[0], position_ids.device)[None]  # (1, R/2)
-    else:
-        inv_freq = torch.stack([rope_inv_freq(rotary_dim, b, position_ids.device) for b in bases])  # (B, R/2)
+        return rope_inv_freq(rotary_dim, bases[0], device)[None]
+    return torch.stack([rope_inv_freq(rotary_dim, b, device) for b in bases])
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, rotary_dim: int, bases: list[float] | None = None, inv_freq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (B, L, R) in fp32; one rotary base per row (dynamic NTK picks it per row), given as
+    `bases` or as their (1 or B, R/2) inverse frequencies."""
+    if inv_freq is None:
+        inv_freq = rope_inv_freqs(rotary_dim, bases, position_ids.device)
     freqs = position_ids.float()[:, :, None] * inv_freq[:, None, :]  # (B, L, R/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, R), NeoX half-rotation layout
     return emb.cos(), emb.sin()
@@ -75,6 +81,8 @@ class KVCache:
     """Keys and values of every layer, (B, G, K, D) each, plus the NTK factors chosen at prefill.
 
     With `max_length`, buffers are allocated once and filled in place; otherwise they grow by concatenation.
+    After `start_static_decoding`, every shape and index is a tensor: each step writes one position in place
+    (`position`), attends over the whole buffer through `key_valid`, and can be captured in a CUDA graph.
     """
 
     def __init__(self, num_layers: int, max_length: int | None = None) -> None:
@@ -83,14 +91,23 @@ class KVCache:
         self.max_length = max_length
         self.length = 0
         self.ntk_alphas: list[float] | None = None
+        self.position: torch.Tensor | None = None  # (1,) next write index, static decoding only
+        self.next_positions: torch.Tensor | None = None  # (B, 1) position id of each row's next token
+        self.key_valid: torch.Tensor | None = None  # (B, K) keys a query may attend to
+        self.inv_freq: torch.Tensor | None = None  # (1 or B, R/2) rotary inverse frequencies fixed at prefill
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position is not None:  # static decoding: write in place, return the whole buffer
+            self.keys[layer].index_copy_(2, self.position, k)
+            self.values[layer].index_copy_(2, self.position, v)
+            return self.keys[layer], self.values[layer]
         start, end = self.length, self.length + k.shape[2]
         if self.max_length is not None and end <= self.max_length:
             if self.keys[layer] is None:
                 shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
-                self.keys[layer] = k.new_empty(shape)
-                self.values[layer] = v.new_empty(shape)
+                # zeros, not empty: a masked key's value is still multiplied by its zero weight (NaN * 0 = NaN)
+                self.keys[layer] = k.new_zeros(shape)
+                self.values[layer] = v.new_zeros(shape)
             self.keys[layer][:, :, start:end] = k
             self.values[layer][:, :, start:end] = v
             return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -100,6 +117,22 @@ class KVCache:
         self.keys[layer], self.values[layer] = k, v
         self.max_length = None  # grown past the buffer: keep concatenating from here on
         return k, v
+
+    def start_static_decoding(self, attention_mask: torch.Tensor | None, inv_freq: torch.Tensor) -> None:
+        """After a prefill of `length` tokens into preallocated buffers: decode with tensor state from here on.
+        attention_mask (B, length) marks the prompt's real tokens (None: all real)."""
+        if self.max_length is None or self.keys[0] is None or self.keys[0].shape[2] != self.max_length:
+            raise ValueError("static decoding needs a cache with preallocated buffers (max_length) after prefill")
+        b, device = self.keys[0].shape[0], self.keys[0].device
+        self.key_valid = torch.zeros((b, self.max_length), dtype=torch.bool, device=device)
+        if attention_mask is None:
+            self.key_valid[:, :self.length] = True
+            self.next_positions = torch.full((b, 1), self.length, dtype=torch.long, device=device)
+        else:
+            self.key_valid[:, :self.length] = attention_mask.bool()
+            self.next_positions = attention_mask.long().sum(-1, keepdim=True)
+        self.position = torch.tensor([self.length], dtype=torch.long, device=device)
+        self.inv_freq = inv_freq
 
 
 @dataclass
@@ -245,6 +278,8 @@ class QwenModel(nn.Module):
 
         bases = self._rope_bases(b, length, past, attention_mask, past_key_values)
         cos, sin = rope_cos_sin(position_ids, cfg.rotary_dim, bases)
+        if past_key_values is not None and past_key_values.inv_freq is None:
+            past_key_values.inv_freq = rope_inv_freqs(cfg.rotary_dim, bases, input_ids.device)
         logn = None
         if cfg.use_logn_attn and not self.training:
             logn = logn_factors(position_ids, cfg.seq_length)
@@ -263,6 +298,27 @@ class QwenModel(nn.Module):
         if past_key_values is not None:
             past_key_values.length += length
         return self.norm(x), past_key_values
+
+    def decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One static decoding step: input_ids (B, 1) → hidden (B, 1, E). Every index is a tensor in `cache`
+        (see `KVCache.start_static_decoding`), so the step has fixed shapes and no host synchronisation; the cache's
+        position and the rows' positions advance by one. Equal to `forward` with a dynamic cache."""
+        cfg = self.config
+        positions = cache.next_positions  # (B, 1)
+        cache.key_valid.index_fill_(1, cache.position, True)
+        cos, sin = rope_cos_sin(positions, cfg.rotary_dim, inv_freq=cache.inv_freq)
+        logn = logn_factors(positions, cfg.seq_length) if cfg.use_logn_attn and not self.training else None
+        biases = {}
+        k_idx = torch.arange(cache.max_length, device=input_ids.device)[None]  # (1, K)
+        for window in set(cfg.window_sizes or [None]):
+            allowed = cache.key_valid if window is None else cache.key_valid & (cache.position - k_idx < window)
+            biases[window] = AttentionBias(allowed[:, None, None, :], False, window)  # (B, 1, 1, K)
+        x = self.embed_tokens(input_ids)  # (B, 1, E)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, logn, biases[cfg.window_sizes[i] if cfg.window_sizes else None], cache)
+        cache.position += 1
+        cache.next_positions += 1
+        return self.norm(x)
 
     def _rope_bases(self, b, length, past, attention_mask, cache) -> list[float]:
         """The rotary base per row. Dynamic NTK picks alpha from the prefill length and keeps it while decoding."""
@@ -405,6 +461,10 @@ class QwenForCausalLM(nn.Module):
             return ModelOutput(logits=None, hidden_states=hidden, past_key_values=cache, loss_sum=loss_sum)
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)  # (B, L, V)
         return ModelOutput(logits=logits, hidden_states=hidden, past_key_values=cache)
+
+    def decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One static decoding step (see `QwenModel.decode`): input_ids (B, 1) → next-token logits (B, V) fp32."""
+        return self.lm_head(self.model.decode(input_ids, cache))[:, -1].float()
 
     def new_cache(self, max_length: int | None = None) -> KVCache:
         return KVCache(self.config.num_hidden_layers, max_length)

@@ -103,3 +103,30 @@ def test_killed_reward_model_run_resumes_exactly(tmp_path):
     full, resumed = curve(tmp_path / "full"), curve(run_dir)
     assert sorted(resumed) == list(range(1, 41))
     assert max(abs(full[s] - resumed[s]) for s in range(killed_at + 1, 41)) < 1e-6
+
+
+def test_language_model_term_is_the_mean_over_the_chosen_responses_tokens(tmp_path, monkeypatch):
+    """lm_loss (and the lm_coef term) divides the chosen rows' summed token loss by the chosen rows' target
+    tokens, not by the targets of chosen and rejected rows together."""
+    import torch
+
+    from align.core.config import load_config
+    from align.core.losses import count_targets, summed_token_loss
+    from rm import train as rm_train
+    from rm.data import collate_pairs
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(rm_train.RMConfig, TINY, ["train.max_steps=1", "train.micro_batch_size=4", "train.grad_accum=2",
+                                                 f"out_dir={tmp_path}", "train.peak_tflops=1"])
+    run = rm_train.setup(cfg)
+    loss_sum, targets = 0.0, 0
+    with torch.no_grad():
+        for i in range(2):
+            batch = collate_pairs(run.batches.get(i), run.tokenizer.pad_id)
+            b = batch["strength"].shape[0]
+            labels = torch.where(batch["response_mask"][:b].bool(), batch["input_ids"][:b], -100)
+            hidden, _ = run.engine.module.lm.model(batch["input_ids"][:b], attention_mask=batch["attention_mask"][:b])
+            loss_sum += summed_token_loss(run.engine.module.lm.lm_head(hidden), labels).item()
+            targets += count_targets(labels)
+    metrics = rm_train.train_step(run, 0)
+    assert abs(metrics["lm_loss"] - loss_sum / targets) < 1e-4 * loss_sum / targets

@@ -1,0 +1,181 @@
+"""The code behind the GPU paths, run on the CPU against the reference paths: meta-device construction and
+single initialisation, loading onto a device, the packed-attention paths, the chunked loss, static decoding."""
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from base_model import QwenConfig, QwenForCausalLM, load_pretrained, save_pretrained
+from base_model.generate import SamplingParams, generate
+from base_model.losses import linear_cross_entropy_sum
+from base_model.model import _attention_biases, _mask_bias
+from conftest import randomize_biases, tiny_config
+
+
+def test_7b_shape_model_is_constructed_on_meta_in_under_a_second():
+    config = QwenConfig(vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                        num_attention_heads=32)
+    QwenForCausalLM(tiny_config(), device="meta")  # torch's one-time set-up of meta kernels is not construction
+    t0 = time.perf_counter()
+    model = QwenForCausalLM(config, device="meta")
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 1.0, elapsed
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == config.num_parameters()
+
+
+def _reference_init(config, seed):
+    """Qwen v1's initialisation written out: each parameter in named order, from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    std, out = config.initializer_range, {}
+    for name, shape in _shapes(config):
+        if name.endswith("bias"):
+            out[name] = torch.zeros(shape)
+        elif "layernorm" in name or name == "model.norm.weight":
+            out[name] = torch.ones(shape)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            out[name] = torch.empty(shape).normal_(0.0, std / math.sqrt(2 * config.num_hidden_layers), generator=g)
+        else:
+            out[name] = torch.empty(shape).normal_(0.0, std, generator=g)
+    return out
+
+
+def _shapes(config):
+    e, f, v, d = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    h, g = config.num_attention_heads, config.num_key_value_heads
+    yield "model.embed_tokens.weight", (v, e)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", (e,)
+        for name, rows in (("q", h * d), ("k", g * d), ("v", g * d)):
+            yield p + f"self_attn.{name}_proj.weight", (rows, e)
+            yield p + f"self_attn.{name}_proj.bias", (rows,)
+        yield p + "self_attn.o_proj.weight", (e, h * d)
+        yield p + "post_attention_layernorm.weight", (e,)
+        yield p + "mlp.gate_proj.weight", (f, e)
+        yield p + "mlp.up_proj.weight", (f, e)
+        yield p + "mlp.down_proj.weight", (e, f)
+    yield "model.norm.weight", (e,)
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", (v, e)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_is_initialised_once_on_the_target_device_as_the_seeded_reference(tie):
+    config = tiny_config(tie_word_embeddings=tie)
+    torch.manual_seed(123)  # the global RNG plays no part
+    model = QwenForCausalLM(config, device="cpu", seed=7)
+    expected = _reference_init(config, 7)
+    params = dict(model.named_parameters())
+    assert list(params) == list(expected)
+    for name, p in params.items():
+        assert torch.equal(p, expected[name]), name
+    if tie:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_checkpoint_loads_straight_onto_the_device_in_the_asked_dtype(tmp_path):
+    model = randomize_biases(QwenForCausalLM(tiny_config(), seed=0))
+    save_pretrained(model, tmp_path / "ckpt")
+    loaded = load_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a.bfloat16(), b), n
+
+
+def test_one_masked_attention_call_equals_attention_by_document_in_logits_and_gradients():
+    """The block-diagonal mask (one SDPA call for all documents) and the per-document path give the same logits
+    and gradients; on CUDA the varlen call is checked against both in the GPU tier."""
+    torch.manual_seed(0)
+    model = randomize_biases(QwenForCausalLM(tiny_config(), seed=0)).train()
+    rows = [[torch.randint(0, 300, (n,)) for n in lengths] for lengths in ((10, 7, 5), (4, 18))]
+    ids = torch.stack([torch.cat(docs) for docs in rows])
+    positions = torch.stack([torch.cat([torch.arange(len(d)) for d in docs]) for docs in rows])
+    doc_ids = (positions == 0).cumsum(-1)
+    by_doc = _attention_biases(model.config, ids.shape[1], 0, None, doc_ids, ids.device)
+    assert by_doc[None].documents is not None
+    results = []
+    for force_mask in (False, True):
+        model.zero_grad()
+        if force_mask:
+            import base_model.model as m
+
+            original = m._attention_biases
+            m._attention_biases = lambda cfg, length, past, mask, doc, dev, dtype=None: {
+                None: _mask_bias(length, past, mask, doc, None, False, dev)}
+            try:
+                logits = model(ids, position_ids=positions).logits
+            finally:
+                m._attention_biases = original
+        else:
+            logits = model(ids, position_ids=positions).logits
+        logits.square().sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, ga), (b, gb) = results
+    assert (a - b).abs().max() < 1e-5
+    for n in ga:
+        assert (ga[n] - gb[n]).abs().max() <= 1e-5 * gb[n].abs().max(), n
+
+
+@pytest.mark.parametrize("rows", [None, 7])
+def test_chunked_linear_cross_entropy_equals_the_plain_loss_and_its_gradients(rows):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 11, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11))
+    labels[0, :4] = -100
+    plain = F.cross_entropy((hidden @ weight.T).reshape(-1, 50), labels.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    plain.backward(torch.tensor(0.7))
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    fused = linear_cross_entropy_sum(hidden, weight, labels, rows=rows)
+    fused.backward(torch.tensor(0.7))
+    assert abs(fused.item() - plain.item()) <= 1e-5 * abs(plain.item())
+    assert (hidden.grad - gh).abs().max() < 1e-5 and (weight.grad - gw).abs().max() < 1e-5
+    with torch.no_grad():
+        assert abs(linear_cross_entropy_sum(hidden, weight, labels, rows=rows).item() - plain.item()) < 1e-3
+
+
+def test_model_loss_from_labels_equals_the_loss_of_its_logits():
+    from align.core.losses import summed_token_loss
+
+    torch.manual_seed(0)
+    model = QwenForCausalLM(tiny_config(), seed=0).train()
+    ids = torch.randint(0, 300, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    plain = summed_token_loss(model(ids).logits, labels)
+    plain.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    fused = model(ids, labels=labels).loss_sum
+    fused.backward()
+    assert abs(fused.item() - plain.item()) < 1e-5 * plain.item()
+    for n, p in model.named_parameters():
+        assert (p.grad - grads[n]).abs().max() <= 1e-5 * max(grads[n].abs().max(), 1e-6), n
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(use_dynamic_ntk=True, use_logn_attn=True, seq_length=16),
+                                   dict(window_sizes=[3, None])])
+def test_static_cache_decoding_equals_dynamic_decoding(flags):
+    torch.manual_seed(0)
+    model = randomize_biases(QwenForCausalLM(tiny_config(**flags), seed=0)).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]  # left padding in the batch
+    for sampling in (SamplingParams(max_new_tokens=20, temperature=0),
+                     SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.9, row_seeds=[1, 2, 3])):
+        dynamic = generate(model, prompts, sampling, decode="dynamic", return_logits=True)
+        static = generate(model, prompts, sampling, decode="static", return_logits=True)
+        assert static.token_ids == dynamic.token_ids
+        for a, b in zip(static.step_logits, dynamic.step_logits):
+            assert (a - b).abs().max() < 1e-4
+        assert torch.allclose(torch.tensor(static.logprobs), torch.tensor(dynamic.logprobs), atol=1e-5)
+
+
+def test_graph_decoding_needs_cuda():
+    model = QwenForCausalLM(tiny_config(), seed=0)
+    with pytest.raises(ValueError, match="CUDA"):
+        generate(model, [[1, 2]], SamplingParams(max_new_tokens=2), decode="graph")
