@@ -384,6 +384,9 @@ def label(annotators: tuple[int, ...] = (20, 50), per_annotator: int = 30, think
     return out
 
 
+GPU_SUITES = ("peak", "model", "generate", "sft", "ppo")  # with --device cuda: align.bench_gpu's shapes
+
+
 def run(suites: list[str], device: str = "cpu", json_out: str | None = None) -> list[dict]:
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
@@ -394,30 +397,31 @@ def run(suites: list[str], device: str = "cpu", json_out: str | None = None) -> 
     peak_rows = None
     for suite in suites or list(SUITES):
         t0 = time.perf_counter()
-        if suite == "model" and peak_rows is None:
+        if device.startswith("cuda") and suite in GPU_SUITES:
+            from align import bench_gpu
+
+            new = bench_gpu.run_suite(suite, peak_rows[0]["ours"] if peak_rows else None)
+            peak_rows = new if suite == "peak" else peak_rows
+        elif suite == "peak" or (suite == "model" and peak_rows is None):
             peak_rows = peak(device)
-        if suite == "peak":
-            peak_rows = peak(device)
-            new = peak_rows
+            new = peak_rows if suite == "peak" else model(device, peak_rows=peak_rows)
         elif suite == "model":
             new = model(device, peak_rows=peak_rows)
         elif suite == "generate":
             new = generate(device)
-        elif suite == "tags":
-            new = tags()
-        elif suite == "sft":
-            new = sft()
-        elif suite == "label":
-            new = label()
         else:
-            new = ppo()
+            new = {"tags": tags, "sft": sft, "label": label, "ppo": ppo}[suite]()
         rows += new
-        for r in new:
-            ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
-            peer = f"{r['peer']:.4g}" if r["peer"] is not None else "-"
-            print(f"{r['suite']:<9}{r['metric']:<34}{r['ours']:>12.4g}{peer:>12}{ratio:>9}  {r['unit']}", flush=True)
-        print(f"  ({suite}: {time.perf_counter() - t0:.0f} s)", flush=True)
-    if json_out:
-        clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]
-        Path(json_out).write_text(json.dumps(clean, indent=2) + "\n")
+        _print(suite, new, t0)
+        if json_out:  # after every suite: a run stopped at a time limit keeps what it measured
+            clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]
+            Path(json_out).write_text(json.dumps(clean, indent=2) + "\n")
     return rows
+
+
+def _print(suite: str, new: list[dict], t0: float) -> None:
+    for r in new:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        peer = f"{r['peer']:.4g}" if r["peer"] is not None else "-"
+        print(f"{r['suite']:<9}{r['metric']:<40}{r['ours']:>12.4g}{peer:>12}{ratio:>9}  {r['unit']}", flush=True)
+    print(f"  ({suite}: {time.perf_counter() - t0:.0f} s)", flush=True)

@@ -12,8 +12,6 @@ from align.core.config import ConfigError
 
 def cmd_init_model(args: argparse.Namespace) -> None:
     """Write a randomly initialised model (and tokenizer) as a checkpoint folder."""
-    import torch
-
     from align.core.config import load_config
     from base_model import QwenConfig, QwenForCausalLM, QwenTokenizer, save_pretrained
 
@@ -24,8 +22,7 @@ def cmd_init_model(args: argparse.Namespace) -> None:
     if len(tokenizer) > config.vocab_size:
         raise ConfigError(f"{args.config}: vocab_size {config.vocab_size} is smaller than the tokenizer "
                           f"({len(tokenizer)} ids); pass --fit-vocab")
-    torch.manual_seed(args.seed)
-    model = QwenForCausalLM(config)
+    model = QwenForCausalLM(config, seed=args.seed)
     save_pretrained(model, args.out, tokenizer)
     print(f"wrote {config.num_parameters():,}-parameter model to {args.out}")
 
@@ -44,7 +41,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from base_model import QwenTokenizer, load_pretrained
     from base_model.generate import generate
 
-    model = load_pretrained(args.model)
+    model = load_pretrained(args.model, device=engine_device())
     tokenizer = QwenTokenizer.from_file(args.model)
     prompts = args.prompt
     if args.raw:
@@ -66,7 +63,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from base_model import QwenTokenizer, load_pretrained
     from base_model.generate import generate
 
-    model = load_pretrained(args.model)
+    model = load_pretrained(args.model, device=engine_device())
     tokenizer = QwenTokenizer.from_file(args.model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
@@ -570,6 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-mb", type=float, default=2048)
     p.set_defaults(func=cmd_convert)
     return parser
+
+
+def engine_device():
+    from align.core.engine import device
+
+    return device()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,7 +196,6 @@ def run_labelling(cfg: DemoConfig, world_dir: Path, folder: Path) -> None:
     from labeling_ui.agreement import project_report
     from labeling_ui.api import create_app, validate_items
     from labeling_ui.auth import hash_password
-    from labeling_ui.export import comparison_record
     from labeling_ui.store import Store
     from rm.tags.taxonomy import Taxonomy
 

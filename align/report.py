@@ -116,7 +116,7 @@ def demo_body(folder: Path) -> str:
                    f"{num(src, f'gold.{n}.ci95.1', g[n]['ci95'][1])}</td>"
                    + "".join(f"<td class='num'>{num(src, f'gold.{n}.by_kind.{k}', g[n]['by_kind'][k])}</td>"
                              for k in kinds) + "</tr>" for n in names)
-    parts.append(f"<table><tr><th>policy</th><th>gold mean</th><th>95% CI</th>"
+    parts.append("<table><tr><th>policy</th><th>gold mean</th><th>95% CI</th>"
                  + "".join(f"<th>{html.escape(k)}</th>" for k in kinds) + f"</tr>{rows}</table>")
     fig, ax = plt.subplots(figsize=(4.2, 3))
     ax.bar(names, [g[n]["mean"] for n in names], yerr=[[g[n]["mean"] - g[n]["ci95"][0] for n in names],

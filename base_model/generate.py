@@ -183,6 +183,7 @@ def generate(
     step_logits: list[torch.Tensor] = []
     check_every = 8 if device.type == "cuda" else 1  # a finished-check is a host synchronisation
     decoder = None
+    next_ids = input_ids[:, -1]  # (B,) the token each step feeds in; the first step feeds the whole prompt
 
     steps = 0
     with ExitStack() as stack:

@@ -462,6 +462,13 @@ class QwenForCausalLM(nn.Module):
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)  # (B, L, V)
         return ModelOutput(logits=logits, hidden_states=hidden, past_key_values=cache)
 
+    def compile_layers(self, **options) -> "QwenForCausalLM":
+        """Compile each decoder layer with `torch.compile` (fused norms, rotary and SwiGLU on GPUs); the eager
+        layers stay the reference the GPU tier compares against. Returns the model."""
+        for layer in self.model.layers:
+            layer.compile(**options)
+        return self
+
     def decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One static decoding step (see `QwenModel.decode`): input_ids (B, 1) → next-token logits (B, V) fp32."""
         return self.lm_head(self.model.decode(input_ids, cache))[:, -1].float()

@@ -13,7 +13,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -26,8 +26,8 @@ from align.core.batching import MicroBatches
 from align.core.checkpointing import open_run, save_checkpoint
 from align.core.config import Section
 from align.core.engine import TrainEngine
-from align.core.losses import count_targets, normalised_loss, summed_token_loss
-from align.core.metrics import MetricsLogger, tokens_per_second
+from align.core.losses import count_targets, normalised_loss
+from align.core.metrics import MetricsLogger, Throughput, tokens_per_second
 from align.core.modeling import save_from_engine
 from align.core.records import DataError, iter_records
 from align.core.sections import DeepSpeedSection, LoopConfig, OptimConfig
@@ -127,7 +127,7 @@ class Run:
     logger: MetricsLogger
     out_dir: Path
     nan_streak: int = 0
-    timings: dict = field(default_factory=dict)
+    throughput: Throughput | None = None
 
 
 def read_prompts(path: str, tokenizer, max_len: int) -> list[tuple[int, list[dict], list[int]]]:
@@ -231,10 +231,13 @@ def setup(cfg: PPOConfig) -> Run:
         kl_ctl.load_state_dict(state["kl_ctl"])
         moments.load_state_dict(state["reward_moments"])
     rollout = make_rollout_engine(cfg, actor, tokenizer)
+    throughput = Throughput.measured(0.0, cfg.train.peak_tflops, dev,  # FLOPs counted per update
+                                     cfg.policy_deepspeed.bf16, dist.world_size())
     if start_step and cfg.ppo.engine == "vllm":
         rollout.load_weights(actor.gathered_parameters(to_cpu=False))
     return Run(cfg, actor, critic, ref_policy, reward_model, tokenizer, rm_tokenizer, rollout, prompts,
-               eval_prompts, batches, ptx, ptx_train, ptx_eval, kl_ctl, moments, start_step, logger, out_dir)
+               eval_prompts, batches, ptx, ptx_train, ptx_eval, kl_ctl, moments, start_step, logger, out_dir,
+               throughput=throughput)
 
 
 def sampling_for(run: Run, rows: list, step: int, n: int) -> SamplingParams:
@@ -305,7 +308,7 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
                "kl": totals[2] / n_rows, "kl_coef": run.kl_ctl.value, "response_length": n_tokens / n_rows,
                "ended_fraction": totals[4] / n_rows, "engine_logprob_abs_diff": totals[6] / max(n_tokens, 1),
                "time/rollout_s": t1 - t0, "time/experience_s": t2 - t1,
-               "rollout_tokens_per_s": tokens_per_second(n_tokens / dist.world_size(), t1 - t0)}
+               "rollout_tokens_per_s": tokens_per_second(n_tokens, t1 - t0)}  # response tokens, all ranks
     samples = [{"prompt": m, "response": t, "reward": float(r)} for m, t, r in zip(messages, texts, raw)]
     return exp, metrics, samples
 
@@ -317,20 +320,20 @@ def actor_loss(run: Run, mb: Experience, global_tokens: int, ptx_batch: dict | N
     per_token, clipped, approx_kl = policy_loss(logprobs, mb.old_logprobs, mb.advantages, p.clip_range)
     mask = mb.response_mask
     loss = normalised_loss(masked_sum(per_token, mask), global_tokens)
-    stats = {"policy_loss": float(masked_sum(per_token.detach(), mask)), "clipfrac": float(masked_sum(clipped, mask)),
-             "approx_kl": float(masked_sum(approx_kl.detach(), mask))}
+    stats = {"policy_loss": masked_sum(per_token.detach(), mask), "clipfrac": masked_sum(clipped, mask),
+             "approx_kl": masked_sum(approx_kl.detach(), mask)}  # sums on the device; read once per update
     entropy = entropy_from_logits(logits if p.entropy_coef else logits.detach())
-    stats["entropy"] = float(masked_sum(entropy.detach(), mask))
+    stats["entropy"] = masked_sum(entropy.detach(), mask)
     if p.entropy_coef:
         loss = loss - p.entropy_coef * normalised_loss(masked_sum(entropy, mask), global_tokens)
     if not p.kl_in_reward:
         loss = loss + run.kl_ctl.value * normalised_loss(
             masked_sum(kl_estimate(logprobs, mb.ref_logprobs, "k3"), mask), global_tokens)
     if ptx_batch is not None:
-        ptx_logits = run.actor.forward(ptx_batch["input_ids"], position_ids=ptx_batch["position_ids"]).logits
-        ptx_sum = summed_token_loss(ptx_logits, ptx_batch["labels"])
+        ptx_sum = run.actor.forward(ptx_batch["input_ids"], position_ids=ptx_batch["position_ids"],
+                                    labels=ptx_batch["labels"]).loss_sum
         loss = loss + p.ptx_coef * normalised_loss(ptx_sum, global_ptx)
-        stats["ptx_loss"] = float(ptx_sum.detach())
+        stats["ptx_loss"] = ptx_sum.detach()
     return loss, stats
 
 
@@ -339,19 +342,21 @@ def critic_loss(run: Run, mb: Experience, global_tokens: int):
     per_token, clipped = value_loss(values, mb.values, mb.returns, run.cfg.ppo.clip_range_value)
     mask = mb.response_mask
     return normalised_loss(masked_sum(per_token, mask), global_tokens), {
-        "value_loss": float(masked_sum(per_token.detach(), mask)), "value_clipfrac": float(masked_sum(clipped, mask))}
+        "value_loss": masked_sum(per_token.detach(), mask), "value_clipfrac": masked_sum(clipped, mask)}
 
 
-def any_rank_nonfinite(loss: torch.Tensor) -> bool:
-    return dist.all_reduce_sum([0.0 if bool(torch.isfinite(loss)) else 1.0])[0] > 0
+def any_rank_nonfinite(losses: list[torch.Tensor]) -> bool:
+    """True when a loss is not finite on any rank (the micro-batch's one host synchronisation)."""
+    local = sum(float(not ok) for ok in torch.stack([l.detach() for l in losses]).isfinite().tolist())
+    return dist.all_reduce_sum([local])[0] > 0
 
 
 def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[str, float]:
     """PPO epochs over minibatches; returns sums over every rank, divided into means."""
     cfg, p = run.cfg, run.cfg.ppo
     n, mb_size, micro = len(exp.input_ids), p.mini_batch_size, cfg.train.micro_batch_size
-    sums: dict[str, float] = {}
-    tokens_total = ptx_tokens_total = 0.0
+    sums: dict[str, torch.Tensor] = {}
+    tokens_total = ptx_tokens_total = ptx_rows_tokens = 0.0
     skipped = 0
     g = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
     for epoch in range(p.ppo_epochs):
@@ -370,7 +375,10 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
                 mine = draw[r * len(micros):(r + 1) * len(micros)].tolist()
                 ptx_batches = [{k: v.to(dist.device()) for k, v in run.ptx.batch([run.ptx_train[i] for i in d]).items()}
                                for d in mine]
-                global_ptx = int(dist.all_reduce_sum([float(sum(count_targets(b["labels"]) for b in ptx_batches))])[0])
+                targets, rows_tokens = dist.all_reduce_sum([float(sum(count_targets(b["labels"]) for b in ptx_batches)),
+                                                            float(sum(b["input_ids"].numel() for b in ptx_batches))])
+                global_ptx = int(targets)
+                ptx_rows_tokens += rows_tokens
             bad = False
             for idx, ptx_batch in zip(micros, ptx_batches):
                 mb = exp.rows(idx)
@@ -381,14 +389,14 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
                     a_loss, a_stats = actor_loss(run, mb, global_tokens, ptx_batch, global_ptx)
                     losses.append(a_loss)
                     stats.update(a_stats)
-                bad = bad or any(any_rank_nonfinite(l) for l in losses)
+                bad = any_rank_nonfinite(losses) or bad
                 run.critic.backward(v_loss if not bad else run.critic.zero_loss())
                 run.critic.step(skip=bad)
                 if train_actor:
                     run.actor.backward(a_loss if not bad else run.actor.zero_loss())
                     run.actor.step(skip=bad)
                 for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    sums[k] = sums.get(k, 0.0) + v.float()
             skipped += int(bad)
             tokens_total += global_tokens
             ptx_tokens_total += global_ptx
@@ -400,12 +408,19 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
     else:
         run.nan_streak = 0
     keys = sorted(sums)
-    totals = dict(zip(keys, dist.all_reduce_sum([sums[k] for k in keys])))
+    local = torch.stack([sums[k] for k in keys]).tolist() if keys else []
+    totals = dict(zip(keys, dist.all_reduce_sum(local)))
     per_token = max(tokens_total, 1)
     out = {k: v / per_token for k, v in totals.items() if k != "ptx_loss"}
     if "ptx_loss" in totals:
         out["ptx_loss"] = totals["ptx_loss"] / max(ptx_tokens_total, 1)
     out["skipped_minibatches"] = float(skipped)
+    # what was trained on, all ranks: every sequence token through the value model (and the policy), ptx rows
+    seq_tokens = dist.all_reduce_sum([float(exp.attention_mask.sum())])[0] * p.ppo_epochs
+    policy_tokens = seq_tokens + ptx_rows_tokens if train_actor else 0.0
+    out["trained_tokens"] = seq_tokens + policy_tokens
+    out["trained_flops"] = (seq_tokens * run.critic.module.config.flops_per_token(exp.input_ids.shape[1])
+                            + policy_tokens * run.actor.module.config.flops_per_token(exp.input_ids.shape[1]))
     mask = exp.response_mask
     with torch.no_grad():
         out["explained_variance"] = float(explained_variance(exp.values, exp.returns, mask))
@@ -444,8 +459,8 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         loss_sum = targets = 0.0
         for i in range(0, len(mine), run.cfg.ppo.ptx_batch_size):
             b = {k: v.to(dist.device()) for k, v in run.ptx.batch(mine[i:i + run.cfg.ppo.ptx_batch_size]).items()}
-            logits = run.actor.forward(b["input_ids"], position_ids=b["position_ids"]).logits
-            loss_sum += float(summed_token_loss(logits, b["labels"]))
+            loss_sum += float(run.actor.forward(b["input_ids"], position_ids=b["position_ids"],
+                                                labels=b["labels"]).loss_sum)
             targets += count_targets(b["labels"])
         run.actor.train()
         total, n = dist.all_reduce_sum([loss_sum, targets])
@@ -506,6 +521,8 @@ def train(run: Run) -> dict[str, float]:
         metrics.update(ppo_update(run, exp, step, train_actor))
         sync_rollout_weights(run)  # wakes a sleeping vLLM engine
         metrics["time/train_s"] = time.perf_counter() - t0
+        rate = run.throughput(metrics["trained_tokens"], metrics["time/train_s"], metrics.pop("trained_flops"))
+        metrics.update({"train_tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"]})
         run.kl_ctl.update(metrics["kl"], p.rollout_batch_size * p.n_samples * dist.world_size())
         metrics["policy_updated"] = float(train_actor)
         done = step + 1

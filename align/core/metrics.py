@@ -48,9 +48,11 @@ class Throughput:
         """With `peak_tflops` None, the peak is measured now on `device` (a fraction of a second)."""
         return cls(flops_per_token, peak_tflops or measure_peak_tflops(device, bf16), world_size)
 
-    def __call__(self, real_tokens: float, seconds: float) -> dict[str, float]:
+    def __call__(self, real_tokens: float, seconds: float, flops: float | None = None) -> dict[str, float]:
+        """`flops` (all ranks) replaces real_tokens x flops_per_token where a step trains models of two sizes."""
         rate = tokens_per_second(real_tokens, seconds)
-        return {"tokens_per_s": rate, "mfu": rate * self.flops_per_token / (self.world_size * self.peak_tflops * 1e12)}
+        flops = real_tokens * self.flops_per_token if flops is None else flops
+        return {"tokens_per_s": rate, "mfu": flops / seconds / (self.world_size * self.peak_tflops * 1e12)}
 
 
 class MetricsLogger:

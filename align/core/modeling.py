@@ -45,6 +45,8 @@ def build_model(source: ModelSource, seed: int = 0, device: torch.device | str =
                 module.dropout = source.dropout
         model.config.attention_dropout = model.config.hidden_dropout = source.dropout
     model.config.gradient_checkpointing = source.gradient_checkpointing
+    if source.compile:
+        model.compile_layers()
     return model.train(), tokenizer
 
 

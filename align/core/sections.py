@@ -40,6 +40,7 @@ class ModelSource(Section):
     fit_vocab: bool = False  # fresh model: vocab_size = tokenizer size rounded up to 128
     dropout: float | None = None  # sets attention and embedding dropout
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (GPU speed; the first steps pay the compilation)
 
 
 class LoopConfig(Section):

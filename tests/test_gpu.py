@@ -1,0 +1,242 @@
+"""The GPU tier: every stage on CUDA, and the GPU-only paths against their references.
+
+Run with `pytest --gpu -m gpu` on a machine with a CUDA device (`../shared/gpu/README.md` says how on the offline
+H200); deselected otherwise. The stage runs are the tiny recipes with few steps: they prove that each stage runs on
+the GPU with no tensor left on the host, not that it learns (the CPU tier checks that).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from align.core.metrics import read_metrics
+from align.core.records import write_jsonl_atomic
+from align.world import ppo_task
+from align.world.corpus import documents
+from base_model import QwenForCausalLM
+from base_model.generate import SamplingParams, generate
+from conftest import ROOT, randomize_biases, tiny_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           PYTHONUNBUFFERED="1")
+CONFIGS = ROOT / "configs"
+
+
+def align(*args, timeout=300):
+    out = subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def finite_metrics(run_dir, *keys):
+    rows = read_metrics(run_dir)
+    for key in keys:
+        values = [r[key] for r in rows if key in r]
+        assert values and all(v is not None for v in values), (key, values)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpu")
+    write_jsonl_atomic(d / "sft.jsonl", ppo_task.sft_conversations(200, 0))
+    write_jsonl_atomic(d / "rm.jsonl", ppo_task.enthusiasm_comparisons(200, 0))
+    write_jsonl_atomic(d / "corpus.jsonl", documents(200, seed=0))
+    align("data", "pack", "--input", str(d / "corpus.jsonl"), "--output", str(d / "packed"), "--tokenizer", "bytes",
+          "--seq-len", "128")
+    return d
+
+
+def test_pretraining_on_cuda(data, tmp_path):
+    align("pretrain", str(CONFIGS / "pretrain/tiny.yaml"), f"data.train={data / 'packed'}", "train.max_steps=5",
+          "deepspeed.bf16=true", f"out_dir={tmp_path}")
+    finite_metrics(tmp_path, "train/loss", "train/tokens_per_s", "train/mfu")
+
+
+@pytest.mark.parametrize("zero,bf16,packing", [(0, False, False), (2, True, True), (3, True, True)])
+def test_sft_on_cuda(data, tmp_path, zero, bf16, packing):
+    align("sft", str(CONFIGS / "sft/tiny.yaml"), f"data.train={data / 'sft.jsonl'}", "train.max_steps=6",
+          f"deepspeed.zero_stage={zero}", f"deepspeed.bf16={str(bf16).lower()}", f"data.packing={str(packing).lower()}",
+          "train.save_every=0", f"out_dir={tmp_path}")
+    rows = finite_metrics(tmp_path, "train/loss", "train/tokens_per_s", "train/mfu")
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    assert 0 < [r for r in rows if "train/mfu" in r][-1]["train/mfu"] < 1
+
+
+@pytest.fixture(scope="module")
+def policy_and_reward(data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    align("sft", str(CONFIGS / "sft/tiny.yaml"), f"data.train={data / 'sft.jsonl'}", "train.max_steps=20",
+          "train.save_every=0", f"out_dir={d / 'sft'}")
+    align("rm", "pmp", str(CONFIGS / "rm/pmp-tiny.yaml"), "train.max_steps=4", f"out_dir={d / 'pmp'}")
+    align("rm", "train", str(CONFIGS / "rm/tiny.yaml"), f"data.train={data / 'rm.jsonl'}", "train.max_steps=10",
+          f"init={d / 'pmp' / 'final'}", f"out_dir={d / 'rm'}")
+    finite_metrics(d / "rm", "train/loss", "train/lm_loss", "train/mfu")
+    return d
+
+
+@pytest.mark.parametrize("zero,bf16", [(0, False), (3, True)])
+def test_ppo_with_ptx_on_cuda(data, policy_and_reward, tmp_path, zero, bf16):
+    d = policy_and_reward
+    flag = str(bf16).lower()
+    align("ppo", str(CONFIGS / "ppo/tiny.yaml"), f"models.policy={d / 'sft' / 'final'}",
+          f"models.reward={d / 'rm' / 'final'}", f"data.ptx={data / 'packed'}", "ppo.iterations=2",
+          "ppo.critic_warmup_steps=0", f"policy_deepspeed.zero_stage={zero}", f"value_deepspeed.zero_stage={zero}",
+          f"policy_deepspeed.bf16={flag}", f"value_deepspeed.bf16={flag}", "train.eval_every=1", "train.save_every=0",
+          f"out_dir={tmp_path}")
+    rows = finite_metrics(tmp_path, "train/reward/raw", "train/kl", "train/ptx_loss", "train/policy_loss",
+                          "eval/reward_mean", "eval/kl")
+    assert max(r["step"] for r in rows) == 2
+
+
+def test_ppo_with_offloaded_frozen_models_on_cuda(data, policy_and_reward, tmp_path):
+    d = policy_and_reward
+    align("ppo", str(CONFIGS / "ppo/tiny.yaml"), f"models.policy={d / 'sft' / 'final'}",
+          f"models.reward={d / 'rm' / 'final'}", "data.ptx=null", "ppo.iterations=2", "models.offload_frozen=true",
+          "policy_deepspeed.bf16=true", "value_deepspeed.bf16=true", "train.eval_every=0", "train.save_every=0",
+          f"out_dir={tmp_path}")
+    finite_metrics(tmp_path, "train/reward/raw", "train/kl")
+
+
+def test_label_generate_on_cuda(policy_and_reward, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "tags": ["t"]}) + "\n" for p in ("What is 2+3?", "Hi")))
+    align("label", "generate", "--model", str(policy_and_reward / "sft" / "final"), "--prompts", str(prompts),
+          "--out", str(tmp_path / "tasks.jsonl"), "--k", "2", "--max-new-tokens", "16")
+    rows = [json.loads(l) for l in (tmp_path / "tasks.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["responses"]) == 2 for r in rows)
+
+
+def _model(**overrides):
+    return randomize_biases(QwenForCausalLM(tiny_config(**overrides), seed=0)).eval()
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(use_dynamic_ntk=True, use_logn_attn=True, seq_length=16)])
+def test_greedy_generation_on_cuda_equals_the_cpu_in_fp32(flags):
+    model = _model(**flags)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    greedy = SamplingParams(max_new_tokens=24, temperature=0)
+    cpu = generate(model, prompts, greedy, decode="dynamic")
+    gpu = model.cuda()
+    for mode in ("dynamic", "static", "graph"):
+        out = generate(gpu, prompts, greedy, decode=mode)
+        assert out.token_ids == cpu.token_ids, mode
+        assert torch.allclose(torch.tensor(out.logprobs), torch.tensor(cpu.logprobs), atol=1e-4), mode
+
+
+def test_graph_decoding_samples_as_the_eager_path_on_cuda():
+    model = _model().cuda()
+    prompts = [[5, 6, 7], [8, 9]] * 4
+    sampling = SamplingParams(max_new_tokens=32, temperature=1.0, top_p=0.9, row_seeds=list(range(8)))
+    eager = generate(model, prompts, sampling, decode="dynamic")
+    graph = generate(model, prompts, sampling, decode="graph")
+    assert graph.token_ids == eager.token_ids
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_packed_varlen_attention_equals_attention_by_document(dtype):
+    from base_model import varlen_attention
+
+    if varlen_attention.backend(torch.device("cuda"), dtype) is None:
+        pytest.skip("no varlen kernel: flash-attn is not installed and this torch has no torch.nn.attention.varlen")
+    torch.manual_seed(0)
+    model = _model(num_attention_heads=4, num_key_value_heads=2, hidden_size=256).cuda().to(dtype).train()
+    docs = [(10, 70, 48), (100, 28)]
+    ids = torch.stack([torch.randint(0, 300, (sum(n),)) for n in docs]).cuda()
+    positions = torch.stack([torch.cat([torch.arange(k) for k in n]) for n in docs]).cuda()
+    results = []
+    for use_varlen in (True, False):
+        model.zero_grad()
+        backend = varlen_attention.backend
+        if not use_varlen:
+            varlen_attention.backend = lambda device, dtype: None
+        try:
+            logits = model(ids, position_ids=positions).logits.float()
+        finally:
+            varlen_attention.backend = backend
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
+    (a, ga), (b, gb) = results
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+    for n in ga:
+        assert (ga[n] - gb[n]).abs().max() <= 5e-2 * gb[n].abs().max() + 1e-6, n
+
+
+def test_flash_attn_varlen_when_installed():
+    from base_model import varlen_attention
+
+    if varlen_attention._flash_attn() is None:
+        pytest.skip("flash-attn is not installed (it cannot be brought to the offline GPU machine)")
+    assert varlen_attention.backend(torch.device("cuda"), torch.bfloat16) == "flash_attn"
+    test_packed_varlen_attention_equals_attention_by_document(torch.bfloat16)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_linear_cross_entropy_on_cuda_equals_the_plain_loss(fused):
+    import torch.nn.functional as F
+
+    from base_model import losses
+
+    if fused and losses._liger() is None:
+        pytest.skip("liger-kernel is not installed")
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 300, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(5000, 64, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 5000, (4, 300), device="cuda")
+    labels[:, :50] = -100
+    plain = F.cross_entropy((hidden @ weight.T).reshape(-1, 5000), labels.reshape(-1), reduction="sum")
+    plain.backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss = losses.linear_cross_entropy_sum(hidden, weight, labels, rows=256, fused=fused)
+    loss.backward()
+    assert abs(loss.item() - plain.item()) <= 1e-4 * plain.item()
+    assert (hidden.grad - gh).abs().max() <= 1e-3 * gh.abs().max()
+    assert (weight.grad - gw).abs().max() <= 1e-3 * gw.abs().max()
+
+
+def test_model_built_on_cuda_is_initialised_there_once():
+    config = tiny_config()
+    model = QwenForCausalLM(config, device="cuda", seed=3)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    again = QwenForCausalLM(config, device="cuda", seed=3)
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_vllm_engine_when_installed(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (its wheel is too large for the offline GPU machine)")
+    from base_model import QwenTokenizer, save_pretrained
+    from ppo.rollout.vllm_engine import VLLMEngine
+
+    model = _model(vocab_size=512)
+    save_pretrained(model, tmp_path / "m", QwenTokenizer.load("bytes"))
+    engine = VLLMEngine(tmp_path / "m", gpu_memory_utilization=0.2)
+    prompts = [[5, 6, 7], [8, 9]]
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
+    ours = generate(model.cuda(), prompts, SamplingParams(max_new_tokens=8, temperature=0))
+    assert [r.token_ids for r in out] == ours.token_ids
+    engine.sleep()
+    engine.load_weights(model.named_parameters())
+    assert [r.token_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))] \
+        == ours.token_ids
+
+
+def test_compiled_layers_equal_the_eager_model_on_cuda():
+    model = _model().cuda().train()
+    ids = torch.randint(0, 300, (2, 40), device="cuda")
+    eager = model(ids).logits
+    eager.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = model.compile_layers()(ids).logits
+    compiled.square().mean().backward()
+    assert (compiled - eager).abs().max() < 1e-4
+    for n, p in model.named_parameters():
+        assert (p.grad - grads[n]).abs().max() <= 1e-4 * grads[n].abs().max() + 1e-7, n
