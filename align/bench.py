@@ -193,7 +193,7 @@ def ppo(reps: int = 1) -> list[dict]:
     import sys
     import tempfile
 
-    from align.core.engine import subprocess_env
+    from align.core.distributed import subprocess_env
     from align.core.metrics import read_metrics
     from align.core.records import write_jsonl_atomic
     from align.world import ppo_task
@@ -228,7 +228,7 @@ def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4
     import tempfile
 
     from align.core.chatml import render
-    from align.core.engine import subprocess_env
+    from align.core.distributed import subprocess_env
     from align.core.records import write_jsonl_atomic
     from align.world import demo as world
     from base_model import QwenTokenizer, save_pretrained

@@ -159,7 +159,7 @@ def sft(steps: int = 8) -> list[dict]:
 
 def ppo(iterations: int = 4) -> list[dict]:
     """`align ppo` at the 1.8B shape (fresh weights: speed, not learning), native engine, bf16, ZeRO-0."""
-    from align.core.engine import subprocess_env
+    from align.core.distributed import subprocess_env
     from align.core.metrics import read_metrics
     from align.core.records import write_jsonl_atomic
     from base_model import QwenConfig, QwenForCausalLM, QwenTokenizer, save_pretrained

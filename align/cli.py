@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def engine_device():
-    from align.core.engine import device
+    from align.core.distributed import device
 
     return device()
 

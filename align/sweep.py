@@ -23,7 +23,7 @@ import yaml
 from pydantic import Field
 
 from align.core.config import ConfigError, Section, load_config
-from align.core.engine import subprocess_env
+from align.core.distributed import subprocess_env
 from align.core.metrics import read_metrics
 from align.core.records import write_jsonl_atomic
 

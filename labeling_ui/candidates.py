@@ -24,7 +24,7 @@ def sampling_settings(k: int) -> list[dict]:
 
 def generate_candidates(model_dir: Path, prompts_file: Path, out: Path, k: int = 4, max_new_tokens: int = 64,
                         seed: int = 0, batch_size: int = 16) -> int:
-    from align.core.engine import device
+    from align.core.distributed import device
 
     model = load_pretrained(model_dir, device=device())  # the GPU when there is one
     tokenizer = QwenTokenizer.from_file(model_dir)

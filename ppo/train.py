@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from align.core import engine as dist
+from align.core import distributed
 from align.core.batching import MicroBatches
 from align.core.checkpointing import open_run, save_checkpoint
 from align.core.config import Section
@@ -160,7 +160,7 @@ def make_rollout_engine(cfg: PPOConfig, actor: TrainEngine, tokenizer: QwenToken
 
     if actor.zero_stage < 3:  # whole weights on every rank: sample from the policy itself, no second copy
         return NativeEngine.sharing(actor.module, tokenizer.pad_id)
-    engine = NativeEngine(actor.module.config, tokenizer.pad_id, dist.device(), frozen_dtype(cfg))
+    engine = NativeEngine(actor.module.config, tokenizer.pad_id, distributed.device(), frozen_dtype(cfg))
     engine.load_weights(actor.gathered_parameters(to_cpu=False))  # ZeRO-3 shards, one parameter at a time
     return engine
 
@@ -174,14 +174,14 @@ def sync_rollout_weights(run: Run) -> None:
 def frozen_dtype(cfg: PPOConfig) -> torch.dtype:
     """The reference and reward models (and a private rollout copy) run in bf16 on a GPU when the policy trains in
     bf16, else in fp32."""
-    return torch.bfloat16 if cfg.policy_deepspeed.bf16 and dist.device().type == "cuda" else torch.float32
+    return torch.bfloat16 if cfg.policy_deepspeed.bf16 and distributed.device().type == "cuda" else torch.float32
 
 
 @contextlib.contextmanager
 def resident(model: torch.nn.Module, offload: bool):
     """A frozen model on the training device for the block; with `offload`, back on the CPU after it."""
     if offload:
-        model.to(dist.device())
+        model.to(distributed.device())
     try:
         yield model
     finally:
@@ -190,10 +190,10 @@ def resident(model: torch.nn.Module, offload: bool):
 
 
 def setup(cfg: PPOConfig) -> Run:
-    dist.init_distributed()
+    distributed.init()
     p = cfg.ppo
     torch.manual_seed(cfg.train.seed)
-    dev, frozen = dist.device(), frozen_dtype(cfg)
+    dev, frozen = distributed.device(), frozen_dtype(cfg)
     home = torch.device("cpu") if cfg.models.offload_frozen else dev  # where the frozen models wait
     policy = load_pretrained(cfg.models.policy, dtype=torch.float32, device=dev).train()
     tokenizer = QwenTokenizer.from_file(cfg.models.policy)
@@ -207,7 +207,7 @@ def setup(cfg: PPOConfig) -> Run:
     prompts = read_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_len)
     eval_prompts = read_prompts(cfg.data.eval_prompts, tokenizer, cfg.data.max_prompt_len) \
         if cfg.data.eval_prompts else []
-    batches = MicroBatches(prompts, p.rollout_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
+    batches = MicroBatches(prompts, p.rollout_batch_size, distributed.rank(), distributed.world_size(), cfg.train.seed)
     rollouts_per_rank = p.rollout_batch_size * p.n_samples
     if rollouts_per_rank % p.mini_batch_size or p.mini_batch_size % cfg.train.micro_batch_size:
         raise DataError(f"ppo.mini_batch_size ({p.mini_batch_size}) must divide rollout_batch_size x n_samples "
@@ -232,7 +232,7 @@ def setup(cfg: PPOConfig) -> Run:
         moments.load_state_dict(state["reward_moments"])
     rollout = make_rollout_engine(cfg, actor, tokenizer)
     throughput = Throughput.measured(0.0, cfg.train.peak_tflops, dev,  # FLOPs counted per update
-                                     cfg.policy_deepspeed.bf16, dist.world_size())
+                                     cfg.policy_deepspeed.bf16, distributed.world_size())
     if start_step and cfg.ppo.engine == "vllm":
         rollout.load_weights(actor.gathered_parameters(to_cpu=False))
     return Run(cfg, actor, critic, ref_policy, reward_model, tokenizer, rm_tokenizer, rollout, prompts,
@@ -251,7 +251,7 @@ def sampling_for(run: Run, rows: list, step: int, n: int) -> SamplingParams:
 
 def global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
     """Mean and (unbiased) variance of masked values over every rank."""
-    n, s, sq = dist.all_reduce_sum([float(mask.sum()), float((x * mask).sum()), float((x * x * mask).sum())])
+    n, s, sq = distributed.all_reduce_sum([float(mask.sum()), float((x * mask).sum()), float((x * x * mask).sum())])
     mean = s / max(n, 1)
     return mean, max(sq / max(n, 1) - mean * mean, 0.0) * n / max(n - 1, 1)
 
@@ -263,7 +263,7 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     prompt_list = [ids for _, _, ids in rows for _ in range(p.n_samples)]
     rollouts = run.rollout.generate(prompt_list, sampling_for(run, rows, step, p.n_samples))
     t1 = time.perf_counter()
-    dev = dist.device()
+    dev = distributed.device()
     input_ids, attention_mask, mask, engine_logprobs = build_sequences(prompt_list, rollouts, run.tokenizer.pad_id)
     input_ids, attention_mask, mask = input_ids.to(dev), attention_mask.to(dev), mask.to(dev)
     mb = cfg.train.micro_batch_size
@@ -281,7 +281,7 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     with resident(run.reward_model, offload) as reward_model:
         raw = reward_scores(reward_model, run.rm_tokenizer, messages, texts, mb, 4096).to(dev)
 
-    n, s, sq = dist.all_reduce_sum([float(len(raw)), float(raw.double().sum()), float((raw.double() ** 2).sum())])
+    n, s, sq = distributed.all_reduce_sum([float(len(raw)), float(raw.double().sum()), float((raw.double() ** 2).sum())])
     run.moments.update(n, s / n, max(sq - s * s / n, 0.0))  # this batch's count, mean and sum of squared deviations
     scores = (raw - run.moments.mean) / max(run.moments.std, 1e-6) if p.normalize_reward else raw.clone()
     if p.reward_clip is not None:
@@ -299,7 +299,7 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     t2 = time.perf_counter()
 
     lengths = mask.sum(1)
-    totals = dist.all_reduce_sum([
+    totals = distributed.all_reduce_sum([
         float(raw.sum()), float(scores.sum()), float(masked_sum(kl_estimate(old_logprobs, ref_logprobs, "k1"), mask)),
         float(lengths.sum()), float(ended.sum()), float(len(raw)),
         float(masked_sum((old_logprobs - engine_logprobs.to(dev)).abs(), mask))])
@@ -348,7 +348,7 @@ def critic_loss(run: Run, mb: Experience, global_tokens: int):
 def any_rank_nonfinite(losses: list[torch.Tensor]) -> bool:
     """True when a loss is not finite on any rank (the micro-batch's one host synchronisation)."""
     local = sum(float(not ok) for ok in torch.stack([l.detach() for l in losses]).isfinite().tolist())
-    return dist.all_reduce_sum([local])[0] > 0
+    return distributed.all_reduce_sum([local])[0] > 0
 
 
 def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[str, float]:
@@ -364,18 +364,18 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
         for start in range(0, n, mb_size):
             minibatch = order[start:start + mb_size]
             micros = [minibatch[i:i + micro] for i in range(0, len(minibatch), micro)]
-            global_tokens = int(dist.all_reduce_sum([float(exp.response_mask[minibatch].sum())])[0])
+            global_tokens = int(distributed.all_reduce_sum([float(exp.response_mask[minibatch].sum())])[0])
             ptx_batches = [None] * len(micros)
             global_ptx = 0
             if train_actor and run.ptx is not None and p.ptx_coef > 0:
                 # draw the whole step's rows with the shared generator; this rank takes its slice, so the rows
                 # used do not depend on the number of ranks
-                world, r = dist.world_size(), dist.rank()
+                world, r = distributed.world_size(), distributed.rank()
                 draw = torch.randint(len(run.ptx_train), (world * len(micros), p.ptx_batch_size), generator=g)
                 mine = draw[r * len(micros):(r + 1) * len(micros)].tolist()
-                ptx_batches = [{k: v.to(dist.device()) for k, v in run.ptx.batch([run.ptx_train[i] for i in d]).items()}
+                ptx_batches = [{k: v.to(distributed.device()) for k, v in run.ptx.batch([run.ptx_train[i] for i in d]).items()}
                                for d in mine]
-                targets, rows_tokens = dist.all_reduce_sum([float(sum(count_targets(b["labels"]) for b in ptx_batches)),
+                targets, rows_tokens = distributed.all_reduce_sum([float(sum(count_targets(b["labels"]) for b in ptx_batches)),
                                                             float(sum(b["input_ids"].numel() for b in ptx_batches))])
                 global_ptx = int(targets)
                 ptx_rows_tokens += rows_tokens
@@ -409,14 +409,14 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
         run.nan_streak = 0
     keys = sorted(sums)
     local = torch.stack([sums[k] for k in keys]).tolist() if keys else []
-    totals = dict(zip(keys, dist.all_reduce_sum(local)))
+    totals = dict(zip(keys, distributed.all_reduce_sum(local)))
     per_token = max(tokens_total, 1)
     out = {k: v / per_token for k, v in totals.items() if k != "ptx_loss"}
     if "ptx_loss" in totals:
         out["ptx_loss"] = totals["ptx_loss"] / max(ptx_tokens_total, 1)
     out["skipped_minibatches"] = float(skipped)
     # what was trained on, all ranks: every sequence token through the value model (and the policy), ptx rows
-    seq_tokens = dist.all_reduce_sum([float(exp.attention_mask.sum())])[0] * p.ppo_epochs
+    seq_tokens = distributed.all_reduce_sum([float(exp.attention_mask.sum())])[0] * p.ppo_epochs
     policy_tokens = seq_tokens + ptx_rows_tokens if train_actor else 0.0
     out["trained_tokens"] = seq_tokens + policy_tokens
     out["trained_flops"] = (seq_tokens * run.critic.module.config.flops_per_token(exp.input_ids.shape[1])
@@ -433,7 +433,7 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     out: dict[str, float] = {}
     p = run.cfg.ppo
     if run.eval_prompts:
-        mine = run.eval_prompts[dist.rank()::dist.world_size()]
+        mine = run.eval_prompts[distributed.rank()::distributed.world_size()]
         prompt_list = [ids for _, _, ids in mine for _ in range(p.eval_samples)]
         sampling = sampling_for(run, mine, -1, p.eval_samples)  # the same seeds at every evaluation
         rollouts = run.rollout.generate(prompt_list, sampling)
@@ -442,28 +442,28 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         with resident(run.reward_model, run.cfg.models.offload_frozen) as reward_model:
             raw = reward_scores(reward_model, run.rm_tokenizer, messages, texts, run.cfg.train.micro_batch_size, 4096)
         ids, att, mask, _ = build_sequences(prompt_list, rollouts, run.tokenizer.pad_id)
-        ids, att, mask = ids.to(dist.device()), att.to(dist.device()), mask.to(dist.device())
+        ids, att, mask = ids.to(distributed.device()), att.to(distributed.device()), mask.to(distributed.device())
         run.actor.eval()
         lp = sequence_logprobs(run.actor.forward, ids, att, run.cfg.train.micro_batch_size)
         run.actor.train()
         with resident(run.ref_policy, run.cfg.models.offload_frozen) as ref_policy:
             ref = sequence_logprobs(ref_policy, ids, att, run.cfg.train.micro_batch_size)
         kl_each = (kl_estimate(lp, ref, "k1") * mask).sum(-1)  # (B,) nats per response
-        s, sq, kl, n = dist.all_reduce_sum([float(raw.sum()), float((raw ** 2).sum()), float(kl_each.sum()),
+        s, sq, kl, n = distributed.all_reduce_sum([float(raw.sum()), float((raw ** 2).sum()), float(kl_each.sum()),
                                             float(len(raw))])
         write_eval_samples(run, step, messages, texts, raw.tolist(), kl_each.tolist())
         out.update({"reward_mean": s / n, "reward_std": math.sqrt(max(sq / n - (s / n) ** 2, 0.0)), "kl": kl / n})
     if run.ptx is not None and run.ptx_eval:
         run.actor.eval()
-        mine = run.ptx_eval[dist.rank()::dist.world_size()]
+        mine = run.ptx_eval[distributed.rank()::distributed.world_size()]
         loss_sum = targets = 0.0
         for i in range(0, len(mine), run.cfg.ppo.ptx_batch_size):
-            b = {k: v.to(dist.device()) for k, v in run.ptx.batch(mine[i:i + run.cfg.ppo.ptx_batch_size]).items()}
+            b = {k: v.to(distributed.device()) for k, v in run.ptx.batch(mine[i:i + run.cfg.ppo.ptx_batch_size]).items()}
             loss_sum += float(run.actor.forward(b["input_ids"], position_ids=b["position_ids"],
                                                 labels=b["labels"]).loss_sum)
             targets += count_targets(b["labels"])
         run.actor.train()
-        total, n = dist.all_reduce_sum([loss_sum, targets])
+        total, n = distributed.all_reduce_sum([loss_sum, targets])
         out["ptx_loss"] = total / max(n, 1)
     return out
 
@@ -472,7 +472,7 @@ def write_eval_samples(run: Run, step: int, messages: list, texts: list[str], re
                        kls: list[float]) -> None:
     """Every held-out response with its reward and KL, so an outside judge (a gold scorer, people) can score the
     policy at each evaluation; one file per rank."""
-    name = "eval_samples.jsonl" if dist.world_size() == 1 else f"eval_samples.rank{dist.rank()}.jsonl"
+    name = "eval_samples.jsonl" if distributed.world_size() == 1 else f"eval_samples.rank{distributed.rank()}.jsonl"
     with (run.out_dir / name).open("a", encoding="utf-8") as f:
         for m, t, r, k in zip(messages, texts, rewards, kls):
             f.write(json.dumps({"step": step, "prompt": m, "response": t, "reward": r, "kl": k},
@@ -481,18 +481,18 @@ def write_eval_samples(run: Run, step: int, messages: list, texts: list[str], re
 
 def save(run: Run, folder_step: int) -> None:
     def save_models(folder: Path) -> None:
-        save_from_engine(run.actor, run.actor.module.config, run.tokenizer, folder / "policy", dist.rank() == 0)
+        save_from_engine(run.actor, run.actor.module.config, run.tokenizer, folder / "policy", distributed.rank() == 0)
         save_value(run, folder / "value")
 
     state = {"step": folder_step, "kl_ctl": run.kl_ctl.state_dict(), "reward_moments": run.moments.state_dict(),
-             "world_size": dist.world_size()}
+             "world_size": distributed.world_size()}
     save_checkpoint({"policy": run.actor, "value": run.critic}, run.out_dir, folder_step, state, save_models,
                     run.cfg.train.keep_last)
 
 
 def save_value(run: Run, folder: Path) -> None:
     state = run.critic.full_state_dict()
-    if dist.rank() != 0:
+    if distributed.rank() != 0:
         return
     config = run.critic.module.config
     with torch.device("meta"):
@@ -506,7 +506,7 @@ def save_value(run: Run, folder: Path) -> None:
 
 def train(run: Run) -> dict[str, float]:
     p, loop = run.cfg.ppo, run.cfg.train
-    rank0 = dist.rank() == 0
+    rank0 = distributed.rank() == 0
     last = min(p.iterations, loop.stop_after or p.iterations)
     if run.start_step == 0 and loop.eval_every:
         run.logger.log(0, evaluate(run, 0), prefix="eval/")
@@ -523,7 +523,7 @@ def train(run: Run) -> dict[str, float]:
         metrics["time/train_s"] = time.perf_counter() - t0
         rate = run.throughput(metrics["trained_tokens"], metrics["time/train_s"], metrics.pop("trained_flops"))
         metrics.update({"train_tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"]})
-        run.kl_ctl.update(metrics["kl"], p.rollout_batch_size * p.n_samples * dist.world_size())
+        run.kl_ctl.update(metrics["kl"], p.rollout_batch_size * p.n_samples * distributed.world_size())
         metrics["policy_updated"] = float(train_actor)
         done = step + 1
         if done % loop.log_every == 0 or done == last:

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from align.core import engine as dist
+from align.core import distributed
 from align.core.batching import MicroBatches, split_eval
 from align.core.checkpointing import open_run, save_checkpoint
 from align.core.config import ConfigError, Section
@@ -83,11 +83,11 @@ def build_reward_model(cfg: RMConfig) -> tuple[RewardModel, QwenTokenizer]:
     if cfg.init is not None:
         if not is_reward_model(cfg.init):
             raise ConfigError(f"init={cfg.init}: not a reward-model folder (no reward_head.safetensors)")
-        model = load_reward_model(cfg.init, device=dist.device())
+        model = load_reward_model(cfg.init, device=distributed.device())
         tokenizer = load_tokenizer(ModelSource(init=cfg.init, tokenizer=cfg.model.tokenizer))
         model.train()
         return model, tokenizer
-    lm, tokenizer = build_model(cfg.model, cfg.train.seed, dist.device())
+    lm, tokenizer = build_model(cfg.model, cfg.train.seed, distributed.device())
     end_id = tokenizer.special_tokens.get(cfg.end_token)
     if end_id is None:
         raise ConfigError(f"end_token={cfg.end_token!r} is not a special token of the tokenizer")
@@ -96,8 +96,8 @@ def build_reward_model(cfg: RMConfig) -> tuple[RewardModel, QwenTokenizer]:
 
 
 def setup(cfg: RMConfig) -> Run:
-    dist.init_distributed()
-    rank0 = dist.rank() == 0
+    distributed.init()
+    rank0 = distributed.rank() == 0
     out_dir = Path(cfg.out_dir)
     model, tokenizer = build_reward_model(cfg)
     end_id = model.end_token_id if model.end_token_id is not None else tokenizer.special_tokens[cfg.end_token]
@@ -125,11 +125,11 @@ def setup(cfg: RMConfig) -> Run:
         print(f"[rm {cfg.stage}] {report.records} records → {len(train_rows)} training pairs, "
               f"{len(eval_rows)} held out; {report.ties} ties excluded; {cut} pairs truncated to {d.max_len} tokens")
     loop = cfg.train
-    batches = MicroBatches(train_rows, loop.micro_batch_size, dist.rank(), dist.world_size(), loop.seed)
+    batches = MicroBatches(train_rows, loop.micro_batch_size, distributed.rank(), distributed.world_size(), loop.seed)
     total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))
     lm_config = model.lm.config
-    throughput = Throughput.measured(lm_config.flops_per_token(d.max_len), loop.peak_tflops, dist.device(),
-                                     cfg.deepspeed.bf16, dist.world_size())
+    throughput = Throughput.measured(lm_config.flops_per_token(d.max_len), loop.peak_tflops, distributed.device(),
+                                     cfg.deepspeed.bf16, distributed.world_size())
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
     start_step, _, logger = open_run(cfg, out_dir, {"model": engine}, f"rm {cfg.stage}")
     return Run(cfg, engine, tokenizer, lm_config, batches, train_rows, eval_rows, total_steps, start_step, logger,
@@ -170,17 +170,17 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     micro = [collate_pairs(run.batches.get(step * accum + i), run.tokenizer.pad_id) for i in range(accum)]
     n_pairs = sum(m["strength"].shape[0] for m in micro)
     lm_targets = sum(count_targets(chosen_lm_labels(m)) for m in micro)  # the LM term is on chosen rows only
-    global_pairs, global_lm = (int(x) for x in dist.all_reduce_sum([n_pairs, lm_targets]))
+    global_pairs, global_lm = (int(x) for x in distributed.all_reduce_sum([n_pairs, lm_targets]))
     tokens = float(sum(m["attention_mask"].sum() for m in micro))  # real tokens, counted on the host
-    sums = torch.zeros(len(STAT_KEYS), device=dist.device())
+    sums = torch.zeros(len(STAT_KEYS), device=distributed.device())
     stats = None
     for m in micro:
-        m = {k: v.to(dist.device(), non_blocking=True) for k, v in m.items()}
+        m = {k: v.to(distributed.device(), non_blocking=True) for k, v in m.items()}
         loss, s = pair_losses(run, m, global_pairs, global_lm)
         run.engine.backward(loss)
         stats = run.engine.step() or stats
         sums += s
-    bt, lm, correct, margin, tokens = dist.all_reduce_sum(sums.tolist() + [tokens])  # the step's one host sync
+    bt, lm, correct, margin, tokens = distributed.all_reduce_sum(sums.tolist() + [tokens])  # the step's one host sync
     metrics = {"loss": bt / global_pairs, "accuracy": correct / global_pairs, "margin": margin / global_pairs,
                "tokens": tokens, **(stats or {})}
     if run.cfg.loss.lm_coef > 0:
@@ -192,18 +192,18 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 def score_rows(run: Run, rows: list[dict]) -> tuple[list[float], list[float]]:
     """Rewards of (chosen, rejected) for rows sharded over ranks, gathered on every rank in order."""
     run.engine.eval()
-    mine = list(range(dist.rank(), len(rows), dist.world_size()))
+    mine = list(range(distributed.rank(), len(rows), distributed.world_size()))
     chosen = torch.zeros(len(rows), dtype=torch.float64)
     rejected = torch.zeros(len(rows), dtype=torch.float64)
     mb = run.cfg.train.micro_batch_size
     for i in range(0, len(mine), mb):
         idx = mine[i:i + mb]
-        batch = {k: v.to(dist.device()) for k, v in collate_pairs([rows[j] for j in idx], run.tokenizer.pad_id).items()}
+        batch = {k: v.to(distributed.device()) for k, v in collate_pairs([rows[j] for j in idx], run.tokenizer.pad_id).items()}
         rewards = run.engine.forward(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).rewards
         chosen[idx] = rewards[:len(idx)].double().cpu()
         rejected[idx] = rewards[len(idx):].double().cpu()
     run.engine.train()
-    return dist.all_reduce_sum(chosen.tolist()), dist.all_reduce_sum(rejected.tolist())
+    return distributed.all_reduce_sum(chosen.tolist()), distributed.all_reduce_sum(rejected.tolist())
 
 
 def evaluate(run: Run) -> dict[str, float]:
@@ -224,7 +224,7 @@ def reward_statistics(run: Run) -> tuple[float, float]:
 
 def save_models(run: Run, folder: Path, mean: float, std: float) -> None:
     state = run.engine.full_state_dict()  # every rank gathers
-    if dist.rank() != 0:
+    if distributed.rank() != 0:
         return
     with torch.device("meta"):
         lm = QwenForCausalLM(run.lm_config)
@@ -238,7 +238,7 @@ def save_models(run: Run, folder: Path, mean: float, std: float) -> None:
 
 def train(run: Run) -> dict[str, float]:
     loop = run.cfg.train
-    rank0 = dist.rank() == 0
+    rank0 = distributed.rank() == 0
     last_step = min(run.total_steps, loop.stop_after or run.total_steps)
     bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not rank0, desc=f"rm {run.cfg.stage}",
                unit="step")
@@ -255,7 +255,7 @@ def train(run: Run) -> dict[str, float]:
         if loop.eval_every and done % loop.eval_every == 0:
             run.logger.log(done, evaluate(run), prefix="eval/")
         if (loop.save_every and done % loop.save_every == 0) or done == last_step:
-            state = {"step": done, "total_steps": run.total_steps, "world_size": dist.world_size()}
+            state = {"step": done, "total_steps": run.total_steps, "world_size": distributed.world_size()}
             save_checkpoint({"model": run.engine}, run.out_dir, done, state,
                             lambda folder: save_models(run, folder, module.mean, module.std), loop.keep_last)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from align.core import engine as dist
+from align.core import distributed
 from align.core.checkpointing import open_run, save_checkpoint
 from align.core.config import Section
 from align.core.engine import TrainEngine
@@ -65,14 +65,14 @@ class Run:
 
 
 def setup(cfg: SFTConfig) -> Run:
-    dist.init_distributed()
-    rank0 = dist.rank() == 0
+    distributed.init()
+    rank0 = distributed.rank() == 0
     out_dir = Path(cfg.out_dir)
-    model, tokenizer = build_model(cfg.model, cfg.train.seed, dist.device())
+    model, tokenizer = build_model(cfg.model, cfg.train.seed, distributed.device())
     d = cfg.data
     examples, report = load_examples(d.train, tokenizer, d.max_len, d.mask_mode, d.truncation, d.on_error)
     if d.eval:
-        eval_rows, eval_report = load_examples(d.eval, tokenizer, d.max_len, d.mask_mode, d.truncation, d.on_error)
+        eval_rows, _ = load_examples(d.eval, tokenizer, d.max_len, d.mask_mode, d.truncation, d.on_error)
     else:
         examples, eval_rows = split_eval(examples, d.eval_fraction, cfg.train.seed)
     if rank0:
@@ -81,12 +81,12 @@ def setup(cfg: SFTConfig) -> Run:
             print(f"[sft]   skipped: {problem}")
     rows = pack_examples(examples, d.max_len) if d.packing else examples
     loop = cfg.train
-    batches = MicroBatches(rows, loop.micro_batch_size, dist.rank(), dist.world_size(), loop.seed)
+    batches = MicroBatches(rows, loop.micro_batch_size, distributed.rank(), distributed.world_size(), loop.seed)
     steps_per_epoch = max(batches.per_epoch // loop.grad_accum, 1)
     total_steps = loop.max_steps or math.ceil(loop.epochs * steps_per_epoch)
 
-    throughput = Throughput.measured(model.config.flops_per_token(d.max_len), loop.peak_tflops, dist.device(),
-                                     cfg.deepspeed.bf16, dist.world_size())
+    throughput = Throughput.measured(model.config.flops_per_token(d.max_len), loop.peak_tflops, distributed.device(),
+                                     cfg.deepspeed.bf16, distributed.world_size())
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
     start_step, _, logger = open_run(cfg, out_dir, {"model": engine}, "sft")
     return Run(cfg, engine, tokenizer, batches, eval_rows, total_steps, start_step, logger, out_dir, throughput)
@@ -97,15 +97,15 @@ def evaluate(run: Run) -> float:
     if not run.eval_rows:
         return float("nan")
     run.engine.eval()
-    mine = run.eval_rows[dist.rank()::dist.world_size()]
+    mine = run.eval_rows[distributed.rank()::distributed.world_size()]
     loss_sum, targets = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(mine), run.cfg.train.micro_batch_size):
-            batch = {k: v.to(dist.device()) for k, v in
+            batch = {k: v.to(distributed.device()) for k, v in
                      collate(mine[i:i + run.cfg.train.micro_batch_size], run.tokenizer.pad_id).items()}
             loss_sum += run.engine.forward(batch["input_ids"], labels=batch["labels"]).loss_sum.item()
             targets += count_targets(batch["labels"])
-    total_loss, total_targets = dist.all_reduce_sum([loss_sum, targets])
+    total_loss, total_targets = distributed.all_reduce_sum([loss_sum, targets])
     run.engine.train()
     return total_loss / max(total_targets, 1)
 
@@ -117,22 +117,22 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     tokens = sum(len(r["input_ids"]) for micro_rows in rows for r in micro_rows)  # real tokens, no padding
     micro = [collate(micro_rows, run.tokenizer.pad_id) for micro_rows in rows]
     local_targets = sum(count_targets(b["labels"]) for b in micro)
-    global_targets = int(dist.all_reduce_sum([local_targets])[0])
-    loss_share, stats = torch.zeros((), device=dist.device()), None
+    global_targets = int(distributed.all_reduce_sum([local_targets])[0])
+    loss_share, stats = torch.zeros((), device=distributed.device()), None
     for b in micro:
-        b = {k: v.to(dist.device(), non_blocking=True) for k, v in b.items()}
+        b = {k: v.to(distributed.device(), non_blocking=True) for k, v in b.items()}
         out = run.engine.forward(b["input_ids"], position_ids=b.get("position_ids"), labels=b["labels"])
         loss = normalised_loss(out.loss_sum, global_targets)
         run.engine.backward(loss)
         stats = run.engine.step() or stats
         loss_share += loss.detach()
-    loss_total, tokens_total = dist.all_reduce_sum([loss_share.item(), tokens])  # the step's one host sync
+    loss_total, tokens_total = distributed.all_reduce_sum([loss_share.item(), tokens])  # the step's one host sync
     return {"loss": loss_total, "tokens": tokens_total, "target_tokens": global_targets, **(stats or {})}
 
 
 def train(run: Run) -> dict[str, float]:
     loop = run.cfg.train
-    rank0 = dist.rank() == 0
+    rank0 = distributed.rank() == 0
     last_step = min(run.total_steps, loop.stop_after or run.total_steps)
     bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not rank0, desc="sft", unit="step")
     run.engine.train()
@@ -164,10 +164,10 @@ def train(run: Run) -> dict[str, float]:
 
 def save(run: Run, step: int) -> None:
     def save_models(folder: Path) -> None:
-        save_from_engine(run.engine, run.engine.module.config, run.tokenizer, folder, dist.rank() == 0)
+        save_from_engine(run.engine, run.engine.module.config, run.tokenizer, folder, distributed.rank() == 0)
 
     state = {"step": step, "micro_position": step * run.cfg.train.grad_accum, "total_steps": run.total_steps,
-             "world_size": dist.world_size()}
+             "world_size": distributed.world_size()}
     save_checkpoint({"model": run.engine}, run.out_dir, step, state, save_models, run.cfg.train.keep_last)
 
 

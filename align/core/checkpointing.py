@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.core.engine import TrainEngine, barrier, publish_checkpoint, rank
+from align.core.distributed import barrier, rank
+from align.core.engine import TrainEngine, publish_checkpoint
 
 
 def rng_state() -> dict:

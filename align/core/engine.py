@@ -2,81 +2,22 @@
 
 `TrainEngine` wraps a model in a DeepSpeed engine (ZeRO stage 0-3, optional CPU offload, bf16) with AdamW and a
 learning-rate schedule. The training loops see only this class: `backward`, `step`, `save_state`, `load_state`,
-`gathered_parameters`. It runs as one process (a gloo process group of one is created) or under `torchrun` /
-the `deepspeed` launcher with several.
+`gathered_parameters`. It runs in the process group of `align.core.distributed`: one process, or several under
+`torchrun` / the `deepspeed` launcher.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from align.core import distributed
 from align.core.schedule import build_scheduler
+from base_model.atomic import write_json_atomic
 from align.core.sections import DeepSpeedSection, OptimConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_OWN_ENV: dict[str, str] = {}  # what a single-process init_distributed put into os.environ
-
-
-def subprocess_env() -> dict[str, str]:
-    """os.environ for a child process that starts its own run: without the rank and port variables this process
-    set for its own single-process group (a child would otherwise try to join it)."""
-    return {k: v for k, v in os.environ.items() if not (k in _OWN_ENV and _OWN_ENV[k] == v)}
-
-
-def init_distributed() -> None:
-    """Join the launcher's process group, or make a single-process one."""
-    import deepspeed
-
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        own = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        os.environ.update(own)
-        _OWN_ENV.update(own)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum floats over ranks (fp64 so token counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def deepspeed_config(ds: DeepSpeedSection, optim: OptimConfig, micro_batch_size: int, grad_accum: int) -> dict:
@@ -92,7 +33,7 @@ def deepspeed_config(ds: DeepSpeedSection, optim: OptimConfig, micro_batch_size:
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": micro_batch_size * grad_accum * world_size(),
+        "train_batch_size": micro_batch_size * grad_accum * distributed.world_size(),
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -126,10 +67,10 @@ class TrainEngine:
     ) -> None:
         import deepspeed
 
-        init_distributed()
-        model = model.to(device())
+        distributed.init()
+        model = model.to(distributed.device())
         # on CUDA, torch's fused AdamW: one kernel for the whole update (not with the optimizer on the CPU)
-        fused = device().type == "cuda" and not ds.offload_optimizer
+        fused = distributed.device().type == "cuda" and not ds.offload_optimizer
         optimizer = torch.optim.AdamW(
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused or None
         )
@@ -163,7 +104,7 @@ class TrainEngine:
 
         DeepSpeed averages gradients over ranks; we undo that average so a rank's loss can be its exact share of
         the global token count, and we stop it from dividing by the accumulation steps a second time."""
-        self.engine.backward(loss * world_size(), scale_wrt_gas=False)
+        self.engine.backward(loss * distributed.world_size(), scale_wrt_gas=False)
 
     def step(self, skip: bool = False) -> dict[str, float] | None:
         """Advance one micro-step; at an accumulation boundary this updates the weights and returns stats.
@@ -187,9 +128,6 @@ class TrainEngine:
         norm = local_norm if local_norm is not None else self.engine.get_global_grad_norm()
         return {"lr": lr, "grad_norm": float(norm) if norm is not None else float("nan")}
 
-    def get_lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
     def gathered_parameters(self, to_cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Full parameters one at a time (ZeRO-3 shards gathered per parameter), copied to the CPU or kept on the
         training device (`to_cpu=False`, for a rollout engine on the same GPU). Every rank must iterate."""
@@ -206,15 +144,6 @@ class TrainEngine:
             state[name] = buf.detach().cpu()
         return state
 
-    @contextlib.contextmanager
-    def full_module(self) -> Iterator[torch.nn.Module]:
-        """The module with every parameter gathered (for evaluation or saving small models under ZeRO-3)."""
-        import deepspeed
-
-        params = list(self.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield self.module
-
     def save_state(self, folder: Path, client_state: dict) -> None:
         """Optimizer, scheduler, model shards and `client_state` (rank 0's), written by every rank."""
         self.engine.save_checkpoint(str(folder), tag="deepspeed", client_state=client_state, save_latest=False)
@@ -227,12 +156,6 @@ class TrainEngine:
 
 
 # ---------------------------------------------------------------------------------------- checkpoint folders
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
 
 
 def publish_checkpoint(tmp: Path, final: Path, latest_file: Path, keep_last: int) -> None:

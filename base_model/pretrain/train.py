@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from align.core import engine as dist
+from align.core import distributed
 from align.core.batching import MicroBatches
 from align.core.checkpointing import open_run, save_checkpoint
 from align.core.config import ConfigError, Section
@@ -61,10 +61,10 @@ class Run:
 
 
 def setup(cfg: PretrainConfig) -> Run:
-    dist.init_distributed()
-    rank0 = dist.rank() == 0
+    distributed.init()
+    rank0 = distributed.rank() == 0
     out_dir = Path(cfg.out_dir)
-    model, tokenizer = build_model(cfg.model, cfg.train.seed, dist.device())
+    model, tokenizer = build_model(cfg.model, cfg.train.seed, distributed.device())
     train_data = PackedDataset(cfg.data.train)
     if int(train_data.tokens.max()) >= model.config.vocab_size:
         raise ConfigError(f"{cfg.data.train}: token ids reach {int(train_data.tokens.max())}, beyond the model's "
@@ -76,10 +76,10 @@ def setup(cfg: PretrainConfig) -> Run:
         eval_data = train_data
         train_rows, eval_indices = split_rows(len(train_data), cfg.data.eval_rows, cfg.train.seed)
     loop = cfg.train
-    batches = MicroBatches(train_rows, loop.micro_batch_size, dist.rank(), dist.world_size(), loop.seed)
+    batches = MicroBatches(train_rows, loop.micro_batch_size, distributed.rank(), distributed.world_size(), loop.seed)
     total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))
     throughput = Throughput.measured(model.config.flops_per_token(train_data.seq_len), loop.peak_tflops,
-                                     dist.device(), cfg.deepspeed.bf16, dist.world_size())
+                                     distributed.device(), cfg.deepspeed.bf16, distributed.world_size())
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
     start_step, _, logger = open_run(cfg, out_dir, {"model": engine}, "pretrain")
     if rank0:
@@ -93,15 +93,15 @@ def evaluate(run: Run) -> float:
     if not run.eval_indices:
         return float("nan")
     run.engine.eval()
-    mine = run.eval_indices[dist.rank()::dist.world_size()]
+    mine = run.eval_indices[distributed.rank()::distributed.world_size()]
     loss_sum, targets = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(mine), run.cfg.train.micro_batch_size):
-            b = {k: v.to(dist.device()) for k, v in run.eval_data.batch(mine[i:i + run.cfg.train.micro_batch_size]).items()}
+            b = {k: v.to(distributed.device()) for k, v in run.eval_data.batch(mine[i:i + run.cfg.train.micro_batch_size]).items()}
             loss_sum += run.engine.forward(b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]
                                            ).loss_sum.item()
             targets += count_targets(b["labels"])
-    total, n = dist.all_reduce_sum([loss_sum, targets])
+    total, n = distributed.all_reduce_sum([loss_sum, targets])
     run.engine.train()
     return total / max(n, 1)
 
@@ -109,23 +109,23 @@ def evaluate(run: Run) -> float:
 def train_step(run: Run, step: int) -> dict[str, float]:
     accum = run.cfg.train.grad_accum
     micro = [run.train_data.batch(run.batches.get(step * accum + i)) for i in range(accum)]
-    global_targets = int(dist.all_reduce_sum([sum(count_targets(b["labels"]) for b in micro)])[0])
+    global_targets = int(distributed.all_reduce_sum([sum(count_targets(b["labels"]) for b in micro)])[0])
     tokens = sum(b["input_ids"].numel() for b in micro)  # packed rows: every token is a corpus token
-    loss_share, stats = torch.zeros((), device=dist.device()), None
+    loss_share, stats = torch.zeros((), device=distributed.device()), None
     for b in micro:
-        b = {k: v.to(dist.device(), non_blocking=True) for k, v in b.items()}
+        b = {k: v.to(distributed.device(), non_blocking=True) for k, v in b.items()}
         out = run.engine.forward(b["input_ids"], position_ids=b["position_ids"], labels=b["labels"])
         loss = normalised_loss(out.loss_sum, global_targets)
         run.engine.backward(loss)
         stats = run.engine.step() or stats
         loss_share += loss.detach()
-    loss_total, tokens_total = dist.all_reduce_sum([loss_share.item(), tokens])  # the step's one host sync
+    loss_total, tokens_total = distributed.all_reduce_sum([loss_share.item(), tokens])  # the step's one host sync
     return {"loss": loss_total, "tokens": tokens_total, **(stats or {})}
 
 
 def train(run: Run) -> dict[str, float]:
     loop = run.cfg.train
-    rank0 = dist.rank() == 0
+    rank0 = distributed.rank() == 0
     last_step = min(run.total_steps, loop.stop_after or run.total_steps)
     bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not rank0, desc="pretrain", unit="step")
     run.engine.train()
@@ -141,10 +141,10 @@ def train(run: Run) -> dict[str, float]:
             run.logger.log(done, {"loss": evaluate(run)}, prefix="eval/")
         if (loop.save_every and done % loop.save_every == 0) or done == last_step:
             state = {"step": done, "tokens_seen": done * run.train_data.seq_len * loop.micro_batch_size
-                     * loop.grad_accum * dist.world_size(), "total_steps": run.total_steps}
+                     * loop.grad_accum * distributed.world_size(), "total_steps": run.total_steps}
             save_checkpoint({"model": run.engine}, run.out_dir, done, state,
                             lambda f: save_from_engine(run.engine, run.engine.module.config, run.tokenizer, f,
-                                                       dist.rank() == 0), loop.keep_last)
+                                                       distributed.rank() == 0), loop.keep_last)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                         mfu=f"{metrics['mfu']:.1%}")
         bar.update(1)

@@ -1,0 +1,77 @@
+"""The process group: rank, world size, the training device, and sums over ranks.
+
+A run joins the launcher's group (`torchrun`, the `deepspeed` launcher) or makes a single-process one; DeepSpeed
+(`align.core.engine`) then works in that group. NCCL on GPUs, gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as torch_dist
+
+_OWN_ENV: dict[str, str] = {}  # what a single-process init put into os.environ
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    """os.environ for a child process that starts its own run: without the rank and port variables this process
+    set for its own single-process group (a child would otherwise try to join it)."""
+    return {k: v for k, v in os.environ.items() if not (k in _OWN_ENV and _OWN_ENV[k] == v)}
+
+
+def init() -> None:
+    """Join the launcher's process group, or make a single-process one."""
+    if torch_dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        own = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(own)
+        _OWN_ENV.update(own)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device())
+    torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over ranks (in place; `t` must live on the training device: NCCL reduces GPU tensors)."""
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(t)
+    return t
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum floats over ranks (fp64 so token counts stay exact)."""
+    return all_reduce(torch.tensor(values, dtype=torch.float64, device=device())).tolist()
+
+
+def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
+    """Sum each named float over ranks, in one collective (every rank must pass the same names)."""
+    keys = sorted(values)
+    return dict(zip(keys, all_reduce_sum([float(values[k]) for k in keys])))
