@@ -10,6 +10,7 @@ loss plus `ptx_coef` x a language-model loss on packed pretraining rows → send
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from align.core import distributed
 from align.core.batching import MicroBatches
-from align.core.checkpointing import open_run, save_checkpoint
+from align.core.checkpointing import TrainingState, open_run, save_checkpoint
 from align.core.config import Section
 from align.core.engine import TrainEngine
 from align.core.losses import count_targets, normalised_loss
@@ -123,7 +124,7 @@ class Run:
     ptx_eval: list[int]
     kl_ctl: object
     moments: RunningMoments
-    start_step: int
+    state: TrainingState  # as resumed; `state.step` is where this run starts
     logger: MetricsLogger
     out_dir: Path
     nan_streak: int = 0
@@ -226,17 +227,19 @@ def setup(cfg: PPOConfig) -> Run:
         FixedKLController(p.kl_coef)
     moments = RunningMoments()
     out_dir = Path(cfg.out_dir)
-    start_step, state, logger = open_run(cfg, out_dir, {"policy": actor, "value": critic}, "ppo")
-    if state:
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        moments.load_state_dict(state["reward_moments"])
+    fresh = TrainingState(0, p.iterations, distributed.world_size(), cfg.train.micro_batch_size, accum,
+                          cfg.train.seed)
+    state, logger = open_run(cfg, out_dir, {"policy": actor, "value": critic}, "ppo", fresh)
+    if state.step:
+        kl_ctl.load_state_dict(state.extra["kl_ctl"])
+        moments.load_state_dict(state.extra["reward_moments"])
     rollout = make_rollout_engine(cfg, actor, tokenizer)
     throughput = Throughput.measured(0.0, cfg.train.peak_tflops, dev,  # FLOPs counted per update
                                      cfg.policy_deepspeed.bf16, distributed.world_size())
-    if start_step and cfg.ppo.engine == "vllm":
+    if state.step and cfg.ppo.engine == "vllm":
         rollout.load_weights(actor.gathered_parameters(to_cpu=False))
     return Run(cfg, actor, critic, ref_policy, reward_model, tokenizer, rm_tokenizer, rollout, prompts,
-               eval_prompts, batches, ptx, ptx_train, ptx_eval, kl_ctl, moments, start_step, logger, out_dir,
+               eval_prompts, batches, ptx, ptx_train, ptx_eval, kl_ctl, moments, state, logger, out_dir,
                throughput=throughput)
 
 
@@ -484,9 +487,10 @@ def save(run: Run, folder_step: int) -> None:
         save_from_engine(run.actor, run.actor.module.config, run.tokenizer, folder / "policy", distributed.rank() == 0)
         save_value(run, folder / "value")
 
-    state = {"step": folder_step, "kl_ctl": run.kl_ctl.state_dict(), "reward_moments": run.moments.state_dict(),
-             "world_size": distributed.world_size()}
-    save_checkpoint({"policy": run.actor, "value": run.critic}, run.out_dir, folder_step, state, save_models,
+    state = dataclasses.replace(
+        run.state, step=folder_step, samples_seen=folder_step * run.cfg.ppo.rollout_batch_size * distributed.world_size(),
+        extra={"kl_ctl": run.kl_ctl.state_dict(), "reward_moments": run.moments.state_dict()})
+    save_checkpoint({"policy": run.actor, "value": run.critic}, run.out_dir, state, save_models,
                     run.cfg.train.keep_last)
 
 
@@ -508,11 +512,11 @@ def train(run: Run) -> dict[str, float]:
     p, loop = run.cfg.ppo, run.cfg.train
     rank0 = distributed.rank() == 0
     last = min(p.iterations, loop.stop_after or p.iterations)
-    if run.start_step == 0 and loop.eval_every:
+    if run.state.step == 0 and loop.eval_every:
         run.logger.log(0, evaluate(run, 0), prefix="eval/")
-    bar = tqdm(total=p.iterations, initial=run.start_step, disable=not rank0, desc="ppo", unit="iter")
+    bar = tqdm(total=p.iterations, initial=run.state.step, disable=not rank0, desc="ppo", unit="iter")
     metrics: dict[str, float] = {}
-    for step in range(run.start_step, last):
+    for step in range(run.state.step, last):
         exp, metrics, samples = make_experience(run, step)
         t0 = time.perf_counter()
         train_actor = step >= p.critic_warmup_steps
@@ -539,7 +543,7 @@ def train(run: Run) -> dict[str, float]:
         bar.set_postfix(reward=f"{metrics['reward/raw']:.3f}", kl=f"{metrics['kl']:.3f}")
         bar.update(1)
     bar.close()
-    if last == p.iterations and run.start_step < p.iterations:
+    if last == p.iterations and run.state.step < p.iterations:
         save_from_engine(run.actor, run.actor.module.config, run.tokenizer, run.out_dir / "final" / "policy", rank0)
         save_value(run, run.out_dir / "final" / "value")
         if rank0:

@@ -7,6 +7,7 @@ strength, optional language-model loss on the chosen response. Read top to botto
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from align.core import distributed
 from align.core.batching import MicroBatches, split_eval
-from align.core.checkpointing import open_run, save_checkpoint
+from align.core.checkpointing import TrainingState, open_run, save_checkpoint
 from align.core.config import ConfigError, Section
 from align.core.engine import TrainEngine
 from align.core.losses import count_targets, normalised_loss
@@ -73,7 +74,7 @@ class Run:
     train_pairs: list
     eval_pairs: list
     total_steps: int
-    start_step: int
+    state: TrainingState  # as resumed; `state.step` is where this run starts
     logger: MetricsLogger
     out_dir: Path
     throughput: Throughput
@@ -131,8 +132,9 @@ def setup(cfg: RMConfig) -> Run:
     throughput = Throughput.measured(lm_config.flops_per_token(d.max_len), loop.peak_tflops, distributed.device(),
                                      cfg.deepspeed.bf16, distributed.world_size())
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
-    start_step, _, logger = open_run(cfg, out_dir, {"model": engine}, f"rm {cfg.stage}")
-    return Run(cfg, engine, tokenizer, lm_config, batches, train_rows, eval_rows, total_steps, start_step, logger,
+    fresh = TrainingState(0, total_steps, distributed.world_size(), loop.micro_batch_size, loop.grad_accum, loop.seed)
+    state, logger = open_run(cfg, out_dir, {"model": engine}, f"rm {cfg.stage}", fresh)
+    return Run(cfg, engine, tokenizer, lm_config, batches, train_rows, eval_rows, total_steps, state, logger,
                out_dir, throughput)
 
 
@@ -240,12 +242,12 @@ def train(run: Run) -> dict[str, float]:
     loop = run.cfg.train
     rank0 = distributed.rank() == 0
     last_step = min(run.total_steps, loop.stop_after or run.total_steps)
-    bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not rank0, desc=f"rm {run.cfg.stage}",
+    bar = tqdm(total=run.total_steps, initial=run.state.step, disable=not rank0, desc=f"rm {run.cfg.stage}",
                unit="step")
     run.engine.train()
     metrics: dict[str, float] = {}
     module = run.engine.module
-    for step in range(run.start_step, last_step):
+    for step in range(run.state.step, last_step):
         t0 = time.perf_counter()
         metrics = train_step(run, step)
         metrics.update(run.throughput(metrics["tokens"], time.perf_counter() - t0))
@@ -255,13 +257,14 @@ def train(run: Run) -> dict[str, float]:
         if loop.eval_every and done % loop.eval_every == 0:
             run.logger.log(done, evaluate(run), prefix="eval/")
         if (loop.save_every and done % loop.save_every == 0) or done == last_step:
-            state = {"step": done, "total_steps": run.total_steps, "world_size": distributed.world_size()}
-            save_checkpoint({"model": run.engine}, run.out_dir, done, state,
+            state = dataclasses.replace(run.state, step=done, samples_seen=done * loop.grad_accum
+                                        * loop.micro_batch_size * distributed.world_size())
+            save_checkpoint({"model": run.engine}, run.out_dir, state,
                             lambda folder: save_models(run, folder, module.mean, module.std), loop.keep_last)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
         bar.update(1)
     bar.close()
-    if last_step == run.total_steps and run.start_step < run.total_steps:
+    if last_step == run.total_steps and run.state.step < run.total_steps:
         final_eval = evaluate(run)
         run.logger.log(run.total_steps, final_eval, prefix="eval/")
         metrics.update({f"eval_{k}": v for k, v in final_eval.items()})

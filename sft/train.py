@@ -6,6 +6,7 @@ loss is the mean over every assistant token of the global batch, however it is s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from align.core import distributed
-from align.core.checkpointing import open_run, save_checkpoint
+from align.core.checkpointing import TrainingState, open_run, save_checkpoint
 from align.core.config import Section
 from align.core.engine import TrainEngine
 from align.core.losses import count_targets, normalised_loss
@@ -58,7 +59,7 @@ class Run:
     batches: MicroBatches
     eval_rows: list
     total_steps: int
-    start_step: int
+    state: TrainingState  # as resumed; `state.step` is where this run starts
     logger: MetricsLogger
     out_dir: Path
     throughput: Throughput
@@ -88,8 +89,9 @@ def setup(cfg: SFTConfig) -> Run:
     throughput = Throughput.measured(model.config.flops_per_token(d.max_len), loop.peak_tflops, distributed.device(),
                                      cfg.deepspeed.bf16, distributed.world_size())
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
-    start_step, _, logger = open_run(cfg, out_dir, {"model": engine}, "sft")
-    return Run(cfg, engine, tokenizer, batches, eval_rows, total_steps, start_step, logger, out_dir, throughput)
+    fresh = TrainingState(0, total_steps, distributed.world_size(), loop.micro_batch_size, loop.grad_accum, loop.seed)
+    state, logger = open_run(cfg, out_dir, {"model": engine}, "sft", fresh)
+    return Run(cfg, engine, tokenizer, batches, eval_rows, total_steps, state, logger, out_dir, throughput)
 
 
 def evaluate(run: Run) -> float:
@@ -134,10 +136,10 @@ def train(run: Run) -> dict[str, float]:
     loop = run.cfg.train
     rank0 = distributed.rank() == 0
     last_step = min(run.total_steps, loop.stop_after or run.total_steps)
-    bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not rank0, desc="sft", unit="step")
+    bar = tqdm(total=run.total_steps, initial=run.state.step, disable=not rank0, desc="sft", unit="step")
     run.engine.train()
     metrics: dict[str, float] = {}
-    for step in range(run.start_step, last_step):
+    for step in range(run.state.step, last_step):
         t0 = time.perf_counter()
         metrics = train_step(run, step)
         metrics.update(run.throughput(metrics["tokens"], time.perf_counter() - t0))
@@ -152,7 +154,7 @@ def train(run: Run) -> dict[str, float]:
                         mfu=f"{metrics['mfu']:.1%}")
         bar.update(1)
     bar.close()
-    if last_step == run.total_steps and run.start_step < run.total_steps:
+    if last_step == run.total_steps and run.state.step < run.total_steps:
         metrics["eval_loss"] = evaluate(run)
         run.logger.log(run.total_steps, {"loss": metrics["eval_loss"]}, prefix="eval/")
         save_from_engine(run.engine, run.engine.module.config, run.tokenizer, run.out_dir / "final", rank0)
@@ -166,9 +168,10 @@ def save(run: Run, step: int) -> None:
     def save_models(folder: Path) -> None:
         save_from_engine(run.engine, run.engine.module.config, run.tokenizer, folder, distributed.rank() == 0)
 
-    state = {"step": step, "micro_position": step * run.cfg.train.grad_accum, "total_steps": run.total_steps,
-             "world_size": distributed.world_size()}
-    save_checkpoint({"model": run.engine}, run.out_dir, step, state, save_models, run.cfg.train.keep_last)
+    loop = run.cfg.train
+    state = dataclasses.replace(run.state, step=step,
+                                samples_seen=step * loop.grad_accum * loop.micro_batch_size * distributed.world_size())
+    save_checkpoint({"model": run.engine}, run.out_dir, state, save_models, loop.keep_last)
 
 
 def main(cfg: SFTConfig) -> dict[str, float]:

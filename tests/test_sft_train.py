@@ -66,3 +66,16 @@ def test_killed_run_resumes_exactly(tmp_path):
         assert abs(full[step] - resumed[step]) < 1e-6, (step, full[step], resumed[step])
     evals = lambda d: {r["step"]: r["eval/loss"] for r in read_metrics(d) if "eval/loss" in r}
     assert sorted(evals(run_dir)) == [20, 40, 60] and evals(run_dir)[60] == pytest.approx(evals(tmp_path / "full")[60])
+
+
+def test_resume_with_other_settings_stops_naming_the_difference(tmp_path):
+    """A checkpoint continues only the schedule and data order it was written for: a changed total or batch shape
+    stops with the differences named, before any weight is loaded."""
+    common = ["train.max_steps=4", "train.save_every=2", "train.stop_after=2"]
+    align("sft", TINY, f"out_dir={tmp_path}", *common)
+    out = subprocess.run([sys.executable, "-m", "align.cli", "sft", TINY, f"out_dir={tmp_path}", "resume=true",
+                          "train.max_steps=8", "train.micro_batch_size=1", "train.save_every=2"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "cannot resume" in out.stderr and "total_steps 4 in the checkpoint, 8 now" in out.stderr
+    assert "micro_batch_size 2 in the checkpoint, 1 now" in out.stderr

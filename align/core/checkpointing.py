@@ -13,17 +13,61 @@ checkpoint as the latest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from align.core.distributed import barrier, rank
+from align.core.config import ConfigError
 from align.core.engine import TrainEngine, publish_checkpoint
+from base_model.atomic import write_json_atomic
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides the engines' weights, optimizer and schedule: written by every trainer and
+    read back and checked on resume.
+
+    Resuming continues the same schedule and the same data order, so it needs the same world size, micro-batch
+    size, accumulation, seed and total steps; a change in any of them stops the run with the differences named
+    (DeepSpeed's optimizer shards and the per-rank RNG states are laid out for one world size)."""
+
+    step: int  # optimizer steps done (PPO: iterations)
+    total_steps: int
+    world_size: int
+    micro_batch_size: int
+    grad_accum: int
+    seed: int
+    samples_seen: int = 0  # rows consumed on all ranks (PPO: prompts)
+    extra: dict = field(default_factory=dict)  # a trainer's own state (PPO: KL controller, reward moments)
+
+    CHECKED = ("total_steps", "world_size", "micro_batch_size", "grad_accum", "seed")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "TrainingState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - set(d) - {"samples_seen", "extra"})
+        if missing:
+            raise ConfigError(f"{where}: the checkpoint's training state lacks {', '.join(missing)} (written by an "
+                              "older version?); start a new run or resume=false")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def check_resumable_as(self, now: "TrainingState", where: str) -> None:
+        diffs = [f"{k} {getattr(self, k)} in the checkpoint, {getattr(now, k)} now" for k in self.CHECKED
+                 if getattr(self, k) != getattr(now, k)]
+        if diffs:
+            raise ConfigError(f"{where}: cannot resume: " + "; ".join(diffs) + ". Resume with the same settings, "
+                              "or start a new run (a new out_dir, or resume=false) from the checkpoint's hf/ folder")
 
 
 def rng_state() -> dict:
@@ -48,13 +92,13 @@ def step_dir(out_dir: Path, step: int) -> Path:
 def save_checkpoint(
     engines: dict[str, TrainEngine],
     out_dir: Path,
-    step: int,
-    client_state: dict,
+    state: TrainingState,
     save_models: Callable[[Path], None] | None,
     keep_last: int,
 ) -> Path:
     """Every rank calls this. `engines` maps a name ("model", or "policy"/"value") to its engine;
     `save_models(folder)` writes Hugging Face folders (all ranks call it; it writes from rank 0)."""
+    step, client_state = state.step, state.to_dict()
     root = Path(out_dir) / "checkpoints"
     tmp = root / f".tmp-step-{step:08d}"
     if rank() == 0:
@@ -69,18 +113,10 @@ def save_checkpoint(
     barrier()
     final = step_dir(out_dir, step)
     if rank() == 0:
-        (tmp / "state" / "client_state.json").write_text(json.dumps(_jsonable(client_state), indent=2))
+        write_json_atomic(tmp / "state" / "client_state.json", client_state)
         publish_checkpoint(tmp, final, root / "latest.json", keep_last)
     barrier()
     return final
-
-
-def _jsonable(obj):
-    try:
-        json.dumps(obj)
-        return obj
-    except TypeError:
-        return {k: v for k, v in obj.items() if isinstance(v, (int, float, str, bool, type(None), list))}
 
 
 def find_checkpoint(out_dir: Path, resume: bool | str) -> Path | None:
@@ -113,23 +149,27 @@ def load_checkpoint(engines: dict[str, TrainEngine], folder: Path) -> dict:
     return client_state
 
 
-def open_run(cfg, out_dir: Path, engines: dict[str, TrainEngine], name: str):
-    """Resume from `cfg.resume` if asked, open the metrics log (cut back to the resumed step), write the resolved
-    config. Returns (start_step, client_state, logger)."""
+def open_run(cfg, out_dir: Path, engines: dict[str, TrainEngine], name: str, fresh: TrainingState):
+    """Resume from `cfg.resume` if asked (checking the checkpoint against `fresh`, this run's state at step 0), open
+    the metrics log (cut back to the resumed step), write the resolved config. Returns (state, logger)."""
     from align.core.config import dump_config
     from align.core.metrics import MetricsLogger
 
     rank0 = rank() == 0
-    start_step, state = 0, {}
+    state = fresh
     checkpoint = find_checkpoint(out_dir, cfg.resume)
     if checkpoint is not None:
-        state = load_checkpoint(engines, checkpoint)
-        start_step = state["step"]
+        client_state = checkpoint / "state" / "client_state.json"
+        if client_state.exists():  # checked before DeepSpeed reads shards laid out for another world size
+            saved = TrainingState.from_dict(json.loads(client_state.read_text()), str(client_state))
+            saved.check_resumable_as(fresh, str(checkpoint))
+        state = TrainingState.from_dict(load_checkpoint(engines, checkpoint), str(checkpoint))
+        state.check_resumable_as(fresh, str(checkpoint))
         if rank0:
-            print(f"[{name}] resumed from {checkpoint} at step {start_step}")
+            print(f"[{name}] resumed from {checkpoint} at step {state.step}")
     logger = MetricsLogger(out_dir, enabled=rank0)
-    logger.truncate_after(start_step)
+    logger.truncate_after(state.step)
     if rank0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         dump_config(cfg, Path(out_dir) / "config.yaml")
-    return start_step, state, logger
+    return state, logger

@@ -6,6 +6,7 @@ gradient clipping and accumulation, packed attention, periodic evaluation, full-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from align.core import distributed
 from align.core.batching import MicroBatches
-from align.core.checkpointing import open_run, save_checkpoint
+from align.core.checkpointing import TrainingState, open_run, save_checkpoint
 from align.core.config import ConfigError, Section
 from align.core.engine import TrainEngine
 from align.core.losses import count_targets, normalised_loss
@@ -54,7 +55,7 @@ class Run:
     eval_indices: list[int]
     batches: MicroBatches
     total_steps: int
-    start_step: int
+    state: TrainingState  # as resumed; `state.step` is where this run starts
     logger: MetricsLogger
     out_dir: Path
     throughput: Throughput
@@ -81,11 +82,12 @@ def setup(cfg: PretrainConfig) -> Run:
     throughput = Throughput.measured(model.config.flops_per_token(train_data.seq_len), loop.peak_tflops,
                                      distributed.device(), cfg.deepspeed.bf16, distributed.world_size())
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
-    start_step, _, logger = open_run(cfg, out_dir, {"model": engine}, "pretrain")
+    fresh = TrainingState(0, total_steps, distributed.world_size(), loop.micro_batch_size, loop.grad_accum, loop.seed)
+    state, logger = open_run(cfg, out_dir, {"model": engine}, "pretrain", fresh)
     if rank0:
         print(f"[pretrain] {len(train_rows)} rows x {train_data.seq_len} tokens, {len(eval_indices)} held out; "
               f"{total_steps} steps")
-    return Run(cfg, engine, tokenizer, train_data, eval_data, eval_indices, batches, total_steps, start_step, logger,
+    return Run(cfg, engine, tokenizer, train_data, eval_data, eval_indices, batches, total_steps, state, logger,
                out_dir, throughput)
 
 
@@ -127,10 +129,10 @@ def train(run: Run) -> dict[str, float]:
     loop = run.cfg.train
     rank0 = distributed.rank() == 0
     last_step = min(run.total_steps, loop.stop_after or run.total_steps)
-    bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not rank0, desc="pretrain", unit="step")
+    bar = tqdm(total=run.total_steps, initial=run.state.step, disable=not rank0, desc="pretrain", unit="step")
     run.engine.train()
     metrics: dict[str, float] = {}
-    for step in range(run.start_step, last_step):
+    for step in range(run.state.step, last_step):
         t0 = time.perf_counter()
         metrics = train_step(run, step)
         metrics.update(run.throughput(metrics["tokens"], time.perf_counter() - t0))
@@ -140,16 +142,16 @@ def train(run: Run) -> dict[str, float]:
         if loop.eval_every and done % loop.eval_every == 0:
             run.logger.log(done, {"loss": evaluate(run)}, prefix="eval/")
         if (loop.save_every and done % loop.save_every == 0) or done == last_step:
-            state = {"step": done, "tokens_seen": done * run.train_data.seq_len * loop.micro_batch_size
-                     * loop.grad_accum * distributed.world_size(), "total_steps": run.total_steps}
-            save_checkpoint({"model": run.engine}, run.out_dir, done, state,
+            state = dataclasses.replace(run.state, step=done, samples_seen=done * loop.grad_accum
+                                        * loop.micro_batch_size * distributed.world_size())  # rows of seq_len tokens
+            save_checkpoint({"model": run.engine}, run.out_dir, state,
                             lambda f: save_from_engine(run.engine, run.engine.module.config, run.tokenizer, f,
                                                        distributed.rank() == 0), loop.keep_last)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                         mfu=f"{metrics['mfu']:.1%}")
         bar.update(1)
     bar.close()
-    if last_step == run.total_steps and run.start_step < run.total_steps:
+    if last_step == run.total_steps and run.state.step < run.total_steps:
         metrics["eval_loss"] = evaluate(run)
         run.logger.log(run.total_steps, {"loss": metrics["eval_loss"]}, prefix="eval/")
         save_from_engine(run.engine, run.engine.module.config, run.tokenizer, run.out_dir / "final", rank0)
