@@ -300,90 +300,6 @@ def trl_sft_seconds(folder: str, batch: int, max_len: int) -> float:
     return time.perf_counter() - t0
 
 
-def label(annotators: tuple[int, ...] = (20, 50), per_annotator: int = 30, think: tuple[float, float] = (0.2, 0.8),
-          backends: tuple[str, ...] = ("sqlite", "postgresql")) -> list[dict]:
-    """The labelling API of a real server (`align label serve`) under N concurrent simulated annotators, on SQLite
-    and on a PostgreSQL server started here: annotations/s, p50/p99 request latency, errors. Each annotator waits
-    `think` seconds (uniform) before each request — far quicker than a person, who takes several seconds a ranking."""
-    import random
-    import tempfile
-    import threading
-
-    import httpx
-
-    from labeling_ui.auth import hash_password
-    from labeling_ui.servers import LabelServer, Postgres
-    from labeling_ui.store import Store
-
-    out = []
-    for backend in backends:
-        for n in annotators:
-            with tempfile.TemporaryDirectory() as tmp:
-                pg = Postgres(Path(tmp)) if backend == "postgresql" else None
-                db = pg.start() if pg else f"sqlite:///{tmp}/labels.db"
-                try:
-                    store = Store(db)
-                    hashed = hash_password("pw")  # one hash for all: scrypt per user is not what is measured
-                    for i in range(n):
-                        store.add_user(f"a{i}", "annotator", hashed)
-                    store.import_tasks("bench", [{"prompt": f"q{i}", "responses": ["a", "b", "c"]}
-                                                 for i in range(n * per_annotator)], 1)
-                    store.engine.dispose()
-                    server = LabelServer(db, Path(tmp) / "server.log").start()
-                    latencies: list[float] = []
-                    errors: list[str] = []
-                    done = [0]
-                    lock = threading.Lock()
-
-                    with httpx.Client(base_url=server.url, timeout=30) as http:  # logins (scrypt) before the clock
-                        tokens = [http.post("/api/login", json={"username": f"a{i}", "password": "pw"}).json()["token"]
-                                  for i in range(n)]
-
-                    def annotator(i: int) -> None:
-                        rng = random.Random(i)
-                        h = {"Authorization": "Bearer " + tokens[i]}
-                        with httpx.Client(base_url=server.url, timeout=30) as http:
-                            for _ in range(per_annotator):
-                                time.sleep(rng.uniform(*think))
-                                t0 = time.perf_counter()
-                                r = http.get("/api/tasks/next", params={"project": "bench"}, headers=h)
-                                t1 = time.perf_counter()
-                                if r.status_code != 200:
-                                    errors.append(f"next {r.status_code}")
-                                    return
-                                time.sleep(rng.uniform(*think))
-                                t2 = time.perf_counter()
-                                r = http.post(f"/api/tasks/{r.json()['id']}/annotations",
-                                              json={"ranks": rng.sample([1, 2, 3], 3)}, headers=h)
-                                t3 = time.perf_counter()
-                                with lock:
-                                    latencies.extend([t1 - t0, t3 - t2])
-                                    if r.status_code != 201:
-                                        errors.append(f"annotate {r.status_code}")
-                                    else:
-                                        done[0] += 1
-
-                    threads = [threading.Thread(target=annotator, args=(i,)) for i in range(n)]
-                    t0 = time.perf_counter()
-                    for t in threads:
-                        t.start()
-                    for t in threads:
-                        t.join()
-                    seconds = time.perf_counter() - t0
-                    server.stop()
-                finally:
-                    if pg:
-                        pg.stop()
-            lat = sorted(latencies)
-            q = lambda f: lat[min(int(f * len(lat)), len(lat) - 1)] * 1000 if lat else float("nan")
-            tag = f"{backend}_{n}"
-            out += [row("label", f"annotations_per_s_{tag}", done[0] / seconds, None, "annotations/s"),
-                    row("label", f"p50_ms_{tag}", q(0.5), None, "ms"),
-                    row("label", f"p99_ms_{tag}", q(0.99), None, "ms"),
-                    row("label", f"errors_{tag}", float(len(errors)), None, "count")]
-    return out
-
-
 GPU_SUITES = ("peak", "model", "generate", "sft", "ppo")  # with --device cuda: align.bench_gpu's shapes
 
 
@@ -410,6 +326,8 @@ def run(suites: list[str], device: str = "cpu", json_out: str | None = None) -> 
         elif suite == "generate":
             new = generate(device)
         else:
+            from align.bench_label import label
+
             new = {"tags": tags, "sft": sft, "label": label, "ppo": ppo}[suite]()
         rows += new
         _print(suite, new, t0)

@@ -163,7 +163,7 @@ def ppo(iterations: int = 4) -> list[dict]:
     from align.core.metrics import read_metrics
     from align.core.records import write_jsonl_atomic
     from base_model import QwenConfig, QwenForCausalLM, QwenTokenizer, save_pretrained
-    from rm.model import RewardModel, save_reward_model
+    from rm.model import RewardModel
 
     root = Path(__file__).resolve().parent.parent
     tok = QwenTokenizer.load("cl100k_base")
@@ -173,7 +173,7 @@ def ppo(iterations: int = 4) -> list[dict]:
         lm = QwenForCausalLM(config, device="cuda", seed=0, dtype=torch.bfloat16)
         save_pretrained(lm, d / "policy", tok)
         rm = RewardModel(lm, "end_token", tok.eod_id)
-        save_reward_model(lm, rm.head_state(), rm.reward_config(), d / "reward", tok)
+        rm.save(d / "reward", tok)
         del lm, rm
         torch.cuda.empty_cache()
         write_jsonl_atomic(d / "prompts.jsonl", [{"prompt": f"Tell me about the number {i}."} for i in range(256)])

@@ -25,6 +25,7 @@ from scipy.stats import bootstrap
 
 from align.core.config import Section
 from align.core.records import write_jsonl_atomic
+from base_model.atomic import write_json_atomic
 from align.world import demo as world
 
 MODEL = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
@@ -413,9 +414,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str],
     summary["tokenizer"] = {"kind": "byte-level BPE learned on the demo corpus", "path": str(tok),
                             "vocab_size": cfg.vocab_size}
     summary["seconds"] = {**p.timings, "total_this_run": time.perf_counter() - t0}
-    tmp = p.path("summary.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(p.path("summary.json"))
+    write_json_atomic(p.path("summary.json"), summary, indent=1)
     log(f"[10/{total}] report …")
     report = write_report(p.out)
     write_labelling_help(p)

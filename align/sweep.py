@@ -26,6 +26,7 @@ from align.core.config import ConfigError, Section, load_config
 from align.core.distributed import subprocess_env
 from align.core.metrics import read_metrics
 from align.core.records import write_jsonl_atomic
+from base_model.atomic import write_json_atomic
 
 ALIASES = {"seed": "train.seed", "lr": "policy_optim.lr"}
 
@@ -139,9 +140,7 @@ def finish_run(cfg: SweepConfig, folder: Path, seconds: float) -> None:
     result = {"run": folder.name, **json.loads((folder / "params.json").read_text()),
               "gold": curve[-1]["gold"] if curve else None, "reward": last.get("eval/reward_mean"),
               "kl": last.get("eval/kl"), "ptx_loss": last.get("eval/ptx_loss"), "seconds": seconds}
-    tmp = folder / "result.json.tmp"
-    tmp.write_text(json.dumps(result))
-    tmp.replace(folder / "result.json")
+    write_json_atomic(folder / "result.json", result)
 
 
 def collect(cfg: SweepConfig, out: Path, names: list[str]) -> list[dict]:

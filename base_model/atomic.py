@@ -45,6 +45,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yields a new, empty temporary folder; on leaving the block it takes the place of `path` (a folder already
+    there is moved aside first, then removed: the target is never half written)."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_folder(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the finished folder `new` in the place of `target` (two renames when `target` exists)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old{os.getpid()}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old)
+    else:
+        new.rename(target)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -67,3 +94,34 @@ def write_jsonl_atomic(path: str | Path, rows) -> int:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def write_parquet_atomic(path: str | Path, rows, batch: int = 1000) -> int:
+    """Rows (dicts) as a Parquet file, written in batches; returns how many were written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, writer, chunk = 0, None, []
+    with atomic_path(path) as tmp:
+        try:
+            for row in rows:
+                chunk.append(row)
+                if len(chunk) == batch:
+                    table = pa.Table.from_pylist(chunk)
+                    writer = writer or pq.ParquetWriter(tmp, table.schema)
+                    writer.write_table(table)
+                    n, chunk = n + len(chunk), []
+            if chunk or writer is None:
+                table = pa.Table.from_pylist(chunk)
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                n += len(chunk)
+        finally:
+            if writer is not None:
+                writer.close()
+    return n
+
+
+def write_rows_atomic(path: str | Path, rows) -> int:
+    """Rows as Parquet when `path` ends in .parquet, else as JSON lines."""
+    return (write_parquet_atomic if Path(path).suffix == ".parquet" else write_jsonl_atomic)(path, rows)

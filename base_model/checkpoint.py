@@ -7,16 +7,14 @@ writes Qwen2 format, which `transformers` and vLLM load as they are. Qwen v1 nam
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from base_model.atomic import atomic_folder
 from base_model.config import QwenConfig
 from base_model.model import QwenForCausalLM
 from base_model.tokenizer import VOCAB_FILE, QwenTokenizer
@@ -338,11 +336,7 @@ def save_pretrained(
     The folder is written beside the target and renamed into place, so a crash never leaves a half-written
     checkpoint where a good one was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
-    try:
+    with atomic_folder(path) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
@@ -352,10 +346,6 @@ def save_pretrained(
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(tokenizer), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _generation_config(tokenizer: QwenTokenizer | None) -> dict:
@@ -387,16 +377,6 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old)
-    else:
-        new.rename(target)
 
 
 def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:

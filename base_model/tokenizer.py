@@ -18,6 +18,8 @@ from typing import Literal
 
 import tiktoken
 
+from base_model.atomic import write_bytes_atomic
+
 # Qwen v1's pattern: like cl100k_base but with single digits (\p{N} instead of \p{N}{1,3}).
 PAT_STR = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -61,10 +63,8 @@ def load_ranks(path: str | Path) -> dict[bytes, int]:
 def save_ranks(ranks: dict[bytes, int], path: str | Path) -> None:
     """Write a ranks file atomically (sorted by rank)."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     lines = [base64.b64encode(t) + b" " + str(r).encode() for t, r in sorted(ranks.items(), key=lambda x: x[1])]
-    tmp.write_bytes(b"\n".join(lines) + b"\n")
-    tmp.replace(path)
+    write_bytes_atomic(path, b"\n".join(lines) + b"\n")
 
 
 def cl100k_base_ranks() -> dict[bytes, int]:

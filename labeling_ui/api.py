@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
@@ -9,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
+from align.core.records import ComparisonRecord, DataError, as_messages
 from labeling_ui.agreement import project_report
 from labeling_ui.auth import verify_password
 from labeling_ui.export import comparison_record
@@ -32,26 +35,27 @@ class AnnotationIn(BaseModel):
 
 def validate_items(items: list, known_tags: set[str] | None = None) -> list[str]:
     """Every problem of an import, item by item (the import is refused as a whole if there is any)."""
-    errors = []
-    for i, item in enumerate(items):
-        where = f"item {i}"
-        if not isinstance(item, dict):
-            errors.append(f"{where}: not a JSON object")
+    return [e for i, item in enumerate(items)
+            for e in ComparisonRecord.problems(item, f"item {i}", ranked=False, known_tags=known_tags)]
+
+
+def read_task_file(path: Path, known_tags: set[str] | None = None) -> list[dict]:
+    """The tasks of a JSONL file for import: every problem, each with its file and line, or the tasks."""
+    items, problems = [], []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
             continue
-        prompt, responses = item.get("prompt"), item.get("responses")
-        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt))):
-            errors.append(f"{where}: 'prompt' must be text or a list of messages")
-        if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
-            errors.append(f"{where}: 'responses' must hold at least 2 strings")
-        tags = item.get("tags") or []
-        if not isinstance(tags, list):
-            errors.append(f"{where}: 'tags' must be a list")
-        elif known_tags is not None:
-            unknown = [t for t in tags if t not in known_tags]
-            if unknown:
-                errors.append(f"{where}: unknown tag(s) {', '.join(map(repr, unknown))}")
-    return errors
+        where = f"{path}:{lineno}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: not valid JSON ({e.msg})")
+            continue
+        problems += ComparisonRecord.problems(item, where, ranked=False, known_tags=known_tags)
+        items.append(item)
+    if problems:
+        raise DataError("import refused; nothing was imported:\n  " + "\n  ".join(problems))
+    return items
 
 
 def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
@@ -92,8 +96,7 @@ def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
         task = await call(store.next_task, project, user.id)
         if task is None:
             return Response(status_code=204)
-        prompt = task.prompt if isinstance(task.prompt, list) else [{"role": "user", "content": task.prompt}]
-        return {"id": task.id, "prompt": prompt, "responses": task.responses, "tags": task.tags}
+        return {"id": task.id, "prompt": as_messages(task.prompt, f"task {task.id}"), "responses": task.responses, "tags": task.tags}
 
     @app.post("/api/tasks/{task_id}/annotations", status_code=201)
     async def annotate(task_id: int, body: AnnotationIn,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from align.core.chatml import render
-from align.core.records import DataError, iter_records, write_jsonl_atomic
+from align.core.records import as_messages, iter_records, write_jsonl_atomic
 from base_model import QwenTokenizer, load_pretrained
 from base_model.generate import SamplingParams, generate
 
@@ -30,11 +30,7 @@ def generate_candidates(model_dir: Path, prompts_file: Path, out: Path, k: int =
     tokenizer = QwenTokenizer.from_file(model_dir)
     rows = []
     for where, rec in iter_records(prompts_file):
-        prompt = rec.get("prompt")
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if not isinstance(prompt, list) or not prompt:
-            raise DataError(f"{where}: 'prompt' must be text or a list of messages")
+        prompt = as_messages(rec.get("prompt"), where)
         rows.append({"prompt": prompt, "tags": rec.get("tags") or [], "meta": rec.get("meta") or {}})
     settings = sampling_settings(k)
     for start in range(0, len(rows), batch_size):

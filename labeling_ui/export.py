@@ -5,6 +5,8 @@ from __future__ import annotations
 from itertools import combinations
 from typing import Literal
 
+from align.core.records import ComparisonRecord
+
 Rule = Literal["majority", "ranked_pairs"]
 
 
@@ -64,8 +66,9 @@ def comparison_record(task, annotations: list[tuple[object, str]], rule: Rule = 
     ranking = merge_rankings([a.ranks for a, _ in ranked], rule)
     strengths = [a.strength for a, _ in ranked if a.strength is not None]
     tags = sorted({t for a, _ in ranked for t in (a.tags or [])} | set(task.tags or []))
-    return {"prompt": task.prompt, "responses": task.responses, "ranking": ranking,
-            "strength": sum(strengths) / len(strengths) if strengths else None, "tags": tags,
-            "annotator": ",".join(name for _, name in ranked), "annotators": [name for _, name in ranked],
-            "individual_rankings": [a.ranks for a, _ in ranked], "all_bad": any(a.all_bad for a, _ in ranked),
-            "unsafe": [a.unsafe for a, _ in ranked if a.unsafe], "source": "human", "task_id": task.id}
+    return ComparisonRecord(
+        task.prompt, task.responses, ranking, sum(strengths) / len(strengths) if strengths else None, tags,
+        ",".join(name for _, name in ranked), "human",
+        {"annotators": [name for _, name in ranked], "individual_rankings": [a.ranks for a, _ in ranked],
+         "all_bad": any(a.all_bad for a, _ in ranked), "unsafe": [a.unsafe for a, _ in ranked if a.unsafe],
+         "task_id": task.id}).to_dict()

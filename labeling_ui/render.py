@@ -11,6 +11,8 @@ from pygments.formatters import HtmlFormatter
 from pygments.lexers import TextLexer, get_lexer_by_name
 from pygments.util import ClassNotFound
 
+from align.core.records import as_messages
+
 CSS = HtmlFormatter(style="friendly").get_style_defs("pre code") + """
 .chat { display: flex; flex-direction: column; gap: 8px; }
 .turn { padding: 8px 12px; border-radius: 8px; max-width: 90%; }
@@ -43,7 +45,7 @@ def markdown(text: str) -> str:
 
 
 def conversation(prompt: list[dict] | str) -> str:
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    messages = as_messages(prompt, "task")
     turns = "".join(f'<div class="turn {html.escape(m.get("role", "user"))}"><div class="who">'
                     f'{html.escape(m.get("role", "user"))}</div>{markdown(m.get("content", ""))}</div>'
                     for m in messages)

@@ -24,6 +24,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ROLES = ("annotator", "reviewer", "admin")
+
+
+class _SlotTaken(Exception):
+    """A task's last free slot went to another annotator between our count and our lock (PostgreSQL)."""
+
+
 SCHEMA_VERSION = 3
 TOKEN_CACHE_SECONDS = 60.0
 # version -> (table, column, SQL type) added by that version; a database at version v gets every later step
@@ -247,10 +253,10 @@ class Store:
                         return None
                     # PostgreSQL: the count above may predate a lease committed before we locked the row; recount
                     if not sqlite and s.scalar(select(self._taken(now)).where(Task.id == task.id)) >= task.overlap:
-                        raise IntegrityError("slot taken meanwhile", None, Exception())
+                        raise _SlotTaken  # rolls this transaction back; try the next task
                     s.add(Lease(task_id=task.id, user_id=user_id, expires=now + self.lease, created=now))
                     return task
-            except IntegrityError:
+            except (IntegrityError, _SlotTaken):  # a unique lease violated, or the slot taken meanwhile
                 continue
         raise Conflict("could not lease a task after 20 attempts")
 

@@ -6,6 +6,7 @@ function ignores masked positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -34,12 +35,31 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return sq
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over masked positions; masked positions are set to 0. x, mask: (B, T)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+def masked_moments(x: torch.Tensor, mask: torch.Tensor,
+                   all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, unbiased variance) of x over masked positions, as fp64 scalars. x, mask: same shape.
+
+    With `all_reduce` (sums a tensor over ranks and returns it), the moments are those of every rank's values
+    together: each rank contributes its count, sum and sum of squares."""
+    xd, md = x.double(), mask.double()
+    sums = torch.stack([md.sum(), (xd * md).sum(), (xd * xd * md).sum()])  # (3,)
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    n, s, sq = sums.unbind()
+    mean = s / n.clamp(min=1)
+    var = (sq / n.clamp(min=1) - mean * mean).clamp(min=0) * n / (n - 1).clamp(min=1)
+    return n, mean, var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / std over masked positions (of every rank, with `all_reduce`; see `masked_moments`); masked
+    positions are set to 0. x, mask: (B, T)."""
+    _, mean, var = masked_moments(x, mask, all_reduce)
+    whitened = ((x - mean) * torch.rsqrt(var + eps)).to(x.dtype)
     if not shift_mean:
-        whitened = whitened + mean
+        whitened = whitened + mean.to(x.dtype)
     return whitened * mask
 
 

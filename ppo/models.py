@@ -9,15 +9,16 @@ from rm.model import RewardModel
 
 
 class ValueModel(nn.Module):
+    RM_PREFIX = "rm."  # where the reward model's parameters sit in this module's state dict
+
     def __init__(self, rm: RewardModel) -> None:
         super().__init__()
         self.rm = rm
 
     @property
     def config(self):
-        return self.rm.lm.config
+        return self.rm.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) ids → (B, L) value of the state after each token."""
-        hidden, _ = self.rm.lm.model(input_ids, attention_mask=attention_mask)
-        return self.rm.score(hidden.to(self.rm.score.weight.dtype)).squeeze(-1)
+        return self.rm.position_scores(input_ids, attention_mask)

@@ -30,18 +30,18 @@ from align.core.engine import TrainEngine
 from align.core.losses import count_targets, normalised_loss
 from align.core.metrics import MetricsLogger, Throughput, tokens_per_second
 from align.core.modeling import save_from_engine
-from align.core.records import DataError, iter_records
+from align.core.records import DataError, as_messages, iter_records
 from align.core.sections import DeepSpeedSection, LoopConfig, OptimConfig
-from base_model import QwenForCausalLM, QwenTokenizer, load_pretrained
+from base_model import QwenTokenizer, load_pretrained
 from base_model.generate import SamplingParams
 from base_model.pretrain.packing import PackedDataset, split_rows
 from ppo.experience import (Experience, RunningMoments, build_sequences, prompt_ids, response_text, reward_scores,
                             sequence_logprobs, sequence_values)
 from ppo.kl_control import AdaptiveKLController, FixedKLController
 from ppo.losses import (entropy_from_logits, explained_variance, gae, kl_estimate, kl_penalised_rewards,
-                        logprobs_from_logits, masked_sum, policy_loss, value_loss)
+                        logprobs_from_logits, masked_moments, masked_sum, masked_whiten, policy_loss, value_loss)
 from ppo.models import ValueModel
-from rm.model import load_reward_model, save_reward_model
+from rm.model import load_reward_model, save_reward_state
 
 
 class PPOModels(Section):
@@ -111,7 +111,7 @@ class Run:
     cfg: PPOConfig
     actor: TrainEngine
     critic: TrainEngine
-    ref_policy: QwenForCausalLM
+    ref_policy: torch.nn.Module
     reward_model: torch.nn.Module
     tokenizer: QwenTokenizer
     rm_tokenizer: QwenTokenizer
@@ -136,7 +136,7 @@ def read_prompts(path: str, tokenizer, max_len: int) -> list[tuple[int, list[dic
     out = []
     for where, rec in iter_records(path):
         if "prompt" in rec:
-            msgs = rec["prompt"] if isinstance(rec["prompt"], list) else [{"role": "user", "content": rec["prompt"]}]
+            msgs = as_messages(rec["prompt"], where)
         elif "messages" in rec:
             msgs = rec["messages"][:-1] if rec["messages"] and rec["messages"][-1].get("role") == "assistant" \
                 else rec["messages"]
@@ -252,13 +252,6 @@ def sampling_for(run: Run, rows: list, step: int, n: int) -> SamplingParams:
                           vocab_limit=len(run.tokenizer))
 
 
-def global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """Mean and (unbiased) variance of masked values over every rank."""
-    n, s, sq = distributed.all_reduce_sum([float(mask.sum()), float((x * mask).sum()), float((x * x * mask).sum())])
-    mean = s / max(n, 1)
-    return mean, max(sq / max(n, 1) - mean * mean, 0.0) * n / max(n - 1, 1)
-
-
 def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     cfg, p = run.cfg, run.cfg.ppo
     rows = run.batches.get(step)
@@ -284,8 +277,8 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     with resident(run.reward_model, offload) as reward_model:
         raw = reward_scores(reward_model, run.rm_tokenizer, messages, texts, mb, 4096).to(dev)
 
-    n, s, sq = distributed.all_reduce_sum([float(len(raw)), float(raw.double().sum()), float((raw.double() ** 2).sum())])
-    run.moments.update(n, s / n, max(sq - s * s / n, 0.0))  # this batch's count, mean and sum of squared deviations
+    n, mean, var = (float(m) for m in masked_moments(raw, torch.ones_like(raw), distributed.all_reduce))
+    run.moments.update(n, mean, var * (n - 1))  # this batch's count, mean and sum of squared deviations
     scores = (raw - run.moments.mean) / max(run.moments.std, 1e-6) if p.normalize_reward else raw.clone()
     if p.reward_clip is not None:
         scores = scores.clamp(-p.reward_clip, p.reward_clip)
@@ -296,20 +289,18 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     rewards, kl = kl_penalised_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, p.kl_estimator)
     advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
     if p.whiten_advantages:
-        mean, var = global_moments(advantages, mask)
-        advantages = (advantages - mean) / math.sqrt(var + 1e-8) * mask
+        advantages = masked_whiten(advantages, mask, all_reduce=distributed.all_reduce)
     exp = Experience(input_ids, attention_mask, mask, old_logprobs, ref_logprobs, values, rewards, advantages, returns)
     t2 = time.perf_counter()
 
-    lengths = mask.sum(1)
-    totals = distributed.all_reduce_sum([
-        float(raw.sum()), float(scores.sum()), float(masked_sum(kl_estimate(old_logprobs, ref_logprobs, "k1"), mask)),
-        float(lengths.sum()), float(ended.sum()), float(len(raw)),
-        float(masked_sum((old_logprobs - engine_logprobs.to(dev)).abs(), mask))])
-    n_rows, n_tokens = totals[5], totals[3]
-    metrics = {"reward/raw": totals[0] / n_rows, "reward/normalised": totals[1] / n_rows,
-               "kl": totals[2] / n_rows, "kl_coef": run.kl_ctl.value, "response_length": n_tokens / n_rows,
-               "ended_fraction": totals[4] / n_rows, "engine_logprob_abs_diff": totals[6] / max(n_tokens, 1),
+    sums = distributed.all_reduce_sums({
+        "raw": raw.sum(), "scores": scores.sum(), "kl": masked_sum(kl_estimate(old_logprobs, ref_logprobs, "k1"), mask),
+        "tokens": mask.sum(), "ended": ended.sum(), "rows": len(raw),
+        "engine_diff": masked_sum((old_logprobs - engine_logprobs.to(dev)).abs(), mask)})
+    n_rows, n_tokens = sums["rows"], sums["tokens"]
+    metrics = {"reward/raw": sums["raw"] / n_rows, "reward/normalised": sums["scores"] / n_rows,
+               "kl": sums["kl"] / n_rows, "kl_coef": run.kl_ctl.value, "response_length": n_tokens / n_rows,
+               "ended_fraction": sums["ended"] / n_rows, "engine_logprob_abs_diff": sums["engine_diff"] / max(n_tokens, 1),
                "time/rollout_s": t1 - t0, "time/experience_s": t2 - t1,
                "rollout_tokens_per_s": tokens_per_second(n_tokens, t1 - t0)}  # response tokens, all ranks
     samples = [{"prompt": m, "response": t, "reward": float(r)} for m, t, r in zip(messages, texts, raw)]
@@ -410,9 +401,7 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
                                      "lower the learning rates or check the reward model")
     else:
         run.nan_streak = 0
-    keys = sorted(sums)
-    local = torch.stack([sums[k] for k in keys]).tolist() if keys else []
-    totals = dict(zip(keys, distributed.all_reduce_sum(local)))
+    totals = distributed.all_reduce_sums(sums) if sums else {}
     per_token = max(tokens_total, 1)
     out = {k: v / per_token for k, v in totals.items() if k != "ptx_loss"}
     if "ptx_loss" in totals:
@@ -452,10 +441,10 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         with resident(run.ref_policy, run.cfg.models.offload_frozen) as ref_policy:
             ref = sequence_logprobs(ref_policy, ids, att, run.cfg.train.micro_batch_size)
         kl_each = (kl_estimate(lp, ref, "k1") * mask).sum(-1)  # (B,) nats per response
-        s, sq, kl, n = distributed.all_reduce_sum([float(raw.sum()), float((raw ** 2).sum()), float(kl_each.sum()),
-                                            float(len(raw))])
+        n, mean, var = (float(m) for m in masked_moments(raw, torch.ones_like(raw), distributed.all_reduce))
+        kl = distributed.all_reduce_sum([float(kl_each.sum())])[0]
         write_eval_samples(run, step, messages, texts, raw.tolist(), kl_each.tolist())
-        out.update({"reward_mean": s / n, "reward_std": math.sqrt(max(sq / n - (s / n) ** 2, 0.0)), "kl": kl / n})
+        out.update({"reward_mean": mean, "reward_std": math.sqrt(var), "kl": kl / n})
     if run.ptx is not None and run.ptx_eval:
         run.actor.eval()
         mine = run.ptx_eval[distributed.rank()::distributed.world_size()]
@@ -498,14 +487,9 @@ def save_value(run: Run, folder: Path) -> None:
     state = run.critic.full_state_dict()
     if distributed.rank() != 0:
         return
-    config = run.critic.module.config
-    with torch.device("meta"):
-        lm = QwenForCausalLM(config)
-    lm.load_state_dict({k[len("rm.lm."):]: v for k, v in state.items() if k.startswith("rm.lm.")}, assign=True,
-                       strict=not config.tie_word_embeddings)
-    rm = run.critic.module.rm
-    save_reward_model(lm, {"weight": state["rm.score.weight"], "bias": state["rm.score.bias"]},
-                      rm.reward_config(), folder, run.rm_tokenizer)
+    value_model = run.critic.module
+    save_reward_state(state, value_model.config, value_model.rm.reward_config(), folder, run.rm_tokenizer,
+                      prefix=ValueModel.RM_PREFIX)
 
 
 def train(run: Run) -> dict[str, float]:

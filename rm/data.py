@@ -1,13 +1,7 @@
 """Reward-model data: comparison records, their pairs, public layouts, and PMP pairs from forum votes.
 
-A comparison record (the labelling app's export format, see README):
-
-    {"prompt": [{"role": "user", "content": "…"}, …],     # a conversation
-     "responses": ["…", "…", …],                            # 2..K candidate assistant replies
-     "ranking": [1, 2, 2],                                  # rank of each response, 1 = best, equal = tie
-     "strength": 0.8,                                       # optional preference strength (K = 2)
-     "tags": ["math/arithmetic"], "annotator": "ann-3", "source": "human"}   # optional
-
+A comparison record (`align.core.records.ComparisonRecord`, the labelling app's export format) holds a prompt,
+2..K responses and the rank of each (1 = best, equal = tie), with optional strength, tags, annotator and source.
 A ranking of K responses expands to every ordered pair with different ranks; ties give no pair and are counted.
 """
 
@@ -18,7 +12,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from align.core.records import DataError, iter_records
+from align.core.records import ComparisonRecord, DataError, as_messages, iter_records
 
 
 @dataclass
@@ -54,38 +48,12 @@ def ranking_pairs(ranking: list[int]) -> tuple[list[tuple[int, int]], int]:
     return pairs, ties
 
 
-def _check_prompt(prompt, where: str) -> list[dict]:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list) or not prompt:
-        raise DataError(f"{where}: field 'prompt' must be a string or a non-empty list of messages")
-    for i, m in enumerate(prompt):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field 'prompt[{i}]' must be {{'role': str, 'content': str}}")
-        if m["role"] not in ("system", "user", "assistant", "function", "tool"):
-            raise DataError(f"{where}: field 'prompt[{i}].role': unknown role {m['role']!r}")
-    return prompt
-
-
 def comparison_pairs(record: dict, where: str) -> tuple[list[Pair], int]:
     """Pairs of one comparison record, and its tie count."""
-    prompt = _check_prompt(record.get("prompt"), where)
-    responses = record.get("responses")
-    if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
-        raise DataError(f"{where}: field 'responses' must be a list of at least 2 strings")
-    ranking = record.get("ranking")
-    if not isinstance(ranking, list) or len(ranking) != len(responses) or not all(
-            isinstance(r, int) and r >= 1 for r in ranking):
-        raise DataError(f"{where}: field 'ranking' must hold one rank (an integer >= 1) per response")
-    strength = record.get("strength")
-    if strength is not None and not isinstance(strength, (int, float)):
-        raise DataError(f"{where}: field 'strength' must be a number")
-    tags = record.get("tags") or []
-    if not isinstance(tags, list):
-        raise DataError(f"{where}: field 'tags' must be a list")
-    index_pairs, ties = ranking_pairs(ranking)
-    pairs = [Pair(prompt, responses[i], responses[j], strength, tags, record.get("source", ""),
-                  record.get("annotator")) for i, j in index_pairs]
+    r = ComparisonRecord.parse(record, where)
+    index_pairs, ties = ranking_pairs(r.ranking)
+    pairs = [Pair(r.prompt, r.responses[i], r.responses[j], r.strength, r.tags, r.source, r.annotator)
+             for i, j in index_pairs]
     return pairs, ties
 
 
@@ -109,14 +77,14 @@ def chosen_rejected_pair(record: dict, where: str) -> Pair:
     chosen, rejected = record["chosen"], record["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str):
         if "prompt" in record:
-            return Pair(_check_prompt(record["prompt"], where), chosen, rejected, source=record.get("source", "hh"))
+            return Pair(as_messages(record["prompt"], where), chosen, rejected, source=record.get("source", "hh"))
         prompt_c, reply_c = parse_hh_text(chosen, where + " (chosen)")
         prompt_r, reply_r = parse_hh_text(rejected, where + " (rejected)")
         if prompt_c != prompt_r:
             raise DataError(f"{where}: 'chosen' and 'rejected' have different conversations before the last reply")
         return Pair(prompt_c, reply_c, reply_r, source=record.get("source", "hh"))
     if isinstance(chosen, list) and isinstance(rejected, list):
-        c, r = _check_prompt(chosen, where), _check_prompt(rejected, where)
+        c, r = as_messages(chosen, where), as_messages(rejected, where)
         if c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant" or c[:-1] != r[:-1]:
             raise DataError(f"{where}: 'chosen'/'rejected' message lists must share a prompt and end with the reply")
         return Pair(c[:-1], c[-1]["content"], r[-1]["content"], source=record.get("source", "hh"))

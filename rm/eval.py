@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from align.core.records import DataError, iter_records, write_jsonl_atomic
+from align.core.records import as_messages, DataError, iter_records, write_jsonl_atomic
 from base_model import QwenTokenizer
 from rm.data import Pair, collate_sequences, encode_response, load_pairs
 from rm.model import RewardModel, load_reward_model
@@ -154,8 +154,7 @@ def score_file(model_dir: str, data: str, out: str, max_len: int = 2048, batch_s
                 raise DataError(f"{where}: field 'messages' must end with an assistant message")
             items.append((msgs[:-1], msgs[-1]["content"]))
         elif "response" in rec and "prompt" in rec:
-            prompt = rec["prompt"] if isinstance(rec["prompt"], list) else [{"role": "user", "content": rec["prompt"]}]
-            items.append((prompt, rec["response"]))
+            items.append((as_messages(rec["prompt"], where), rec["response"]))
         else:
             raise DataError(f"{where}: expected 'messages' or 'prompt' + 'response'")
         records.append(rec)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from base_model import QwenForCausalLM, QwenTokenizer, load_pretrained, save_pretrained
+from base_model.atomic import write_json_atomic
 
 Pooling = Literal["end_token", "last", "mean"]
 HEAD_FILE, CONFIG_FILE = "reward_head.safetensors", "reward_config.json"
@@ -86,20 +87,34 @@ class RewardModel(nn.Module):
         """Rewards standardised by the training-set statistics saved with the model."""
         return (rewards - self.mean) / max(self.std, 1e-8)
 
-    def head_state(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.score.weight.detach().cpu().contiguous(), "bias": self.score.bias.detach().cpu()}
-
     def reward_config(self) -> dict:
         return {"pooling": self.pooling, "end_token_id": self.end_token_id, "mean": self.mean, "std": self.std}
 
+    def position_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) the head read at every position instead of one (what a value model built from it predicts)."""
+        hidden, _ = self.lm.model(input_ids, attention_mask=attention_mask)
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1)
 
-def save_reward_model(lm: QwenForCausalLM, head: dict[str, torch.Tensor], reward_config: dict, path: str | Path,
-                      tokenizer: QwenTokenizer | None) -> None:
-    """Write the language model as a Hugging Face folder, then the head and its config beside it."""
+    def save(self, path: str | Path, tokenizer: QwenTokenizer | None) -> None:
+        save_reward_state(self.state_dict(), self.lm.config, self.reward_config(), path, tokenizer)
+
+
+def save_reward_state(state: dict[str, torch.Tensor], lm_config, reward_config: dict, path: str | Path,
+                      tokenizer: QwenTokenizer | None, prefix: str = "") -> None:
+    """Write a reward model from a flat state dict: a `RewardModel`'s, under `prefix` where it sits inside another
+    module (`rm.` in the value model), e.g. gathered from ZeRO-3 shards. The one place that knows the layout: the
+    language model as a Hugging Face folder, then the head and its config beside it."""
     path = Path(path)
+    with torch.device("meta"):
+        lm = QwenForCausalLM(lm_config)
+    lm_prefix = prefix + "lm."
+    lm.load_state_dict({k[len(lm_prefix):]: v for k, v in state.items() if k.startswith(lm_prefix)}, assign=True,
+                       strict=not lm_config.tie_word_embeddings)
+    lm.tie_weights()
     save_pretrained(lm, path, tokenizer)
-    save_file({k: v.contiguous() for k, v in head.items()}, str(path / HEAD_FILE))
-    (path / CONFIG_FILE).write_text(json.dumps(reward_config, indent=2) + "\n")
+    head = {name: state[f"{prefix}score.{name}"].detach().cpu().contiguous() for name in ("weight", "bias")}
+    save_file(head, str(path / HEAD_FILE))
+    write_json_atomic(path / CONFIG_FILE, reward_config)
 
 
 def is_reward_model(path: str | Path) -> bool:

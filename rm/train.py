@@ -27,10 +27,10 @@ from align.core.losses import count_targets, normalised_loss
 from align.core.metrics import MetricsLogger, Throughput
 from align.core.modeling import build_model, load_tokenizer
 from align.core.sections import DeepSpeedSection, LoopConfig, ModelSource, OptimConfig
-from base_model import QwenForCausalLM, QwenTokenizer
+from base_model import QwenTokenizer
 from rm.data import collate_pairs, encode_pairs, load_pairs
 from rm.losses import bradley_terry_loss_sum
-from rm.model import Pooling, RewardModel, is_reward_model, load_reward_model, save_reward_model
+from rm.model import Pooling, RewardModel, is_reward_model, load_reward_model, save_reward_state
 
 
 class RMData(Section):
@@ -228,14 +228,8 @@ def save_models(run: Run, folder: Path, mean: float, std: float) -> None:
     state = run.engine.full_state_dict()  # every rank gathers
     if distributed.rank() != 0:
         return
-    with torch.device("meta"):
-        lm = QwenForCausalLM(run.lm_config)
-    lm.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("lm.")}, assign=True,
-                       strict=not run.lm_config.tie_word_embeddings)
-    module = run.engine.module
-    head = {"weight": state["score.weight"], "bias": state["score.bias"]}
-    config = {"pooling": module.pooling, "end_token_id": module.end_token_id, "mean": mean, "std": std}
-    save_reward_model(lm, head, config, folder, run.tokenizer)
+    config = {**run.engine.module.reward_config(), "mean": mean, "std": std}
+    save_reward_state(state, run.lm_config, config, folder, run.tokenizer)
 
 
 def train(run: Run) -> dict[str, float]:

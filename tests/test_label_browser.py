@@ -7,7 +7,7 @@ import pytest
 from playwright.sync_api import sync_playwright
 from sqlalchemy import select
 
-from labeling_ui.servers import LabelServer
+from align.bench_label import LabelServer
 from labeling_ui.auth import hash_password
 from labeling_ui.store import Annotation, Store, User
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from labeling_ui.servers import LabelServer, Postgres
+from align.bench_label import LabelServer, Postgres
 from labeling_ui.auth import hash_password
 from labeling_ui.store import Annotation, Lease, Store, Task, User
 

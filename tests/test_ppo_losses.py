@@ -169,3 +169,37 @@ def test_kl_controllers():
     restored = AdaptiveKLController(1.0, 1.0, 1)
     restored.load_state_dict(adaptive.state_dict())
     assert restored.value == adaptive.value and restored.target == 6.0
+
+
+def test_masked_moments_over_ranks_equal_the_moments_of_all_values():
+    """Each 'rank' contributes count, sum and sum of squares; summing them gives the moments of the union."""
+    from ppo.losses import masked_moments
+
+    torch.manual_seed(0)
+    parts = [(torch.randn(3, 5), (torch.rand(3, 5) > 0.3).float()) for _ in range(3)]
+    everything = torch.cat([x[m.bool()] for x, m in parts]).double()
+    totals = sum(torch.stack([m.double().sum(), (x.double() * m).sum(), (x.double() ** 2 * m).sum()]) for x, m in parts)
+    for x, m in parts:
+        n, mean, var = masked_moments(x, m, all_reduce=lambda t: totals)
+        assert n.item() == len(everything)
+        assert mean.item() == pytest.approx(everything.mean().item(), abs=1e-12)
+        assert var.item() == pytest.approx(everything.var(unbiased=True).item(), abs=1e-12)
+
+
+def test_running_moments_equal_the_moments_of_every_batch_seen():
+    import numpy as np
+
+    from ppo.experience import RunningMoments
+
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(2.0, 3.0, size=n) for n in (5, 1, 17, 8)]
+    moments = RunningMoments()
+    for b in batches:
+        moments.update(len(b), float(b.mean()), float(((b - b.mean()) ** 2).sum()))
+    seen = np.concatenate(batches)
+    assert moments.count == len(seen)
+    assert moments.mean == pytest.approx(seen.mean(), abs=1e-12)
+    assert moments.std == pytest.approx(seen.std(ddof=1), abs=1e-12)
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert restored.std == moments.std and RunningMoments().std == 1.0

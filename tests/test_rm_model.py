@@ -9,7 +9,7 @@ from base_model import QwenForCausalLM
 from conftest import randomize_biases, tiny_config
 from rm.data import collate_sequences
 from rm.losses import bradley_terry_loss_sum
-from rm.model import RewardModel, load_reward_model, save_reward_model
+from rm.model import RewardModel, load_reward_model
 
 END = 299
 
@@ -62,14 +62,30 @@ def test_end_token_pooling_checks_the_end_token():
 
 def test_save_and_load_round_trip(tmp_path):
     model = _model()
-    save_reward_model(model.lm, model.head_state(), {**model.reward_config(), "mean": 1.5, "std": 2.0}, tmp_path / "rm",
-                      tokenizer=None)
+    model.mean, model.std = 1.5, 2.0
+    model.save(tmp_path / "rm", tokenizer=None)
     loaded = load_reward_model(tmp_path / "rm")
     ids = torch.tensor([_seqs()[0][0]])
     with torch.no_grad():
         assert torch.allclose(model(ids).rewards, loaded(ids).rewards, atol=1e-6)
     assert loaded.normalise(torch.tensor([3.5])).item() == pytest.approx(1.0)
     assert (tmp_path / "rm" / "config.json").exists()  # the backbone is an ordinary Hugging Face folder
+
+
+def test_reward_model_saved_from_inside_a_value_model_state_loads_back(tmp_path):
+    """The value model's gathered state (keys under `rm.`) is written with the same layout as a reward model's."""
+    from ppo.models import ValueModel
+    from rm.model import save_reward_state
+
+    model = _model()
+    value = ValueModel(model)
+    save_reward_state(value.state_dict(), value.config, model.reward_config(), tmp_path / "v", None,
+                      prefix=ValueModel.RM_PREFIX)
+    loaded = load_reward_model(tmp_path / "v")
+    ids = torch.tensor([_seqs()[0][0]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).rewards, loaded(ids).rewards, atol=1e-6)
+        assert torch.allclose(value(ids), ValueModel(loaded)(ids), atol=1e-6)
 
 
 def test_bradley_terry_by_hand():

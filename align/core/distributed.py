@@ -71,7 +71,9 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return all_reduce(torch.tensor(values, dtype=torch.float64, device=device())).tolist()
 
 
-def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
-    """Sum each named float over ranks, in one collective (every rank must pass the same names)."""
+def all_reduce_sums(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Sum each named number (a float or a scalar tensor) over ranks in one collective and one host
+    synchronisation, in fp64; every rank must pass the same names."""
     keys = sorted(values)
-    return dict(zip(keys, all_reduce_sum([float(values[k]) for k in keys])))
+    t = torch.stack([torch.as_tensor(values[k], device=device()).to(torch.float64).reshape(()) for k in keys])
+    return dict(zip(keys, all_reduce(t).tolist()))

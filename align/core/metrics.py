@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from base_model.atomic import write_text_atomic
+
 
 def tokens_per_second(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else float("nan")
@@ -77,9 +79,7 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(l + "\n" for l in kept))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(l + "\n" for l in kept))
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
         if not self.enabled:

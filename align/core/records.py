@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from base_model.atomic import write_jsonl_atomic  # noqa: F401  (records are written through it)
 
 
 class DataError(ValueError):
@@ -94,19 +97,96 @@ def _iter_datasets(path: Path) -> Iterator[tuple[str, dict]]:
         yield f"{path}:row {i}", row
 
 
-def write_jsonl_atomic(path: str | Path, rows) -> int:
-    """Write rows as JSONL through a temporary file; a failure leaves no partial output."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    n = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return n
+def iter_documents(paths: Iterable[str | Path], text_field: str) -> Iterator[tuple[str, dict, str]]:
+    """(location, record, text) of every document of the files; a missing or non-string text field stops with the
+    file and line named."""
+    for path in paths:
+        for where, record in iter_records(path):
+            text = record.get(text_field)
+            if not isinstance(text, str):
+                raise DataError(f"{where}: field '{text_field}' is missing or not a string")
+            yield where, record, text
+
+
+ROLES = ("system", "user", "assistant", "function", "tool")
+
+
+def as_messages(prompt, where: str, field: str = "prompt") -> list[dict]:
+    """A prompt as a conversation: a string becomes one user message; a list must hold {'role', 'content'}
+    messages with known roles. Anything else stops with the location and field named."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise DataError(f"{where}: field '{field}' must be a string or a non-empty list of messages")
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: field '{field}[{i}]' must be {{'role': str, 'content': str}}")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: field '{field}[{i}].role': unknown role {m['role']!r}")
+    return prompt
+
+
+@dataclass
+class ComparisonRecord:
+    """One prompt, 2..K candidate responses and, once ranked, the rank of each (1 = best, equal = tie): what the
+    labelling app imports (unranked) and exports (ranked), and what the reward model trains on.
+
+        {"prompt": [{"role": "user", "content": "…"}] or "…", "responses": ["…", "…"], "ranking": [1, 2],
+         "strength": 0.8, "tags": ["math/arithmetic"], "annotator": "ann-3", "source": "human"}
+
+    Other keys a writer adds (the labelling export's `annotators`, `task_id`, …) travel in `extra`, unchanged."""
+
+    prompt: list[dict]
+    responses: list[str]
+    ranking: list[int] | None = None
+    strength: float | None = None
+    tags: list[str] = field(default_factory=list)
+    annotator: str | None = None
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    FIELDS = ("prompt", "responses", "ranking", "strength", "tags", "annotator", "source")
+
+    @staticmethod
+    def problems(d, where: str, ranked: bool, known_tags: set[str] | None = None) -> list[str]:
+        """Every problem of a record (empty when it is valid); `ranked` requires a ranking."""
+        if not isinstance(d, dict):
+            return [f"{where}: not a JSON object"]
+        out = []
+        try:
+            as_messages(d.get("prompt"), where)
+        except DataError as e:
+            out.append(str(e))
+        responses = d.get("responses")
+        if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+            out.append(f"{where}: field 'responses' must be a list of at least 2 strings")
+            responses = None
+        ranking = d.get("ranking")
+        if ranked or ranking is not None:
+            if not isinstance(ranking, list) or (responses is not None and len(ranking) != len(responses)) or not all(
+                    isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranking):
+                out.append(f"{where}: field 'ranking' must hold one rank (an integer >= 1) per response")
+        strength = d.get("strength")
+        if strength is not None and (not isinstance(strength, (int, float)) or isinstance(strength, bool)):
+            out.append(f"{where}: field 'strength' must be a number")
+        tags = d.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            out.append(f"{where}: field 'tags' must be a list of strings")
+        elif known_tags is not None and (unknown := [t for t in tags if t not in known_tags]):
+            out.append(f"{where}: unknown tag(s) {', '.join(map(repr, unknown))}")
+        return out
+
+    @classmethod
+    def parse(cls, d, where: str, ranked: bool = True) -> "ComparisonRecord":
+        """The record of a dict; the first problem stops with the location and field named."""
+        problems = cls.problems(d, where, ranked)
+        if problems:
+            raise DataError(problems[0])
+        return cls(as_messages(d["prompt"], where), d["responses"], d.get("ranking"), d.get("strength"),
+                   d.get("tags") or [], d.get("annotator"), d.get("source") or "",
+                   {k: v for k, v in d.items() if k not in cls.FIELDS})
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "responses": self.responses, "ranking": self.ranking,
+                "strength": self.strength, "tags": self.tags, "annotator": self.annotator, "source": self.source,
+                **self.extra}

@@ -8,13 +8,12 @@ evaluation item is dropped, and the report names the evaluation item it matched.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 import unicodedata
 from pathlib import Path
 
-from align.core.records import DataError, iter_records
+from align.core.records import DataError, iter_documents, iter_records
+from base_model.atomic import write_json_atomic, write_jsonl_atomic
 
 _TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)
 
@@ -57,28 +56,18 @@ def build_index(eval_files: list[str | Path], n: int,
 def decontaminate(inputs: list[str | Path], output: str | Path, eval_files: list[str | Path], n: int = 13,
                   text_field: str = "text", report_path: str | Path | None = None) -> dict:
     index = build_index(eval_files, n)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    dropped, kept = [], 0
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for path in inputs:
-                for where, record in iter_records(path):
-                    text = record.get(text_field)
-                    if not isinstance(text, str):
-                        raise DataError(f"{where}: field '{text_field}' is missing or not a string")
-                    match = next((index[k] for k in ngram_keys(text, n) if k in index), None)
-                    if match is None:
-                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                        kept += 1
-                    else:
-                        dropped.append({"document": where, "id": record.get("id"), "matched": match})
-        tmp.replace(output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    dropped = []
+
+    def kept_records():
+        for where, record, text in iter_documents(inputs, text_field):
+            match = next((index[k] for k in ngram_keys(text, n) if k in index), None)
+            if match is None:
+                yield record
+            else:
+                dropped.append({"document": where, "id": record.get("id"), "matched": match})
+
+    kept = write_jsonl_atomic(output, kept_records())
     report = {"kept": kept, "dropped": len(dropped), "n": n, "matches": dropped}
     if report_path is not None:
-        Path(report_path).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        write_json_atomic(report_path, report)
     return report

@@ -11,8 +11,6 @@ dropped and why.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 import shutil
 import struct
@@ -26,7 +24,8 @@ import numpy as np
 from datasketch import MinHash
 from datasketch.lsh import _optimal_param
 
-from align.core.records import DataError, iter_records
+from align.core.records import DataError, iter_documents, iter_records
+from base_model.atomic import write_jsonl_atomic, write_rows_atomic
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _WS = re.compile(r"\s+")
@@ -123,10 +122,7 @@ def _signatures(inputs, text_field, num_perm, bands, rows, n_shards, work: Path,
     sig_path = work / "signatures.bin"
     n = 0
     with sig_path.open("wb") as sig_file:
-        for where, record in _records(inputs):
-            text = record.get(text_field)
-            if not isinstance(text, str):
-                raise DataError(f"{where}: field '{text_field}' is missing or not a string")
+        for where, record, text in iter_documents(inputs, text_field):
             digest = hashlib.blake2b(normalise(text).encode(), digest_size=16).digest()
             if digest in seen_exact:
                 exact_of[n] = seen_exact[digest]
@@ -201,44 +197,12 @@ def _clusters(n: int, uf: _UnionFind, exact_of: dict, near_pairs: dict) -> list[
 
 
 def _write_kept(inputs, output: Path, dropped: set[int]) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    try:
-        if output.suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            writer, batch = None, []
-            for i, (_, rec) in enumerate(_records(inputs)):
-                if i not in dropped:
-                    batch.append(rec)
-                if len(batch) == 1000:
-                    table = pa.Table.from_pylist(batch)
-                    writer = writer or pq.ParquetWriter(tmp, table.schema)
-                    writer.write_table(table)
-                    batch = []
-            if batch or writer is None:
-                table = pa.Table.from_pylist(batch)
-                writer = writer or pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
-            writer.close()
-        else:
-            with tmp.open("w", encoding="utf-8") as f:
-                for i, (_, rec) in enumerate(_records(inputs)):
-                    if i not in dropped:
-                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        tmp.replace(output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_rows_atomic(output, (rec for i, (_, rec) in enumerate(_records(inputs)) if i not in dropped))
 
 
 def _write_report(report: DedupReport, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     summary = {"documents": report.documents, "kept": report.kept, "exact_dropped": report.exact_dropped,
                "near_dropped": report.near_dropped, "clusters": len(report.clusters)}
-    with path.open("w", encoding="utf-8") as f:
-        f.write(json.dumps({"summary": summary}) + "\n")
-        for c in report.clusters:
-            f.write(json.dumps({"kept": c["kept"], "dropped": c["dropped"],
-                                "why": {str(k): v for k, v in c["why"].items()}}) + "\n")
+    write_jsonl_atomic(path, [{"summary": summary}] + [
+        {"kept": c["kept"], "dropped": c["dropped"], "why": {str(k): v for k, v in c["why"].items()}}
+        for c in report.clusters])

@@ -13,28 +13,17 @@ document. Pretraining, continued pretraining and PPO's pretraining-gradient mixi
 from __future__ import annotations
 
 import json
-import os
 import random
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from align.core.losses import IGNORE_INDEX
-from align.core.records import DataError, iter_records
+from align.core.records import DataError, iter_documents
+from base_model.atomic import atomic_folder, write_json_atomic
 
 INDEX, TOKENS = "index.json", "tokens.bin"
-
-
-def iter_texts(paths: Iterable[str | Path], text_field: str) -> Iterator[tuple[str, str]]:
-    """(location, text) of every document; a missing or non-string text field names the file and line."""
-    for path in paths:
-        for where, record in iter_records(path):
-            text = record.get(text_field)
-            if not isinstance(text, str):
-                raise DataError(f"{where}: field '{text_field}' is missing or not a string")
-            yield where, text
 
 
 def pack(inputs: list[str | Path], out_dir: str | Path, tokenizer, seq_len: int, text_field: str = "text",
@@ -42,14 +31,12 @@ def pack(inputs: list[str | Path], out_dir: str | Path, tokenizer, seq_len: int,
     """Tokenise documents, append <|endoftext|> to each, and fill rows of seq_len tokens. The last partial row is
     padded with <|endoftext|>. Written to a temporary folder and renamed into place."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
     eod = tokenizer.eod_id
     n_docs = n_tokens = n_rows = 0
-    try:
+    with atomic_folder(out_dir) as tmp:  # a whole folder, or none
         with (tmp / TOKENS).open("wb") as f:
             buffer: list[int] = []
-            for _, text in iter_texts(inputs, text_field):
+            for _, _, text in iter_documents(inputs, text_field):
                 ids = tokenizer.encode(text) + [eod]
                 n_docs += 1
                 n_tokens += len(ids)
@@ -65,15 +52,7 @@ def pack(inputs: list[str | Path], out_dir: str | Path, tokenizer, seq_len: int,
             raise DataError(f"{', '.join(map(str, inputs))}: no documents")
         index = {"seq_len": seq_len, "n_rows": n_rows, "n_docs": n_docs, "n_tokens": n_tokens, "eod_id": eod,
                  "dtype": "uint32", "tokenizer": tokenizer_name, "sources": [str(p) for p in inputs]}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        if out_dir.exists():
-            import shutil
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json_atomic(tmp / INDEX, index)
     return index
 
 

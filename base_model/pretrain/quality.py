@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from align.core.config import Section
-from align.core.records import DataError, iter_records
+from align.core.records import DataError, iter_documents
+from base_model.atomic import atomic_path
 from base_model.pretrain.dedup import is_cjk
 
 STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}
@@ -138,35 +139,18 @@ def filter_documents(inputs: list[str | Path], output: str | Path, rules: Qualit
         model, tokenizer = load_pretrained(model_dir).eval(), QwenTokenizer.from_file(model_dir)
     elif rules.max_perplexity is not None:
         raise DataError("max_perplexity is set but no reference model was given (--model DIR)")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    outs = [(output, output.with_name(f".{output.name}.tmp{os.getpid()}"))]
-    if rejected is not None:
-        outs.append((Path(rejected), Path(rejected).with_name(f".{Path(rejected).name}.tmp{os.getpid()}")))
     counts: Counter = Counter()
-    try:
-        files = [tmp.open("w", encoding="utf-8") for _, tmp in outs]
-        for path in inputs:
-            for where, record in iter_records(path):
-                text = record.get(text_field)
-                if not isinstance(text, str):
-                    raise DataError(f"{where}: field '{text_field}' is missing or not a string")
-                scores = rule_scores(text, rules)
-                if model is not None:
-                    scores["perplexity"] = perplexity(model, tokenizer, text)
-                reason = first_failure(scores, rules)
-                counts[reason or "kept"] += 1
-                row = {**record, "quality": {"scores": scores, "dropped_by": reason}}
-                if reason is None:
-                    files[0].write(json.dumps(row, ensure_ascii=False) + "\n")
-                elif len(files) > 1:
-                    files[1].write(json.dumps(row, ensure_ascii=False) + "\n")
-        for f in files:
-            f.close()
-        for final, tmp in outs:
-            tmp.replace(final)
-    except BaseException:
-        for _, tmp in outs:
-            tmp.unlink(missing_ok=True)
-        raise
+    with ExitStack() as stack:  # files close, then both are renamed into place, only when every document was read
+        targets = [output] + ([rejected] if rejected is not None else [])
+        files = [stack.enter_context(stack.enter_context(atomic_path(t)).open("w", encoding="utf-8"))
+                 for t in targets]
+        for _, record, text in iter_documents(inputs, text_field):
+            scores = rule_scores(text, rules)
+            if model is not None:
+                scores["perplexity"] = perplexity(model, tokenizer, text)
+            reason = first_failure(scores, rules)
+            counts[reason or "kept"] += 1
+            row = {**record, "quality": {"scores": scores, "dropped_by": reason}}
+            if reason is None or len(files) > 1:
+                files[0 if reason is None else 1].write(json.dumps(row, ensure_ascii=False) + "\n")
     return dict(counts)

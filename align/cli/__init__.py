@@ -1,0 +1,49 @@
+"""The `align` command: one module per command group, each only parsing arguments and calling the library.
+
+Errors the library raises for bad input (a config key, a data line, a checkpoint file) carry their own location and
+are printed as `error: …` with exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from align.cli import data, label, model, runs, stages
+from align.core.config import ConfigError
+
+GROUPS = (model, stages, data, label, runs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="align", description="RLHF alignment workbench: the Qwen alignment pipeline as commands."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for group in GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from align.core.records import DataError
+    from base_model import CheckpointError
+    from base_model.tokenizer import TokenizerFileError
+    from rm.tags.taxonomy import TaxonomyError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    # dotted key=value overrides may come anywhere on the line, also after options
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + overrides
+        extra = [e for e in extra if e not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args.func(args)
+    except (ConfigError, CheckpointError, TokenizerFileError, DataError, TaxonomyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

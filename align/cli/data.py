@@ -1,0 +1,231 @@
+"""`align data | tokenizer | tags`: argument parsing only; each handler calls one library function and prints its result."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+
+def cmd_data_pack(args: argparse.Namespace) -> None:
+    from base_model import QwenTokenizer
+    from base_model.pretrain.packing import pack
+
+    index = pack(args.input, args.output, QwenTokenizer.load(args.tokenizer), args.seq_len, args.text_field,
+                 str(args.tokenizer))
+    print(f"packed {index['n_docs']} documents ({index['n_tokens']} tokens) into {index['n_rows']} rows of "
+          f"{index['seq_len']} at {args.output}")
+
+
+def cmd_data_dedup(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from base_model.pretrain.dedup import dedup
+
+    report_path = args.report or args.output.with_name(args.output.stem + ".dedup_report.jsonl")
+    with tqdm(desc="dedup", unit="doc") as bar:
+        report = dedup(args.input, args.output, args.threshold, args.text_field, args.num_perm,
+                       report_path=report_path, progress=lambda n: bar.update(n - bar.n))
+    print(f"{report.documents} documents: kept {report.kept}, dropped {report.exact_dropped} exact and "
+          f"{report.near_dropped} near duplicates in {len(report.clusters)} clusters; report: {report_path}")
+
+
+def cmd_data_filter(args: argparse.Namespace) -> None:
+    from align.core.config import load_config
+    from base_model.pretrain.quality import QualityRules, filter_documents
+
+    rules = load_config(QualityRules, args.rules, args.overrides) if args.rules else load_config(
+        QualityRules, None, args.overrides)
+    if args.banned_words:
+        rules.banned_words = [w.strip() for w in args.banned_words.read_text().splitlines() if w.strip()]
+    counts = filter_documents(args.input, args.output, rules, args.text_field, args.model, args.rejected)
+    kept = counts.pop("kept", 0)
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1]))
+    print(f"kept {kept} documents; dropped {sum(counts.values())}" + (f" ({reasons})" if reasons else ""))
+
+
+def cmd_data_decontaminate(args: argparse.Namespace) -> None:
+    from base_model.pretrain.decontam import decontaminate
+
+    report_path = args.report or args.output.with_name(args.output.stem + ".decontam_report.json")
+    report = decontaminate(args.input, args.output, args.against, args.n, args.text_field, report_path)
+    print(f"kept {report['kept']} documents, dropped {report['dropped']} sharing a {args.n}-gram with an "
+          f"evaluation item; report: {report_path}")
+
+
+def cmd_tokenizer_extend(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from base_model import QwenTokenizer
+    from align.core.records import iter_documents
+    from base_model.pretrain.vocab import SAMPLES, bytes_per_token, extend_ranks
+    from base_model.tokenizer import save_ranks
+
+    base = QwenTokenizer.load(args.base)
+    texts = (t for _, _, t in iter_documents(args.corpus, args.text_field))
+    with tqdm(desc="merges", total=args.vocab_size, initial=len(base.ranks)) as bar:
+        ranks = extend_ranks(base.ranks, texts, args.vocab_size, args.min_frequency,
+                             progress=lambda n: bar.update(n - bar.n))
+    save_ranks(ranks, args.output)
+    extended = QwenTokenizer(ranks)
+    print(f"wrote {len(ranks)} ranks ({len(ranks) - len(base.ranks)} new) to {args.output}")
+    print(f"{'sample':<10}{'bytes/token ' + str(args.base):>28}{'bytes/token extended':>24}")
+    for name, text in SAMPLES.items():
+        print(f"{name:<10}{bytes_per_token(base.encode, text):>28.3f}{bytes_per_token(extended.encode, text):>24.3f}")
+
+
+def _rows(path) -> list[tuple[str, dict]]:
+    from align.core.records import iter_records
+
+    return list(iter_records(path))
+
+
+def cmd_tags_build(args: argparse.Namespace) -> None:
+    from base_model.atomic import write_json_atomic, write_rows_atomic
+    from rm.tags.builder import build
+
+    rows = _rows(args.input)
+    raw = [[str(t) for t in (r.get(args.tags_field) or [])] for _, r in rows]
+    result = build(raw, args.alpha, args.eps, args.min_confidence, args.min_support)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result.taxonomy.save(args.out / "taxonomy.yaml")
+    write_rows_atomic(args.out / "merges.jsonl", result.merges)
+    write_json_atomic(args.out / "mapping.json", result.mapping)
+    print(f"{len(result.mapping)} raw tags (after dropping {len(result.dropped)} seen fewer than {args.alpha} times) "
+          f"-> {len(result.taxonomy)} tags; {len(result.merges)} merges in {args.out / 'merges.jsonl'}")
+
+
+def cmd_tags_assign(args: argparse.Namespace) -> None:
+    import json
+
+    from base_model.atomic import write_rows_atomic
+    from rm.tags.tagger import assign
+    from rm.tags.taxonomy import Taxonomy
+
+    rows, report = assign(_rows(args.input), Taxonomy.load(args.taxonomy), args.method, args.threshold,
+                          args.top_k, args.endpoint, args.model, args.on_unknown)
+    write_rows_atomic(args.output, rows)
+    print(json.dumps(report, ensure_ascii=False))
+
+
+def cmd_tags_sample(args: argparse.Namespace) -> None:
+    from align.core.records import DataError
+    from base_model.atomic import write_rows_atomic
+    from rm.tags.sampler import max_min_ratio, sample, tag_matrix
+
+    rows = _rows(args.input)
+    for where, r in rows:
+        if not isinstance(r.get(args.tags_field), list):
+            raise DataError(f"{where}: field '{args.tags_field}' must be a list of tags")
+    m, _ = tag_matrix([r[args.tags_field] for _, r in rows])
+    chosen = sample(m, args.n, args.method, args.seed, args.cap, args.temperature)
+    write_rows_atomic(args.output, [rows[i][1] for i in chosen])
+    print(f"sampled {len(chosen)} of {len(rows)} rows ({args.method}); max/min tag frequency "
+          f"{max_min_ratio(m, chosen):.1f} (whole input: {max_min_ratio(m, list(range(len(rows)))):.1f})")
+
+
+def cmd_tags_audit(args: argparse.Namespace) -> None:
+    from rm.tags.audit import audit
+    from rm.tags.taxonomy import Taxonomy
+
+    result = audit(args.dataset, args.out, args.against, Taxonomy.load(args.taxonomy) if args.taxonomy else None,
+                   args.k)
+    f = result["figures"]
+    print(f"coverage {f['coverage']:.3f}, entropy {f['entropy']:.3f}, Gini {f['gini']:.3f}, "
+          f"{f['tags_under_k']} tags under {args.k} examples; report: {args.out / 'report.html'}")
+
+
+def _add_data_commands(data_sub) -> None:
+    q = data_sub.add_parser("dedup", help="exact and MinHash-LSH near-duplicate removal")
+    q.add_argument("--input", nargs="+", required=True, type=Path)
+    q.add_argument("--output", required=True, type=Path, help=".jsonl or .parquet")
+    q.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
+    q.add_argument("--text-field", default="text")
+    q.add_argument("--num-perm", type=int, default=128)
+    q.add_argument("--report", type=Path, default=None, help="clusters removed (default: beside the output)")
+    q.set_defaults(func=cmd_data_dedup)
+    q = data_sub.add_parser("filter", help="Gopher-style rules and reference-model perplexity")
+    q.add_argument("--input", nargs="+", required=True, type=Path)
+    q.add_argument("--output", required=True, type=Path)
+    q.add_argument("--rejected", type=Path, default=None, help="also write dropped documents with their scores")
+    q.add_argument("--rules", type=Path, default=None, help="YAML of thresholds (see QualityRules)")
+    q.add_argument("--model", type=Path, default=None, help="reference model for perplexity")
+    q.add_argument("--banned-words", type=Path, default=None, help="one word or phrase per line")
+    q.add_argument("--text-field", default="text")
+    q.add_argument("overrides", nargs="*", help="rule overrides, e.g. min_words=20 max_perplexity=500")
+    q.set_defaults(func=cmd_data_filter)
+    q = data_sub.add_parser("decontaminate", help="drop documents sharing an n-gram with evaluation items")
+    q.add_argument("--input", nargs="+", required=True, type=Path)
+    q.add_argument("--output", required=True, type=Path)
+    q.add_argument("--against", nargs="+", required=True, type=Path, help="evaluation files (JSONL/Parquet)")
+    q.add_argument("--n", type=int, default=13)
+    q.add_argument("--text-field", default="text")
+    q.add_argument("--report", type=Path, default=None)
+    q.set_defaults(func=cmd_data_decontaminate)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="pretraining data: pack | dedup | filter | decontaminate")
+    data_sub = p.add_subparsers(dest="data_command", metavar="pack|dedup|filter|decontaminate")
+    data_sub.required = True
+    q = data_sub.add_parser("pack", help="tokenise and pack documents into fixed-length rows")
+    q.add_argument("--input", nargs="+", required=True, type=Path, help="JSONL or Parquet files")
+    q.add_argument("--output", required=True, type=Path, help="packed folder")
+    q.add_argument("--tokenizer", default="cl100k_base", help="'cl100k_base', 'bytes', a ranks file or checkpoint")
+    q.add_argument("--seq-len", type=int, default=2048)
+    q.add_argument("--text-field", default="text")
+    q.set_defaults(func=cmd_data_pack)
+    _add_data_commands(data_sub)
+
+    p = sub.add_parser("tokenizer", help="vocabulary tools: extend")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", metavar="extend")
+    tok_sub.required = True
+    q = tok_sub.add_parser("extend", help="learn extra BPE merges on a corpus, starting from a base vocabulary")
+    q.add_argument("--base", default="cl100k_base", help="'cl100k_base', 'bytes' or a ranks file")
+    q.add_argument("--corpus", nargs="+", required=True, type=Path, help="JSONL or Parquet with a text field")
+    q.add_argument("--vocab-size", type=int, required=True, help="number of ranks in the result")
+    q.add_argument("--output", type=Path, required=True)
+    q.add_argument("--min-frequency", type=int, default=2)
+    q.add_argument("--text-field", default="text")
+    q.set_defaults(func=cmd_tokenizer_extend)
+
+    p = sub.add_parser("tags", help="tag taxonomy: build | assign | sample | audit")
+    tags_sub = p.add_subparsers(dest="tags_command", metavar="build|assign|sample|audit")
+    tags_sub.required = True
+    q = tags_sub.add_parser("build", help="open-set raw tags -> a taxonomy (InsTag's four steps)")
+    q.add_argument("--input", type=Path, required=True, help="JSONL/Parquet rows with a list of raw tags")
+    q.add_argument("--out", type=Path, required=True, help="folder for taxonomy.yaml, merges.jsonl, mapping.json")
+    q.add_argument("--tags-field", default="tags")
+    q.add_argument("--alpha", type=int, default=2, help="drop raw tags seen fewer times")
+    q.add_argument("--eps", type=float, default=0.3, help="DBSCAN cosine distance for semantic merges")
+    q.add_argument("--min-confidence", type=float, default=0.95, help="FP-Growth confidence, both directions")
+    q.add_argument("--min-support", type=float, default=0.001)
+    q.set_defaults(func=cmd_tags_build)
+    q = tags_sub.add_parser("assign", help="tag rows onto a taxonomy")
+    q.add_argument("--input", type=Path, required=True)
+    q.add_argument("--output", type=Path, required=True)
+    q.add_argument("--taxonomy", type=Path, required=True)
+    q.add_argument("--method", choices=["data", "embedding", "llm"], default="data")
+    q.add_argument("--threshold", type=float, default=0.35, help="minimum cosine similarity (embedding)")
+    q.add_argument("--top-k", type=int, default=3)
+    q.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL for --method llm")
+    q.add_argument("--model", default="default", help="model name sent to the endpoint")
+    q.add_argument("--on-unknown", choices=["error", "drop"], default="error", help="data tags not in the taxonomy")
+    q.set_defaults(func=cmd_tags_assign)
+    q = tags_sub.add_parser("sample", help="tag-balanced sampling; output rows are input rows, unchanged")
+    q.add_argument("--input", type=Path, required=True)
+    q.add_argument("--output", type=Path, required=True)
+    q.add_argument("--n", type=int, required=True)
+    q.add_argument("--method", choices=["complexity-first", "capped", "temperature"], default="complexity-first")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--cap", type=int, default=None, help="per-tag cap (capped; default: water-filling)")
+    q.add_argument("--temperature", type=float, default=2.0, help="T5-style temperature (temperature)")
+    q.add_argument("--tags-field", default="tags")
+    q.set_defaults(func=cmd_tags_sample)
+    q = tags_sub.add_parser("audit", help="what a sample contains: coverage, balance, safety, labels")
+    q.add_argument("dataset", type=Path)
+    q.add_argument("--against", type=Path, default=None, help="the original pool the sample came from")
+    q.add_argument("--taxonomy", type=Path, default=None)
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--k", type=int, default=5, help="flag tags with fewer examples")
+    q.set_defaults(func=cmd_tags_audit)

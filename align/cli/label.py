@@ -1,0 +1,117 @@
+"""`align label`: argument parsing only; each handler calls one library function and prints its result."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from align.core.config import ConfigError
+
+
+def cmd_label_users_add(args: argparse.Namespace) -> None:
+    import getpass
+
+    from labeling_ui.auth import hash_password
+    from labeling_ui.store import Store
+
+    password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("password: ")
+    if not password:
+        raise ConfigError("an empty password is not allowed (give it on stdin)")
+    Store(args.db).add_user(args.name, args.role, hash_password(password))
+    print(f"added {args.role} {args.name}")
+
+
+def cmd_label_import(args: argparse.Namespace) -> None:
+    from labeling_ui.api import read_task_file
+    from labeling_ui.store import Store
+    from rm.tags.taxonomy import Taxonomy
+
+    known = set(Taxonomy.load(args.taxonomy).tags) if args.taxonomy else None
+    items = read_task_file(args.file, known)
+    guidelines = args.guidelines.read_text(encoding="utf-8") if args.guidelines else None
+    n = Store(args.db).import_tasks(args.project, items, args.overlap, guidelines)
+    print(f"imported {n} tasks into {args.project} (overlap {args.overlap})")
+
+
+def cmd_label_export(args: argparse.Namespace) -> None:
+    from align.core.records import write_jsonl_atomic
+    from labeling_ui.export import comparison_record
+    from labeling_ui.store import Store
+
+    records = [r for t, anns in Store(args.db).annotations(args.project)
+               if (r := comparison_record(t, anns, args.rule)) is not None]
+    write_jsonl_atomic(args.out, records)
+    print(f"exported {len(records)} comparison records to {args.out}")
+
+
+def cmd_label_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from labeling_ui.store import Store
+    from labeling_ui.web import create_server
+    from rm.tags.taxonomy import Taxonomy
+
+    db, taxonomy = args.db, args.taxonomy
+    if args.demo is not None:
+        demo_db = args.demo / "labels" / "labels.db"
+        if not demo_db.exists():
+            raise ConfigError(f"{demo_db} does not exist: run `align demo --out {args.demo}` first")
+        db, taxonomy = f"sqlite:///{demo_db}", args.demo / "taxonomy.yaml"
+        if (args.demo / "labelling.txt").exists():
+            print((args.demo / "labelling.txt").read_text(encoding="utf-8"))
+    known = set(Taxonomy.load(taxonomy).tags) if taxonomy else None
+    print(f"labelling app on http://{args.host}:{args.port}/ (REST API under /api), database {db}")
+    uvicorn.run(create_server(Store(db), known), host=args.host, port=args.port)
+
+
+def cmd_label_generate(args: argparse.Namespace) -> None:
+    from labeling_ui.candidates import generate_candidates
+
+    n = generate_candidates(args.model, args.prompts, args.out, args.k, args.max_new_tokens, args.seed)
+    print(f"wrote {n} tasks with {args.k} candidate responses each to {args.out} "
+          f"(import them with `align label import --file {args.out}`)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("label", help="labelling: serve (web page + REST API) | users | import | generate | export")
+    label_sub = p.add_subparsers(dest="label_command", metavar="serve|users|import|generate|export")
+    label_sub.required = True
+    q = label_sub.add_parser("serve", help="serve the web page (/) and the JSON REST API (/api)")
+    q.add_argument("--db", default="sqlite:///labels.db", help="SQLAlchemy URL (sqlite:///… or postgresql://…)")
+    q.add_argument("--host", default="127.0.0.1")
+    q.add_argument("--port", type=int, default=7860)
+    q.add_argument("--taxonomy", type=Path, default=None, help="taxonomy YAML: tags offered and checked on import")
+    q.add_argument("--demo", type=Path, nargs="?", const=Path("align-demo"), default=None,
+                   help="serve the labelling data of an `align demo` run (default folder align-demo)")
+    q.set_defaults(func=cmd_label_serve)
+    q = label_sub.add_parser("generate", help="K candidate responses per prompt from a checkpoint, as tasks JSONL")
+    q.add_argument("--model", type=Path, required=True, help="checkpoint folder (align init-model / sft output)")
+    q.add_argument("--prompts", type=Path, required=True, help="JSONL with 'prompt' (text or messages), 'tags'")
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--k", type=int, default=4, help="responses per prompt, each with its own sampling setting")
+    q.add_argument("--max-new-tokens", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_label_generate)
+    q = label_sub.add_parser("users", help="manage accounts: users add NAME --role ROLE (password on stdin)")
+    users_sub = q.add_subparsers(dest="users_command", metavar="add")
+    users_sub.required = True
+    r = users_sub.add_parser("add")
+    r.add_argument("name")
+    r.add_argument("--role", choices=["annotator", "reviewer", "admin"], required=True)
+    r.add_argument("--db", default="sqlite:///labels.db")
+    r.set_defaults(func=cmd_label_users_add)
+    q = label_sub.add_parser("import", help="import tasks (JSONL: prompt, responses, tags); all or nothing")
+    q.add_argument("--project", required=True)
+    q.add_argument("--file", type=Path, required=True)
+    q.add_argument("--overlap", type=int, default=1, help="distinct annotators per item")
+    q.add_argument("--guidelines", type=Path, default=None, help="Markdown shown beside every task")
+    q.add_argument("--taxonomy", type=Path, default=None, help="refuse tags that are not in this taxonomy")
+    q.add_argument("--db", default="sqlite:///labels.db")
+    q.set_defaults(func=cmd_label_import)
+    q = label_sub.add_parser("export", help="comparison records for `align rm train`")
+    q.add_argument("--project", required=True)
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--rule", choices=["majority", "ranked_pairs"], default="majority")
+    q.add_argument("--db", default="sqlite:///labels.db")
+    q.set_defaults(func=cmd_label_export)
