@@ -25,8 +25,8 @@ from scipy.stats import bootstrap
 
 from align.core.config import Section
 from align.core.records import write_jsonl_atomic
-from base_model.atomic import write_json_atomic
 from align.world import demo as world
+from base_model.atomic import write_json_atomic
 
 MODEL = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
          "num_key_value_heads": 2, "seq_length": 256, "max_position_embeddings": 1024, "initializer_range": 0.02,

@@ -35,11 +35,30 @@ from align.core.sections import DeepSpeedSection, LoopConfig, OptimConfig
 from base_model import QwenTokenizer, load_pretrained
 from base_model.generate import SamplingParams
 from base_model.pretrain.packing import PackedDataset, split_rows
-from ppo.experience import (Experience, RunningMoments, build_sequences, prompt_ids, response_text, reward_scores,
-                            sequence_logprobs, sequence_values)
+from ppo.experience import (
+    Experience,
+    RunningMoments,
+    build_sequences,
+    prompt_ids,
+    response_text,
+    reward_scores,
+    sequence_logprobs,
+    sequence_values,
+)
 from ppo.kl_control import AdaptiveKLController, FixedKLController
-from ppo.losses import (entropy_from_logits, explained_variance, gae, kl_estimate, kl_penalised_rewards,
-                        logprobs_from_logits, masked_moments, masked_sum, masked_whiten, policy_loss, value_loss)
+from ppo.losses import (
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_estimate,
+    kl_penalised_rewards,
+    logprobs_from_logits,
+    masked_moments,
+    masked_sum,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
 from ppo.models import ValueModel
 from rm.model import load_reward_model, save_reward_state
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from align.core.records import as_messages, DataError, iter_records, write_jsonl_atomic
+from align.core.records import DataError, as_messages, iter_records, write_jsonl_atomic
 from base_model import QwenTokenizer
 from rm.data import Pair, collate_sequences, encode_response, load_pairs
 from rm.model import RewardModel, load_reward_model

@@ -18,6 +18,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from align.core import distributed
+from align.core.batching import MicroBatches, split_eval
 from align.core.checkpointing import TrainingState, open_run, save_checkpoint
 from align.core.config import Section
 from align.core.engine import TrainEngine
@@ -26,7 +27,6 @@ from align.core.metrics import MetricsLogger, Throughput
 from align.core.modeling import build_model, save_from_engine
 from align.core.sections import DeepSpeedSection, LoopConfig, ModelSource, OptimConfig
 from base_model import QwenTokenizer
-from align.core.batching import MicroBatches, split_eval
 from sft.data import MaskMode, Truncation, collate, load_examples, pack_examples
 
 

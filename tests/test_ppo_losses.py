@@ -7,9 +7,20 @@ import pytest
 import torch
 
 from ppo.kl_control import AdaptiveKLController, FixedKLController
-from ppo.losses import (entropy_from_logits, explained_variance, gae, kl_estimate, kl_penalised_rewards,
-                        logprobs_from_logits, masked_mean, masked_sum, masked_var, masked_whiten, policy_loss,
-                        value_loss)
+from ppo.losses import (
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_estimate,
+    kl_penalised_rewards,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
 
 
 def test_gae_by_hand():

@@ -124,10 +124,10 @@ def test_quality_rules_and_reasons(tmp_path):
 
 
 def test_perplexity_score_with_a_reference_model(tmp_path):
+    import torch
+
     from base_model import QwenForCausalLM, save_pretrained
     from conftest import tiny_config
-
-    import torch
 
     tok = QwenTokenizer.from_bytes()
     torch.manual_seed(0)

@@ -5,8 +5,16 @@ import json
 import pytest
 
 from align.core.records import DataError
-from rm.data import (chosen_rejected_pair, comparison_pairs, forum_pairs, load_pairs, parse_hh_text, pmp_score,
-                     ranking_pairs, shp_pair)
+from rm.data import (
+    chosen_rejected_pair,
+    comparison_pairs,
+    forum_pairs,
+    load_pairs,
+    parse_hh_text,
+    pmp_score,
+    ranking_pairs,
+    shp_pair,
+)
 
 
 def test_three_way_ranking_with_a_tie():

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 
-
 def cmd_data_pack(args: argparse.Namespace) -> None:
     from base_model import QwenTokenizer
     from base_model.pretrain.packing import pack
@@ -56,8 +55,8 @@ def cmd_data_decontaminate(args: argparse.Namespace) -> None:
 def cmd_tokenizer_extend(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from base_model import QwenTokenizer
     from align.core.records import iter_documents
+    from base_model import QwenTokenizer
     from base_model.pretrain.vocab import SAMPLES, bytes_per_token, extend_ranks
     from base_model.tokenizer import save_ranks
 

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 
-
 def cmd_demo(args: argparse.Namespace) -> None:
     from align.demo import run_demo
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.core.distributed import barrier, rank
 from align.core.config import ConfigError
+from align.core.distributed import barrier, rank
 from align.core.engine import TrainEngine, publish_checkpoint
 from base_model.atomic import write_json_atomic
 

@@ -16,8 +16,8 @@ import torch
 
 from align.core import distributed
 from align.core.schedule import build_scheduler
-from base_model.atomic import write_json_atomic
 from align.core.sections import DeepSpeedSection, OptimConfig
+from base_model.atomic import write_json_atomic
 
 
 def deepspeed_config(ds: DeepSpeedSection, optim: OptimConfig, micro_batch_size: int, grad_accum: int) -> dict:
