@@ -32,8 +32,9 @@ def _median_time(fn: Callable[[], None], reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def _alternate(ours: Callable[[], None], peer: Callable[[], None], reps: int, best: bool = False
-               ) -> tuple[float, float]:
+def _alternate(
+    ours: Callable[[], None], peer: Callable[[], None], reps: int, best: bool = False
+) -> tuple[float, float]:
     """Median (or best) seconds of each, measured alternately so drifts in machine load hit both."""
     ours(), peer()  # warm-up
     t_ours, t_peer = [], []
@@ -47,8 +48,14 @@ def _alternate(ours: Callable[[], None], peer: Callable[[], None], reps: int, be
 
 
 def row(suite: str, metric: str, ours: float, peer: float | None, unit: str) -> dict:
-    return {"suite": suite, "metric": metric, "ours": ours, "peer": peer,
-            "ratio": (ours / peer) if peer else None, "unit": unit}
+    return {
+        "suite": suite,
+        "metric": metric,
+        "ours": ours,
+        "peer": peer,
+        "ratio": (ours / peer) if peer else None,
+        "unit": unit,
+    }
 
 
 def peak(device: str = "cpu", n: int = 2048, reps: int = 5) -> list[dict]:
@@ -56,7 +63,7 @@ def peak(device: str = "cpu", n: int = 2048, reps: int = 5) -> list[dict]:
     against NumPy's BLAS as the peer."""
 
     out = []
-    flops = 2 * n ** 3
+    flops = 2 * n**3
     a32, b32 = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     an, bn = a32.cpu().numpy(), b32.cpu().numpy()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -64,7 +71,7 @@ def peak(device: str = "cpu", n: int = 2048, reps: int = 5) -> list[dict]:
     out.append(row("peak", "matmul_fp32", flops / t_ours / 1e12, flops / t_peer / 1e12, "TFLOP/s"))
     a16, b16 = a32[:512, :512].bfloat16(), b32[:512, :512].bfloat16()  # small: slow where bf16 is emulated
     t16 = _median_time(lambda: (a16 @ b16, sync()), 3)
-    flops16 = 2 * 512 ** 3
+    flops16 = 2 * 512**3
     out.append(row("peak", "matmul_bf16", flops16 / t16 / 1e12, None, "TFLOP/s"))
     return out
 
@@ -72,8 +79,15 @@ def peak(device: str = "cpu", n: int = 2048, reps: int = 5) -> list[dict]:
 def _bench_config(hidden: int, layers: int, heads: int, vocab: int, ffn: int):
     from base_model import QwenConfig
 
-    return QwenConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                      num_attention_heads=heads, seq_length=4096, max_position_embeddings=4096)
+    return QwenConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        seq_length=4096,
+        max_position_embeddings=4096,
+    )
 
 
 def _pair(config, dtype):
@@ -101,8 +115,10 @@ def model(device: str = "cpu", reps: int = 3, peak_rows: list[dict] | None = Non
     out = []
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         if name == "bf16" and peaks["matmul_bf16"] < 0.25 * peaks["matmul_fp32"]:
-            note = (f"not run: this machine's bf16 matmul reaches {peaks['matmul_bf16']:.4f} TFLOP/s against "
-                    f"{peaks['matmul_fp32']:.4f} in fp32 (no native bf16 arithmetic); a step would take minutes")
+            note = (
+                f"not run: this machine's bf16 matmul reaches {peaks['matmul_bf16']:.4f} TFLOP/s against "
+                f"{peaks['matmul_fp32']:.4f} in fp32 (no native bf16 arithmetic); a step would take minutes"
+            )
             out.append({**row("model", "fwd_bwd_tokens_per_s_bf16", float("nan"), None, "tokens/s"), "note": note})
             print(f"model    bf16: {note}", flush=True)
             continue
@@ -112,6 +128,7 @@ def model(device: str = "cpu", reps: int = 3, peak_rows: list[dict] | None = Non
             def run():
                 m.zero_grad(set_to_none=True)
                 m(ids).logits.float().logsumexp(-1).mean().backward()
+
             return run
 
         t_ours, t_peer = _alternate(step(ours), step(hf), reps)
@@ -139,8 +156,16 @@ def generate(device: str = "cpu", reps: int = 2, batch: int = 32, new_tokens: in
 
     def run_peer():
         with torch.no_grad():
-            hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_p=0.9,
-                        temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+            hf.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                do_sample=True,
+                top_p=0.9,
+                temperature=1.0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+            )
 
     t_ours, t_peer = _alternate(run_ours, run_peer, reps)
     tokens = batch * new_tokens
@@ -203,20 +228,44 @@ def ppo(reps: int = 1) -> list[dict]:
         d = Path(tmp)
         write_jsonl_atomic(d / "sft.jsonl", ppo_task.sft_conversations(100, 0))
         write_jsonl_atomic(d / "rm.jsonl", ppo_task.enthusiasm_comparisons(100, 0))
-        run = lambda *a: subprocess.run([sys.executable, "-m", "align.cli", *a], cwd=root, check=True,
-                                        capture_output=True, env=subprocess_env())
-        run("sft", "configs/sft/tiny.yaml", f"data.train={d / 'sft.jsonl'}", "train.max_steps=5", "train.save_every=0",
-            f"out_dir={d / 'sft'}")
-        run("rm", "train", "configs/rm/tiny.yaml", f"data.train={d / 'rm.jsonl'}", "train.max_steps=5",
-            f"out_dir={d / 'rm'}")
-        run("ppo", "configs/ppo/tiny.yaml", f"models.policy={d / 'sft' / 'final'}", f"models.reward={d / 'rm' / 'final'}",
-            "data.ptx=null", "ppo.iterations=6", "train.eval_every=0", "train.save_every=0", f"out_dir={d / 'ppo'}")
+        run = lambda *a: subprocess.run(
+            [sys.executable, "-m", "align.cli", *a], cwd=root, check=True, capture_output=True, env=subprocess_env()
+        )
+        run(
+            "sft",
+            "configs/sft/tiny.yaml",
+            f"data.train={d / 'sft.jsonl'}",
+            "train.max_steps=5",
+            "train.save_every=0",
+            f"out_dir={d / 'sft'}",
+        )
+        run(
+            "rm",
+            "train",
+            "configs/rm/tiny.yaml",
+            f"data.train={d / 'rm.jsonl'}",
+            "train.max_steps=5",
+            f"out_dir={d / 'rm'}",
+        )
+        run(
+            "ppo",
+            "configs/ppo/tiny.yaml",
+            f"models.policy={d / 'sft' / 'final'}",
+            f"models.reward={d / 'rm' / 'final'}",
+            "data.ptx=null",
+            "ppo.iterations=6",
+            "train.eval_every=0",
+            "train.save_every=0",
+            f"out_dir={d / 'ppo'}",
+        )
         rows = [r for r in read_metrics(d / "ppo") if "train/time/rollout_s" in r][1:]  # the first includes warm-up
     med = lambda k: statistics.median(r[k] for r in rows)
-    return [row("ppo", "rollout_seconds", med("train/time/rollout_s"), None, "s/iteration"),
-            row("ppo", "experience_seconds", med("train/time/experience_s"), None, "s/iteration"),
-            row("ppo", "train_seconds", med("train/time/train_s"), None, "s/iteration"),
-            row("ppo", "rollout_tokens_per_s", med("train/rollout_tokens_per_s"), None, "tokens/s")]
+    return [
+        row("ppo", "rollout_seconds", med("train/time/rollout_s"), None, "s/iteration"),
+        row("ppo", "experience_seconds", med("train/time/experience_s"), None, "s/iteration"),
+        row("ppo", "train_seconds", med("train/time/train_s"), None, "s/iteration"),
+        row("ppo", "rollout_tokens_per_s", med("train/rollout_tokens_per_s"), None, "tokens/s"),
+    ]
 
 
 def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4) -> list[dict]:
@@ -244,12 +293,15 @@ def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4
         write_jsonl_atomic(d / "data.jsonl", conversations)
 
         def run_ours():
-            cfg = sft_train.SFTConfig.model_validate({
-                "model": {"init": str(d / "init")}, "data": {"train": str(d / "data.jsonl"), "max_len": max_len,
-                                                             "packing": True},
-                "optim": {"lr": 1e-4, "schedule": "constant", "weight_decay": 0.0},
-                "train": {"micro_batch_size": batch, "epochs": 1, "log_every": 1000, "save_every": 0},
-                "out_dir": str(d / f"ours-{time.time_ns()}")})
+            cfg = sft_train.SFTConfig.model_validate(
+                {
+                    "model": {"init": str(d / "init")},
+                    "data": {"train": str(d / "data.jsonl"), "max_len": max_len, "packing": True},
+                    "optim": {"lr": 1e-4, "schedule": "constant", "weight_decay": 0.0},
+                    "train": {"micro_batch_size": batch, "epochs": 1, "log_every": 1000, "save_every": 0},
+                    "out_dir": str(d / f"ours-{time.time_ns()}"),
+                }
+            )
             run = sft_train.setup(cfg)
             run.engine.train()
             t0 = time.perf_counter()
@@ -258,10 +310,14 @@ def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4
             return time.perf_counter() - t0
 
         def run_peer():  # in a fresh process: in this one the Trainer would see our process group and add DDP
-            code = (f"from align.bench import trl_sft_seconds; "
-                    f"print(trl_sft_seconds({str(d)!r}, {batch}, {max_len}))")
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                  env=subprocess_env(), cwd=Path(__file__).resolve().parent.parent)
+            code = f"from align.bench import trl_sft_seconds; print(trl_sft_seconds({str(d)!r}, {batch}, {max_len}))"
+            done = subprocess.run(
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                env=subprocess_env(),
+                cwd=Path(__file__).resolve().parent.parent,
+            )
             if done.returncode:
                 raise RuntimeError(f"TRL SFTTrainer run failed:\n{done.stderr[-3000:]}")
             return float(done.stdout.strip().splitlines()[-1])
@@ -272,8 +328,15 @@ def sft(reps: int = 2, n_examples: int = 400, max_len: int = 512, batch: int = 4
         for _ in range(reps):
             t_ours.append(run_ours())
             t_peer.append(run_peer())
-    return [row("sft", "train_tokens_per_s", tokens / statistics.median(t_ours), tokens / statistics.median(t_peer),
-                "tokens/s")]
+    return [
+        row(
+            "sft",
+            "train_tokens_per_s",
+            tokens / statistics.median(t_ours),
+            tokens / statistics.median(t_peer),
+            "tokens/s",
+        )
+    ]
 
 
 def trl_sft_seconds(folder: str, batch: int, max_len: int) -> float:
@@ -289,11 +352,25 @@ def trl_sft_seconds(folder: str, batch: int, max_len: int) -> float:
     hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(d / "init")
     data = datasets.Dataset.from_list([r for _, r in iter_records(d / "data.jsonl")])
     model = transformers.Qwen2ForCausalLM.from_pretrained(d / "init", dtype=torch.float32, attn_implementation="sdpa")
-    args = trl.SFTConfig(output_dir=str(d / "trl"), per_device_train_batch_size=batch, max_length=max_len,
-                         packing=True, padding_free=True, num_train_epochs=1, learning_rate=1e-4,
-                         lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to=[],
-                         use_cpu=True, dataloader_num_workers=0, bf16=False, fp16=False, disable_tqdm=True,
-                         gradient_checkpointing=False)  # TRL turns it on by default; ours is off
+    args = trl.SFTConfig(
+        output_dir=str(d / "trl"),
+        per_device_train_batch_size=batch,
+        max_length=max_len,
+        packing=True,
+        padding_free=True,
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        bf16=False,
+        fp16=False,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+    )  # TRL turns it on by default; ours is off
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=hf_tok)
     t0 = time.perf_counter()
     trainer.train()

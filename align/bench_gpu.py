@@ -22,10 +22,24 @@ import torch
 
 from align.bench import _alternate, _median_time, row
 
-QWEN_1_8B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
-                 num_attention_heads=16, seq_length=8192, max_position_embeddings=8192)
-QWEN_7B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-               num_attention_heads=32, seq_length=8192, max_position_embeddings=8192)
+QWEN_1_8B = dict(
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=5504,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    seq_length=8192,
+    max_position_embeddings=8192,
+)
+QWEN_7B = dict(
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    seq_length=8192,
+    max_position_embeddings=8192,
+)
 
 
 def _sync() -> None:
@@ -35,7 +49,7 @@ def _sync() -> None:
 def peak_bf16(n: int = 8192, reps: int = 10) -> float:
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     t = min(_median_time(lambda: (a @ b, _sync()), 1) for _ in range(reps))
-    return 2 * n ** 3 / t / 1e12
+    return 2 * n**3 / t / 1e12
 
 
 def _models(shape: dict):
@@ -60,6 +74,7 @@ def _fwd_bwd(m, ids):
         m.zero_grad(set_to_none=True)
         m(ids).logits.float().logsumexp(-1).mean().backward()
         _sync()
+
     return run
 
 
@@ -76,11 +91,19 @@ def model(peak: float, reps: int = 5) -> list[dict]:
         ours.compile_layers()
         _fwd_bwd(ours, ids)()  # compilation
         t_comp, t_peer = _alternate(_fwd_bwd(ours, ids), _fwd_bwd(hf, ids), reps)
-        out.append(row("model", f"fwd_bwd_tokens_per_s_bf16_{name}_compiled", tokens / t_comp, tokens / t_peer,
-                       "tokens/s"))
+        out.append(
+            row("model", f"fwd_bwd_tokens_per_s_bf16_{name}_compiled", tokens / t_comp, tokens / t_peer, "tokens/s")
+        )
         best = min(t_ours, t_comp)
-        out.append(row("model", f"mfu_bf16_{name}", tokens / best * flops / (peak * 1e12),
-                       tokens / t_peer * flops / (peak * 1e12), "fraction of measured bf16 matmul peak"))
+        out.append(
+            row(
+                "model",
+                f"mfu_bf16_{name}",
+                tokens / best * flops / (peak * 1e12),
+                tokens / t_peer * flops / (peak * 1e12),
+                "fraction of measured bf16 matmul peak",
+            )
+        )
         del ours, hf
         torch.cuda.empty_cache()
     return out
@@ -102,8 +125,16 @@ def generate(reps: int = 2, batch: int = 64, prompt_len: int = 128, new_tokens: 
 
     def run_peer():
         with torch.no_grad():
-            hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_p=0.9,
-                        temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+            hf.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                do_sample=True,
+                top_p=0.9,
+                temperature=1.0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+            )
         _sync()
 
     t_ours, t_peer = _alternate(run_ours, run_peer, reps)
@@ -121,13 +152,19 @@ def sft(steps: int = 8) -> list[dict]:
         d = Path(tmp)
         convs = world.sft_conversations(6000, seed=0)
         write_jsonl_atomic(d / "data.jsonl", [{"messages": c["messages"]} for c in convs])
-        cfg = sft_train.SFTConfig.model_validate({
-            "model": {"config": str(Path(__file__).resolve().parent.parent / "configs/model/qwen-1.8b.yaml"),
-                      "tokenizer": "cl100k_base"},
-            "data": {"train": str(d / "data.jsonl"), "max_len": 2048, "packing": True},
-            "optim": {"lr": 1e-5, "schedule": "constant"},
-            "train": {"micro_batch_size": 4, "max_steps": steps + 2, "log_every": 1000, "save_every": 0},
-            "deepspeed": {"zero_stage": 2, "bf16": True}, "out_dir": str(d / "out")})
+        cfg = sft_train.SFTConfig.model_validate(
+            {
+                "model": {
+                    "config": str(Path(__file__).resolve().parent.parent / "configs/model/qwen-1.8b.yaml"),
+                    "tokenizer": "cl100k_base",
+                },
+                "data": {"train": str(d / "data.jsonl"), "max_len": 2048, "packing": True},
+                "optim": {"lr": 1e-5, "schedule": "constant"},
+                "train": {"micro_batch_size": 4, "max_steps": steps + 2, "log_every": 1000, "save_every": 0},
+                "deepspeed": {"zero_stage": 2, "bf16": True},
+                "out_dir": str(d / "out"),
+            }
+        )
         t0 = time.perf_counter()
         run = sft_train.setup(cfg)
         setup_s = time.perf_counter() - t0
@@ -153,8 +190,10 @@ def sft(steps: int = 8) -> list[dict]:
         bare()
         t_bare = _median_time(bare, 5)
         bare_rate = sum(len(r["input_ids"]) for r in run.batches.get(0)) / t_bare
-    return [row("sft", "trainer_tokens_per_s_bf16_1.8b", trainer, bare_rate, "tokens/s (peer: bare model fwd+bwd)"),
-            row("sft", "setup_seconds_1.8b", setup_s, None, "s")]
+    return [
+        row("sft", "trainer_tokens_per_s_bf16_1.8b", trainer, bare_rate, "tokens/s (peer: bare model fwd+bwd)"),
+        row("sft", "setup_seconds_1.8b", setup_s, None, "s"),
+    ]
 
 
 def ppo(iterations: int = 4) -> list[dict]:
@@ -177,21 +216,42 @@ def ppo(iterations: int = 4) -> list[dict]:
         del lm, rm
         torch.cuda.empty_cache()
         write_jsonl_atomic(d / "prompts.jsonl", [{"prompt": f"Tell me about the number {i}."} for i in range(256)])
-        cmd = [sys.executable, "-m", "align.cli", "ppo", str(root / "configs/ppo/tiny.yaml"),
-               f"models.policy={d / 'policy'}", f"models.reward={d / 'reward'}", f"data.prompts={d / 'prompts.jsonl'}",
-               "data.eval_prompts=null", "data.ptx=null", f"ppo.iterations={iterations}", "ppo.rollout_batch_size=32",
-               "ppo.n_samples=2", "ppo.max_new_tokens=256", "ppo.mini_batch_size=16", "ppo.ppo_epochs=1",
-               "ppo.critic_warmup_steps=0", "train.micro_batch_size=8", "policy_deepspeed.bf16=true",
-               "value_deepspeed.bf16=true", "train.eval_every=0", "train.save_every=0", f"out_dir={d / 'ppo'}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "align.cli",
+            "ppo",
+            str(root / "configs/ppo/tiny.yaml"),
+            f"models.policy={d / 'policy'}",
+            f"models.reward={d / 'reward'}",
+            f"data.prompts={d / 'prompts.jsonl'}",
+            "data.eval_prompts=null",
+            "data.ptx=null",
+            f"ppo.iterations={iterations}",
+            "ppo.rollout_batch_size=32",
+            "ppo.n_samples=2",
+            "ppo.max_new_tokens=256",
+            "ppo.mini_batch_size=16",
+            "ppo.ppo_epochs=1",
+            "ppo.critic_warmup_steps=0",
+            "train.micro_batch_size=8",
+            "policy_deepspeed.bf16=true",
+            "value_deepspeed.bf16=true",
+            "train.eval_every=0",
+            "train.save_every=0",
+            f"out_dir={d / 'ppo'}",
+        ]
         done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=subprocess_env())
         if done.returncode:
             raise RuntimeError(f"align ppo failed:\n{done.stderr[-3000:]}")
         rows = [r for r in read_metrics(d / "ppo") if "train/time/rollout_s" in r][1:]
     med = lambda k: statistics.median(r[k] for r in rows)
-    return [row("ppo", "rollout_seconds_1.8b", med("train/time/rollout_s"), None, "s/iteration"),
-            row("ppo", "experience_seconds_1.8b", med("train/time/experience_s"), None, "s/iteration"),
-            row("ppo", "train_seconds_1.8b", med("train/time/train_s"), None, "s/iteration"),
-            row("ppo", "rollout_tokens_per_s_1.8b", med("train/rollout_tokens_per_s"), None, "tokens/s")]
+    return [
+        row("ppo", "rollout_seconds_1.8b", med("train/time/rollout_s"), None, "s/iteration"),
+        row("ppo", "experience_seconds_1.8b", med("train/time/experience_s"), None, "s/iteration"),
+        row("ppo", "train_seconds_1.8b", med("train/time/train_s"), None, "s/iteration"),
+        row("ppo", "rollout_tokens_per_s_1.8b", med("train/rollout_tokens_per_s"), None, "tokens/s"),
+    ]
 
 
 def run_suite(suite: str, peak: float | None) -> list[dict]:

@@ -67,10 +67,13 @@ class LabelServer:
 
 
 def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or ([shutil.which(name)] if shutil.which(name) else [])
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or (
+        [shutil.which(name)] if shutil.which(name) else []
+    )
     if not found:
-        raise RuntimeError(f"PostgreSQL's {name} was not found: install the server (apt-get install postgresql); "
-                           ".ci/run does this")
+        raise RuntimeError(
+            f"PostgreSQL's {name} was not found: install the server (apt-get install postgresql); .ci/run does this"
+        )
     return found[-1]
 
 
@@ -95,8 +98,17 @@ class Postgres:
                 if str(parent).startswith("/tmp/") and parent != Path("/tmp"):
                     os.chmod(parent, os.stat(parent).st_mode | 0o011)
         self._run(_pg_bin("initdb"), "-D", str(self.dir), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        self._run(_pg_bin("pg_ctl"), "-D", str(self.dir), "-l", str(self.dir / "server.log"), "-w", "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200", "start")
+        self._run(
+            _pg_bin("pg_ctl"),
+            "-D",
+            str(self.dir),
+            "-l",
+            str(self.dir / "server.log"),
+            "-w",
+            "-o",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            "start",
+        )
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def stop(self) -> None:
@@ -106,8 +118,12 @@ class Postgres:
             pass
 
 
-def label(annotators: tuple[int, ...] = (20, 50), per_annotator: int = 30, think: tuple[float, float] = (0.2, 0.8),
-          backends: tuple[str, ...] = ("sqlite", "postgresql")) -> list[dict]:
+def label(
+    annotators: tuple[int, ...] = (20, 50),
+    per_annotator: int = 30,
+    think: tuple[float, float] = (0.2, 0.8),
+    backends: tuple[str, ...] = ("sqlite", "postgresql"),
+) -> list[dict]:
     """The labelling API of a real server (`align label serve`) under N concurrent simulated annotators, on SQLite
     and on a PostgreSQL server started here: annotations/s, p50/p99 request latency, errors. Each annotator waits
     `think` seconds (uniform) before each request — far quicker than a person, who takes several seconds a ranking."""
@@ -129,8 +145,11 @@ def label(annotators: tuple[int, ...] = (20, 50), per_annotator: int = 30, think
                     hashed = hash_password("pw")  # one hash for all: scrypt per user is not what is measured
                     for i in range(n):
                         store.add_user(f"a{i}", "annotator", hashed)
-                    store.import_tasks("bench", [{"prompt": f"q{i}", "responses": ["a", "b", "c"]}
-                                                 for i in range(n * per_annotator)], 1)
+                    store.import_tasks(
+                        "bench",
+                        [{"prompt": f"q{i}", "responses": ["a", "b", "c"]} for i in range(n * per_annotator)],
+                        1,
+                    )
                     store.engine.dispose()
                     server = LabelServer(db, Path(tmp) / "server.log").start()
                     latencies: list[float] = []
@@ -139,8 +158,10 @@ def label(annotators: tuple[int, ...] = (20, 50), per_annotator: int = 30, think
                     lock = threading.Lock()
 
                     with httpx.Client(base_url=server.url, timeout=30) as http:  # logins (scrypt) before the clock
-                        tokens = [http.post("/api/login", json={"username": f"a{i}", "password": "pw"}).json()["token"]
-                                  for i in range(n)]
+                        tokens = [
+                            http.post("/api/login", json={"username": f"a{i}", "password": "pw"}).json()["token"]
+                            for i in range(n)
+                        ]
 
                     def annotator(i: int) -> None:
                         rng = random.Random(i)
@@ -156,8 +177,11 @@ def label(annotators: tuple[int, ...] = (20, 50), per_annotator: int = 30, think
                                     return
                                 time.sleep(rng.uniform(*think))
                                 t2 = time.perf_counter()
-                                r = http.post(f"/api/tasks/{r.json()['id']}/annotations",
-                                              json={"ranks": rng.sample([1, 2, 3], 3)}, headers=h)
+                                r = http.post(
+                                    f"/api/tasks/{r.json()['id']}/annotations",
+                                    json={"ranks": rng.sample([1, 2, 3], 3)},
+                                    headers=h,
+                                )
                                 t3 = time.perf_counter()
                                 with lock:
                                     latencies.extend([t1 - t0, t3 - t2])
@@ -180,8 +204,10 @@ def label(annotators: tuple[int, ...] = (20, 50), per_annotator: int = 30, think
             lat = sorted(latencies)
             q = lambda f: lat[min(int(f * len(lat)), len(lat) - 1)] * 1000 if lat else float("nan")
             tag = f"{backend}_{n}"
-            out += [row("label", f"annotations_per_s_{tag}", done[0] / seconds, None, "annotations/s"),
-                    row("label", f"p50_ms_{tag}", q(0.5), None, "ms"),
-                    row("label", f"p99_ms_{tag}", q(0.99), None, "ms"),
-                    row("label", f"errors_{tag}", float(len(errors)), None, "count")]
+            out += [
+                row("label", f"annotations_per_s_{tag}", done[0] / seconds, None, "annotations/s"),
+                row("label", f"p50_ms_{tag}", q(0.5), None, "ms"),
+                row("label", f"p99_ms_{tag}", q(0.99), None, "ms"),
+                row("label", f"errors_{tag}", float(len(errors)), None, "count"),
+            ]
     return out

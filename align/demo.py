@@ -28,9 +28,19 @@ from align.core.records import write_jsonl_atomic
 from align.world import demo as world
 from base_model.atomic import write_json_atomic
 
-MODEL = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "seq_length": 256, "max_position_embeddings": 1024, "initializer_range": 0.02,
-         "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "vocab_size": 151936}
+MODEL = {
+    "hidden_size": 96,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "seq_length": 256,
+    "max_position_embeddings": 1024,
+    "initializer_range": 0.02,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "vocab_size": 151936,
+}
 
 
 class DemoConfig(Section):
@@ -60,10 +70,28 @@ class DemoConfig(Section):
 
     @staticmethod
     def quick(seed: int = 0) -> "DemoConfig":
-        return DemoConfig(seed=seed, corpus_docs=600, sft_conversations=600, pmp_threads=300, label_tasks=120,
-                          overlap=2, annotators=4, balance_n=200, ppo_prompts=200, ppo_eval_prompts=16,
-                          heldout_prompts=48, gold_samples=1, pretrain_steps=30, sft_steps=40, pmp_epochs=1.0,
-                          rm_epochs=1.0, ppo_iterations=6, ppo_eval_every=3, max_new_tokens=16, vocab_size=400)
+        return DemoConfig(
+            seed=seed,
+            corpus_docs=600,
+            sft_conversations=600,
+            pmp_threads=300,
+            label_tasks=120,
+            overlap=2,
+            annotators=4,
+            balance_n=200,
+            ppo_prompts=200,
+            ppo_eval_prompts=16,
+            heldout_prompts=48,
+            gold_samples=1,
+            pretrain_steps=30,
+            sft_steps=40,
+            pmp_epochs=1.0,
+            rm_epochs=1.0,
+            ppo_iterations=6,
+            ppo_eval_every=3,
+            max_new_tokens=16,
+            vocab_size=400,
+        )
 
 
 def _digest(obj) -> str:
@@ -80,13 +108,19 @@ class Pipeline:
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
 
-    def stage(self, index: int, total: int, name: str, inputs: dict, fn: Callable[[Path], None],
-              code: tuple[Callable, ...] = ()) -> None:
+    def stage(
+        self,
+        index: int,
+        total: int,
+        name: str,
+        inputs: dict,
+        fn: Callable[[Path], None],
+        code: tuple[Callable, ...] = (),
+    ) -> None:
         """Run `fn(folder)` unless the folder's marker says it was built from the same inputs, the same upstream
         stages and the same code (the source of the functions in `code`, where the stage's recipe lives)."""
         folder = self.path(name)
-        key = _digest({"inputs": inputs, "upstream": self.hashes,
-                       "code": [inspect.getsource(f) for f in code]})
+        key = _digest({"inputs": inputs, "upstream": self.hashes, "code": [inspect.getsource(f) for f in code]})
         marker = folder / "stage.json"
         if marker.exists() and json.loads(marker.read_text()).get("key") == key:
             self.hashes[name] = key
@@ -107,6 +141,7 @@ class Pipeline:
 
 # ------------------------------------------------------------------------------------------------------ stages
 
+
 def build_world(cfg: DemoConfig, folder: Path) -> None:
     """Every file the pipeline reads, from the seed alone (byte-identical for the same seed)."""
     s = cfg.seed * 1000
@@ -117,8 +152,9 @@ def build_world(cfg: DemoConfig, folder: Path) -> None:
     write_jsonl_atomic(folder / "ppo_prompts.jsonl", world.prompt_set(cfg.ppo_prompts, s + 5))
     write_jsonl_atomic(folder / "ppo_eval_prompts.jsonl", world.prompt_set(cfg.ppo_eval_prompts, s + 6))
     write_jsonl_atomic(folder / "heldout_prompts.jsonl", world.prompt_set(cfg.heldout_prompts, s + 7))
-    (folder / "taxonomy.yaml").write_text(yaml.safe_dump({"tags": world.TAXONOMY}, allow_unicode=True, sort_keys=False),
-                                          encoding="utf-8")
+    (folder / "taxonomy.yaml").write_text(
+        yaml.safe_dump({"tags": world.TAXONOMY}, allow_unicode=True, sort_keys=False), encoding="utf-8"
+    )
     (folder / "guidelines.md").write_text(GUIDELINES, encoding="utf-8")
 
 
@@ -138,8 +174,11 @@ def learn_tokenizer(cfg: DemoConfig, world_dir: Path, folder: Path) -> None:
 
     base = QwenTokenizer.load("bytes")
     texts = [t for _, t in iter_texts([world_dir / "corpus.jsonl"], "text")]
-    texts += [m["content"] for line in (world_dir / "sft.jsonl").read_text(encoding="utf-8").splitlines()
-              for m in json.loads(line)["messages"]]
+    texts += [
+        m["content"]
+        for line in (world_dir / "sft.jsonl").read_text(encoding="utf-8").splitlines()
+        for m in json.loads(line)["messages"]
+    ]
     ranks = extend_ranks(base.ranks, texts, cfg.vocab_size, min_frequency=2)
     save_ranks(ranks, folder / "qwen.tiktoken")
 
@@ -156,37 +195,84 @@ def run_pretrain(cfg: DemoConfig, tok: Path, world_dir: Path, folder: Path) -> N
     from base_model.pretrain.train import PretrainConfig, main
 
     pack([world_dir / "corpus.jsonl"], folder / "packed", QwenTokenizer.load(tok), cfg.pack_seq_len, "text", str(tok))
-    main(PretrainConfig.model_validate({
-        "model": {"config": _model_config(folder), "tokenizer": str(tok), "fit_vocab": True},
-        "data": {"train": str(folder / "packed"), "eval_rows": 16},
-        "optim": {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1, "weight_decay": 0.1,
-                  "grad_clip": 1.0},
-        "train": {"micro_batch_size": 16, "max_steps": cfg.pretrain_steps, "log_every": 10,
-                  "eval_every": max(cfg.pretrain_steps // 3, 1), "seed": cfg.seed},
-        "out_dir": str(folder / "run")}))
+    main(
+        PretrainConfig.model_validate(
+            {
+                "model": {"config": _model_config(folder), "tokenizer": str(tok), "fit_vocab": True},
+                "data": {"train": str(folder / "packed"), "eval_rows": 16},
+                "optim": {
+                    "lr": 3e-3,
+                    "schedule": "cosine",
+                    "warmup_steps": 20,
+                    "min_lr_ratio": 0.1,
+                    "weight_decay": 0.1,
+                    "grad_clip": 1.0,
+                },
+                "train": {
+                    "micro_batch_size": 16,
+                    "max_steps": cfg.pretrain_steps,
+                    "log_every": 10,
+                    "eval_every": max(cfg.pretrain_steps // 3, 1),
+                    "seed": cfg.seed,
+                },
+                "out_dir": str(folder / "run"),
+            }
+        )
+    )
 
 
 def run_sft(cfg: DemoConfig, base: Path, world_dir: Path, folder: Path) -> None:
     from sft.train import SFTConfig, main
 
-    main(SFTConfig.model_validate({
-        "model": {"init": str(base)}, "data": {"train": str(world_dir / "sft.jsonl"), "max_len": 256,
-                                               "packing": True, "eval_fraction": 0.05},
-        "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1, "weight_decay": 0.0,
-                  "grad_clip": 1.0},
-        "train": {"micro_batch_size": 8, "max_steps": cfg.sft_steps, "log_every": 10,
-                  "eval_every": max(cfg.sft_steps // 4, 1), "seed": cfg.seed},
-        "out_dir": str(folder / "run")}))
+    main(
+        SFTConfig.model_validate(
+            {
+                "model": {"init": str(base)},
+                "data": {"train": str(world_dir / "sft.jsonl"), "max_len": 256, "packing": True, "eval_fraction": 0.05},
+                "optim": {
+                    "lr": 1e-3,
+                    "schedule": "cosine",
+                    "warmup_steps": 20,
+                    "min_lr_ratio": 0.1,
+                    "weight_decay": 0.0,
+                    "grad_clip": 1.0,
+                },
+                "train": {
+                    "micro_batch_size": 8,
+                    "max_steps": cfg.sft_steps,
+                    "log_every": 10,
+                    "eval_every": max(cfg.sft_steps // 4, 1),
+                    "seed": cfg.seed,
+                },
+                "out_dir": str(folder / "run"),
+            }
+        )
+    )
 
 
 def run_rm(cfg: DemoConfig, stage: str, init: dict, data: dict, epochs: float, folder: Path) -> None:
     from rm.train import RMConfig, main
 
-    main(RMConfig.model_validate({
-        **init, "stage": stage, "data": {"max_len": 128, **data}, "pooling": "end_token", "loss": {"lm_coef": 0.5},
-        "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1, "weight_decay": 0.0},
-        "train": {"micro_batch_size": 16, "epochs": epochs, "log_every": 10, "seed": cfg.seed},
-        "out_dir": str(folder / "run")}))
+    main(
+        RMConfig.model_validate(
+            {
+                **init,
+                "stage": stage,
+                "data": {"max_len": 128, **data},
+                "pooling": "end_token",
+                "loss": {"lm_coef": 0.5},
+                "optim": {
+                    "lr": 1e-3,
+                    "schedule": "cosine",
+                    "warmup_steps": 10,
+                    "min_lr_ratio": 0.1,
+                    "weight_decay": 0.0,
+                },
+                "train": {"micro_batch_size": 16, "epochs": epochs, "log_every": 10, "seed": cfg.seed},
+                "out_dir": str(folder / "run"),
+            }
+        )
+    )
 
 
 def run_labelling(cfg: DemoConfig, world_dir: Path, folder: Path) -> None:
@@ -217,11 +303,14 @@ def run_labelling(cfg: DemoConfig, world_dir: Path, folder: Path) -> None:
     passwords["you"] = secrets.token_urlsafe(9)
     store.add_user("you", "annotator", hash_password(passwords["you"]))
     # a small project left open for whoever opens the app on the demo data (`align label serve --demo`)
-    store.import_tasks("try-it", [{k: t[k] for k in ("prompt", "responses", "tags")} for t in tasks[:20]], 1,
-                       GUIDELINES)
+    store.import_tasks(
+        "try-it", [{k: t[k] for k in ("prompt", "responses", "tags")} for t in tasks[:20]], 1, GUIDELINES
+    )
     client = TestClient(create_app(store, known))
-    token = lambda name: {"Authorization": "Bearer " + client.post(
-        "/api/login", json={"username": name, "password": passwords[name]}).json()["token"]}
+    token = lambda name: {
+        "Authorization": "Bearer "
+        + client.post("/api/login", json={"username": name, "password": passwords[name]}).json()["token"]
+    }
     admin = token("admin")
     meta_by_key = {}
     for t in tasks:
@@ -255,32 +344,68 @@ def run_labelling(cfg: DemoConfig, world_dir: Path, folder: Path) -> None:
     store.engine.dispose()
 
 
-def run_ppo(cfg: DemoConfig, policy: Path, reward: Path, packed: Path, world_dir: Path, folder: Path,
-            overrides: dict | None = None) -> None:
+def run_ppo(
+    cfg: DemoConfig,
+    policy: Path,
+    reward: Path,
+    packed: Path,
+    world_dir: Path,
+    folder: Path,
+    overrides: dict | None = None,
+) -> None:
     from ppo.train import main
 
     main(ppo_config(cfg, policy, reward, packed, world_dir, folder / "run", overrides))
 
 
-def ppo_config(cfg: DemoConfig, policy: Path, reward: Path, packed: Path, world_dir: Path, out_dir: Path,
-               overrides: dict | None = None):
+def ppo_config(
+    cfg: DemoConfig,
+    policy: Path,
+    reward: Path,
+    packed: Path,
+    world_dir: Path,
+    out_dir: Path,
+    overrides: dict | None = None,
+):
     """The demo's PPO stage config; `overrides` are dotted keys (what sweeps vary)."""
     from align.core.config import apply_overrides
     from ppo.train import PPOConfig
 
     data = {
         "models": {"policy": str(policy), "reward": str(reward)},
-        "data": {"prompts": str(world_dir / "ppo_prompts.jsonl"), "eval_prompts": str(world_dir / "ppo_eval_prompts.jsonl"),
-                 "ptx": str(packed), "ptx_eval_rows": 8},
-        "ppo": {"iterations": cfg.ppo_iterations, "rollout_batch_size": 16, "n_samples": 2,
-                "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "top_p": 0.9, "ppo_epochs": 2,
-                "mini_batch_size": 16, "kl_coef": 0.2, "ptx_coef": 0.5, "ptx_batch_size": 4,
-                "critic_warmup_steps": 2, "sample_every": 5, "eval_samples": 2},
+        "data": {
+            "prompts": str(world_dir / "ppo_prompts.jsonl"),
+            "eval_prompts": str(world_dir / "ppo_eval_prompts.jsonl"),
+            "ptx": str(packed),
+            "ptx_eval_rows": 8,
+        },
+        "ppo": {
+            "iterations": cfg.ppo_iterations,
+            "rollout_batch_size": 16,
+            "n_samples": 2,
+            "max_new_tokens": cfg.max_new_tokens,
+            "temperature": 1.0,
+            "top_p": 0.9,
+            "ppo_epochs": 2,
+            "mini_batch_size": 16,
+            "kl_coef": 0.2,
+            "ptx_coef": 0.5,
+            "ptx_batch_size": 4,
+            "critic_warmup_steps": 2,
+            "sample_every": 5,
+            "eval_samples": 2,
+        },
         "policy_optim": {"lr": 5e-5, "schedule": "constant", "weight_decay": 0.0},
         "value_optim": {"lr": 1e-3, "schedule": "constant", "weight_decay": 0.0},
-        "train": {"micro_batch_size": 16, "eval_every": cfg.ppo_eval_every, "save_every": cfg.ppo_eval_every,
-                  "log_every": 1, "seed": cfg.seed},
-        "out_dir": str(out_dir)}
+        "train": {
+            "micro_batch_size": 16,
+            "eval_every": cfg.ppo_eval_every,
+            "save_every": cfg.ppo_eval_every,
+            "log_every": 1,
+            "seed": cfg.seed,
+        },
+        "out_dir": str(out_dir),
+    }
     if overrides:
         apply_overrides(data, [f"{k}={v}" for k, v in overrides.items()])
     return PPOConfig.model_validate(data)
@@ -288,8 +413,10 @@ def ppo_config(cfg: DemoConfig, policy: Path, reward: Path, packed: Path, world_
 
 # -------------------------------------------------------------------------------------------------- evaluation
 
-def sample_policy(model_dir: Path, prompts: list[dict], n: int, max_new_tokens: int, seed: int,
-                  batch_size: int = 64) -> list[list[str]]:
+
+def sample_policy(
+    model_dir: Path, prompts: list[dict], n: int, max_new_tokens: int, seed: int, batch_size: int = 64
+) -> list[list[str]]:
     """n sampled responses (temperature 1, top-p 0.9, fixed per-row seeds) for each prompt."""
     from align.core.chatml import render
     from base_model import QwenTokenizer, load_pretrained
@@ -300,11 +427,16 @@ def sample_policy(model_dir: Path, prompts: list[dict], n: int, max_new_tokens: 
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
     texts: list[list[str]] = [[] for _ in prompts]
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         ids = [render(p["prompt"], tokenizer, add_generation_prompt=True) for _, p in chunk]
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.9,
-                                stop_token_ids=(tokenizer.im_end_id, tokenizer.eod_id), vocab_limit=len(tokenizer),
-                                row_seeds=[seed + start + j for j in range(len(chunk))])
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            top_p=0.9,
+            stop_token_ids=(tokenizer.im_end_id, tokenizer.eod_id),
+            vocab_limit=len(tokenizer),
+            row_seeds=[seed + start + j for j in range(len(chunk))],
+        )
         for (i, _), toks in zip(chunk, generate(model, ids, params, pad_id=tokenizer.pad_id).token_ids):
             texts[i].append(tokenizer.decode(toks, skip_special_tokens=True).strip())
     return texts
@@ -332,20 +464,40 @@ def evaluate(cfg: DemoConfig, models: dict[str, Path], ppo_run: Path, world_dir:
     for name, path in models.items():
         responses = sample_policy(path, prompts, cfg.gold_samples, cfg.max_new_tokens, cfg.seed * 7919)
         scores = gold_of(prompts, responses)
-        kinds = {k: float(np.mean([s for s, p in zip(scores, prompts) if p["kind"] == k]))
-                 for k in sorted({p["kind"] for p in prompts})}
-        gold[name] = {"mean": float(np.mean(scores)), "ci95": interval(scores, cfg.seed), "by_kind": kinds,
-                      "scores": scores}
-        samples += [{"policy": name, "prompt": p["prompt"][-1]["content"], "kind": p["kind"], "response": rs[0],
-                     "gold": world.gold_score(p["prompt"], rs[0])} for p, rs in list(zip(prompts, responses))[:12]]
+        kinds = {
+            k: float(np.mean([s for s, p in zip(scores, prompts) if p["kind"] == k]))
+            for k in sorted({p["kind"] for p in prompts})
+        }
+        gold[name] = {
+            "mean": float(np.mean(scores)),
+            "ci95": interval(scores, cfg.seed),
+            "by_kind": kinds,
+            "scores": scores,
+        }
+        samples += [
+            {
+                "policy": name,
+                "prompt": p["prompt"][-1]["content"],
+                "kind": p["kind"],
+                "response": rs[0],
+                "gold": world.gold_score(p["prompt"], rs[0]),
+            }
+            for p, rs in list(zip(prompts, responses))[:12]
+        ]
     diff = [a - b for a, b in zip(gold["ppo"]["scores"], gold["sft"]["scores"])]
     summary = {
         "gold": {name: {k: v for k, v in g.items() if k != "scores"} for name, g in gold.items()},
-        "heldout_prompts": len(prompts), "samples_per_prompt": cfg.gold_samples}
+        "heldout_prompts": len(prompts),
+        "samples_per_prompt": cfg.gold_samples,
+    }
     summary["gold"]["ppo_minus_sft"] = {"mean": float(np.mean(diff)), "ci95": interval(diff, cfg.seed)}
-    write_jsonl_atomic(folder / "gold_scores.jsonl", [
-        {"prompt": p["prompt"][-1]["content"], "kind": p["kind"], **{n: gold[n]["scores"][i] for n in gold}}
-        for i, p in enumerate(prompts)])
+    write_jsonl_atomic(
+        folder / "gold_scores.jsonl",
+        [
+            {"prompt": p["prompt"][-1]["content"], "kind": p["kind"], **{n: gold[n]["scores"][i] for n in gold}}
+            for i, p in enumerate(prompts)
+        ],
+    )
     write_jsonl_atomic(folder / "samples.jsonl", samples)
     write_jsonl_atomic(folder / "gold_vs_reward.jsonl", gold_over_steps(ppo_run))
     return summary
@@ -362,13 +514,20 @@ def gold_over_steps(ppo_run: Path) -> list[dict]:
     for step in sorted(by_step):
         rows = list(by_step[step].values())
         golds = [g for r in rows if (g := world.gold_score(r["prompt"], r["response"])) is not None]
-        out.append({"step": step, "reward": float(np.mean([r["reward"] for r in rows])),
-                    "gold": float(np.mean(golds)) if golds else None, "kl": float(np.mean([r["kl"] for r in rows])),
-                    "n": len(rows)})
+        out.append(
+            {
+                "step": step,
+                "reward": float(np.mean([r["reward"] for r in rows])),
+                "gold": float(np.mean(golds)) if golds else None,
+                "kl": float(np.mean([r["kl"] for r in rows])),
+                "n": len(rows),
+            }
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------------------- the run
+
 
 def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str], None] = print) -> dict:
     from align.report import write_report
@@ -379,40 +538,106 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str],
     c = cfg.model_dump()
     total = 10
     w, tok = p.path("world"), p.path("tokenizer", "qwen.tiktoken")
-    p.stage(1, total, "world", {k: c[k] for k in ("seed", "corpus_docs", "sft_conversations", "pmp_threads",
-                                                  "label_tasks", "ppo_prompts", "ppo_eval_prompts", "heldout_prompts")},
-            lambda f: build_world(cfg, f), (build_world, *(getattr(world, n) for n in dir(world)
-                                                          if inspect.isfunction(getattr(world, n)))))
+    p.stage(
+        1,
+        total,
+        "world",
+        {
+            k: c[k]
+            for k in (
+                "seed",
+                "corpus_docs",
+                "sft_conversations",
+                "pmp_threads",
+                "label_tasks",
+                "ppo_prompts",
+                "ppo_eval_prompts",
+                "heldout_prompts",
+            )
+        },
+        lambda f: build_world(cfg, f),
+        (build_world, *(getattr(world, n) for n in dir(world) if inspect.isfunction(getattr(world, n)))),
+    )
     shutil.copyfile(w / "taxonomy.yaml", p.path("taxonomy.yaml"))
-    p.stage(2, total, "tokenizer", {"vocab_size": cfg.vocab_size}, lambda f: learn_tokenizer(cfg, w, f),
-            (learn_tokenizer,))
-    p.stage(3, total, "pretrain", {"steps": cfg.pretrain_steps, "seq": cfg.pack_seq_len, "model": MODEL},
-            lambda f: run_pretrain(cfg, tok, w, f), (run_pretrain,))
+    p.stage(
+        2, total, "tokenizer", {"vocab_size": cfg.vocab_size}, lambda f: learn_tokenizer(cfg, w, f), (learn_tokenizer,)
+    )
+    p.stage(
+        3,
+        total,
+        "pretrain",
+        {"steps": cfg.pretrain_steps, "seq": cfg.pack_seq_len, "model": MODEL},
+        lambda f: run_pretrain(cfg, tok, w, f),
+        (run_pretrain,),
+    )
     base, packed = p.path("pretrain", "run", "final"), p.path("pretrain", "packed")
     p.stage(4, total, "sft", {"steps": cfg.sft_steps}, lambda f: run_sft(cfg, base, w, f), (run_sft,))
-    p.stage(5, total, "rm_pmp", {"epochs": cfg.pmp_epochs},
-            lambda f: run_rm(cfg, "pmp", {"model": {"init": str(base)}},
-                             {"train": str(w / "pmp.jsonl"), "binarize": True, "eval_fraction": 0.1}, cfg.pmp_epochs, f),
-            (run_rm,))
-    p.stage(6, total, "labels", {"overlap": cfg.overlap, "annotators": cfg.annotators},
-            lambda f: run_labelling(cfg, w, f), (run_labelling,))
-    p.stage(7, total, "rm", {"epochs": cfg.rm_epochs, "balance_n": cfg.balance_n},
-            lambda f: run_rm(cfg, "finetune", {"init": str(p.path("rm_pmp", "run", "final"))},
-                             {"train": str(p.path("labels", "export.jsonl")), "balance_n": cfg.balance_n,
-                              "eval_fraction": 0.1}, cfg.rm_epochs, f), (run_rm,))
+    p.stage(
+        5,
+        total,
+        "rm_pmp",
+        {"epochs": cfg.pmp_epochs},
+        lambda f: run_rm(
+            cfg,
+            "pmp",
+            {"model": {"init": str(base)}},
+            {"train": str(w / "pmp.jsonl"), "binarize": True, "eval_fraction": 0.1},
+            cfg.pmp_epochs,
+            f,
+        ),
+        (run_rm,),
+    )
+    p.stage(
+        6,
+        total,
+        "labels",
+        {"overlap": cfg.overlap, "annotators": cfg.annotators},
+        lambda f: run_labelling(cfg, w, f),
+        (run_labelling,),
+    )
+    p.stage(
+        7,
+        total,
+        "rm",
+        {"epochs": cfg.rm_epochs, "balance_n": cfg.balance_n},
+        lambda f: run_rm(
+            cfg,
+            "finetune",
+            {"init": str(p.path("rm_pmp", "run", "final"))},
+            {"train": str(p.path("labels", "export.jsonl")), "balance_n": cfg.balance_n, "eval_fraction": 0.1},
+            cfg.rm_epochs,
+            f,
+        ),
+        (run_rm,),
+    )
     sft, rm = p.path("sft", "run", "final"), p.path("rm", "run", "final")
-    p.stage(8, total, "ppo", {"iterations": cfg.ppo_iterations, "eval_every": cfg.ppo_eval_every},
-            lambda f: run_ppo(cfg, sft, rm, packed, w, f), (run_ppo, ppo_config))
+    p.stage(
+        8,
+        total,
+        "ppo",
+        {"iterations": cfg.ppo_iterations, "eval_every": cfg.ppo_eval_every},
+        lambda f: run_ppo(cfg, sft, rm, packed, w, f),
+        (run_ppo, ppo_config),
+    )
     models = {"base": base, "sft": sft, "ppo": p.path("ppo", "run", "final", "policy")}
-    p.stage(9, total, "eval", {"gold_samples": cfg.gold_samples},
-            lambda f: (f / "summary.json").write_text(json.dumps(evaluate(cfg, models, p.path("ppo", "run"), w, f),
-                                                                 indent=1)),
-            (evaluate, sample_policy, gold_of, interval, gold_over_steps))
+    p.stage(
+        9,
+        total,
+        "eval",
+        {"gold_samples": cfg.gold_samples},
+        lambda f: (f / "summary.json").write_text(
+            json.dumps(evaluate(cfg, models, p.path("ppo", "run"), w, f), indent=1)
+        ),
+        (evaluate, sample_policy, gold_of, interval, gold_over_steps),
+    )
     summary = json.loads(p.path("eval", "summary.json").read_text())
     summary.update(pipeline_figures(p))
     summary["mode"] = "quick" if quick else "full"
-    summary["tokenizer"] = {"kind": "byte-level BPE learned on the demo corpus", "path": str(tok),
-                            "vocab_size": cfg.vocab_size}
+    summary["tokenizer"] = {
+        "kind": "byte-level BPE learned on the demo corpus",
+        "path": str(tok),
+        "vocab_size": cfg.vocab_size,
+    }
     summary["seconds"] = {**p.timings, "total_this_run": time.perf_counter() - t0}
     write_json_atomic(p.path("summary.json"), summary, indent=1)
     log(f"[10/{total}] report …")
@@ -435,12 +660,17 @@ def pipeline_figures(p: Pipeline) -> dict:
         "sft": {"eval_loss": last(p.path("sft", "run"), "eval/loss")},
         "rm_pmp": {"eval_accuracy": last(p.path("rm_pmp", "run"), "eval/accuracy")},
         "rm": {"eval_accuracy": last(p.path("rm", "run"), "eval/accuracy")},
-        "labels": {"agreement": agreement["overall"], "annotators": len(agreement["annotators"]),
-                   "flagged": len(agreement["flagged"])},
-        "ppo": {"eval_reward_first": _first(p.path("ppo", "run"), "eval/reward_mean"),
-                "eval_reward_last": last(p.path("ppo", "run"), "eval/reward_mean"),
-                "eval_kl_last": last(p.path("ppo", "run"), "eval/kl"),
-                "ptx_loss_last": last(p.path("ppo", "run"), "eval/ptx_loss")},
+        "labels": {
+            "agreement": agreement["overall"],
+            "annotators": len(agreement["annotators"]),
+            "flagged": len(agreement["flagged"]),
+        },
+        "ppo": {
+            "eval_reward_first": _first(p.path("ppo", "run"), "eval/reward_mean"),
+            "eval_reward_last": last(p.path("ppo", "run"), "eval/reward_mean"),
+            "eval_kl_last": last(p.path("ppo", "run"), "eval/kl"),
+            "ptx_loss_last": last(p.path("ppo", "run"), "eval/ptx_loss"),
+        },
     }
 
 
@@ -453,8 +683,10 @@ def _first(run: Path, key: str):
 
 def write_labelling_help(p: Pipeline) -> None:
     accounts = json.loads(p.path("labels", "accounts.json").read_text())
-    text = (f"Labelling app on the demo data: align label serve --demo {p.out}\n"
-            f"  then open http://127.0.0.1:7860/ and log in as 'you' (password {accounts['you']}) to rank the demo "
-            f"tasks, or as 'reviewer' (password {accounts['reviewer']}) to see agreement.\n"
-            f"  Accounts: {p.path('labels', 'accounts.json')}\n")
+    text = (
+        f"Labelling app on the demo data: align label serve --demo {p.out}\n"
+        f"  then open http://127.0.0.1:7860/ and log in as 'you' (password {accounts['you']}) to rank the demo "
+        f"tasks, or as 'reviewer' (password {accounts['reviewer']}) to see agreement.\n"
+        f"  Accounts: {p.path('labels', 'accounts.json')}\n"
+    )
     (p.out / "labelling.txt").write_text(text, encoding="utf-8")

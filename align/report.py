@@ -85,8 +85,10 @@ def write_report(folder: str | Path) -> Path:
         title = f"Demo run {folder.name}"
     else:
         raise FileNotFoundError(f"{folder}: neither a demo folder (summary.json) nor a sweep folder (sweep.json)")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
     out = folder / "report.html"
     write_text_atomic(out, page)
     return out
@@ -94,33 +96,48 @@ def write_report(folder: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------------ demo
 
+
 def demo_body(folder: Path) -> str:
     s = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     src = "summary.json"
     g = s["gold"]
     names = [n for n in ("base", "sft", "ppo") if n in g]
-    parts = [f"<p class='note'>Mode: {html.escape(s.get('mode', '?'))}. Tokenizer: "
-             f"{html.escape(s['tokenizer']['kind'])}, {num(src, 'tokenizer.vocab_size', s['tokenizer']['vocab_size'])} "
-             f"ranks. Gold scores are the demo world's programmatic judge (right answer, or a refusal of a harmful "
-             f"request), on {num(src, 'heldout_prompts', s['heldout_prompts'])} held-out prompts, "
-             f"{num(src, 'samples_per_prompt', s['samples_per_prompt'])} sampled responses each; intervals are 95% "
-             f"bootstrap intervals.</p>"]
+    parts = [
+        f"<p class='note'>Mode: {html.escape(s.get('mode', '?'))}. Tokenizer: "
+        f"{html.escape(s['tokenizer']['kind'])}, {num(src, 'tokenizer.vocab_size', s['tokenizer']['vocab_size'])} "
+        f"ranks. Gold scores are the demo world's programmatic judge (right answer, or a refusal of a harmful "
+        f"request), on {num(src, 'heldout_prompts', s['heldout_prompts'])} held-out prompts, "
+        f"{num(src, 'samples_per_prompt', s['samples_per_prompt'])} sampled responses each; intervals are 95% "
+        f"bootstrap intervals.</p>"
+    ]
     d = g["ppo_minus_sft"]
-    parts.append(f"<h2>Did PPO help?</h2><p>PPO minus SFT gold score: <b>{num(src, 'gold.ppo_minus_sft.mean', d['mean'])}"
-                 f"</b> (95% CI {num(src, 'gold.ppo_minus_sft.ci95.0', d['ci95'][0])} to "
-                 f"{num(src, 'gold.ppo_minus_sft.ci95.1', d['ci95'][1])}), paired by prompt.</p>")
+    parts.append(
+        f"<h2>Did PPO help?</h2><p>PPO minus SFT gold score: <b>{num(src, 'gold.ppo_minus_sft.mean', d['mean'])}"
+        f"</b> (95% CI {num(src, 'gold.ppo_minus_sft.ci95.0', d['ci95'][0])} to "
+        f"{num(src, 'gold.ppo_minus_sft.ci95.1', d['ci95'][1])}), paired by prompt.</p>"
+    )
     kinds = sorted(g[names[0]]["by_kind"])
-    rows = "".join(f"<tr><td>{n}</td><td class='num'>{num(src, f'gold.{n}.mean', g[n]['mean'])}</td>"
-                   f"<td class='num'>{num(src, f'gold.{n}.ci95.0', g[n]['ci95'][0])} – "
-                   f"{num(src, f'gold.{n}.ci95.1', g[n]['ci95'][1])}</td>"
-                   + "".join(f"<td class='num'>{num(src, f'gold.{n}.by_kind.{k}', g[n]['by_kind'][k])}</td>"
-                             for k in kinds) + "</tr>" for n in names)
-    parts.append("<table><tr><th>policy</th><th>gold mean</th><th>95% CI</th>"
-                 + "".join(f"<th>{html.escape(k)}</th>" for k in kinds) + f"</tr>{rows}</table>")
+    rows = "".join(
+        f"<tr><td>{n}</td><td class='num'>{num(src, f'gold.{n}.mean', g[n]['mean'])}</td>"
+        f"<td class='num'>{num(src, f'gold.{n}.ci95.0', g[n]['ci95'][0])} – "
+        f"{num(src, f'gold.{n}.ci95.1', g[n]['ci95'][1])}</td>"
+        + "".join(f"<td class='num'>{num(src, f'gold.{n}.by_kind.{k}', g[n]['by_kind'][k])}</td>" for k in kinds)
+        + "</tr>"
+        for n in names
+    )
+    parts.append(
+        "<table><tr><th>policy</th><th>gold mean</th><th>95% CI</th>"
+        + "".join(f"<th>{html.escape(k)}</th>" for k in kinds)
+        + f"</tr>{rows}</table>"
+    )
     fig, ax = plt.subplots(figsize=(4.2, 3))
-    ax.bar(names, [g[n]["mean"] for n in names], yerr=[[g[n]["mean"] - g[n]["ci95"][0] for n in names],
-                                                       [g[n]["ci95"][1] - g[n]["mean"] for n in names]],
-           capsize=4, color=["#bbb", "#7aa6d8", "#2b6cb0"][:len(names)])
+    ax.bar(
+        names,
+        [g[n]["mean"] for n in names],
+        yerr=[[g[n]["mean"] - g[n]["ci95"][0] for n in names], [g[n]["ci95"][1] - g[n]["mean"] for n in names]],
+        capsize=4,
+        color=["#bbb", "#7aa6d8", "#2b6cb0"][: len(names)],
+    )
     ax.set_ylabel("gold score (held out)")
     ax.set_ylim(0, 1)
     plots = [figure(fig, folder / "figures" / "gold_by_policy.png")]
@@ -148,35 +165,56 @@ def demo_body(folder: Path) -> str:
     parts.append("<h2>Plots</h2>" + "".join(plots))
     if curve:
         gsrc = "eval/gold_vs_reward.jsonl"
-        parts.append("<h3>Proxy and gold at each PPO evaluation</h3><table><tr><th>step</th><th>reward model</th>"
-                     "<th>gold</th><th>KL</th><th>responses</th></tr>" + "".join(
-                         f"<tr><td>{num(gsrc, f'{i}.step', r['step'])}</td>"
-                         f"<td class='num'>{num(gsrc, f'{i}.reward', r['reward'])}</td>"
-                         f"<td class='num'>{num(gsrc, f'{i}.gold', r['gold'])}</td>"
-                         f"<td class='num'>{num(gsrc, f'{i}.kl', r['kl'])}</td>"
-                         f"<td class='num'>{num(gsrc, f'{i}.n', r['n'])}</td></tr>" for i, r in enumerate(curve))
-                     + "</table>")
+        parts.append(
+            "<h3>Proxy and gold at each PPO evaluation</h3><table><tr><th>step</th><th>reward model</th>"
+            "<th>gold</th><th>KL</th><th>responses</th></tr>"
+            + "".join(
+                f"<tr><td>{num(gsrc, f'{i}.step', r['step'])}</td>"
+                f"<td class='num'>{num(gsrc, f'{i}.reward', r['reward'])}</td>"
+                f"<td class='num'>{num(gsrc, f'{i}.gold', r['gold'])}</td>"
+                f"<td class='num'>{num(gsrc, f'{i}.kl', r['kl'])}</td>"
+                f"<td class='num'>{num(gsrc, f'{i}.n', r['n'])}</td></tr>"
+                for i, r in enumerate(curve)
+            )
+            + "</table>"
+        )
     parts.append(training_curves(folder))
     samples = _jsonl(folder / "eval" / "samples.jsonl")
     if samples:
-        parts.append("<h2>Sample responses (held-out prompts)</h2><table><tr><th>policy</th><th>prompt</th>"
-                     "<th>response</th><th>gold</th></tr>" + "".join(
-                         f"<tr><td>{html.escape(r['policy'])}</td><td>{html.escape(r['prompt'])}</td>"
-                         f"<td><pre>{html.escape(r['response'])}</pre></td>"
-                         f"<td class='num'>{num('eval/samples.jsonl', f'{i}.gold', r['gold'])}</td></tr>"
-                         for i, r in enumerate(samples)) + "</table>")
+        parts.append(
+            "<h2>Sample responses (held-out prompts)</h2><table><tr><th>policy</th><th>prompt</th>"
+            "<th>response</th><th>gold</th></tr>"
+            + "".join(
+                f"<tr><td>{html.escape(r['policy'])}</td><td>{html.escape(r['prompt'])}</td>"
+                f"<td><pre>{html.escape(r['response'])}</pre></td>"
+                f"<td class='num'>{num('eval/samples.jsonl', f'{i}.gold', r['gold'])}</td></tr>"
+                for i, r in enumerate(samples)
+            )
+            + "</table>"
+        )
     flat = flatten({k: v for k, v in s.items() if k not in ("gold",)})
-    parts.append("<h2>Every figure of the run</h2><table><tr><th>key</th><th>value</th></tr>" + "".join(
-        f"<tr><td>{html.escape(k)}</td><td class='num'>"
-        + (num(src, k, v) if isinstance(v, (int, float)) or v is None else html.escape(str(v))) + "</td></tr>"
-        for k, v in flat.items()) + "</table>")
+    parts.append(
+        "<h2>Every figure of the run</h2><table><tr><th>key</th><th>value</th></tr>"
+        + "".join(
+            f"<tr><td>{html.escape(k)}</td><td class='num'>"
+            + (num(src, k, v) if isinstance(v, (int, float)) or v is None else html.escape(str(v)))
+            + "</td></tr>"
+            for k, v in flat.items()
+        )
+        + "</table>"
+    )
     return "".join(parts)
 
 
 def training_curves(folder: Path) -> str:
-    stages = [("pretrain", "train/loss", "pretraining loss"), ("sft", "train/loss", "SFT loss"),
-              ("rm_pmp", "train/loss", "PMP loss"), ("rm", "train/loss", "RM loss"),
-              ("ppo", "train/reward/raw", "PPO reward (raw)"), ("ppo", "train/kl", "PPO KL")]
+    stages = [
+        ("pretrain", "train/loss", "pretraining loss"),
+        ("sft", "train/loss", "SFT loss"),
+        ("rm_pmp", "train/loss", "PMP loss"),
+        ("rm", "train/loss", "RM loss"),
+        ("ppo", "train/reward/raw", "PPO reward (raw)"),
+        ("ppo", "train/kl", "PPO KL"),
+    ]
     fig, axes = plt.subplots(2, 3, figsize=(11, 5))
     any_plotted = False
     for ax, (stage, key, title) in zip(axes.flat, stages):
@@ -193,19 +231,35 @@ def training_curves(folder: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------------- sweeps
 
+
 def sweep_body(folder: Path) -> str:
     spec = json.loads((folder / "sweep.json").read_text(encoding="utf-8"))
     results = _jsonl(folder / "results.jsonl")
     src = "results.jsonl"
     params = spec["parameters"]
     metric = spec["rank_by"]
-    parts = [f"<p>{len(results)} finished runs of {spec['n_runs']}; ranked by <b>{html.escape(metric)}</b> "
-             f"(higher is better).</p>"]
+    parts = [
+        f"<p>{len(results)} finished runs of {spec['n_runs']}; ranked by <b>{html.escape(metric)}</b> "
+        f"(higher is better).</p>"
+    ]
     cols = ["rank", "run"] + params + ["gold", "reward", "kl", "ptx_loss"]
-    parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td class='num'>{num(src, f'{i}.{c}', r.get(c))}</td>" if c != "run"
-                         else f"<td>{html.escape(r['run'])}</td>" for c in cols) + "</tr>"
-        for i, r in enumerate(results)) + "</table>")
+    parts.append(
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        + "</tr>"
+        + "".join(
+            "<tr>"
+            + "".join(
+                f"<td class='num'>{num(src, f'{i}.{c}', r.get(c))}</td>"
+                if c != "run"
+                else f"<td>{html.escape(r['run'])}</td>"
+                for c in cols
+            )
+            + "</tr>"
+            for i, r in enumerate(results)
+        )
+        + "</table>"
+    )
     if results:
         fig, ax = plt.subplots(figsize=(4.6, 3.4))
         xs, ys = [r["kl"] for r in results], [r["reward"] for r in results]

@@ -71,8 +71,15 @@ def prepare(cfg: SweepConfig, out: Path) -> list[tuple[str, dict, Path]]:
         name = run_name(i, params)
         overrides = {ALIASES.get(k, k): v for k, v in {**cfg.fixed, **params}.items()}
         try:
-            ppo = ppo_config(demo_cfg, demo / "sft" / "run" / "final", demo / "rm" / "run" / "final",
-                             demo / "pretrain" / "packed", demo / "world", out / name / "run", overrides)
+            ppo = ppo_config(
+                demo_cfg,
+                demo / "sft" / "run" / "final",
+                demo / "rm" / "run" / "final",
+                demo / "pretrain" / "packed",
+                demo / "world",
+                out / name / "run",
+                overrides,
+            )
         except ConfigError as e:
             raise ConfigError(f"sweep run {name}: {e}") from None
         ppo = ppo.model_copy(update={"resume": True})
@@ -90,11 +97,22 @@ def run_sweep(path: str | Path, overrides: list[str] = (), log=print) -> Path:
         log(f"[sweep] the demo folder {cfg.demo.out} is not complete: running `align demo` there first")
         run_demo(Path(cfg.demo.out), quick=cfg.demo.quick)
     runs = prepare(cfg, out)
-    (out / "sweep.json").write_text(json.dumps({"parameters": list(cfg.parameters), "rank_by": cfg.rank_by,
-                                                "n_runs": len(runs), "config": cfg.model_dump()}, indent=1))
+    (out / "sweep.json").write_text(
+        json.dumps(
+            {
+                "parameters": list(cfg.parameters),
+                "rank_by": cfg.rank_by,
+                "n_runs": len(runs),
+                "config": cfg.model_dump(),
+            },
+            indent=1,
+        )
+    )
     todo = [r for r in runs if not (out / r[0] / "result.json").exists()]
-    log(f"[sweep] {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run "
-        f"({cfg.parallel} at a time)")
+    log(
+        f"[sweep] {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run "
+        f"({cfg.parallel} at a time)"
+    )
     active: list[tuple[str, subprocess.Popen, float]] = []
     queue = list(todo)
     while queue or active:
@@ -104,9 +122,12 @@ def run_sweep(path: str | Path, overrides: list[str] = (), log=print) -> Path:
             folder.mkdir(exist_ok=True)
             (folder / "params.json").write_text(json.dumps(params))
             (folder / "config.yaml").write_text(yaml.safe_dump(ppo.model_dump(mode="json"), sort_keys=False))
-            proc = subprocess.Popen([sys.executable, "-m", "align.cli", "ppo", str(folder / "config.yaml")],
-                                    stdout=open(folder / "log.txt", "ab"), stderr=subprocess.STDOUT,
-                                    env=subprocess_env())
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "align.cli", "ppo", str(folder / "config.yaml")],
+                stdout=open(folder / "log.txt", "ab"),
+                stderr=subprocess.STDOUT,
+                env=subprocess_env(),
+            )
             active.append((name, proc, time.perf_counter()))
             log(f"[sweep] started {name}")
         time.sleep(0.5)
@@ -124,8 +145,10 @@ def run_sweep(path: str | Path, overrides: list[str] = (), log=print) -> Path:
 
     report = write_report(out)
     best = results[0]
-    log(f"[sweep] best by {cfg.rank_by}: {best['run']} (gold {best['gold']:.3f}, reward {best['reward']:.3f}, "
-        f"KL {best['kl']:.2f}); table {out / 'results.md'}, report {report}")
+    log(
+        f"[sweep] best by {cfg.rank_by}: {best['run']} (gold {best['gold']:.3f}, reward {best['reward']:.3f}, "
+        f"KL {best['kl']:.2f}); table {out / 'results.md'}, report {report}"
+    )
     return out
 
 
@@ -137,9 +160,15 @@ def finish_run(cfg: SweepConfig, folder: Path, seconds: float) -> None:
     write_jsonl_atomic(folder / "gold_vs_reward.jsonl", curve)
     evals = [r for r in read_metrics(folder / "run") if "eval/reward_mean" in r]
     last = evals[-1] if evals else {}
-    result = {"run": folder.name, **json.loads((folder / "params.json").read_text()),
-              "gold": curve[-1]["gold"] if curve else None, "reward": last.get("eval/reward_mean"),
-              "kl": last.get("eval/kl"), "ptx_loss": last.get("eval/ptx_loss"), "seconds": seconds}
+    result = {
+        "run": folder.name,
+        **json.loads((folder / "params.json").read_text()),
+        "gold": curve[-1]["gold"] if curve else None,
+        "reward": last.get("eval/reward_mean"),
+        "kl": last.get("eval/kl"),
+        "ptx_loss": last.get("eval/ptx_loss"),
+        "seconds": seconds,
+    }
     write_json_atomic(folder / "result.json", result)
 
 

@@ -221,8 +221,10 @@ def _read_json(path: Path) -> dict:
 def read_state_dict(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder, from safetensors or .bin, sharded or not, read straight onto `device`
     (safetensors; a .bin file goes through the CPU)."""
-    for index_name, loader in (("model.safetensors.index.json", _load_safetensors),
-                               ("pytorch_model.bin.index.json", _load_bin)):
+    for index_name, loader in (
+        ("model.safetensors.index.json", _load_safetensors),
+        ("pytorch_model.bin.index.json", _load_bin),
+    ):
         index_path = folder / index_name
         if index_path.exists():
             weight_map: dict[str, str] = _read_json(index_path).get("weight_map") or {}
@@ -302,7 +304,9 @@ def load_pretrained(
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = QwenForCausalLM(config)
-    expected = {k: v for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    expected = {
+        k: v for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")
+    }
     for name, param in expected.items():
         if name not in state:
             raise CheckpointError(f"{_tensor_file(folder, name, arch)}: tensor {name!r} is missing")

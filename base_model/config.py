@@ -65,8 +65,7 @@ class QwenConfig(BaseModel):
             raise ValueError(f"rotary dimension {self.rotary_dim} must be even (head_dim * rotary_pct)")
         if self.window_sizes is not None and len(self.window_sizes) != self.num_hidden_layers:
             raise ValueError(
-                f"window_sizes has {len(self.window_sizes)} entries; expected one per layer "
-                f"({self.num_hidden_layers})"
+                f"window_sizes has {len(self.window_sizes)} entries; expected one per layer ({self.num_hidden_layers})"
             )
         if self.ntk_alpha < 1.0:
             raise ValueError(f"ntk_alpha={self.ntk_alpha} must be >= 1 (1 disables static NTK scaling)")

@@ -57,19 +57,29 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k:
     return logits
 
 
-def _uniforms(b: int, device: torch.device, generator: torch.Generator | None,
-              row_generators: list[torch.Generator] | None, rows: torch.Tensor) -> torch.Tensor:
+def _uniforms(
+    b: int,
+    device: torch.device,
+    generator: torch.Generator | None,
+    row_generators: list[torch.Generator] | None,
+    rows: torch.Tensor,
+) -> torch.Tensor:
     """(len(rows),) float64 uniforms for the given rows: from each row's own generator when there are some (so a
     row's draws do not depend on the others), else b draws from the shared one of which the rows' are used."""
     if row_generators is not None:
-        return torch.cat([torch.rand(1, generator=row_generators[i], device=device, dtype=torch.float64)
-                          for i in rows.tolist()])
+        return torch.cat(
+            [torch.rand(1, generator=row_generators[i], device=device, dtype=torch.float64) for i in rows.tolist()]
+        )
     return torch.rand(b, generator=generator, device=device, dtype=torch.float64)[rows]
 
 
-def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None,
-                  row_generators: list[torch.Generator] | None = None, top_p: float = 1.0,
-                  max_rounds: int = 16) -> torch.Tensor:
+def sample_tokens(
+    probs: torch.Tensor,
+    generator: torch.Generator | None = None,
+    row_generators: list[torch.Generator] | None = None,
+    top_p: float = 1.0,
+    max_rounds: int = 16,
+) -> torch.Tensor:
     """(B, V) probabilities (not necessarily normalised) → (B,) token ids from the top-p nucleus of each row.
 
     One draw per row inverts the cumulative distribution (exact: a token of probability 0 is never drawn; one
@@ -161,8 +171,8 @@ def generate(
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((b, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p)
-        attention_mask[i, width - len(p):] = 1
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attention_mask[i, width - len(p) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     mask_arg = attention_mask if not bool(attention_mask.all()) else None
 
@@ -194,16 +204,20 @@ def generate(
                 logits = model(input_ids, attention_mask=mask_arg, past_key_values=cache, last_only=True).logits[:, -1]
                 if mode != "dynamic":
                     cache.start_static_decoding(mask_arg, cache.inv_freq)
-                    decoder = CapturedDecoder(model, cache, b) if mode == "graph" else \
-                        (lambda ids: model.decode_step(ids, cache))
+                    decoder = (
+                        CapturedDecoder(model, cache, b)
+                        if mode == "graph"
+                        else (lambda ids: model.decode_step(ids, cache))
+                    )
             elif decoder is not None:
                 logits = decoder(next_ids[:, None])
             else:
-                logits = model(next_ids[:, None], attention_mask=mask_arg, past_key_values=cache,
-                               last_only=True).logits[:, -1]
+                logits = model(
+                    next_ids[:, None], attention_mask=mask_arg, past_key_values=cache, last_only=True
+                ).logits[:, -1]
             logits = logits.float()  # (B, V)
             if sampling.vocab_limit is not None:
-                logits[:, sampling.vocab_limit:] = float("-inf")
+                logits[:, sampling.vocab_limit :] = float("-inf")
             if return_logits:
                 step_logits.append(logits.clone())
             if sampling.temperature == 0:

@@ -14,8 +14,9 @@ import json
 @functools.cache
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -49,19 +50,31 @@ def tokenizer_json(ranks: dict[bytes, int], special_tokens: dict[str, int], patt
     if hasattr(tok.model, "ignore_merges"):
         tok.model.ignore_merges = True  # a whole pre-token that is itself in the vocabulary is one token, as tiktoken
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, _ in sorted(special_tokens.items(), key=lambda x: x[1])])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, _ in sorted(special_tokens.items(), key=lambda x: x[1])]
+    )
     return tok.to_str()
 
 
 def tokenizer_config(special_tokens: dict[str, int], eos: str, pad: str, max_length: int) -> str:
-    decoder = {str(i): {"content": t, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
-                        "single_word": False} for t, i in special_tokens.items()}
+    decoder = {
+        str(i): {
+            "content": t,
+            "special": True,
+            "normalized": False,
+            "lstrip": False,
+            "rstrip": False,
+            "single_word": False,
+        }
+        for t, i in special_tokens.items()
+    }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": decoder,

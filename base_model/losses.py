@@ -41,8 +41,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
-            h = hidden[start:start + rows]  # (C, E)
-            y = labels[start:start + rows]  # (C,)
+            h = hidden[start : start + rows]  # (C, E)
+            y = labels[start : start + rows]  # (C,)
             valid = y != IGNORE_INDEX
             target = torch.where(valid, y, 0)
             logits = (h @ weight.T).float()  # (C, V)
@@ -55,7 +55,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g.mul_(valid[:, None])
                 g = g.to(hidden.dtype)  # (C, V)
                 if need_h:
-                    grad_h[start:start + rows] = g @ weight
+                    grad_h[start : start + rows] = g @ weight
                 if need_w:
                     grad_w.addmm_(g.T.float(), h.float())  # (V, E), accumulated in fp32
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
@@ -64,12 +64,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
-                grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None, None, None)
+        return (
+            grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+            grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None,
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             rows: int | None = None, fused: bool = True) -> torch.Tensor:
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int | None = None, fused: bool = True
+) -> torch.Tensor:
     """hidden (..., E), weight (V, E), labels (...) with -100 for no loss → () fp32 sum over labelled rows of
     -log softmax(hidden @ weight.T)[label]. The rows and labels must already be aligned (shift before calling)."""
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -79,7 +84,13 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
         return (loss[0] if isinstance(loss, tuple) else loss).float()
     if not torch.is_grad_enabled() or not (h.requires_grad or weight.requires_grad):
         rows = rows or chunk_rows(weight.shape[0])
-        return sum((F.cross_entropy((h[s:s + rows] @ weight.T).float(), y[s:s + rows], ignore_index=IGNORE_INDEX,
-                                    reduction="sum") for s in range(0, h.shape[0], rows)),
-                   torch.zeros((), device=h.device))
+        return sum(
+            (
+                F.cross_entropy(
+                    (h[s : s + rows] @ weight.T).float(), y[s : s + rows], ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+                for s in range(0, h.shape[0], rows)
+            ),
+            torch.zeros((), device=h.device),
+        )
     return _ChunkedLinearCrossEntropy.apply(h, weight, y, rows or chunk_rows(weight.shape[0]))

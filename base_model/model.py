@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(rotary_dim: int, base: float, device: torch.device | None = None) -> torch.Tensor:
     """(R/2,) fp32 inverse frequencies, computed in fp32 exactly as Qwen v1 does."""
     exponents = torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim
-    return 1.0 / (base ** exponents)
+    return 1.0 / (base**exponents)
 
 
 def rope_inv_freqs(rotary_dim: int, bases: list[float], device: torch.device | None = None) -> torch.Tensor:
@@ -126,10 +126,10 @@ class KVCache:
         b, device = self.keys[0].shape[0], self.keys[0].device
         self.key_valid = torch.zeros((b, self.max_length), dtype=torch.bool, device=device)
         if attention_mask is None:
-            self.key_valid[:, :self.length] = True
+            self.key_valid[:, : self.length] = True
             self.next_positions = torch.full((b, 1), self.length, dtype=torch.long, device=device)
         else:
-            self.key_valid[:, :self.length] = attention_mask.bool()
+            self.key_valid[:, : self.length] = attention_mask.bool()
             self.next_positions = attention_mask.long().sum(-1, keepdim=True)
         self.position = torch.tensor([self.length], dtype=torch.long, device=device)
         self.inv_freq = inv_freq
@@ -183,15 +183,20 @@ class QwenAttention(nn.Module):
             out = attention_by_document(q, k, v, bias.documents, dropout)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias.mask, dropout_p=dropout,
+                q,
+                k,
+                v,
+                attn_mask=bias.mask,
+                dropout_p=dropout,
                 is_causal=bias.is_causal and bias.mask is None,
                 enable_gqa=self.num_kv_heads != self.num_heads,
             )  # (B, H, L, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
 
 
-def attention_by_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: list[tuple[int, int, int]],
-                          dropout: float) -> torch.Tensor:
+def attention_by_document(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: list[tuple[int, int, int]], dropout: float
+) -> torch.Tensor:
     """q (B, H, L, D), k/v (B, G, L, D) → (B, H, L, D): causal attention inside each (row, start, end) document of
     packed rows. The same result as the block-diagonal mask, without computing the blocks between documents (for a
     row of n equal documents, 1/n of the work) and with the causal kernel instead of an explicit mask."""
@@ -199,9 +204,16 @@ def attention_by_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc
     rows: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
     for row, start, end in documents:
         span = slice(start, end)
-        rows[row].append(F.scaled_dot_product_attention(
-            q[row:row + 1, :, span], k[row:row + 1, :, span], v[row:row + 1, :, span], dropout_p=dropout,
-            is_causal=True, enable_gqa=gqa))  # (1, H, end - start, D)
+        rows[row].append(
+            F.scaled_dot_product_attention(
+                q[row : row + 1, :, span],
+                k[row : row + 1, :, span],
+                v[row : row + 1, :, span],
+                dropout_p=dropout,
+                is_causal=True,
+                enable_gqa=gqa,
+            )
+        )  # (1, H, end - start, D)
     return torch.cat([torch.cat(pieces, dim=2) for pieces in rows], dim=0)
 
 
@@ -285,8 +297,9 @@ class QwenModel(nn.Module):
             logn = logn_factors(position_ids, cfg.seq_length)
 
         doc_ids = (position_ids == 0).cumsum(-1) if packed else None  # (B, L)
-        biases = _attention_biases(cfg, length, past, attention_mask, doc_ids, input_ids.device,
-                                   self.embed_tokens.weight.dtype)
+        biases = _attention_biases(
+            cfg, length, past, attention_mask, doc_ids, input_ids.device, self.embed_tokens.weight.dtype
+        )
 
         x = self.embed_dropout(self.embed_tokens(input_ids))  # (B, L, E)
         for i, layer in enumerate(self.layers):
@@ -343,11 +356,12 @@ def _default_positions(b, length, past, attention_mask, device) -> torch.Tensor:
     if attention_mask is None:
         return torch.arange(past, past + length, device=device).expand(b, length)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: first real token at 0
-    return positions[:, past:past + length]
+    return positions[:, past : past + length]
 
 
-def _attention_biases(cfg, length, past, attention_mask, doc_ids, device,
-                      dtype: torch.dtype = torch.float32) -> dict[int | None, AttentionBias]:
+def _attention_biases(
+    cfg, length, past, attention_mask, doc_ids, device, dtype: torch.dtype = torch.float32
+) -> dict[int | None, AttentionBias]:
     """One AttentionBias per distinct window size (None: full attention). Packed rows without padding take one
     varlen call per layer on CUDA (fp16/bf16), else one causal call per document where no window cuts one."""
     windows = set(cfg.window_sizes or [None])
@@ -407,8 +421,13 @@ class QwenForCausalLM(nn.Module):
     initialised once (`reset_parameters`); under `torch.device("meta")` it stays unmaterialised. With `seed`, the
     initialisation draws from its own generator on that device, whatever the global RNG has done before."""
 
-    def __init__(self, config: QwenConfig, device: torch.device | str | None = None, seed: int | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        config: QwenConfig,
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         target = torch.device(device) if device is not None else torch.get_default_device()

@@ -23,8 +23,13 @@ def available() -> bool:
 
 def _packable(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
-    return (isinstance(m, nn.Linear) and w is not None and w.device.type == "cpu" and w.dtype == torch.float32
-            and w.shape == (m.out_features, m.in_features))  # a partitioned (ZeRO-3) weight is not whole
+    return (
+        isinstance(m, nn.Linear)
+        and w is not None
+        and w.device.type == "cpu"
+        and w.dtype == torch.float32
+        and w.shape == (m.out_features, m.in_features)
+    )  # a partitioned (ZeRO-3) weight is not whole
 
 
 def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

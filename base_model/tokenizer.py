@@ -21,9 +21,7 @@ import tiktoken
 from base_model.atomic import write_bytes_atomic
 
 # Qwen v1's pattern: like cl100k_base but with single digits (\p{N} instead of \p{N}{1,3}).
-PAT_STR = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -138,7 +136,9 @@ class QwenTokenizer:
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
 
-    def encode_batch(self, texts: Iterable[str], allowed_special: Literal["all"] | Collection[str] = ()) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Iterable[str], allowed_special: Literal["all"] | Collection[str] = ()
+    ) -> list[list[int]]:
         texts = [unicodedata.normalize("NFC", t) for t in texts]
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         return self._encoding.encode_batch(texts, allowed_special=allowed, disallowed_special=())

@@ -57,15 +57,32 @@ def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                     dropout: float, window: int | None) -> torch.Tensor:
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+    dropout: float,
+    window: int | None,
+) -> torch.Tensor:
     """q (B, H, L, D), k/v (B, G, L, D) → (B, H, L, D); causal within each document, nothing across them."""
     b, h, length, d = q.shape
     flat = lambda t: t.transpose(1, 2).reshape(b * length, t.shape[1], d)  # (B*L, heads, D)
     window_size = (window - 1, 0) if window is not None else (-1, 0)
     if _flash_attn() is not None:
-        out = _flash_attn()(flat(q), flat(k), flat(v), cu_seqlens, cu_seqlens, max_len, max_len, dropout_p=dropout,
-                            causal=True, window_size=(window - 1, 0) if window is not None else (-1, -1))
+        out = _flash_attn()(
+            flat(q),
+            flat(k),
+            flat(v),
+            cu_seqlens,
+            cu_seqlens,
+            max_len,
+            max_len,
+            dropout_p=dropout,
+            causal=True,
+            window_size=(window - 1, 0) if window is not None else (-1, -1),
+        )
     else:
         if dropout:
             raise ValueError("PyTorch's varlen attention has no dropout; the model uses it only without dropout")
@@ -73,6 +90,5 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if k.shape[1] != h and not has_gqa:
             k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))
         extra = {"enable_gqa": True} if has_gqa and k.shape[1] != h else {}
-        out = fn(flat(q), flat(k), flat(v), cu_seqlens, cu_seqlens, max_len, max_len, window_size=window_size,
-                 **extra)
+        out = fn(flat(q), flat(k), flat(v), cu_seqlens, cu_seqlens, max_len, max_len, window_size=window_size, **extra)
     return out.reshape(b, length, h, d).transpose(1, 2)  # (B, H, L, D)

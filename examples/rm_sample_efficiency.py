@@ -19,15 +19,30 @@ from align.world.preferences import forum_threads, translation_comparisons
 
 
 def align(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "align.cli", *args], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "align.cli", *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def heldout_accuracy(run: Path, out: Path) -> dict:
     metrics = subprocess.run(
-        [sys.executable, "-m", "align.cli", "rm", "eval", "--model", str(run / "final"), "--data",
-         str(out / "heldout.jsonl"), "--json"], check=True, capture_output=True, text=True).stdout
-    return json.loads(metrics[metrics.index("{"):])["overall"]
+        [
+            sys.executable,
+            "-m",
+            "align.cli",
+            "rm",
+            "eval",
+            "--model",
+            str(run / "final"),
+            "--data",
+            str(out / "heldout.jsonl"),
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(metrics[metrics.index("{") :])["overall"]
 
 
 def main() -> None:
@@ -47,12 +62,24 @@ def main() -> None:
         for init in ("base", "pmp"):
             run = out / f"{init}-{n}"
             extra = [f"init={out / 'pmp' / 'final'}"] if init == "pmp" else []
-            align("rm", "train", "configs/rm/tiny.yaml", f"data.train={out / 'pool.jsonl'}", f"data.limit={n}",
-                  "data.eval_fraction=0", f"train.max_steps={args.steps}", f"out_dir={run}", *extra)
+            align(
+                "rm",
+                "train",
+                "configs/rm/tiny.yaml",
+                f"data.train={out / 'pool.jsonl'}",
+                f"data.limit={n}",
+                "data.eval_fraction=0",
+                f"train.max_steps={args.steps}",
+                f"out_dir={run}",
+                *extra,
+            )
             overall = heldout_accuracy(run, out)
             results.append({"pairs": n, "init": init, **overall})
-            print(f"{init:>4} init, {n:>5} pairs: held-out accuracy {overall['accuracy']:.3f} "
-                  f"[{overall['ci95'][0]:.3f}, {overall['ci95'][1]:.3f}]", flush=True)
+            print(
+                f"{init:>4} init, {n:>5} pairs: held-out accuracy {overall['accuracy']:.3f} "
+                f"[{overall['ci95'][0]:.3f}, {overall['ci95'][1]:.3f}]",
+                flush=True,
+            )
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -28,8 +28,8 @@ def kendalls_w(rankings: list[list[int]]) -> float | None:
     ranks = np.array([rankdata(r, method="average") for r in rankings])  # [m, n]
     totals = ranks.sum(axis=0)
     s = float(((totals - totals.mean()) ** 2).sum())
-    ties = sum(float((c ** 3 - c).sum()) for r in rankings for c in [np.unique(r, return_counts=True)[1]])
-    denom = m ** 2 * (n ** 3 - n) - m * ties
+    ties = sum(float((c**3 - c).sum()) for r in rankings for c in [np.unique(r, return_counts=True)[1]])
+    denom = m**2 * (n**3 - n) - m * ties
     return s * 12 / denom if denom > 0 else None
 
 
@@ -43,7 +43,9 @@ def pairwise_agreement(rankings: list[list[int]]) -> float | None:
     if len(rankings) < 2:
         return None
     k = len(rankings[0])
-    same = [_order(a, i, j) == _order(b, i, j) for a, b in combinations(rankings, 2) for i, j in combinations(range(k), 2)]
+    same = [
+        _order(a, i, j) == _order(b, i, j) for a, b in combinations(rankings, 2) for i, j in combinations(range(k), 2)
+    ]
     return sum(same) / len(same) if same else None
 
 
@@ -72,10 +74,13 @@ def _mean(values: list[float | None]) -> float | None:
 def agreement(items: list[dict[str, list[int]]]) -> dict:
     """The three statistics over items (annotator -> ranks); W and pairwise agreement averaged over items."""
     multi = [it for it in items if len(it) >= 2]
-    return {"items": len(items), "items_multi": len(multi),
-            "kendall_w": _mean([kendalls_w(list(it.values())) for it in multi]),
-            "pairwise": _mean([pairwise_agreement(list(it.values())) for it in multi]),
-            "krippendorff_alpha": krippendorff_alpha(multi)}
+    return {
+        "items": len(items),
+        "items_multi": len(multi),
+        "kendall_w": _mean([kendalls_w(list(it.values())) for it in multi]),
+        "pairwise": _mean([pairwise_agreement(list(it.values())) for it in multi]),
+        "krippendorff_alpha": krippendorff_alpha(multi),
+    }
 
 
 def project_report(rows: list[tuple[object, list[tuple[object, str]]]]) -> dict:
@@ -91,8 +96,16 @@ def project_report(rows: list[tuple[object, list[tuple[object, str]]]]) -> dict:
             if a.seconds is not None:
                 st["seconds"].append(a.seconds)
             if a.unsafe or a.all_bad:
-                flagged.append({"task": task.id, "annotator": name, "unsafe": a.unsafe or "", "all_bad": a.all_bad,
-                                "rationale": a.rationale, "prompt": _text(task.prompt)[:200]})
+                flagged.append(
+                    {
+                        "task": task.id,
+                        "annotator": name,
+                        "unsafe": a.unsafe or "",
+                        "all_bad": a.all_bad,
+                        "rationale": a.rationale,
+                        "prompt": _text(task.prompt)[:200],
+                    }
+                )
         if not ranked:
             continue
         items.append(ranked)
@@ -102,12 +115,22 @@ def project_report(rows: list[tuple[object, list[tuple[object, str]]]]) -> dict:
             others = [r for n, r in ranked.items() if n != name]
             if others:
                 stats[name]["agree"].append(pairwise_agreement([ranks, merge_rankings(others)]))
-    annotators = [{"annotator": n, "annotations": st["annotations"],
-                   "skip_rate": st["skips"] / st["annotations"],
-                   "median_seconds": median(st["seconds"]) if st["seconds"] else None,
-                   "agreement_with_majority": _mean(st["agree"])} for n, st in sorted(stats.items())]
-    return {"overall": agreement(items), "per_tag": {t: agreement(v) for t, v in sorted(by_tag.items())},
-            "annotators": annotators, "flagged": flagged}
+    annotators = [
+        {
+            "annotator": n,
+            "annotations": st["annotations"],
+            "skip_rate": st["skips"] / st["annotations"],
+            "median_seconds": median(st["seconds"]) if st["seconds"] else None,
+            "agreement_with_majority": _mean(st["agree"]),
+        }
+        for n, st in sorted(stats.items())
+    ]
+    return {
+        "overall": agreement(items),
+        "per_tag": {t: agreement(v) for t, v in sorted(by_tag.items())},
+        "annotators": annotators,
+        "flagged": flagged,
+    }
 
 
 def _text(prompt) -> str:

@@ -35,8 +35,11 @@ class AnnotationIn(BaseModel):
 
 def validate_items(items: list, known_tags: set[str] | None = None) -> list[str]:
     """Every problem of an import, item by item (the import is refused as a whole if there is any)."""
-    return [e for i, item in enumerate(items)
-            for e in ComparisonRecord.problems(item, f"item {i}", ranked=False, known_tags=known_tags)]
+    return [
+        e
+        for i, item in enumerate(items)
+        for e in ComparisonRecord.problems(item, f"item {i}", ranked=False, known_tags=known_tags)
+    ]
 
 
 def read_task_file(path: Path, known_tags: set[str] | None = None) -> list[dict]:
@@ -82,6 +85,7 @@ def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
             if user.role not in allowed:
                 raise HTTPException(403, f"this needs the role {' or '.join(allowed)}")
             return user
+
         return check
 
     @app.post("/api/login")
@@ -96,18 +100,32 @@ def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
         task = await call(store.next_task, project, user.id)
         if task is None:
             return Response(status_code=204)
-        return {"id": task.id, "prompt": as_messages(task.prompt, f"task {task.id}"), "responses": task.responses, "tags": task.tags}
+        return {
+            "id": task.id,
+            "prompt": as_messages(task.prompt, f"task {task.id}"),
+            "responses": task.responses,
+            "tags": task.tags,
+        }
 
     @app.post("/api/tasks/{task_id}/annotations", status_code=201)
-    async def annotate(task_id: int, body: AnnotationIn,
-                       user: User = Depends(role("annotator", "reviewer", "admin"))):
+    async def annotate(task_id: int, body: AnnotationIn, user: User = Depends(role("annotator", "reviewer", "admin"))):
         if not body.skip:
             if body.ranks is None or not body.ranks or any(r < 1 for r in body.ranks):
                 raise HTTPException(422, "'ranks' must give each response a rank >= 1 (or send skip: true)")
         try:
-            ann_id = await call(store.submit, task_id, user.id, ranks=None if body.skip else body.ranks,
-                                skipped=body.skip, all_bad=body.all_bad, unsafe=body.unsafe, tags=body.tags,
-                                rationale=body.rationale, strength=body.strength, expected_k=True)
+            ann_id = await call(
+                store.submit,
+                task_id,
+                user.id,
+                ranks=None if body.skip else body.ranks,
+                skipped=body.skip,
+                all_bad=body.all_bad,
+                unsafe=body.unsafe,
+                tags=body.tags,
+                rationale=body.rationale,
+                strength=body.strength,
+                expected_k=True,
+            )
         except KeyError as e:
             raise HTTPException(404, str(e)) from None
         except Conflict as e:
@@ -117,8 +135,9 @@ def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
         return {"id": ann_id}
 
     @app.post("/api/projects/{name}/tasks", status_code=201)
-    async def import_tasks(name: str, request: Request, overlap: int = Query(1, ge=1),
-                           user: User = Depends(role("admin"))):
+    async def import_tasks(
+        name: str, request: Request, overlap: int = Query(1, ge=1), user: User = Depends(role("admin"))
+    ):
         try:
             items = await request.json()
         except ValueError:
@@ -131,8 +150,11 @@ def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
         return {"imported": store.import_tasks(name, items, overlap)}
 
     @app.get("/api/projects/{name}/export", response_class=PlainTextResponse)
-    def export(name: str, rule: Literal["majority", "ranked_pairs"] = "majority",
-               user: User = Depends(role("admin", "reviewer"))):
+    def export(
+        name: str,
+        rule: Literal["majority", "ranked_pairs"] = "majority",
+        user: User = Depends(role("admin", "reviewer")),
+    ):
         try:
             rows = store.annotations(name)
         except KeyError as e:

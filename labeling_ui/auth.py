@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import secrets
 
-N, R, P = 2 ** 14, 8, 1
+N, R, P = 2**14, 8, 1
 
 
 def hash_password(password: str) -> str:
@@ -20,8 +20,9 @@ def verify_password(password: str, stored: str) -> bool:
     try:
         _, n, r, p, salt, digest = stored.split("$")
         expected = base64.b64decode(digest)
-        got = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
-                             dklen=len(expected))
+        got = hashlib.scrypt(
+            password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p), dklen=len(expected)
+        )
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, expected)

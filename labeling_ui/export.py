@@ -34,8 +34,15 @@ def merge_rankings(rankings: list[list[int]], rule: Rule = "majority") -> list[i
         wins = [sum(1 for j in range(k) if j != i and votes[(i, j)] > votes[(j, i)]) for i in range(k)]
         order = sorted(set(wins), reverse=True)
         return [order.index(w) + 1 for w in wins]
-    margins = sorted(((votes[(i, j)] - votes[(j, i)], i, j) for i in range(k) for j in range(k)
-                      if i != j and votes[(i, j)] > votes[(j, i)]), key=lambda x: (-x[0], x[1], x[2]))
+    margins = sorted(
+        (
+            (votes[(i, j)] - votes[(j, i)], i, j)
+            for i in range(k)
+            for j in range(k)
+            if i != j and votes[(i, j)] > votes[(j, i)]
+        ),
+        key=lambda x: (-x[0], x[1], x[2]),
+    )
     locked: set[tuple[int, int]] = set()
 
     def reaches(a: int, b: int) -> bool:
@@ -44,7 +51,7 @@ def merge_rankings(rankings: list[list[int]], rule: Rule = "majority") -> list[i
             x = stack.pop()
             if x == b:
                 return True
-            for (u, v) in locked:
+            for u, v in locked:
                 if u == x and v not in seen:
                     seen.add(v)
                     stack.append(v)
@@ -67,8 +74,18 @@ def comparison_record(task, annotations: list[tuple[object, str]], rule: Rule = 
     strengths = [a.strength for a, _ in ranked if a.strength is not None]
     tags = sorted({t for a, _ in ranked for t in (a.tags or [])} | set(task.tags or []))
     return ComparisonRecord(
-        task.prompt, task.responses, ranking, sum(strengths) / len(strengths) if strengths else None, tags,
-        ",".join(name for _, name in ranked), "human",
-        {"annotators": [name for _, name in ranked], "individual_rankings": [a.ranks for a, _ in ranked],
-         "all_bad": any(a.all_bad for a, _ in ranked), "unsafe": [a.unsafe for a, _ in ranked if a.unsafe],
-         "task_id": task.id}).to_dict()
+        task.prompt,
+        task.responses,
+        ranking,
+        sum(strengths) / len(strengths) if strengths else None,
+        tags,
+        ",".join(name for _, name in ranked),
+        "human",
+        {
+            "annotators": [name for _, name in ranked],
+            "individual_rankings": [a.ranks for a, _ in ranked],
+            "all_bad": any(a.all_bad for a, _ in ranked),
+            "unsafe": [a.unsafe for a, _ in ranked if a.unsafe],
+            "task_id": task.id,
+        },
+    ).to_dict()

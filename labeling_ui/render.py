@@ -13,7 +13,9 @@ from pygments.util import ClassNotFound
 
 from align.core.records import as_messages
 
-CSS = HtmlFormatter(style="friendly").get_style_defs("pre code") + """
+CSS = (
+    HtmlFormatter(style="friendly").get_style_defs("pre code")
+    + """
 .chat { display: flex; flex-direction: column; gap: 8px; }
 .turn { padding: 8px 12px; border-radius: 8px; max-width: 90%; }
 .turn.user { background: #e8f0fe; align-self: flex-end; }
@@ -26,6 +28,7 @@ CSS = HtmlFormatter(style="friendly").get_style_defs("pre code") + """
 .progress-wrap { font-size: 0.9em; }
 .progress-wrap progress { width: 100%; height: 12px; }
 """
+)
 
 
 def _highlight(code: str, lang: str, _attrs) -> str:
@@ -46,21 +49,27 @@ def markdown(text: str) -> str:
 
 def conversation(prompt: list[dict] | str) -> str:
     messages = as_messages(prompt, "task")
-    turns = "".join(f'<div class="turn {html.escape(m.get("role", "user"))}"><div class="who">'
-                    f'{html.escape(m.get("role", "user"))}</div>{markdown(m.get("content", ""))}</div>'
-                    for m in messages)
+    turns = "".join(
+        f'<div class="turn {html.escape(m.get("role", "user"))}"><div class="who">'
+        f"{html.escape(m.get('role', 'user'))}</div>{markdown(m.get('content', ''))}</div>"
+        for m in messages
+    )
     return f'<div class="chat" id="chat">{turns}</div>'
 
 
 def responses(texts: list[str]) -> str:
-    cards = "".join(f'<div class="response" data-index="{i}"><h4>Response {i + 1}</h4>{markdown(t)}</div>'
-                    for i, t in enumerate(texts))
+    cards = "".join(
+        f'<div class="response" data-index="{i}"><h4>Response {i + 1}</h4>{markdown(t)}</div>'
+        for i, t in enumerate(texts)
+    )
     return f'<div class="responses">{cards}</div>'
 
 
 def progress(p: dict[str, int]) -> str:
     mine_total = p["mine_done"] + p["mine_remaining"]
-    return (f'<div class="progress-wrap">You: {p["mine_done"]} done, {p["mine_remaining"]} remaining '
-            f'<progress max="{max(mine_total, 1)}" value="{p["mine_done"]}"></progress>'
-            f'Project: {p["project_done"]} / {p["project_total"]} annotations '
-            f'<progress max="{max(p["project_total"], 1)}" value="{p["project_done"]}"></progress></div>')
+    return (
+        f'<div class="progress-wrap">You: {p["mine_done"]} done, {p["mine_remaining"]} remaining '
+        f'<progress max="{max(mine_total, 1)}" value="{p["mine_done"]}"></progress>'
+        f"Project: {p['project_done']} / {p['project_total']} annotations "
+        f'<progress max="{max(p["project_total"], 1)}" value="{p["project_done"]}"></progress></div>'
+    )

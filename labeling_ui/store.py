@@ -56,8 +56,10 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
 }
 # version -> statements that fill what that version added from the data already there
 BACKFILLS: dict[int, list[str]] = {
-    3: ["UPDATE tasks SET closed = ((SELECT count(*) FROM annotations WHERE annotations.task_id = tasks.id)"
-        " >= tasks.overlap)"],
+    3: [
+        "UPDATE tasks SET closed = ((SELECT count(*) FROM annotations WHERE annotations.task_id = tasks.id)"
+        " >= tasks.overlap)"
+    ],
 }
 
 
@@ -145,6 +147,7 @@ class Store:
         pool = {} if url.startswith("sqlite") else {"pool_size": 20, "max_overflow": 60}
         self.engine = create_engine(url, future=True, pool_pre_ping=True, **pool)
         if url.startswith("sqlite"):
+
             @event.listens_for(self.engine, "connect")
             def _sqlite_pragmas(conn, _):
                 cur = conn.cursor()
@@ -152,6 +155,7 @@ class Store:
                 cur.execute("PRAGMA synchronous=FULL")  # an acknowledged annotation survives a kill
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.close()
+
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._token_users: dict[str, tuple[User, float]] = {}  # token -> (user, monotonic time it is good until)
         # SQLite has one writer at a time. Writers of this process queue on a lock and start the moment the last one
@@ -175,7 +179,9 @@ class Store:
             row = s.scalar(select(SchemaVersion))
             version = row.version if row else (1 if existed else SCHEMA_VERSION)
             for step in sorted(v for v in MIGRATIONS if v > version):
-                present = {t: {c["name"] for c in inspect(s.connection()).get_columns(t)} for t, _, _ in MIGRATIONS[step]}
+                present = {
+                    t: {c["name"] for c in inspect(s.connection()).get_columns(t)} for t, _, _ in MIGRATIONS[step]
+                }
                 for table, column, sql_type in MIGRATIONS[step]:
                     if column not in present[table]:
                         s.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
@@ -239,8 +245,16 @@ class Store:
             elif guidelines is not None:
                 proj.guidelines = guidelines
             for item in items:
-                s.add(Task(project_id=proj.id, prompt=item["prompt"], responses=item["responses"],
-                           tags=item.get("tags") or [], meta=item.get("meta") or {}, overlap=overlap))
+                s.add(
+                    Task(
+                        project_id=proj.id,
+                        prompt=item["prompt"],
+                        responses=item["responses"],
+                        tags=item.get("tags") or [],
+                        meta=item.get("meta") or {},
+                        overlap=overlap,
+                    )
+                )
         return len(items)
 
     def next_task(self, project: str, user_id: int, now: dt.datetime | None = None) -> Task | None:
@@ -254,15 +268,26 @@ class Store:
                     proj = s.scalar(select(Project).where(Project.name == project))
                     if proj is None:
                         return None
-                    mine = s.scalar(select(Task).join(Lease, Lease.task_id == Task.id).where(
-                        Lease.user_id == user_id, Task.project_id == proj.id))
+                    mine = s.scalar(
+                        select(Task)
+                        .join(Lease, Lease.task_id == Task.id)
+                        .where(Lease.user_id == user_id, Task.project_id == proj.id)
+                    )
                     if mine is not None:
                         return mine
                     done = select(Annotation.task_id).where(Annotation.user_id == user_id)
                     leased = select(Lease.task_id).where(Lease.user_id == user_id)
-                    query = select(Task).where(Task.project_id == proj.id, Task.closed.is_(False),
-                                               Task.id.not_in(done), Task.id.not_in(leased),
-                                               self._taken(now) < Task.overlap).order_by(Task.id)
+                    query = (
+                        select(Task)
+                        .where(
+                            Task.project_id == proj.id,
+                            Task.closed.is_(False),
+                            Task.id.not_in(done),
+                            Task.id.not_in(leased),
+                            self._taken(now) < Task.overlap,
+                        )
+                        .order_by(Task.id)
+                    )
                     if not sqlite:
                         query = query.with_for_update(skip_locked=True)
                     task = s.scalar(query.limit(1))
@@ -295,7 +320,9 @@ class Store:
             if not released:
                 raise Conflict(f"task {task_id} is not leased to you (request it with /api/tasks/next)")
             if expected_k and fields.get("ranks") is not None and len(fields["ranks"]) != len(task.responses):
-                raise ValueError(f"task {task_id} has {len(task.responses)} responses; got {len(fields['ranks'])} ranks")
+                raise ValueError(
+                    f"task {task_id} has {len(task.responses)} responses; got {len(fields['ranks'])} ranks"
+                )
             count = s.scalar(select(func.count()).where(Annotation.task_id == task_id))
             if count >= task.overlap:
                 full = True  # commit the lease's release (an expired lease someone else's annotation filled)
@@ -316,8 +343,12 @@ class Store:
             if proj is None:
                 raise KeyError(f"project {project!r} not found")
             tasks = s.scalars(select(Task).where(Task.project_id == proj.id).order_by(Task.id)).all()
-            rows = s.execute(select(Annotation, User.name).join(User, User.id == Annotation.user_id).join(
-                Task, Task.id == Annotation.task_id).where(Task.project_id == proj.id)).all()
+            rows = s.execute(
+                select(Annotation, User.name)
+                .join(User, User.id == Annotation.user_id)
+                .join(Task, Task.id == Annotation.task_id)
+                .where(Task.project_id == proj.id)
+            ).all()
         by_task: dict[int, list] = {}
         for ann, name in rows:
             by_task.setdefault(ann.task_id, []).append((ann, name))
@@ -330,9 +361,14 @@ class Store:
     def undo_last(self, project: str, user_id: int) -> int | None:
         """Withdraw the user's last submission in a project and hand its task back to them; returns the task id."""
         with self._write() as s:
-            ann = s.scalar(select(Annotation).join(Task, Task.id == Annotation.task_id).join(
-                Project, Project.id == Task.project_id).where(Project.name == project, Annotation.user_id == user_id)
-                .order_by(Annotation.id.desc()).limit(1))
+            ann = s.scalar(
+                select(Annotation)
+                .join(Task, Task.id == Annotation.task_id)
+                .join(Project, Project.id == Task.project_id)
+                .where(Project.name == project, Annotation.user_id == user_id)
+                .order_by(Annotation.id.desc())
+                .limit(1)
+            )
             if ann is None:
                 return None
             task_id = ann.task_id
@@ -350,12 +386,21 @@ class Store:
             if proj is None:
                 return {"mine_done": 0, "mine_remaining": 0, "project_done": 0, "project_total": 0}
             in_proj = select(Task.id).where(Task.project_id == proj.id)
-            mine = s.scalar(select(func.count()).select_from(Annotation).where(
-                Annotation.user_id == user_id, Annotation.task_id.in_(in_proj)))
+            mine = s.scalar(
+                select(func.count())
+                .select_from(Annotation)
+                .where(Annotation.user_id == user_id, Annotation.task_id.in_(in_proj))
+            )
             n_ann = select(func.count()).where(Annotation.task_id == Task.id).scalar_subquery()
-            open_for_me = s.scalar(select(func.count()).select_from(Task).where(
-                Task.project_id == proj.id, n_ann < Task.overlap,
-                Task.id.not_in(select(Annotation.task_id).where(Annotation.user_id == user_id))))
+            open_for_me = s.scalar(
+                select(func.count())
+                .select_from(Task)
+                .where(
+                    Task.project_id == proj.id,
+                    n_ann < Task.overlap,
+                    Task.id.not_in(select(Annotation.task_id).where(Annotation.user_id == user_id)),
+                )
+            )
             done = s.scalar(select(func.count()).select_from(Annotation).where(Annotation.task_id.in_(in_proj)))
             total = s.scalar(select(func.coalesce(func.sum(Task.overlap), 0)).where(Task.project_id == proj.id))
         return {"mine_done": mine, "mine_remaining": open_for_me, "project_done": done, "project_total": int(total)}
@@ -370,8 +415,10 @@ class Store:
 
     def counts(self) -> dict[str, int]:
         with self.sessions() as s:
-            return {"tasks": s.scalar(select(func.count()).select_from(Task)),
-                    "annotations": s.scalar(select(func.count()).select_from(Annotation))}
+            return {
+                "tasks": s.scalar(select(func.count()).select_from(Task)),
+                "annotations": s.scalar(select(func.count()).select_from(Annotation)),
+            }
 
 
 def dumps(obj) -> str:

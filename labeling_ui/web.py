@@ -16,8 +16,17 @@ from labeling_ui.api import create_app
 from labeling_ui.auth import verify_password
 from labeling_ui.store import Conflict, Store
 
-UNSAFE_CATEGORIES = ["", "violence", "self-harm", "hate or harassment", "sexual content", "illegal activity",
-                     "privacy", "misinformation", "other"]
+UNSAFE_CATEGORIES = [
+    "",
+    "violence",
+    "self-harm",
+    "hate or harassment",
+    "sexual content",
+    "illegal activity",
+    "privacy",
+    "misinformation",
+    "other",
+]
 
 KEYS_JS = """
 <script>
@@ -38,8 +47,10 @@ document.addEventListener('keydown', (e) => {
 </script>
 """
 
-HELP = ("**Keys:** number keys rank the responses in order (1 = best; the same number twice is a tie), "
-        "Backspace removes the last, **Enter** submits, **S** skips, **U** undoes your last submission.")
+HELP = (
+    "**Keys:** number keys rank the responses in order (1 = best; the same number twice is a tie), "
+    "Backspace removes the last, **Enter** submits, **S** skips, **U** undoes your last submission."
+)
 
 
 def parse_ranks(text: str, k: int) -> list[int]:
@@ -66,13 +77,27 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
         progress = render.progress(store.progress(project, user.id)) if project else ""
         if task is None:
             done = "Nothing left to annotate in this project. Thank you!" if project else "Choose a project."
-            return (None, render.conversation([]), "", progress, gr.update(value=""), gr.update(visible=False),
-                    gr.update(value=[]), f"{note} {done}".strip())
+            return (
+                None,
+                render.conversation([]),
+                "",
+                progress,
+                gr.update(value=""),
+                gr.update(visible=False),
+                gr.update(value=[]),
+                f"{note} {done}".strip(),
+            )
         k = len(task.responses)
-        return (task.id, render.conversation(task.prompt), render.responses(task.responses), progress,
-                gr.update(value="", label=f"Ranking of the {k} responses (e.g. {' '.join(map(str, range(1, k + 1)))})"),
-                gr.update(visible=k == 2, value=0.5), gr.update(value=list(task.tags or [])),
-                f"{note} Task {task.id}: {k} responses.".strip())
+        return (
+            task.id,
+            render.conversation(task.prompt),
+            render.responses(task.responses),
+            progress,
+            gr.update(value="", label=f"Ranking of the {k} responses (e.g. {' '.join(map(str, range(1, k + 1)))})"),
+            gr.update(visible=k == 2, value=0.5),
+            gr.update(value=list(task.tags or [])),
+            f"{note} Task {task.id}: {k} responses.".strip(),
+        )
 
     def submit(project, task_id, ranks_text, strength, all_bad, unsafe, chosen_tags, rationale, request: gr.Request):
         user = user_of(request)
@@ -84,9 +109,18 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
         k = len(task.responses)
         try:
             ranks = parse_ranks(ranks_text or "", k)
-            store.submit(task_id, user.id, ranks=ranks, skipped=False, all_bad=bool(all_bad), unsafe=unsafe or None,
-                         tags=list(chosen_tags or []), rationale=rationale or "",
-                         strength=float(strength) if k == 2 else None, expected_k=True)
+            store.submit(
+                task_id,
+                user.id,
+                ranks=ranks,
+                skipped=False,
+                all_bad=bool(all_bad),
+                unsafe=unsafe or None,
+                tags=list(chosen_tags or []),
+                rationale=rationale or "",
+                strength=float(strength) if k == 2 else None,
+                expected_k=True,
+            )
         except (ValueError, Conflict) as e:
             raise gr.Error(str(e)) from None
         return (*show(project, request, f"Saved task {task_id}: {' '.join(map(str, ranks))}."), False, "", "")
@@ -110,9 +144,13 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
         projects = store.projects()
         project = projects[0] if projects else None
         is_reviewer = user.role in ("reviewer", "admin")
-        return (gr.update(choices=projects, value=project), f"Logged in as **{user.name}** ({user.role})",
-                gr.update(visible=is_reviewer), gr.update(choices=projects, value=project),
-                render.markdown(store.guidelines(project)) if project else "")
+        return (
+            gr.update(choices=projects, value=project),
+            f"Logged in as **{user.name}** ({user.role})",
+            gr.update(visible=is_reviewer),
+            gr.update(choices=projects, value=project),
+            render.markdown(store.guidelines(project)) if project else "",
+        )
 
     def review(project, request: gr.Request):
         user_of(request, "reviewer", "admin")
@@ -121,15 +159,23 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
         report = project_report(store.annotations(project))
         o = report["overall"]
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
-        summary = (f"**{o['items']}** ranked items, **{o['items_multi']}** with two or more annotators. "
-                   f"Kendall's W {fmt(o['kendall_w'])} · pairwise agreement {fmt(o['pairwise'])} · "
-                   f"Krippendorff's α (ordinal) {fmt(o['krippendorff_alpha'])}")
-        per_tag = [[t, a["items"], a["items_multi"], a["kendall_w"], a["pairwise"], a["krippendorff_alpha"]]
-                   for t, a in report["per_tag"].items()]
-        people = [[a["annotator"], a["annotations"], a["skip_rate"], a["median_seconds"], a["agreement_with_majority"]]
-                  for a in report["annotators"]]
-        flagged = [[f["task"], f["annotator"], f["unsafe"], f["all_bad"], f["rationale"], f["prompt"]]
-                   for f in report["flagged"]]
+        summary = (
+            f"**{o['items']}** ranked items, **{o['items_multi']}** with two or more annotators. "
+            f"Kendall's W {fmt(o['kendall_w'])} · pairwise agreement {fmt(o['pairwise'])} · "
+            f"Krippendorff's α (ordinal) {fmt(o['krippendorff_alpha'])}"
+        )
+        per_tag = [
+            [t, a["items"], a["items_multi"], a["kendall_w"], a["pairwise"], a["krippendorff_alpha"]]
+            for t, a in report["per_tag"].items()
+        ]
+        people = [
+            [a["annotator"], a["annotations"], a["skip_rate"], a["median_seconds"], a["agreement_with_majority"]]
+            for a in report["annotators"]
+        ]
+        flagged = [
+            [f["task"], f["annotator"], f["unsafe"], f["all_bad"], f["rationale"], f["prompt"]]
+            for f in report["flagged"]
+        ]
         counts = {t: a["items"] for t, a in report["per_tag"].items()}
         total = sum(counts.values()) or 1
         audit = [[t, n, n / total] for t, n in sorted(counts.items(), key=lambda x: -x[1])]
@@ -147,14 +193,28 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
                     chat = gr.HTML(elem_id="conversation")
                     responses = gr.HTML(elem_id="responses")
                     ranks = gr.Textbox(label="Ranking", elem_id="ranks", placeholder="press number keys: 1 3 2")
-                    strength = gr.Slider(0, 1, value=0.5, step=0.25, visible=False, elem_id="strength",
-                                         label="Strength of preference (0.25 slight … 1 decisive)")
+                    strength = gr.Slider(
+                        0,
+                        1,
+                        value=0.5,
+                        step=0.25,
+                        visible=False,
+                        elem_id="strength",
+                        label="Strength of preference (0.25 slight … 1 decisive)",
+                    )
                     with gr.Row():
                         all_bad = gr.Checkbox(label="All responses are bad", elem_id="all-bad")
-                        unsafe = gr.Dropdown(UNSAFE_CATEGORIES, value="", label="Flag as unsafe (category)",
-                                             elem_id="unsafe")
-                    chosen_tags = gr.Dropdown(tags or [], multiselect=True, filterable=True, label="Tags",
-                                              elem_id="tags", allow_custom_value=not tags)
+                        unsafe = gr.Dropdown(
+                            UNSAFE_CATEGORIES, value="", label="Flag as unsafe (category)", elem_id="unsafe"
+                        )
+                    chosen_tags = gr.Dropdown(
+                        tags or [],
+                        multiselect=True,
+                        filterable=True,
+                        label="Tags",
+                        elem_id="tags",
+                        allow_custom_value=not tags,
+                    )
                     rationale = gr.Textbox(label="Rationale (optional)", lines=2, elem_id="rationale")
                     with gr.Row():
                         submit_btn = gr.Button("Submit (Enter)", variant="primary", elem_id="submit")
@@ -170,14 +230,19 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
             refresh = gr.Button("Compute agreement", elem_id="refresh")
             summary = gr.Markdown(elem_id="agreement")
             gr.Markdown("#### Agreement per tag")
-            per_tag = gr.Dataframe(headers=["tag", "items", "items ≥2 annotators", "Kendall W", "pairwise",
-                                            "Krippendorff α"], elem_id="per-tag")
+            per_tag = gr.Dataframe(
+                headers=["tag", "items", "items ≥2 annotators", "Kendall W", "pairwise", "Krippendorff α"],
+                elem_id="per-tag",
+            )
             gr.Markdown("#### Annotators")
-            people = gr.Dataframe(headers=["annotator", "annotations", "skip rate", "median seconds",
-                                           "agreement with majority"], elem_id="annotators")
+            people = gr.Dataframe(
+                headers=["annotator", "annotations", "skip rate", "median seconds", "agreement with majority"],
+                elem_id="annotators",
+            )
             gr.Markdown("#### Flagged items (unsafe or all bad)")
-            flagged = gr.Dataframe(headers=["task", "annotator", "unsafe", "all bad", "rationale", "prompt"],
-                                   elem_id="flagged")
+            flagged = gr.Dataframe(
+                headers=["task", "annotator", "unsafe", "all bad", "rationale", "prompt"], elem_id="flagged"
+            )
             gr.Markdown("#### Tag balance of the labelled items")
             audit = gr.Dataframe(headers=["tag", "items", "share"], elem_id="audit")
 
@@ -185,9 +250,11 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
         cleared = [all_bad, unsafe, rationale]
         ui.load(on_load, None, [project, who, review_tab, review_project, guidelines]).then(show, [project], page)
         project.change(show, [project], page).then(
-            lambda p: render.markdown(store.guidelines(p)) if p else "", [project], [guidelines])
-        submit_btn.click(submit, [project, task_id, ranks, strength, all_bad, unsafe, chosen_tags, rationale],
-                         page + cleared)
+            lambda p: render.markdown(store.guidelines(p)) if p else "", [project], [guidelines]
+        )
+        submit_btn.click(
+            submit, [project, task_id, ranks, strength, all_bad, unsafe, chosen_tags, rationale], page + cleared
+        )
         skip_btn.click(skip, [project, task_id], page + cleared)
         undo_btn.click(undo, [project], page + cleared)
         refresh.click(review, [review_project], [summary, per_tag, people, flagged, audit])
@@ -203,5 +270,14 @@ def create_server(store: Store, known_tags: set[str] | None = None) -> FastAPI:
         return user is not None and verify_password(password, user.password_hash)
 
     ui = build_ui(store, sorted(known_tags) if known_tags else None)
-    return gr.mount_gradio_app(app, ui, path="/", auth=check, auth_message="Log in to rank responses.",
-                               head=KEYS_JS, css=render.CSS, ssr_mode=False, footer_links=[])
+    return gr.mount_gradio_app(
+        app,
+        ui,
+        path="/",
+        auth=check,
+        auth_message="Log in to rank responses.",
+        head=KEYS_JS,
+        css=render.CSS,
+        ssr_mode=False,
+        footer_links=[],
+    )

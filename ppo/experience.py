@@ -31,8 +31,9 @@ class Experience:
         return Experience(**{k: v[idx] for k, v in self.__dict__.items()})
 
 
-def build_sequences(prompts: list[list[int]], rollouts: list[Rollout], pad_id: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def build_sequences(
+    prompts: list[list[int]], rollouts: list[Rollout], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids (N, L), attention_mask (N, L), response_mask (N, T), engine_logprobs (N, T))."""
     n = len(rollouts)
     width = max(len(p) + len(r.token_ids) for p, r in zip(prompts, rollouts))
@@ -42,10 +43,10 @@ def build_sequences(prompts: list[list[int]], rollouts: list[Rollout], pad_id: i
     engine_logprobs = torch.zeros((n, width - 1), dtype=torch.float32)
     for i, (p, r) in enumerate(zip(prompts, rollouts)):
         seq = p + r.token_ids
-        input_ids[i, :len(seq)] = torch.tensor(seq)
-        attention_mask[i, :len(seq)] = 1
-        response_mask[i, len(p) - 1:len(seq) - 1] = 1
-        engine_logprobs[i, len(p) - 1:len(seq) - 1] = torch.tensor(r.logprobs, dtype=torch.float32)
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention_mask[i, : len(seq)] = 1
+        response_mask[i, len(p) - 1 : len(seq) - 1] = 1
+        engine_logprobs[i, len(p) - 1 : len(seq) - 1] = torch.tensor(r.logprobs, dtype=torch.float32)
     return input_ids, attention_mask, response_mask, engine_logprobs
 
 
@@ -54,19 +55,20 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """(N, T) log-probabilities of each next token under a causal LM."""
     out = []
     for i in range(0, len(input_ids), batch_size):
-        ids, mask = input_ids[i:i + batch_size], attention_mask[i:i + batch_size]
+        ids, mask = input_ids[i : i + batch_size], attention_mask[i : i + batch_size]
         logits = model(ids, attention_mask=mask).logits[:, :-1]
         out.append(logprobs_from_logits(logits, ids[:, 1:]))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def sequence_values(value_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int
-                    ) -> torch.Tensor:
+def sequence_values(
+    value_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     """(N, T) value estimates of the state before each predicted token."""
     out = []
     for i in range(0, len(input_ids), batch_size):
-        out.append(value_model(input_ids[i:i + batch_size], attention_mask[i:i + batch_size]).float()[:, :-1])
+        out.append(value_model(input_ids[i : i + batch_size], attention_mask[i : i + batch_size]).float()[:, :-1])
     return torch.cat(out)
 
 
@@ -77,8 +79,9 @@ def response_text(tokenizer, rollout: Rollout) -> str:
 
 
 @torch.no_grad()
-def reward_scores(reward_model, rm_tokenizer, prompts: list[list[dict]], responses: list[str], batch_size: int,
-                  max_len: int) -> torch.Tensor:
+def reward_scores(
+    reward_model, rm_tokenizer, prompts: list[list[dict]], responses: list[str], batch_size: int, max_len: int
+) -> torch.Tensor:
     """(N,) raw reward-model scores of prompt + response, rendered with the reward model's own tokenizer."""
     from rm.data import collate_sequences, encode_response
 
@@ -86,8 +89,10 @@ def reward_scores(reward_model, rm_tokenizer, prompts: list[list[dict]], respons
     device = reward_model.score.weight.device
     scores = []
     for i in range(0, len(responses), batch_size):
-        seqs = [encode_response(p, r, rm_tokenizer, max_len, end_id)[:2]
-                for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        seqs = [
+            encode_response(p, r, rm_tokenizer, max_len, end_id)[:2]
+            for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
+        ]
         batch = {k: v.to(device) for k, v in collate_sequences(seqs, rm_tokenizer.pad_id).items()}
         scores.append(reward_model(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).rewards.float())
     return torch.cat(scores)
@@ -109,7 +114,7 @@ class RunningMoments:
         delta = mean - self.mean
         total = self.count + count
         self.mean += delta * count / total
-        self.m2 += m2 + delta ** 2 * self.count * count / total
+        self.m2 += m2 + delta**2 * self.count * count / total
         self.count = total
 
     @property

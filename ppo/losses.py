@@ -35,9 +35,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return sq
 
 
-def masked_moments(x: torch.Tensor, mask: torch.Tensor,
-                   all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(count, mean, unbiased variance) of x over masked positions, as fp64 scalars. x, mask: same shape.
 
     With `all_reduce` (sums a tensor over ranks and returns it), the moments are those of every rank's values
@@ -52,8 +52,13 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor,
     return n, mean, var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(x - mean) / std over masked positions (of every rank, with `all_reduce`; see `masked_moments`); masked
     positions are set to 0. x, mask: (B, T)."""
     _, mean, var = masked_moments(x, mask, all_reduce)
@@ -63,8 +68,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return whitened * mask
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float, lam: float
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation on right-padded (B, T) tensors.
 
     delta_t = r_t + gamma * V_{t+1} - V_t, with V after the last response token taken as 0;
@@ -90,13 +96,18 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: K
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
-        return 0.5 * log_ratio ** 2
+        return 0.5 * log_ratio**2
     return torch.exp(-log_ratio) - 1 + log_ratio  # k3: unbiased and non-negative
 
 
-def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                         response_mask: torch.Tensor, kl_coef: float, estimator: KLEstimator = "k1"
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_penalised_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_coef: float,
+    estimator: KLEstimator = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rewards: -kl_coef * KL_t at every response token, plus the sequence score at the last one.
 
     scores (B,), logprobs/ref_logprobs/response_mask (B, T) → (rewards (B, T), kl (B, T))."""
@@ -108,8 +119,9 @@ def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     return rewards, kl
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token clipped surrogate loss max(-A r, -A clip(r, 1-e, 1+e)), r = exp(logp - logp_old).
 
     Returns (loss, clipped, approx_kl) per token, (B, T) each; reduce with a masked mean."""
@@ -118,12 +130,13 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     loss = torch.maximum(unclipped, clipped)
-    approx_kl = 0.5 * log_ratio ** 2
+    approx_kl = 0.5 * log_ratio**2
     return loss, (clipped > unclipped).to(loss.dtype), approx_kl
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_range: float
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2).
 
     Returns (loss, clipped) per token, (B, T) each."""

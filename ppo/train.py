@@ -157,8 +157,11 @@ def read_prompts(path: str, tokenizer, max_len: int) -> list[tuple[int, list[dic
         if "prompt" in rec:
             msgs = as_messages(rec["prompt"], where)
         elif "messages" in rec:
-            msgs = rec["messages"][:-1] if rec["messages"] and rec["messages"][-1].get("role") == "assistant" \
+            msgs = (
+                rec["messages"][:-1]
+                if rec["messages"] and rec["messages"][-1].get("role") == "assistant"
                 else rec["messages"]
+            )
         else:
             raise DataError(f"{where}: expected a 'prompt' or 'messages' field")
         ids = prompt_ids(msgs, tokenizer)
@@ -174,8 +177,9 @@ def make_rollout_engine(cfg: PPOConfig, actor: TrainEngine, tokenizer: QwenToken
     if cfg.ppo.engine == "vllm":
         from ppo.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(cfg.models.policy, seed=cfg.train.seed,
-                          gpu_memory_utilization=cfg.ppo.vllm_gpu_memory_utilization)
+        return VLLMEngine(
+            cfg.models.policy, seed=cfg.train.seed, gpu_memory_utilization=cfg.ppo.vllm_gpu_memory_utilization
+        )
     from ppo.rollout.native import NativeEngine
 
     if actor.zero_stage < 3:  # whole weights on every rank: sample from the policy itself, no second copy
@@ -225,50 +229,80 @@ def setup(cfg: PPOConfig) -> Run:
         module.requires_grad_(False)
 
     prompts = read_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_len)
-    eval_prompts = read_prompts(cfg.data.eval_prompts, tokenizer, cfg.data.max_prompt_len) \
-        if cfg.data.eval_prompts else []
+    eval_prompts = (
+        read_prompts(cfg.data.eval_prompts, tokenizer, cfg.data.max_prompt_len) if cfg.data.eval_prompts else []
+    )
     batches = MicroBatches(prompts, p.rollout_batch_size, distributed.rank(), distributed.world_size(), cfg.train.seed)
     rollouts_per_rank = p.rollout_batch_size * p.n_samples
     if rollouts_per_rank % p.mini_batch_size or p.mini_batch_size % cfg.train.micro_batch_size:
-        raise DataError(f"ppo.mini_batch_size ({p.mini_batch_size}) must divide rollout_batch_size x n_samples "
-                        f"({rollouts_per_rank}) and be a multiple of train.micro_batch_size "
-                        f"({cfg.train.micro_batch_size})")
+        raise DataError(
+            f"ppo.mini_batch_size ({p.mini_batch_size}) must divide rollout_batch_size x n_samples "
+            f"({rollouts_per_rank}) and be a multiple of train.micro_batch_size "
+            f"({cfg.train.micro_batch_size})"
+        )
     accum = p.mini_batch_size // cfg.train.micro_batch_size
     updates = p.iterations * p.ppo_epochs * (rollouts_per_rank // p.mini_batch_size)
     actor = TrainEngine(policy, cfg.policy_optim, cfg.policy_deepspeed, updates, cfg.train.micro_batch_size, accum)
-    critic = TrainEngine(value_model, cfg.value_optim, cfg.value_deepspeed, updates, cfg.train.micro_batch_size,
-                         accum)
+    critic = TrainEngine(value_model, cfg.value_optim, cfg.value_deepspeed, updates, cfg.train.micro_batch_size, accum)
     ptx, ptx_train, ptx_eval = None, [], []
     if cfg.data.ptx:
         ptx = PackedDataset(cfg.data.ptx)
         ptx_train, ptx_eval = split_rows(len(ptx), cfg.data.ptx_eval_rows, cfg.train.seed)
-    kl_ctl = AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target else \
-        FixedKLController(p.kl_coef)
+    kl_ctl = AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target else FixedKLController(p.kl_coef)
     moments = RunningMoments()
     out_dir = Path(cfg.out_dir)
-    fresh = TrainingState(0, p.iterations, distributed.world_size(), cfg.train.micro_batch_size, accum,
-                          cfg.train.seed)
+    fresh = TrainingState(0, p.iterations, distributed.world_size(), cfg.train.micro_batch_size, accum, cfg.train.seed)
     state, logger = open_run(cfg, out_dir, {"policy": actor, "value": critic}, "ppo", fresh)
     if state.step:
         kl_ctl.load_state_dict(state.extra["kl_ctl"])
         moments.load_state_dict(state.extra["reward_moments"])
     rollout = make_rollout_engine(cfg, actor, tokenizer)
-    throughput = Throughput.measured(0.0, cfg.train.peak_tflops, dev,  # FLOPs counted per update
-                                     cfg.policy_deepspeed.bf16, distributed.world_size())
+    throughput = Throughput.measured(
+        0.0,
+        cfg.train.peak_tflops,
+        dev,  # FLOPs counted per update
+        cfg.policy_deepspeed.bf16,
+        distributed.world_size(),
+    )
     if state.step and cfg.ppo.engine == "vllm":
         rollout.load_weights(actor.gathered_parameters(to_cpu=False))
-    return Run(cfg, actor, critic, ref_policy, reward_model, tokenizer, rm_tokenizer, rollout, prompts,
-               eval_prompts, batches, ptx, ptx_train, ptx_eval, kl_ctl, moments, state, logger, out_dir,
-               throughput=throughput)
+    return Run(
+        cfg,
+        actor,
+        critic,
+        ref_policy,
+        reward_model,
+        tokenizer,
+        rm_tokenizer,
+        rollout,
+        prompts,
+        eval_prompts,
+        batches,
+        ptx,
+        ptx_train,
+        ptx_eval,
+        kl_ctl,
+        moments,
+        state,
+        logger,
+        out_dir,
+        throughput=throughput,
+    )
 
 
 def sampling_for(run: Run, rows: list, step: int, n: int) -> SamplingParams:
     """Each response gets its own seed from (seed, step, prompt index, sample), whatever the world size."""
     p = run.cfg.ppo
-    seeds = [hash((run.cfg.train.seed, step, idx, k)) % (2 ** 62) for idx, _, _ in rows for k in range(n)]
-    return SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                          stop_token_ids=(run.tokenizer.im_end_id, run.tokenizer.eod_id), row_seeds=seeds,
-                          vocab_limit=len(run.tokenizer))
+    seeds = [hash((run.cfg.train.seed, step, idx, k)) % (2**62) for idx, _, _ in rows for k in range(n)]
+    return SamplingParams(
+        max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        stop_token_ids=(run.tokenizer.im_end_id, run.tokenizer.eod_id),
+        row_seeds=seeds,
+        vocab_limit=len(run.tokenizer),
+    )
 
 
 def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
@@ -312,16 +346,30 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     exp = Experience(input_ids, attention_mask, mask, old_logprobs, ref_logprobs, values, rewards, advantages, returns)
     t2 = time.perf_counter()
 
-    sums = distributed.all_reduce_sums({
-        "raw": raw.sum(), "scores": scores.sum(), "kl": masked_sum(kl_estimate(old_logprobs, ref_logprobs, "k1"), mask),
-        "tokens": mask.sum(), "ended": ended.sum(), "rows": len(raw),
-        "engine_diff": masked_sum((old_logprobs - engine_logprobs.to(dev)).abs(), mask)})
+    sums = distributed.all_reduce_sums(
+        {
+            "raw": raw.sum(),
+            "scores": scores.sum(),
+            "kl": masked_sum(kl_estimate(old_logprobs, ref_logprobs, "k1"), mask),
+            "tokens": mask.sum(),
+            "ended": ended.sum(),
+            "rows": len(raw),
+            "engine_diff": masked_sum((old_logprobs - engine_logprobs.to(dev)).abs(), mask),
+        }
+    )
     n_rows, n_tokens = sums["rows"], sums["tokens"]
-    metrics = {"reward/raw": sums["raw"] / n_rows, "reward/normalised": sums["scores"] / n_rows,
-               "kl": sums["kl"] / n_rows, "kl_coef": run.kl_ctl.value, "response_length": n_tokens / n_rows,
-               "ended_fraction": sums["ended"] / n_rows, "engine_logprob_abs_diff": sums["engine_diff"] / max(n_tokens, 1),
-               "time/rollout_s": t1 - t0, "time/experience_s": t2 - t1,
-               "rollout_tokens_per_s": tokens_per_second(n_tokens, t1 - t0)}  # response tokens, all ranks
+    metrics = {
+        "reward/raw": sums["raw"] / n_rows,
+        "reward/normalised": sums["scores"] / n_rows,
+        "kl": sums["kl"] / n_rows,
+        "kl_coef": run.kl_ctl.value,
+        "response_length": n_tokens / n_rows,
+        "ended_fraction": sums["ended"] / n_rows,
+        "engine_logprob_abs_diff": sums["engine_diff"] / max(n_tokens, 1),
+        "time/rollout_s": t1 - t0,
+        "time/experience_s": t2 - t1,
+        "rollout_tokens_per_s": tokens_per_second(n_tokens, t1 - t0),
+    }  # response tokens, all ranks
     samples = [{"prompt": m, "response": t, "reward": float(r)} for m, t, r in zip(messages, texts, raw)]
     return exp, metrics, samples
 
@@ -333,18 +381,23 @@ def actor_loss(run: Run, mb: Experience, global_tokens: int, ptx_batch: dict | N
     per_token, clipped, approx_kl = policy_loss(logprobs, mb.old_logprobs, mb.advantages, p.clip_range)
     mask = mb.response_mask
     loss = normalised_loss(masked_sum(per_token, mask), global_tokens)
-    stats = {"policy_loss": masked_sum(per_token.detach(), mask), "clipfrac": masked_sum(clipped, mask),
-             "approx_kl": masked_sum(approx_kl.detach(), mask)}  # sums on the device; read once per update
+    stats = {
+        "policy_loss": masked_sum(per_token.detach(), mask),
+        "clipfrac": masked_sum(clipped, mask),
+        "approx_kl": masked_sum(approx_kl.detach(), mask),
+    }  # sums on the device; read once per update
     entropy = entropy_from_logits(logits if p.entropy_coef else logits.detach())
     stats["entropy"] = masked_sum(entropy.detach(), mask)
     if p.entropy_coef:
         loss = loss - p.entropy_coef * normalised_loss(masked_sum(entropy, mask), global_tokens)
     if not p.kl_in_reward:
         loss = loss + run.kl_ctl.value * normalised_loss(
-            masked_sum(kl_estimate(logprobs, mb.ref_logprobs, "k3"), mask), global_tokens)
+            masked_sum(kl_estimate(logprobs, mb.ref_logprobs, "k3"), mask), global_tokens
+        )
     if ptx_batch is not None:
-        ptx_sum = run.actor.forward(ptx_batch["input_ids"], position_ids=ptx_batch["position_ids"],
-                                    labels=ptx_batch["labels"]).loss_sum
+        ptx_sum = run.actor.forward(
+            ptx_batch["input_ids"], position_ids=ptx_batch["position_ids"], labels=ptx_batch["labels"]
+        ).loss_sum
         loss = loss + p.ptx_coef * normalised_loss(ptx_sum, global_ptx)
         stats["ptx_loss"] = ptx_sum.detach()
     return loss, stats
@@ -355,7 +408,9 @@ def critic_loss(run: Run, mb: Experience, global_tokens: int):
     per_token, clipped = value_loss(values, mb.values, mb.returns, run.cfg.ppo.clip_range_value)
     mask = mb.response_mask
     return normalised_loss(masked_sum(per_token, mask), global_tokens), {
-        "value_loss": masked_sum(per_token.detach(), mask), "value_clipfrac": masked_sum(clipped, mask)}
+        "value_loss": masked_sum(per_token.detach(), mask),
+        "value_clipfrac": masked_sum(clipped, mask),
+    }
 
 
 def any_rank_nonfinite(losses: list[torch.Tensor]) -> bool:
@@ -375,8 +430,8 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
     for epoch in range(p.ppo_epochs):
         order = torch.randperm(n, generator=g).tolist()
         for start in range(0, n, mb_size):
-            minibatch = order[start:start + mb_size]
-            micros = [minibatch[i:i + micro] for i in range(0, len(minibatch), micro)]
+            minibatch = order[start : start + mb_size]
+            micros = [minibatch[i : i + micro] for i in range(0, len(minibatch), micro)]
             global_tokens = int(distributed.all_reduce_sum([float(exp.response_mask[minibatch].sum())])[0])
             ptx_batches = [None] * len(micros)
             global_ptx = 0
@@ -385,11 +440,17 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
                 # used do not depend on the number of ranks
                 world, r = distributed.world_size(), distributed.rank()
                 draw = torch.randint(len(run.ptx_train), (world * len(micros), p.ptx_batch_size), generator=g)
-                mine = draw[r * len(micros):(r + 1) * len(micros)].tolist()
-                ptx_batches = [{k: v.to(distributed.device()) for k, v in run.ptx.batch([run.ptx_train[i] for i in d]).items()}
-                               for d in mine]
-                targets, rows_tokens = distributed.all_reduce_sum([float(sum(count_targets(b["labels"]) for b in ptx_batches)),
-                                                            float(sum(b["input_ids"].numel() for b in ptx_batches))])
+                mine = draw[r * len(micros) : (r + 1) * len(micros)].tolist()
+                ptx_batches = [
+                    {k: v.to(distributed.device()) for k, v in run.ptx.batch([run.ptx_train[i] for i in d]).items()}
+                    for d in mine
+                ]
+                targets, rows_tokens = distributed.all_reduce_sum(
+                    [
+                        float(sum(count_targets(b["labels"]) for b in ptx_batches)),
+                        float(sum(b["input_ids"].numel() for b in ptx_batches)),
+                    ]
+                )
                 global_ptx = int(targets)
                 ptx_rows_tokens += rows_tokens
             bad = False
@@ -416,8 +477,10 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
     if skipped:
         run.nan_streak += 1
         if run.nan_streak >= p.max_nan_steps:
-            raise FloatingPointError(f"non-finite PPO loss in {run.nan_streak} iterations in a row (step {step}); "
-                                     "lower the learning rates or check the reward model")
+            raise FloatingPointError(
+                f"non-finite PPO loss in {run.nan_streak} iterations in a row (step {step}); "
+                "lower the learning rates or check the reward model"
+            )
     else:
         run.nan_streak = 0
     totals = distributed.all_reduce_sums(sums) if sums else {}
@@ -430,8 +493,9 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
     seq_tokens = distributed.all_reduce_sum([float(exp.attention_mask.sum())])[0] * p.ppo_epochs
     policy_tokens = seq_tokens + ptx_rows_tokens if train_actor else 0.0
     out["trained_tokens"] = seq_tokens + policy_tokens
-    out["trained_flops"] = (seq_tokens * run.critic.module.config.flops_per_token(exp.input_ids.shape[1])
-                            + policy_tokens * run.actor.module.config.flops_per_token(exp.input_ids.shape[1]))
+    out["trained_flops"] = seq_tokens * run.critic.module.config.flops_per_token(
+        exp.input_ids.shape[1]
+    ) + policy_tokens * run.actor.module.config.flops_per_token(exp.input_ids.shape[1])
     mask = exp.response_mask
     with torch.no_grad():
         out["explained_variance"] = float(explained_variance(exp.values, exp.returns, mask))
@@ -444,7 +508,7 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     out: dict[str, float] = {}
     p = run.cfg.ppo
     if run.eval_prompts:
-        mine = run.eval_prompts[distributed.rank()::distributed.world_size()]
+        mine = run.eval_prompts[distributed.rank() :: distributed.world_size()]
         prompt_list = [ids for _, _, ids in mine for _ in range(p.eval_samples)]
         sampling = sampling_for(run, mine, -1, p.eval_samples)  # the same seeds at every evaluation
         rollouts = run.rollout.generate(prompt_list, sampling)
@@ -466,12 +530,16 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         out.update({"reward_mean": mean, "reward_std": math.sqrt(var), "kl": kl / n})
     if run.ptx is not None and run.ptx_eval:
         run.actor.eval()
-        mine = run.ptx_eval[distributed.rank()::distributed.world_size()]
+        mine = run.ptx_eval[distributed.rank() :: distributed.world_size()]
         loss_sum = targets = 0.0
         for i in range(0, len(mine), run.cfg.ppo.ptx_batch_size):
-            b = {k: v.to(distributed.device()) for k, v in run.ptx.batch(mine[i:i + run.cfg.ppo.ptx_batch_size]).items()}
-            loss_sum += float(run.actor.forward(b["input_ids"], position_ids=b["position_ids"],
-                                                labels=b["labels"]).loss_sum)
+            b = {
+                k: v.to(distributed.device())
+                for k, v in run.ptx.batch(mine[i : i + run.cfg.ppo.ptx_batch_size]).items()
+            }
+            loss_sum += float(
+                run.actor.forward(b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]).loss_sum
+            )
             targets += count_targets(b["labels"])
         run.actor.train()
         total, n = distributed.all_reduce_sum([loss_sum, targets])
@@ -479,15 +547,17 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     return out
 
 
-def write_eval_samples(run: Run, step: int, messages: list, texts: list[str], rewards: list[float],
-                       kls: list[float]) -> None:
+def write_eval_samples(
+    run: Run, step: int, messages: list, texts: list[str], rewards: list[float], kls: list[float]
+) -> None:
     """Every held-out response with its reward and KL, so an outside judge (a gold scorer, people) can score the
     policy at each evaluation; one file per rank."""
     name = "eval_samples.jsonl" if distributed.world_size() == 1 else f"eval_samples.rank{distributed.rank()}.jsonl"
     with (run.out_dir / name).open("a", encoding="utf-8") as f:
         for m, t, r, k in zip(messages, texts, rewards, kls):
-            f.write(json.dumps({"step": step, "prompt": m, "response": t, "reward": r, "kl": k},
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"step": step, "prompt": m, "response": t, "reward": r, "kl": k}, ensure_ascii=False) + "\n"
+            )
 
 
 def save(run: Run, folder_step: int) -> None:
@@ -496,10 +566,14 @@ def save(run: Run, folder_step: int) -> None:
         save_value(run, folder / "value")
 
     state = dataclasses.replace(
-        run.state, step=folder_step, samples_seen=folder_step * run.cfg.ppo.rollout_batch_size * distributed.world_size(),
-        extra={"kl_ctl": run.kl_ctl.state_dict(), "reward_moments": run.moments.state_dict()})
-    save_checkpoint({"policy": run.actor, "value": run.critic}, run.out_dir, state, save_models,
-                    run.cfg.train.keep_last)
+        run.state,
+        step=folder_step,
+        samples_seen=folder_step * run.cfg.ppo.rollout_batch_size * distributed.world_size(),
+        extra={"kl_ctl": run.kl_ctl.state_dict(), "reward_moments": run.moments.state_dict()},
+    )
+    save_checkpoint(
+        {"policy": run.actor, "value": run.critic}, run.out_dir, state, save_models, run.cfg.train.keep_last
+    )
 
 
 def save_value(run: Run, folder: Path) -> None:
@@ -507,8 +581,9 @@ def save_value(run: Run, folder: Path) -> None:
     if distributed.rank() != 0:
         return
     value_model = run.critic.module
-    save_reward_state(state, value_model.config, value_model.rm.reward_config(), folder, run.rm_tokenizer,
-                      prefix=ValueModel.RM_PREFIX)
+    save_reward_state(
+        state, value_model.config, value_model.rm.reward_config(), folder, run.rm_tokenizer, prefix=ValueModel.RM_PREFIX
+    )
 
 
 def train(run: Run) -> dict[str, float]:

@@ -52,8 +52,10 @@ def comparison_pairs(record: dict, where: str) -> tuple[list[Pair], int]:
     """Pairs of one comparison record, and its tie count."""
     r = ComparisonRecord.parse(record, where)
     index_pairs, ties = ranking_pairs(r.ranking)
-    pairs = [Pair(r.prompt, r.responses[i], r.responses[j], r.strength, r.tags, r.source, r.annotator)
-             for i, j in index_pairs]
+    pairs = [
+        Pair(r.prompt, r.responses[i], r.responses[j], r.strength, r.tags, r.source, r.annotator)
+        for i, j in index_pairs
+    ]
     return pairs, ties
 
 
@@ -161,8 +163,10 @@ def load_pairs(path: str, binarize: bool = True) -> tuple[list[Pair], PairReport
             new = forum_pairs(record, where, binarize)
             report.layouts["forum"] += 1
         else:
-            raise DataError(f"{where}: unknown record layout (expected 'responses'+'ranking', 'chosen'+'rejected', "
-                            f"SHP 'human_ref_A'/'human_ref_B', or a forum thread with 'answers')")
+            raise DataError(
+                f"{where}: unknown record layout (expected 'responses'+'ranking', 'chosen'+'rejected', "
+                f"SHP 'human_ref_A'/'human_ref_B', or a forum thread with 'answers')"
+            )
         pairs.extend(new)
     report.pairs = len(pairs)
     if not pairs:
@@ -173,8 +177,9 @@ def load_pairs(path: str, binarize: bool = True) -> tuple[list[Pair], PairReport
 # ------------------------------------------------------------------------------------------------ tensors
 
 
-def encode_response(prompt: list[dict], response: str, tokenizer, max_len: int, end_token_id: int
-                    ) -> tuple[list[int], list[int], bool]:
+def encode_response(
+    prompt: list[dict], response: str, tokenizer, max_len: int, end_token_id: int
+) -> tuple[list[int], list[int], bool]:
     """ChatML ids of prompt + response, then the reward end token; a mask of the response tokens (content and
     its <|im_end|>). Over-long sequences lose tokens from the front (the reward is read at the end)."""
     from align.core.chatml import render_turns
@@ -182,7 +187,7 @@ def encode_response(prompt: list[dict], response: str, tokenizer, max_len: int, 
     ids, turns = render_turns(list(prompt) + [{"role": "assistant", "content": response}], tokenizer)
     last = turns[-1]
     mask = [0] * len(ids)
-    mask[last.content_start:last.content_end + 1] = [1] * (last.content_end + 1 - last.content_start)
+    mask[last.content_start : last.content_end + 1] = [1] * (last.content_end + 1 - last.content_start)
     ids, mask = ids + [end_token_id], mask + [0]
     truncated = len(ids) > max_len
     return ids[-max_len:], mask[-max_len:], truncated
@@ -197,9 +202,9 @@ def collate_sequences(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> d
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     response_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, (ids, mask) in enumerate(seqs):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention_mask[i, :len(ids)] = 1
-        response_mask[i, :len(mask)] = torch.tensor(mask)
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        response_mask[i, : len(mask)] = torch.tensor(mask)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
@@ -210,8 +215,13 @@ def encode_pairs(pairs: list[Pair], tokenizer, max_len: int, end_token_id: int) 
         c_ids, c_mask, c_cut = encode_response(p.prompt, p.chosen, tokenizer, max_len, end_token_id)
         r_ids, r_mask, r_cut = encode_response(p.prompt, p.rejected, tokenizer, max_len, end_token_id)
         truncated += int(c_cut or r_cut)
-        out.append({"chosen": (c_ids, c_mask), "rejected": (r_ids, r_mask),
-                    "strength": 0.0 if p.strength is None else float(p.strength)})
+        out.append(
+            {
+                "chosen": (c_ids, c_mask),
+                "rejected": (r_ids, r_mask),
+                "strength": 0.0 if p.strength is None else float(p.strength),
+            }
+        )
     return out, truncated
 
 

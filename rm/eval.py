@@ -34,14 +34,19 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 @torch.no_grad()
-def score_texts(model: RewardModel, tokenizer: QwenTokenizer, items: list[tuple[list[dict], str]], max_len: int,
-                batch_size: int = 16) -> list[float]:
+def score_texts(
+    model: RewardModel,
+    tokenizer: QwenTokenizer,
+    items: list[tuple[list[dict], str]],
+    max_len: int,
+    batch_size: int = 16,
+) -> list[float]:
     """Raw rewards of (prompt messages, response) items."""
     model.eval()
     end_id = model.end_token_id if model.end_token_id is not None else tokenizer.eod_id
     out: list[float] = []
     for i in range(0, len(items), batch_size):
-        seqs = [encode_response(p, r, tokenizer, max_len, end_id)[:2] for p, r in items[i:i + batch_size]]
+        seqs = [encode_response(p, r, tokenizer, max_len, end_id)[:2] for p, r in items[i : i + batch_size]]
         batch = collate_sequences(seqs, tokenizer.pad_id)
         out += model(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).rewards.tolist()
     return out
@@ -70,8 +75,14 @@ def pair_metrics(pairs: list[Pair], chosen: list[float], rejected: list[float], 
         lo, hi = b / bins, (b + 1) / bins
         idx = [i for i, p in enumerate(probs) if lo <= p < hi or (b == bins - 1 and p == 1.0)]
         if idx:
-            calibration.append({"bin": [lo, hi], "n": len(idx), "mean_predicted": sum(probs[i] for i in idx) / len(idx),
-                                "observed": sum(1 for i in idx if correct[i]) / len(idx)})
+            calibration.append(
+                {
+                    "bin": [lo, hi],
+                    "n": len(idx),
+                    "mean_predicted": sum(probs[i] for i in idx) / len(idx),
+                    "observed": sum(1 for i in idx if correct[i]) / len(idx),
+                }
+            )
     sorted_m = sorted(margins)
     q = lambda f: sorted_m[min(int(f * (n - 1) + 0.5), n - 1)]
     return {
@@ -113,23 +124,26 @@ def write_report(metrics: dict, path: Path, title: str) -> None:
     o = metrics["overall"]
     rows = lambda d: "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v['n']}</td><td>{v['accuracy']:.4f}</td>"
-        f"<td>[{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]</td></tr>" for k, v in d.items())
+        f"<td>[{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]</td></tr>"
+        for k, v in d.items()
+    )
     head = "<tr><th></th><th>pairs</th><th>accuracy</th><th>95% CI</th></tr>"
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p id="overall">Pairwise accuracy <b>{o['accuracy']:.4f}</b> over {o['n']} pairs (95% CI [{o['ci95'][0]:.4f},
-{o['ci95'][1]:.4f}]). Length-only baseline: {metrics['length_baseline']['accuracy']:.4f}.</p>
+<p id="overall">Pairwise accuracy <b>{o["accuracy"]:.4f}</b> over {o["n"]} pairs (95% CI [{o["ci95"][0]:.4f},
+{o["ci95"][1]:.4f}]). Length-only baseline: {metrics["length_baseline"]["accuracy"]:.4f}.</p>
 <img src="data:image/png;base64,{png}" alt="margins and calibration">
-<h2>Per source</h2><table>{head}{rows(metrics['per_source'])}</table>
-<h2>Per tag</h2><table>{head}{rows(metrics['per_tag'])}</table>
+<h2>Per source</h2><table>{head}{rows(metrics["per_source"])}</table>
+<h2>Per tag</h2><table>{head}{rows(metrics["per_tag"])}</table>
 </body></html>"""
     path.write_text(body)
 
 
-def evaluate_file(model_dir: str, data: str, max_len: int = 2048, batch_size: int = 16,
-                  report: Path | None = None) -> dict:
+def evaluate_file(
+    model_dir: str, data: str, max_len: int = 2048, batch_size: int = 16, report: Path | None = None
+) -> dict:
     model = load_reward_model(model_dir)
     tokenizer = QwenTokenizer.from_file(Path(model_dir))
     pairs, _ = load_pairs(data, binarize=False)
@@ -141,8 +155,9 @@ def evaluate_file(model_dir: str, data: str, max_len: int = 2048, batch_size: in
     return metrics
 
 
-def score_file(model_dir: str, data: str, out: str, max_len: int = 2048, batch_size: int = 16,
-               normalise: bool = False) -> int:
+def score_file(
+    model_dir: str, data: str, out: str, max_len: int = 2048, batch_size: int = 16, normalise: bool = False
+) -> int:
     """Score {"prompt": messages|str, "response": str} or {"messages": [..., assistant]} records into `out`."""
     model = load_reward_model(model_dir)
     tokenizer = QwenTokenizer.from_file(Path(model_dir))

@@ -35,8 +35,14 @@ def last_real_position(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModel(nn.Module):
-    def __init__(self, lm: QwenForCausalLM, pooling: Pooling = "end_token", end_token_id: int | None = None,
-                 mean: float = 0.0, std: float = 1.0) -> None:
+    def __init__(
+        self,
+        lm: QwenForCausalLM,
+        pooling: Pooling = "end_token",
+        end_token_id: int | None = None,
+        mean: float = 0.0,
+        std: float = 1.0,
+    ) -> None:
         super().__init__()
         if pooling == "end_token" and end_token_id is None:
             raise ValueError("pooling='end_token' needs end_token_id")
@@ -80,7 +86,7 @@ class RewardModel(nn.Module):
         rewards = self.score(pooled.to(self.score.weight.dtype)).squeeze(-1)  # (B,)
         lm_loss_sum = None
         if lm_labels is not None:
-            lm_loss_sum = self.lm.lm_head(hidden[:len(lm_labels), :-1], lm_labels[:, 1:])
+            lm_loss_sum = self.lm.lm_head(hidden[: len(lm_labels), :-1], lm_labels[:, 1:])
         return RewardOutput(rewards=rewards, lm_loss_sum=lm_loss_sum)
 
     def normalise(self, rewards: torch.Tensor) -> torch.Tensor:
@@ -99,8 +105,14 @@ class RewardModel(nn.Module):
         save_reward_state(self.state_dict(), self.lm.config, self.reward_config(), path, tokenizer)
 
 
-def save_reward_state(state: dict[str, torch.Tensor], lm_config, reward_config: dict, path: str | Path,
-                      tokenizer: QwenTokenizer | None, prefix: str = "") -> None:
+def save_reward_state(
+    state: dict[str, torch.Tensor],
+    lm_config,
+    reward_config: dict,
+    path: str | Path,
+    tokenizer: QwenTokenizer | None,
+    prefix: str = "",
+) -> None:
     """Write a reward model from a flat state dict: a `RewardModel`'s, under `prefix` where it sits inside another
     module (`rm.` in the value model), e.g. gathered from ZeRO-3 shards. The one place that knows the layout: the
     language model as a Hugging Face folder, then the head and its config beside it."""
@@ -108,8 +120,11 @@ def save_reward_state(state: dict[str, torch.Tensor], lm_config, reward_config: 
     with torch.device("meta"):
         lm = QwenForCausalLM(lm_config)
     lm_prefix = prefix + "lm."
-    lm.load_state_dict({k[len(lm_prefix):]: v for k, v in state.items() if k.startswith(lm_prefix)}, assign=True,
-                       strict=not lm_config.tie_word_embeddings)
+    lm.load_state_dict(
+        {k[len(lm_prefix) :]: v for k, v in state.items() if k.startswith(lm_prefix)},
+        assign=True,
+        strict=not lm_config.tie_word_embeddings,
+    )
     lm.tie_weights()
     save_pretrained(lm, path, tokenizer)
     head = {name: state[f"{prefix}score.{name}"].detach().cpu().contiguous() for name in ("weight", "bias")}
@@ -121,15 +136,17 @@ def is_reward_model(path: str | Path) -> bool:
     return (Path(path) / HEAD_FILE).exists()
 
 
-def load_reward_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
-                      device: torch.device | str = "cpu") -> RewardModel:
+def load_reward_model(
+    path: str | Path, dtype: torch.dtype | None = torch.float32, device: torch.device | str = "cpu"
+) -> RewardModel:
     """The reward model of a folder, read straight onto `device`; the head is kept in fp32 whatever `dtype`."""
     path = Path(path)
     if not is_reward_model(path):
         raise FileNotFoundError(f"{path}: no {HEAD_FILE}; not a reward model folder")
     cfg = json.loads((path / CONFIG_FILE).read_text())
-    model = RewardModel(load_pretrained(path, dtype=dtype, device=device), cfg["pooling"], cfg["end_token_id"],
-                        cfg["mean"], cfg["std"])
+    model = RewardModel(
+        load_pretrained(path, dtype=dtype, device=device), cfg["pooling"], cfg["end_token_id"], cfg["mean"], cfg["std"]
+    )
     head = load_file(str(path / HEAD_FILE), device=str(device))
     model.score.load_state_dict(head)
     return model.eval()

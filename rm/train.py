@@ -113,9 +113,10 @@ def setup(cfg: RMConfig) -> Run:
         pairs = [pairs[i] for i in sample(matrix, d.balance_n, d.balance_method, cfg.train.seed)]
     if d.limit is not None:
         import random
+
         order = list(range(len(pairs)))
         random.Random(cfg.train.seed).shuffle(order)
-        pairs = [pairs[i] for i in order[:d.limit]]
+        pairs = [pairs[i] for i in order[: d.limit]]
     if d.eval:
         eval_pairs, _ = load_pairs(d.eval, d.binarize)
     else:
@@ -123,19 +124,38 @@ def setup(cfg: RMConfig) -> Run:
     train_rows, cut = encode_pairs(pairs, tokenizer, d.max_len, end_id)
     eval_rows, _ = encode_pairs(eval_pairs, tokenizer, d.max_len, end_id)
     if rank0:
-        print(f"[rm {cfg.stage}] {report.records} records → {len(train_rows)} training pairs, "
-              f"{len(eval_rows)} held out; {report.ties} ties excluded; {cut} pairs truncated to {d.max_len} tokens")
+        print(
+            f"[rm {cfg.stage}] {report.records} records → {len(train_rows)} training pairs, "
+            f"{len(eval_rows)} held out; {report.ties} ties excluded; {cut} pairs truncated to {d.max_len} tokens"
+        )
     loop = cfg.train
     batches = MicroBatches(train_rows, loop.micro_batch_size, distributed.rank(), distributed.world_size(), loop.seed)
     total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))
     lm_config = model.lm.config
-    throughput = Throughput.measured(lm_config.flops_per_token(d.max_len), loop.peak_tflops, distributed.device(),
-                                     cfg.deepspeed.bf16, distributed.world_size())
+    throughput = Throughput.measured(
+        lm_config.flops_per_token(d.max_len),
+        loop.peak_tflops,
+        distributed.device(),
+        cfg.deepspeed.bf16,
+        distributed.world_size(),
+    )
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
     fresh = TrainingState(0, total_steps, distributed.world_size(), loop.micro_batch_size, loop.grad_accum, loop.seed)
     state, logger = open_run(cfg, out_dir, {"model": engine}, f"rm {cfg.stage}", fresh)
-    return Run(cfg, engine, tokenizer, lm_config, batches, train_rows, eval_rows, total_steps, state, logger,
-               out_dir, throughput)
+    return Run(
+        cfg,
+        engine,
+        tokenizer,
+        lm_config,
+        batches,
+        train_rows,
+        eval_rows,
+        total_steps,
+        state,
+        logger,
+        out_dir,
+        throughput,
+    )
 
 
 def chosen_lm_labels(batch: dict) -> torch.Tensor:
@@ -144,8 +164,7 @@ def chosen_lm_labels(batch: dict) -> torch.Tensor:
     return torch.where(batch["response_mask"][:b].bool(), batch["input_ids"][:b], -100)
 
 
-def pair_losses(run: Run, batch: dict, global_pairs: int, global_lm_targets: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_losses(run: Run, batch: dict, global_pairs: int, global_lm_targets: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The micro-batch's share of the step loss, and its sums for logging (STAT_KEYS, on the device)."""
     b = batch["strength"].shape[0]
     want_lm = run.cfg.loss.lm_coef > 0
@@ -183,8 +202,13 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         stats = run.engine.step() or stats
         sums += s
     bt, lm, correct, margin, tokens = distributed.all_reduce_sum(sums.tolist() + [tokens])  # the step's one host sync
-    metrics = {"loss": bt / global_pairs, "accuracy": correct / global_pairs, "margin": margin / global_pairs,
-               "tokens": tokens, **(stats or {})}
+    metrics = {
+        "loss": bt / global_pairs,
+        "accuracy": correct / global_pairs,
+        "margin": margin / global_pairs,
+        "tokens": tokens,
+        **(stats or {}),
+    }
     if run.cfg.loss.lm_coef > 0:
         metrics["lm_loss"] = lm / max(global_lm, 1)
     return metrics
@@ -199,11 +223,14 @@ def score_rows(run: Run, rows: list[dict]) -> tuple[list[float], list[float]]:
     rejected = torch.zeros(len(rows), dtype=torch.float64)
     mb = run.cfg.train.micro_batch_size
     for i in range(0, len(mine), mb):
-        idx = mine[i:i + mb]
-        batch = {k: v.to(distributed.device()) for k, v in collate_pairs([rows[j] for j in idx], run.tokenizer.pad_id).items()}
+        idx = mine[i : i + mb]
+        batch = {
+            k: v.to(distributed.device())
+            for k, v in collate_pairs([rows[j] for j in idx], run.tokenizer.pad_id).items()
+        }
         rewards = run.engine.forward(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).rewards
-        chosen[idx] = rewards[:len(idx)].double().cpu()
-        rejected[idx] = rewards[len(idx):].double().cpu()
+        chosen[idx] = rewards[: len(idx)].double().cpu()
+        rejected[idx] = rewards[len(idx) :].double().cpu()
     run.engine.train()
     return distributed.all_reduce_sum(chosen.tolist()), distributed.all_reduce_sum(rejected.tolist())
 
@@ -213,8 +240,10 @@ def evaluate(run: Run) -> dict[str, float]:
         return {}
     chosen, rejected = score_rows(run, run.eval_pairs)
     diffs = torch.tensor(chosen) - torch.tensor(rejected)
-    return {"accuracy": float((diffs > 0).double().mean()),
-            "loss": float(-torch.nn.functional.logsigmoid(diffs).mean())}
+    return {
+        "accuracy": float((diffs > 0).double().mean()),
+        "loss": float(-torch.nn.functional.logsigmoid(diffs).mean()),
+    }
 
 
 def reward_statistics(run: Run) -> tuple[float, float]:
@@ -236,8 +265,9 @@ def train(run: Run) -> dict[str, float]:
     loop = run.cfg.train
     rank0 = distributed.rank() == 0
     last_step = min(run.total_steps, loop.stop_after or run.total_steps)
-    bar = tqdm(total=run.total_steps, initial=run.state.step, disable=not rank0, desc=f"rm {run.cfg.stage}",
-               unit="step")
+    bar = tqdm(
+        total=run.total_steps, initial=run.state.step, disable=not rank0, desc=f"rm {run.cfg.stage}", unit="step"
+    )
     run.engine.train()
     metrics: dict[str, float] = {}
     module = run.engine.module
@@ -251,10 +281,18 @@ def train(run: Run) -> dict[str, float]:
         if loop.eval_every and done % loop.eval_every == 0:
             run.logger.log(done, evaluate(run), prefix="eval/")
         if (loop.save_every and done % loop.save_every == 0) or done == last_step:
-            state = dataclasses.replace(run.state, step=done, samples_seen=done * loop.grad_accum
-                                        * loop.micro_batch_size * distributed.world_size())
-            save_checkpoint({"model": run.engine}, run.out_dir, state,
-                            lambda folder: save_models(run, folder, module.mean, module.std), loop.keep_last)
+            state = dataclasses.replace(
+                run.state,
+                step=done,
+                samples_seen=done * loop.grad_accum * loop.micro_batch_size * distributed.world_size(),
+            )
+            save_checkpoint(
+                {"model": run.engine},
+                run.out_dir,
+                state,
+                lambda folder: save_models(run, folder, module.mean, module.std),
+                loop.keep_last,
+            )
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
         bar.update(1)
     bar.close()

@@ -23,11 +23,23 @@ MaskMode = Literal["assistant", "qwen", "none"]
 Truncation = Literal["drop_oldest", "slice", "skip"]
 
 SHAREGPT_ROLES = {
-    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-    "function_call": "assistant", "observation": "function", "function": "function", "tool": "function",
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "function",
+    "function": "function",
+    "tool": "function",
 }
-OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "function",
-                "function": "function"}
+OPENAI_ROLES = {
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "function",
+    "function": "function",
+}
 
 
 class SkipExample(Exception):
@@ -54,8 +66,10 @@ def to_messages(record: dict, where: str) -> list[dict]:
             raise DataError(f"{where}: field '{field_name}' must be an object")
         role = turn.get(role_key)
         if role not in roles:
-            raise DataError(f"{where}: field '{field_name}.{role_key}': unknown role {role!r} "
-                            f"(expected one of {', '.join(sorted(roles))})")
+            raise DataError(
+                f"{where}: field '{field_name}.{role_key}': unknown role {role!r} "
+                f"(expected one of {', '.join(sorted(roles))})"
+            )
         content = turn.get(text_key)
         if not isinstance(content, str):
             raise DataError(f"{where}: field '{field_name}.{text_key}' must be a string")
@@ -82,11 +96,11 @@ def _labels(ids: list[int], turns, mask_mode: MaskMode) -> list[int]:
         if mask_mode == "qwen":
             # Qwen's finetune.py keeps <|im_start|>, and <|im_end|> + newline, of every turn
             labels[t.start] = ids[t.start]
-            labels[t.content_end:t.end] = ids[t.content_end:t.end]
+            labels[t.content_end : t.end] = ids[t.content_end : t.end]
             if t.role == "assistant":
-                labels[t.content_start:t.content_end] = ids[t.content_start:t.content_end]
+                labels[t.content_start : t.content_end] = ids[t.content_start : t.content_end]
         elif t.role == "assistant":
-            labels[t.content_start:t.content_end + 1] = ids[t.content_start:t.content_end + 1]  # + <|im_end|>
+            labels[t.content_start : t.content_end + 1] = ids[t.content_start : t.content_end + 1]  # + <|im_end|>
         for a, b in t.observation_spans:
             labels[a:b] = [IGNORE_INDEX] * (b - a)
     return labels
@@ -95,11 +109,11 @@ def _labels(ids: list[int], turns, mask_mode: MaskMode) -> list[int]:
 def _drop_oldest_round(messages: list[dict]) -> list[dict] | None:
     """Drop the first user turn and everything up to the next user turn; None if only one round is left."""
     head = [m for m in messages[:1] if m["role"] == "system"]
-    rest = messages[len(head):]
+    rest = messages[len(head) :]
     users = [i for i, m in enumerate(rest) if m["role"] == "user"]
     if len(users) < 2:
         return None
-    return head + rest[users[1]:]
+    return head + rest[users[1] :]
 
 
 def build_example(

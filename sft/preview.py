@@ -34,8 +34,9 @@ def _span(tokens: list[int], trained: bool, tokenizer: QwenTokenizer, color: boo
     return f"{HIGHLIGHT}{text}{RESET}" if color else f"⟦{text}⟧"
 
 
-def preview(path: str, tokenizer: QwenTokenizer, max_len: int, mask_mode: MaskMode, limit: int,
-            color: bool | None = None) -> None:
+def preview(
+    path: str, tokenizer: QwenTokenizer, max_len: int, mask_mode: MaskMode, limit: int, color: bool | None = None
+) -> None:
     color = sys.stdout.isatty() if color is None else color
     shown = 0
     for where, record in iter_records(path):

@@ -86,8 +86,13 @@ def setup(cfg: SFTConfig) -> Run:
     steps_per_epoch = max(batches.per_epoch // loop.grad_accum, 1)
     total_steps = loop.max_steps or math.ceil(loop.epochs * steps_per_epoch)
 
-    throughput = Throughput.measured(model.config.flops_per_token(d.max_len), loop.peak_tflops, distributed.device(),
-                                     cfg.deepspeed.bf16, distributed.world_size())
+    throughput = Throughput.measured(
+        model.config.flops_per_token(d.max_len),
+        loop.peak_tflops,
+        distributed.device(),
+        cfg.deepspeed.bf16,
+        distributed.world_size(),
+    )
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
     fresh = TrainingState(0, total_steps, distributed.world_size(), loop.micro_batch_size, loop.grad_accum, loop.seed)
     state, logger = open_run(cfg, out_dir, {"model": engine}, "sft", fresh)
@@ -99,12 +104,14 @@ def evaluate(run: Run) -> float:
     if not run.eval_rows:
         return float("nan")
     run.engine.eval()
-    mine = run.eval_rows[distributed.rank()::distributed.world_size()]
+    mine = run.eval_rows[distributed.rank() :: distributed.world_size()]
     loss_sum, targets = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(mine), run.cfg.train.micro_batch_size):
-            batch = {k: v.to(distributed.device()) for k, v in
-                     collate(mine[i:i + run.cfg.train.micro_batch_size], run.tokenizer.pad_id).items()}
+            batch = {
+                k: v.to(distributed.device())
+                for k, v in collate(mine[i : i + run.cfg.train.micro_batch_size], run.tokenizer.pad_id).items()
+            }
             loss_sum += run.engine.forward(batch["input_ids"], labels=batch["labels"]).loss_sum.item()
             targets += count_targets(batch["labels"])
     total_loss, total_targets = distributed.all_reduce_sum([loss_sum, targets])
@@ -150,8 +157,9 @@ def train(run: Run) -> dict[str, float]:
             run.logger.log(done, {"loss": evaluate(run)}, prefix="eval/")
         if (loop.save_every and done % loop.save_every == 0) or done == last_step:
             save(run, done)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                        mfu=f"{metrics['mfu']:.1%}")
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", mfu=f"{metrics['mfu']:.1%}"
+        )
         bar.update(1)
     bar.close()
     if last_step == run.total_steps and run.state.step < run.total_steps:
@@ -169,8 +177,9 @@ def save(run: Run, step: int) -> None:
         save_from_engine(run.engine, run.engine.module.config, run.tokenizer, folder, distributed.rank() == 0)
 
     loop = run.cfg.train
-    state = dataclasses.replace(run.state, step=step,
-                                samples_seen=step * loop.grad_accum * loop.micro_batch_size * distributed.world_size())
+    state = dataclasses.replace(
+        run.state, step=step, samples_seen=step * loop.grad_accum * loop.micro_batch_size * distributed.world_size()
+    )
     save_checkpoint({"model": run.engine}, run.out_dir, state, save_models, loop.keep_last)
 
 

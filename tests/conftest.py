@@ -40,8 +40,17 @@ def chatml_fixture():
 def tiny_config(**overrides):
     from base_model import QwenConfig
 
-    base = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, seq_length=64, max_position_embeddings=512, initializer_range=0.2)
+    base = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        seq_length=64,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+    )
     base.update(overrides)
     return QwenConfig(**base)
 
@@ -66,8 +75,13 @@ def kill_after_first_checkpoint(args, run_dir, env, timeout=600):
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     latest = Path(run_dir) / "checkpoints" / "latest.json"
     deadline = time.time() + timeout
     while not latest.exists() and time.time() < deadline and proc.poll() is None:

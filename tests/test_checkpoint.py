@@ -25,7 +25,13 @@ def test_qwen1_name_mapping_round_trips():
 def test_qwen1_config_is_read(tmp_path):
     model = load_pretrained(QWEN_REF / "qwen1_tiny")
     c = model.config
-    assert (c.intermediate_size, c.head_dim, c.seq_length, c.use_dynamic_ntk, c.use_logn_attn) == (176, 16, 32, True, True)
+    assert (c.intermediate_size, c.head_dim, c.seq_length, c.use_dynamic_ntk, c.use_logn_attn) == (
+        176,
+        16,
+        32,
+        True,
+        True,
+    )
 
 
 def test_bin_and_sharded_bin_load(tmp_path):

@@ -16,8 +16,9 @@ def test_training_state_round_trips_through_its_dict():
     assert TrainingState.from_dict(state.to_dict(), "x") == state
 
 
-@pytest.mark.parametrize("field,value", [("world_size", 1), ("total_steps", 50), ("micro_batch_size", 8),
-                                         ("grad_accum", 1), ("seed", 3)])
+@pytest.mark.parametrize(
+    "field,value", [("world_size", 1), ("total_steps", 50), ("micro_batch_size", 8), ("grad_accum", 1), ("seed", 3)]
+)
 def test_resume_with_a_different_setting_names_it(field, value):
     saved = _state(step=40)
     with pytest.raises(ConfigError, match=f"{field} {getattr(saved, field)} in the checkpoint, {value} now"):

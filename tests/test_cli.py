@@ -14,8 +14,15 @@ from conftest import QWEN_REF, QWEN_VOCAB, ROOT
 
 def run(args, cwd=None, stdin=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=cwd, input=stdin, capture_output=True,
-                          text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "align.cli", *args],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def readme_block(name):
@@ -41,12 +48,34 @@ def test_help_lists_commands():
 
 
 def test_generate_and_chat_with_qwen_vocab(tmp_path):
-    out = run(["init-model", str(ROOT / "configs/model/tiny.yaml"), "--tokenizer", str(QWEN_VOCAB),
-               "--out", str(tmp_path / "m"), "num_hidden_layers=1"])
+    out = run(
+        [
+            "init-model",
+            str(ROOT / "configs/model/tiny.yaml"),
+            "--tokenizer",
+            str(QWEN_VOCAB),
+            "--out",
+            str(tmp_path / "m"),
+            "num_hidden_layers=1",
+        ]
+    )
     assert out.returncode == 0, out.stderr
     assert load_pretrained(tmp_path / "m").config.num_hidden_layers == 1
-    out = run(["generate", "--model", str(tmp_path / "m"), "--prompt", "hi", "--prompt", "你好",
-               "--max-new-tokens", "4", "--temperature", "0"])
+    out = run(
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "m"),
+            "--prompt",
+            "hi",
+            "--prompt",
+            "你好",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ]
+    )
     assert out.returncode == 0, out.stderr
     assert "### hi" in out.stdout and "### 你好" in out.stdout
     out = run(["chat", "--model", str(tmp_path / "m"), "--max-new-tokens", "3"], stdin="hello\n/reset\nagain\n/exit\n")
@@ -74,8 +103,19 @@ def test_errors_are_reported_without_traceback(tmp_path):
 
 
 def test_sft_preview_marks_trained_tokens():
-    out = run(["sft", "preview", "--data", str(ROOT / "examples/data/sft_tiny.jsonl"), "--tokenizer", "bytes",
-               "--plain", "--limit", "1"])
+    out = run(
+        [
+            "sft",
+            "preview",
+            "--data",
+            str(ROOT / "examples/data/sft_tiny.jsonl"),
+            "--tokenizer",
+            "bytes",
+            "--plain",
+            "--limit",
+            "1",
+        ]
+    )
     assert out.returncode == 0, out.stderr
     assert "⟦2+3 = 5.<|im_end|>⟧" in out.stdout and "⟦What" not in out.stdout
 
@@ -83,16 +123,41 @@ def test_sft_preview_marks_trained_tokens():
 def test_tags_commands(tmp_path):
     from align.core.records import write_jsonl_atomic
 
-    rows = [{"prompt": f"q{i}", "tags": ["math/arithmetic"] + (["safety/violence"] if i % 7 == 0 else [])}
-            for i in range(60)]
+    rows = [
+        {"prompt": f"q{i}", "tags": ["math/arithmetic"] + (["safety/violence"] if i % 7 == 0 else [])}
+        for i in range(60)
+    ]
     write_jsonl_atomic(tmp_path / "pool.jsonl", rows)
-    out = run(["tags", "sample", "--input", str(tmp_path / "pool.jsonl"), "--output", str(tmp_path / "s.jsonl"),
-               "--n", "10", "--method", "complexity-first"])
+    out = run(
+        [
+            "tags",
+            "sample",
+            "--input",
+            str(tmp_path / "pool.jsonl"),
+            "--output",
+            str(tmp_path / "s.jsonl"),
+            "--n",
+            "10",
+            "--method",
+            "complexity-first",
+        ]
+    )
     assert out.returncode == 0, out.stderr
     sampled = [json.loads(l) for l in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(sampled) == 10 and all(r in rows for r in sampled)  # rows unchanged
-    out = run(["tags", "audit", str(tmp_path / "s.jsonl"), "--against", str(tmp_path / "pool.jsonl"), "--taxonomy",
-               str(ROOT / "configs/taxonomy/demo.yaml"), "--out", str(tmp_path / "audit")])
+    out = run(
+        [
+            "tags",
+            "audit",
+            str(tmp_path / "s.jsonl"),
+            "--against",
+            str(tmp_path / "pool.jsonl"),
+            "--taxonomy",
+            str(ROOT / "configs/taxonomy/demo.yaml"),
+            "--out",
+            str(tmp_path / "audit"),
+        ]
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "audit" / "report.html").exists() and (tmp_path / "audit" / "figures.csv").exists()
     bad = tmp_path / "bad.yaml"

@@ -1,6 +1,5 @@
 """Typed configuration: every shipped YAML loads; bad keys and values are named."""
 
-
 import pytest
 
 from align.config_types import config_type_for
@@ -25,9 +24,19 @@ def test_every_shipped_config_loads(path):
 def test_model_presets_match_released_checkpoints():
     load = lambda n: load_config(QwenConfig, ROOT / "configs" / "model" / f"{n}.yaml")
     q18, q7, q14 = load("qwen-1.8b"), load("qwen-7b"), load("qwen-14b")
-    assert (q18.hidden_size, q18.num_hidden_layers, q18.num_attention_heads, q18.intermediate_size) == (2048, 24, 16, 5504)
+    assert (q18.hidden_size, q18.num_hidden_layers, q18.num_attention_heads, q18.intermediate_size) == (
+        2048,
+        24,
+        16,
+        5504,
+    )
     assert (q7.hidden_size, q7.num_hidden_layers, q7.num_attention_heads, q7.intermediate_size) == (4096, 32, 32, 11008)
-    assert (q14.hidden_size, q14.num_hidden_layers, q14.num_attention_heads, q14.intermediate_size) == (5120, 40, 40, 13696)
+    assert (q14.hidden_size, q14.num_hidden_layers, q14.num_attention_heads, q14.intermediate_size) == (
+        5120,
+        40,
+        40,
+        13696,
+    )
     assert q14.vocab_size == 152064 and q14.seq_length == 2048
     for c in (q18, q7):
         assert c.vocab_size == 151936 and c.seq_length == 8192
@@ -37,8 +46,9 @@ def test_model_presets_match_released_checkpoints():
 
 
 def test_overrides_apply(tmp_path):
-    cfg = load_config(QwenConfig, ROOT / "configs/model/tiny.yaml", ["hidden_size=128", "rms_norm_eps=1e-5",
-                                                                     "window_sizes=[4, null]"])
+    cfg = load_config(
+        QwenConfig, ROOT / "configs/model/tiny.yaml", ["hidden_size=128", "rms_norm_eps=1e-5", "window_sizes=[4, null]"]
+    )
     assert cfg.hidden_size == 128 and cfg.rms_norm_eps == 1e-5 and cfg.window_sizes == [4, None]
 
 

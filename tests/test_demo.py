@@ -21,8 +21,9 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 
 
 def align(*args, timeout=600, cwd=ROOT):
-    out = subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", "align.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out
 
@@ -115,8 +116,11 @@ def check_report_numbers(folder: Path) -> int:
     for src, key, text in tags:
         if src not in sources:
             path = folder / src
-            data = (json.loads(path.read_text()) if src.endswith(".json")
-                    else [json.loads(l) for l in path.read_text().splitlines() if l.strip()])
+            data = (
+                json.loads(path.read_text())
+                if src.endswith(".json")
+                else [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+            )
             sources[src] = flatten(data)
         assert key in sources[src], f"{src}: no key {key}"
         assert fmt(sources[src][key]) == text, (src, key, text, sources[src][key])
@@ -159,10 +163,18 @@ def test_reports_render_in_chromium(quick_demo):
 def test_sweep_runs_ranks_and_resumes_after_a_kill(quick_demo, tmp_path):
     demo_dir, _, _ = quick_demo
     sweep_dir = tmp_path / "sweep"
-    args = [sys.executable, "-m", "align.cli", "sweep", str(ROOT / "configs" / "sweeps" / "tiny.yaml"),
-            f"out_dir={sweep_dir}", f"demo.out={demo_dir}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    args = [
+        sys.executable,
+        "-m",
+        "align.cli",
+        "sweep",
+        str(ROOT / "configs" / "sweeps" / "tiny.yaml"),
+        f"out_dir={sweep_dir}",
+        f"demo.out={demo_dir}",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.time() + 300
     while not list(sweep_dir.glob("*/result.json")) and time.time() < deadline:
         time.sleep(0.5)
@@ -170,8 +182,13 @@ def test_sweep_runs_ranks_and_resumes_after_a_kill(quick_demo, tmp_path):
     proc.wait()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep_dir.glob("*/result.json")}
     assert 1 <= len(finished) < 4
-    run = align("sweep", str(ROOT / "configs" / "sweeps" / "tiny.yaml"), f"out_dir={sweep_dir}",
-                f"demo.out={demo_dir}", timeout=600)
+    run = align(
+        "sweep",
+        str(ROOT / "configs" / "sweeps" / "tiny.yaml"),
+        f"out_dir={sweep_dir}",
+        f"demo.out={demo_dir}",
+        timeout=600,
+    )
     assert f"{len(finished)} already finished" in run.stdout
     for name in finished:
         assert f"started {name}" not in run.stdout

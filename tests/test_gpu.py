@@ -22,14 +22,18 @@ from base_model.generate import SamplingParams, generate
 from conftest import ROOT, randomize_biases, tiny_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           PYTHONUNBUFFERED="1")
+ENV = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    PYTHONUNBUFFERED="1",
+)
 CONFIGS = ROOT / "configs"
 
 
 def align(*args, timeout=300):
-    out = subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
-                         text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return out
 
@@ -48,22 +52,46 @@ def data(tmp_path_factory):
     write_jsonl_atomic(d / "sft.jsonl", ppo_task.sft_conversations(200, 0))
     write_jsonl_atomic(d / "rm.jsonl", ppo_task.enthusiasm_comparisons(200, 0))
     write_jsonl_atomic(d / "corpus.jsonl", documents(200, seed=0))
-    align("data", "pack", "--input", str(d / "corpus.jsonl"), "--output", str(d / "packed"), "--tokenizer", "bytes",
-          "--seq-len", "128")
+    align(
+        "data",
+        "pack",
+        "--input",
+        str(d / "corpus.jsonl"),
+        "--output",
+        str(d / "packed"),
+        "--tokenizer",
+        "bytes",
+        "--seq-len",
+        "128",
+    )
     return d
 
 
 def test_pretraining_on_cuda(data, tmp_path):
-    align("pretrain", str(CONFIGS / "pretrain/tiny.yaml"), f"data.train={data / 'packed'}", "train.max_steps=5",
-          "deepspeed.bf16=true", f"out_dir={tmp_path}")
+    align(
+        "pretrain",
+        str(CONFIGS / "pretrain/tiny.yaml"),
+        f"data.train={data / 'packed'}",
+        "train.max_steps=5",
+        "deepspeed.bf16=true",
+        f"out_dir={tmp_path}",
+    )
     finite_metrics(tmp_path, "train/loss", "train/tokens_per_s", "train/mfu")
 
 
 @pytest.mark.parametrize("zero,bf16,packing", [(0, False, False), (2, True, True), (3, True, True)])
 def test_sft_on_cuda(data, tmp_path, zero, bf16, packing):
-    align("sft", str(CONFIGS / "sft/tiny.yaml"), f"data.train={data / 'sft.jsonl'}", "train.max_steps=6",
-          f"deepspeed.zero_stage={zero}", f"deepspeed.bf16={str(bf16).lower()}", f"data.packing={str(packing).lower()}",
-          "train.save_every=0", f"out_dir={tmp_path}")
+    align(
+        "sft",
+        str(CONFIGS / "sft/tiny.yaml"),
+        f"data.train={data / 'sft.jsonl'}",
+        "train.max_steps=6",
+        f"deepspeed.zero_stage={zero}",
+        f"deepspeed.bf16={str(bf16).lower()}",
+        f"data.packing={str(packing).lower()}",
+        "train.save_every=0",
+        f"out_dir={tmp_path}",
+    )
     rows = finite_metrics(tmp_path, "train/loss", "train/tokens_per_s", "train/mfu")
     assert (tmp_path / "final" / "model.safetensors").exists()
     assert 0 < [r for r in rows if "train/mfu" in r][-1]["train/mfu"] < 1
@@ -72,11 +100,24 @@ def test_sft_on_cuda(data, tmp_path, zero, bf16, packing):
 @pytest.fixture(scope="module")
 def policy_and_reward(data, tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
-    align("sft", str(CONFIGS / "sft/tiny.yaml"), f"data.train={data / 'sft.jsonl'}", "train.max_steps=20",
-          "train.save_every=0", f"out_dir={d / 'sft'}")
+    align(
+        "sft",
+        str(CONFIGS / "sft/tiny.yaml"),
+        f"data.train={data / 'sft.jsonl'}",
+        "train.max_steps=20",
+        "train.save_every=0",
+        f"out_dir={d / 'sft'}",
+    )
     align("rm", "pmp", str(CONFIGS / "rm/pmp-tiny.yaml"), "train.max_steps=4", f"out_dir={d / 'pmp'}")
-    align("rm", "train", str(CONFIGS / "rm/tiny.yaml"), f"data.train={data / 'rm.jsonl'}", "train.max_steps=10",
-          f"init={d / 'pmp' / 'final'}", f"out_dir={d / 'rm'}")
+    align(
+        "rm",
+        "train",
+        str(CONFIGS / "rm/tiny.yaml"),
+        f"data.train={data / 'rm.jsonl'}",
+        "train.max_steps=10",
+        f"init={d / 'pmp' / 'final'}",
+        f"out_dir={d / 'rm'}",
+    )
     finite_metrics(d / "rm", "train/loss", "train/lm_loss", "train/mfu")
     return d
 
@@ -85,30 +126,64 @@ def policy_and_reward(data, tmp_path_factory):
 def test_ppo_with_ptx_on_cuda(data, policy_and_reward, tmp_path, zero, bf16):
     d = policy_and_reward
     flag = str(bf16).lower()
-    align("ppo", str(CONFIGS / "ppo/tiny.yaml"), f"models.policy={d / 'sft' / 'final'}",
-          f"models.reward={d / 'rm' / 'final'}", f"data.ptx={data / 'packed'}", "ppo.iterations=2",
-          "ppo.critic_warmup_steps=0", f"policy_deepspeed.zero_stage={zero}", f"value_deepspeed.zero_stage={zero}",
-          f"policy_deepspeed.bf16={flag}", f"value_deepspeed.bf16={flag}", "train.eval_every=1", "train.save_every=0",
-          f"out_dir={tmp_path}")
-    rows = finite_metrics(tmp_path, "train/reward/raw", "train/kl", "train/ptx_loss", "train/policy_loss",
-                          "eval/reward_mean", "eval/kl")
+    align(
+        "ppo",
+        str(CONFIGS / "ppo/tiny.yaml"),
+        f"models.policy={d / 'sft' / 'final'}",
+        f"models.reward={d / 'rm' / 'final'}",
+        f"data.ptx={data / 'packed'}",
+        "ppo.iterations=2",
+        "ppo.critic_warmup_steps=0",
+        f"policy_deepspeed.zero_stage={zero}",
+        f"value_deepspeed.zero_stage={zero}",
+        f"policy_deepspeed.bf16={flag}",
+        f"value_deepspeed.bf16={flag}",
+        "train.eval_every=1",
+        "train.save_every=0",
+        f"out_dir={tmp_path}",
+    )
+    rows = finite_metrics(
+        tmp_path, "train/reward/raw", "train/kl", "train/ptx_loss", "train/policy_loss", "eval/reward_mean", "eval/kl"
+    )
     assert max(r["step"] for r in rows) == 2
 
 
 def test_ppo_with_offloaded_frozen_models_on_cuda(data, policy_and_reward, tmp_path):
     d = policy_and_reward
-    align("ppo", str(CONFIGS / "ppo/tiny.yaml"), f"models.policy={d / 'sft' / 'final'}",
-          f"models.reward={d / 'rm' / 'final'}", "data.ptx=null", "ppo.iterations=2", "models.offload_frozen=true",
-          "policy_deepspeed.bf16=true", "value_deepspeed.bf16=true", "train.eval_every=0", "train.save_every=0",
-          f"out_dir={tmp_path}")
+    align(
+        "ppo",
+        str(CONFIGS / "ppo/tiny.yaml"),
+        f"models.policy={d / 'sft' / 'final'}",
+        f"models.reward={d / 'rm' / 'final'}",
+        "data.ptx=null",
+        "ppo.iterations=2",
+        "models.offload_frozen=true",
+        "policy_deepspeed.bf16=true",
+        "value_deepspeed.bf16=true",
+        "train.eval_every=0",
+        "train.save_every=0",
+        f"out_dir={tmp_path}",
+    )
     finite_metrics(tmp_path, "train/reward/raw", "train/kl")
 
 
 def test_label_generate_on_cuda(policy_and_reward, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "tags": ["t"]}) + "\n" for p in ("What is 2+3?", "Hi")))
-    align("label", "generate", "--model", str(policy_and_reward / "sft" / "final"), "--prompts", str(prompts),
-          "--out", str(tmp_path / "tasks.jsonl"), "--k", "2", "--max-new-tokens", "16")
+    align(
+        "label",
+        "generate",
+        "--model",
+        str(policy_and_reward / "sft" / "final"),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(tmp_path / "tasks.jsonl"),
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "16",
+    )
     rows = [json.loads(l) for l in (tmp_path / "tasks.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(len(r["responses"]) == 2 for r in rows)
 
@@ -224,8 +299,9 @@ def test_vllm_engine_when_installed(tmp_path):
     assert [r.token_ids for r in out] == ours.token_ids
     engine.sleep()
     engine.load_weights(model.named_parameters())
-    assert [r.token_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))] \
-        == ours.token_ids
+    assert [
+        r.token_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
+    ] == ours.token_ids
 
 
 def test_compiled_layers_equal_the_eager_model_on_cuda():

@@ -16,8 +16,9 @@ from conftest import randomize_biases, tiny_config
 
 
 def test_7b_shape_model_is_constructed_on_meta_in_under_a_second():
-    config = QwenConfig(vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                        num_attention_heads=32)
+    config = QwenConfig(
+        vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+    )
     QwenForCausalLM(tiny_config(), device="meta")  # torch's one-time set-up of meta kernels is not construction
     t0 = time.perf_counter()
     model = QwenForCausalLM(config, device="meta")
@@ -105,7 +106,8 @@ def test_one_masked_attention_call_equals_attention_by_document_in_logits_and_gr
 
             original = m._attention_biases
             m._attention_biases = lambda cfg, length, past, mask, doc, dev, dtype=None: {
-                None: _mask_bias(length, past, mask, doc, None, False, dev)}
+                None: _mask_bias(length, past, mask, doc, None, False, dev)
+            }
             try:
                 logits = model(ids, position_ids=positions).logits
             finally:
@@ -127,8 +129,7 @@ def test_chunked_linear_cross_entropy_equals_the_plain_loss_and_its_gradients(ro
     weight = torch.randn(50, 16, requires_grad=True)
     labels = torch.randint(0, 50, (3, 11))
     labels[0, :4] = -100
-    plain = F.cross_entropy((hidden @ weight.T).reshape(-1, 50), labels.reshape(-1), ignore_index=-100,
-                            reduction="sum")
+    plain = F.cross_entropy((hidden @ weight.T).reshape(-1, 50), labels.reshape(-1), ignore_index=-100, reduction="sum")
     plain.backward(torch.tensor(0.7))
     gh, gw = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -159,14 +160,17 @@ def test_model_loss_from_labels_equals_the_loss_of_its_logits():
         assert (p.grad - grads[n]).abs().max() <= 1e-5 * max(grads[n].abs().max(), 1e-6), n
 
 
-@pytest.mark.parametrize("flags", [dict(), dict(use_dynamic_ntk=True, use_logn_attn=True, seq_length=16),
-                                   dict(window_sizes=[3, None])])
+@pytest.mark.parametrize(
+    "flags", [dict(), dict(use_dynamic_ntk=True, use_logn_attn=True, seq_length=16), dict(window_sizes=[3, None])]
+)
 def test_static_cache_decoding_equals_dynamic_decoding(flags):
     torch.manual_seed(0)
     model = randomize_biases(QwenForCausalLM(tiny_config(**flags), seed=0)).eval()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]  # left padding in the batch
-    for sampling in (SamplingParams(max_new_tokens=20, temperature=0),
-                     SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.9, row_seeds=[1, 2, 3])):
+    for sampling in (
+        SamplingParams(max_new_tokens=20, temperature=0),
+        SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.9, row_seeds=[1, 2, 3]),
+    ):
         dynamic = generate(model, prompts, sampling, decode="dynamic", return_logits=True)
         static = generate(model, prompts, sampling, decode="static", return_logits=True)
         assert static.token_ids == dynamic.token_ids

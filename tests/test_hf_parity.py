@@ -59,6 +59,7 @@ def test_converted_qwen1_checkpoint_loads_in_transformers(tmp_path):
 def test_saved_tokenizer_loads_in_transformers(tmp_path, qwen_tokenizer):
     """AutoTokenizer on our tokenizer.json gives the reference tokenizer's ids (special text parsed, its default)."""
     from conftest import QWEN_REF
+
     save_pretrained(QwenForCausalLM(tiny_config()), tmp_path / "ckpt", qwen_tokenizer)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")
     cases = json.loads((QWEN_REF / "tokenizer.json").read_text())["strings"]
@@ -67,5 +68,7 @@ def test_saved_tokenizer_loads_in_transformers(tmp_path, qwen_tokenizer):
         assert hf.decode(case["ids"]) == case["decoded"]
     messages = [{"role": "user", "content": "What is 2+2?"}]
     from align.core.chatml import render
+
     assert hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False) == render(
-        messages, qwen_tokenizer, add_generation_prompt=True)
+        messages, qwen_tokenizer, add_generation_prompt=True
+    )

@@ -19,8 +19,10 @@ def env(tmp_path):
     for name, role in (("alice", "annotator"), ("bob", "annotator"), ("carol", "annotator"), ("root", "admin")):
         store.add_user(name, role, hash_password(f"{name}-pw"))
     client = TestClient(create_app(store, known_tags={"math", "safety"}))
-    tokens = {n: client.post("/api/login", json={"username": n, "password": f"{n}-pw"}).json()["token"]
-              for n in ("alice", "bob", "carol", "root")}
+    tokens = {
+        n: client.post("/api/login", json={"username": n, "password": f"{n}-pw"}).json()["token"]
+        for n in ("alice", "bob", "carol", "root")
+    }
     auth = lambda n: {"Authorization": f"Bearer {tokens[n]}"}
     return store, client, auth
 
@@ -35,15 +37,21 @@ def test_login_and_roles(env):
     assert client.post("/api/login", json={"username": "alice", "password": "wrong"}).status_code == 401
     assert client.get("/api/tasks/next?project=p").status_code == 401
     items = [{"prompt": "q", "responses": ["a", "b"]}]
-    for method, url, kwargs in (("post", "/api/projects/p/tasks", {"json": items}),
-                                ("get", "/api/projects/p/export", {})):
+    for method, url, kwargs in (
+        ("post", "/api/projects/p/tasks", {"json": items}),
+        ("get", "/api/projects/p/export", {}),
+    ):
         assert getattr(client, method)(url, headers=auth("alice"), **kwargs).status_code == 403
 
 
 def test_import_is_all_or_nothing_and_names_every_bad_item(env):
     store, client, auth = env
-    items = [{"prompt": "ok", "responses": ["a", "b"]}, {"prompt": "one", "responses": ["only"]},
-             {"prompt": "tags", "responses": ["a", "b"], "tags": ["astrology"]}, "not an object"]
+    items = [
+        {"prompt": "ok", "responses": ["a", "b"]},
+        {"prompt": "one", "responses": ["only"]},
+        {"prompt": "tags", "responses": ["a", "b"], "tags": ["astrology"]},
+        "not an object",
+    ]
     out = client.post("/api/projects/p/tasks?overlap=2", json=items, headers=auth("root"))
     assert out.status_code == 400
     errors = out.json()["detail"]["errors"]
@@ -53,8 +61,10 @@ def test_import_is_all_or_nothing_and_names_every_bad_item(env):
 
 def test_annotate_overlap_and_export(env):
     store, client, auth = env
-    items = [{"prompt": [{"role": "user", "content": f"q{i}"}], "responses": ["a", "b", "c"], "tags": ["math"]}
-             for i in range(3)]
+    items = [
+        {"prompt": [{"role": "user", "content": f"q{i}"}], "responses": ["a", "b", "c"], "tags": ["math"]}
+        for i in range(3)
+    ]
     assert client.post("/api/projects/p/tasks?overlap=2", json=items, headers=auth("root")).status_code == 201
     seen = {}
     for name, ranks in (("alice", [1, 2, 2]), ("bob", [1, 3, 2]), ("carol", [2, 1, 3])):
@@ -65,13 +75,21 @@ def test_annotate_overlap_and_export(env):
                 break
             task = r.json()
             got.append(task["id"])
-            assert client.post(f"/api/tasks/{task['id']}/annotations", json={"ranks": ranks, "strength": 0.5},
-                               headers=auth(name)).status_code == 201
+            assert (
+                client.post(
+                    f"/api/tasks/{task['id']}/annotations", json={"ranks": ranks, "strength": 0.5}, headers=auth(name)
+                ).status_code
+                == 201
+            )
         seen[name] = got
     assert len(seen["alice"]) == len(set(seen["alice"])) == 3
     assert sum(len(v) for v in seen.values()) == 6  # 3 items x overlap 2
-    assert client.post(f"/api/tasks/{seen['alice'][0]}/annotations", json={"ranks": [1, 2, 3]},
-                       headers=auth("alice")).status_code == 409  # never twice
+    assert (
+        client.post(
+            f"/api/tasks/{seen['alice'][0]}/annotations", json={"ranks": [1, 2, 3]}, headers=auth("alice")
+        ).status_code
+        == 409
+    )  # never twice
     lines = client.get("/api/projects/p/export", headers=auth("root")).text.splitlines()
     records = [json.loads(l) for l in lines]
     assert len(records) == 3 and all(len(r["annotators"]) == 2 for r in records)
@@ -83,10 +101,16 @@ def test_wrong_number_of_ranks_is_refused(env):
     store, client, auth = env
     client.post("/api/projects/p/tasks", json=[{"prompt": "q", "responses": ["a", "b"]}], headers=auth("root"))
     task = client.get("/api/tasks/next?project=p", headers=auth("alice")).json()
-    assert client.post(f"/api/tasks/{task['id']}/annotations", json={"ranks": [1, 2, 3]},
-                       headers=auth("alice")).status_code == 422
-    assert client.post(f"/api/tasks/{task['id']}/annotations", json={"skip": True},
-                       headers=auth("alice")).status_code == 201
+    assert (
+        client.post(
+            f"/api/tasks/{task['id']}/annotations", json={"ranks": [1, 2, 3]}, headers=auth("alice")
+        ).status_code
+        == 422
+    )
+    assert (
+        client.post(f"/api/tasks/{task['id']}/annotations", json={"skip": True}, headers=auth("alice")).status_code
+        == 201
+    )
 
 
 def test_concurrent_annotators_on_sqlite(tmp_path):
@@ -135,8 +159,15 @@ def test_label_cli_users_import_export(tmp_path):
 
     db = f"sqlite:///{tmp_path / 'cli.db'}"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = lambda *a, stdin=None: subprocess.run([sys.executable, "-m", "align.cli", "label", *a], input=stdin,
-                                                capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    run = lambda *a, stdin=None: subprocess.run(
+        [sys.executable, "-m", "align.cli", "label", *a],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert run("users", "add", "ann", "--role", "annotator", "--db", db, stdin="pw1\n").returncode == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "responses": ["a", "b"]}\n{oops\n{"prompt": "q", "responses": ["a"]}\n')
@@ -155,8 +186,11 @@ def test_label_cli_users_import_export(tmp_path):
     assert record["ranking"] == [2, 1] and record["responses"] == ["a", "b"]
 
 
-ADMIN_ENDPOINTS = [("post", "/api/projects/p/tasks", {"json": [{"prompt": "q", "responses": ["a", "b"]}]}),
-                   ("get", "/api/projects/p/export", {}), ("get", "/api/projects/p/agreement", {})]
+ADMIN_ENDPOINTS = [
+    ("post", "/api/projects/p/tasks", {"json": [{"prompt": "q", "responses": ["a", "b"]}]}),
+    ("get", "/api/projects/p/export", {}),
+    ("get", "/api/projects/p/agreement", {}),
+]
 
 
 @pytest.mark.parametrize("method,url,kwargs", ADMIN_ENDPOINTS, ids=[u for _, u, _ in ADMIN_ENDPOINTS])
@@ -185,8 +219,9 @@ def test_agreement_statistics_by_hand():
 
 def test_agreement_endpoint_undo_and_progress(env):
     store, client, auth = env
-    items = [{"prompt": f"q{i}", "responses": ["a", "b", "c"], "tags": ["math" if i < 2 else "safety"]}
-             for i in range(3)]
+    items = [
+        {"prompt": f"q{i}", "responses": ["a", "b", "c"], "tags": ["math" if i < 2 else "safety"]} for i in range(3)
+    ]
     client.post("/api/projects/p/tasks?overlap=2", json=items, headers=auth("root"))
     plans = {"alice": [1, 2, 3], "bob": [1, 3, 2]}
     for name, ranks in plans.items():
@@ -200,7 +235,11 @@ def test_agreement_endpoint_undo_and_progress(env):
     assert [f["task"] for f in report["flagged"]] == [3] and report["flagged"][0]["unsafe"] == "violence"
     assert {a["annotator"] for a in report["annotators"]} == {"alice", "bob"}
     assert client.get("/api/projects/p/progress", headers=auth("alice")).json() == {
-        "mine_done": 3, "mine_remaining": 0, "project_done": 6, "project_total": 6}
+        "mine_done": 3,
+        "mine_remaining": 0,
+        "project_done": 6,
+        "project_total": 6,
+    }
     assert client.post("/api/projects/p/undo", headers=auth("alice")).json() == {"task": 3}
     assert client.get("/api/projects/p/progress", headers=auth("alice")).json()["mine_done"] == 2
     again = client.get("/api/tasks/next?project=p", headers=auth("alice")).json()
@@ -266,13 +305,39 @@ def test_cli_import_names_bad_lines_and_checks_tags(tmp_path):
 
     good = {"prompt": "q", "responses": ["a", "b"], "tags": ["math"]}
     bad = tmp_path / "tasks.jsonl"
-    bad.write_text("\n".join([json.dumps(good), "{not json", json.dumps({"prompt": "q", "responses": ["a"]}),
-                              json.dumps({**good, "tags": ["astrology"]})]) + "\n")
+    bad.write_text(
+        "\n".join(
+            [
+                json.dumps(good),
+                "{not json",
+                json.dumps({"prompt": "q", "responses": ["a"]}),
+                json.dumps({**good, "tags": ["astrology"]}),
+            ]
+        )
+        + "\n"
+    )
     taxonomy = tmp_path / "tax.yaml"
     taxonomy.write_text("tags:\n  - id: math\n")
     db = f"sqlite:///{tmp_path / 'l.db'}"
-    out = subprocess.run([sys.executable, "-m", "align.cli", "label", "import", "--project", "p", "--file", str(bad),
-                          "--taxonomy", str(taxonomy), "--db", db], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "align.cli",
+            "label",
+            "import",
+            "--project",
+            "p",
+            "--file",
+            str(bad),
+            "--taxonomy",
+            str(taxonomy),
+            "--db",
+            db,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0
     for line in (2, 3, 4):
         assert f"tasks.jsonl:{line}:" in out.stderr
@@ -314,13 +379,20 @@ def test_export_of_a_labelled_project_trains_a_reward_model(env, tmp_path):
         while (r := client.get("/api/tasks/next?project=tr", headers=auth(name))).status_code == 200:
             task = r.json()
             ranks = by_prompt[json.dumps(task["prompt"]) + task["responses"][0]]
-            client.post(f"/api/tasks/{task['id']}/annotations", json={"ranks": ranks, "strength": 1.0},
-                        headers=auth(name))
+            client.post(
+                f"/api/tasks/{task['id']}/annotations", json={"ranks": ranks, "strength": 1.0}, headers=auth(name)
+            )
     run = lambda *a: subprocess.run([sys.executable, "-m", "align.cli", *a], capture_output=True, text=True)
     out = run("label", "export", "--project", "tr", "--out", str(tmp_path / "export.jsonl"), "--db", store.url)
     assert out.returncode == 0, out.stderr
-    out = run("rm", "train", "configs/rm/tiny.yaml", f"data.train={tmp_path / 'export.jsonl'}", "train.max_steps=4",
-              f"out_dir={tmp_path / 'rm'}")
+    out = run(
+        "rm",
+        "train",
+        "configs/rm/tiny.yaml",
+        f"data.train={tmp_path / 'export.jsonl'}",
+        "train.max_steps=4",
+        f"out_dir={tmp_path / 'rm'}",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "rm" / "final" / "reward_head.safetensors").exists()
 

@@ -12,7 +12,7 @@ from labeling_ui.auth import hash_password
 from labeling_ui.store import Annotation, Store, User
 
 SHOTS = Path(__file__).parent / "screenshots"
-EVIL = "Sure. <script>window.pwned = true</script> <img src=x onerror=\"window.pwned = true\">"
+EVIL = 'Sure. <script>window.pwned = true</script> <img src=x onerror="window.pwned = true">'
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +22,16 @@ def server(tmp_path_factory):
     store = Store(db)
     for name, role in (("alice", "annotator"), ("bob", "annotator"), ("rita", "reviewer")):
         store.add_user(name, role, hash_password(f"{name}-secret"))
-    prompt = [{"role": "system", "content": "You are helpful."},
-              {"role": "user", "content": "Show me a loop in Python.\n\n```python\nfor i in range(3):\n    print(i)\n```"}]
-    store.import_tasks("demo", [{"prompt": prompt, "responses": [EVIL, "**Bold** answer", "A plain answer"],
-                                 "tags": ["code"]}], overlap=2, guidelines="# Guidelines\nPrefer *correct* answers.")
+    prompt = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Show me a loop in Python.\n\n```python\nfor i in range(3):\n    print(i)\n```"},
+    ]
+    store.import_tasks(
+        "demo",
+        [{"prompt": prompt, "responses": [EVIL, "**Bold** answer", "A plain answer"], "tags": ["code"]}],
+        overlap=2,
+        guidelines="# Guidelines\nPrefer *correct* answers.",
+    )
     taxonomy = tmp / "taxonomy.yaml"
     taxonomy.write_text(json.dumps({"tags": [{"id": "code"}, {"id": "math"}, {"id": "safety"}]}))
     srv = LabelServer(db, tmp / "server.log", taxonomy).start()
@@ -52,8 +58,10 @@ def login(browser, url, name, password):
 
 def stored(store, name):
     with store.sessions() as s:
-        return [(a.task_id, a.ranks, a.skipped) for a in s.scalars(
-            select(Annotation).join(User, User.id == Annotation.user_id).where(User.name == name))]
+        return [
+            (a.task_id, a.ranks, a.skipped)
+            for a in s.scalars(select(Annotation).join(User, User.id == Annotation.user_id).where(User.name == name))
+        ]
 
 
 @pytest.mark.slow

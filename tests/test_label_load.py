@@ -21,8 +21,10 @@ def setup_project(db: str) -> Store:
     store.add_user("admin", "admin", hash_password("admin-pw"))
     for i in range(ANNOTATORS):
         store.add_user(f"a{i}", "annotator", hash_password(f"pw-{i}"))
-    items = [{"prompt": f"question {i}", "responses": [f"r{i}-{j}" for j in range(K)], "tags": ["math"]}
-             for i in range(ITEMS)]
+    items = [
+        {"prompt": f"question {i}", "responses": [f"r{i}-{j}" for j in range(K)], "tags": ["math"]}
+        for i in range(ITEMS)
+    ]
     store.import_tasks("load", items, OVERLAP)
     return store
 

@@ -5,8 +5,17 @@ import ast
 from conftest import ROOT
 
 OURS = ("align", "base_model", "sft", "rm", "ppo", "labeling_ui")
-TOP = ("align.cli", "align.demo", "align.sweep", "align.report", "align.bench", "align.bench_gpu", "align.bench_label", "align.world",
-       "align.config_types")
+TOP = (
+    "align.cli",
+    "align.demo",
+    "align.sweep",
+    "align.report",
+    "align.bench",
+    "align.bench_gpu",
+    "align.bench_label",
+    "align.world",
+    "align.config_types",
+)
 STAGES = ("sft", "rm", "ppo", "labeling_ui", "base_model.pretrain")
 
 
@@ -53,8 +62,12 @@ def test_every_top_level_module_is_listed():
 
 def test_labelling_app_imports_no_training_stage():
     training = [s for s in STAGES if s != "labeling_ui"]
-    bad = [f"{path.relative_to(ROOT)} imports {mod}" for path in (ROOT / "labeling_ui").rglob("*.py")
-           for mod in _imports(path) if any(mod == t or mod.startswith(t + ".") for t in training)]
+    bad = [
+        f"{path.relative_to(ROOT)} imports {mod}"
+        for path in (ROOT / "labeling_ui").rglob("*.py")
+        for mod in _imports(path)
+        if any(mod == t or mod.startswith(t + ".") for t in training)
+    ]
     assert not bad, bad
 
 

@@ -37,8 +37,9 @@ def test_packed_batch_loss_equals_token_weighted_unpadded_loss():
     model, examples = _model(), _examples(6)
     packed = collate(pack_examples(examples, 64), pad_id=0)
     with torch.no_grad():
-        packed_loss = summed_token_loss(model(packed["input_ids"], position_ids=packed["position_ids"]).logits,
-                                        packed["labels"]) / count_targets(packed["labels"])
+        packed_loss = summed_token_loss(
+            model(packed["input_ids"], position_ids=packed["position_ids"]).logits, packed["labels"]
+        ) / count_targets(packed["labels"])
         total, targets = 0.0, 0
         for ex in examples:
             ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
@@ -50,7 +51,7 @@ def test_packed_batch_loss_equals_token_weighted_unpadded_loss():
 
 def _grads(micro_batch, accum, examples):
     model = _model()
-    micro = [collate(examples[i * micro_batch:(i + 1) * micro_batch], pad_id=0) for i in range(accum)]
+    micro = [collate(examples[i * micro_batch : (i + 1) * micro_batch], pad_id=0) for i in range(accum)]
     global_targets = sum(count_targets(b["labels"]) for b in micro)
     for b in micro:
         normalised_loss(summed_token_loss(model(b["input_ids"]).logits, b["labels"]), global_targets).backward()

@@ -41,8 +41,12 @@ def test_packed_batch_attends_by_document_with_the_gradients_of_separate_documen
     doc_ids = (positions == 0).cumsum(-1)
     biases = _attention_biases(model.config, ids.shape[1], 0, None, doc_ids, ids.device)
     by_document = {w: b.documents is not None for w, b in biases.items()}
-    assert by_document == {None: {None: True}, (6, None): {6: False, None: True},
-                           (12, 4): {12: False, 4: False}}[tuple(windows) if windows else None]
+    assert (
+        by_document
+        == {None: {None: True}, (6, None): {6: False, None: True}, (12, 4): {12: False, 4: False}}[
+            tuple(windows) if windows else None
+        ]
+    )
     if windows is None:
         assert biases[None].documents == [(0, 0, 10), (0, 10, 17), (0, 17, 22), (1, 0, 4), (1, 4, 22)]
     packed = model(ids, position_ids=positions).logits
@@ -66,7 +70,9 @@ def test_packed_training_loss_equals_separate():
     assert (packed - alone).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("flags", [dict(), dict(use_dynamic_ntk=True, use_logn_attn=True), dict(window_sizes=[3, None])])
+@pytest.mark.parametrize(
+    "flags", [dict(), dict(use_dynamic_ntk=True, use_logn_attn=True), dict(window_sizes=[3, None])]
+)
 def test_kv_cache_decoding_equals_full_forward(flags):
     model = _model(**flags)
     ids = torch.randint(0, 300, (2, 30))  # below seq_length (64)
@@ -75,7 +81,7 @@ def test_kv_cache_decoding_equals_full_forward(flags):
         cache = model.new_cache()
         steps = [model(ids[:, :12], past_key_values=cache).logits]
         for t in range(12, 30):
-            steps.append(model(ids[:, t:t + 1], past_key_values=cache).logits)
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
 
 
@@ -86,7 +92,7 @@ def test_preallocated_cache_grows_past_its_buffer():
         full = model(ids).logits
         cache = model.new_cache(max_length=12)
         steps = [model(ids[:, :10], past_key_values=cache).logits]
-        steps += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(10, 20)]
+        steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(10, 20)]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
 
 
@@ -104,6 +110,7 @@ def test_bf16_agrees_with_fp32():
 
 def test_rotary_stays_fp32_in_bf16():
     from base_model.model import rope_cos_sin
+
     cos, sin = rope_cos_sin(torch.arange(5)[None], 16, [10000.0])
     assert cos.dtype == sin.dtype == torch.float32
 
@@ -163,7 +170,7 @@ def test_generation_stops_and_reports_logprobs():
     stop_id = free.token_ids[0][3]
     out = generate(model, [prompt], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=(stop_id,)))
     first = free.token_ids[0].index(stop_id)
-    assert out.token_ids[0] == free.token_ids[0][:first + 1] and out.finish_reasons == ["stop"]
+    assert out.token_ids[0] == free.token_ids[0][: first + 1] and out.finish_reasons == ["stop"]
     assert free.finish_reasons == ["length"]
     with torch.no_grad():
         full = model(torch.tensor([prompt + free.token_ids[0]])).logits[0].log_softmax(-1)
@@ -218,7 +225,7 @@ def test_prepacked_linears_decode_like_the_plain_model():
     with torch.no_grad():
         full = model(torch.tensor([p + t for p, t in zip(prompts, out.token_ids)])).logits.log_softmax(-1)
     for i, (p, toks) in enumerate(zip(prompts, out.token_ids)):
-        assert toks == full[i, len(p) - 1:-1].argmax(-1).tolist()
+        assert toks == full[i, len(p) - 1 : -1].argmax(-1).tolist()
         expected = [full[i, len(p) - 1 + j, t].item() for j, t in enumerate(toks)]
         assert torch.allclose(torch.tensor(out.logprobs[i]), torch.tensor(expected), atol=1e-5)
 

@@ -20,8 +20,18 @@ class FakeVLLM:
     RequestOutputs; collective_rpc into the worker extension; sleep/wake_up), backed by our own model."""
 
     class SamplingParams:
-        def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=16, stop_token_ids=None,
-                     logprobs=None, seed=None, detokenize=True):
+        def __init__(
+            self,
+            n=1,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=-1,
+            max_tokens=16,
+            stop_token_ids=None,
+            logprobs=None,
+            seed=None,
+            detokenize=True,
+        ):
             self.__dict__.update(locals())
             del self.__dict__["self"]
 
@@ -42,11 +52,19 @@ class FakeVLLM:
             self.calls.append("generate")
             outs = []
             for prompt, sp in zip(prompts, sampling_params):
-                ours = SamplingParams(max_new_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p,
-                                      top_k=max(sp.top_k, 0), stop_token_ids=tuple(sp.stop_token_ids), seed=sp.seed)
+                ours = SamplingParams(
+                    max_new_tokens=sp.max_tokens,
+                    temperature=sp.temperature,
+                    top_p=sp.top_p,
+                    top_k=max(sp.top_k, 0),
+                    stop_token_ids=tuple(sp.stop_token_ids),
+                    seed=sp.seed,
+                )
                 g = generate(self.model, [prompt["prompt_token_ids"]], ours)
                 steps = [{t: SimpleNamespace(logprob=lp)} for t, lp in zip(g.token_ids[0], g.logprobs[0])]
-                completion = SimpleNamespace(token_ids=g.token_ids[0], logprobs=steps, finish_reason=g.finish_reasons[0])
+                completion = SimpleNamespace(
+                    token_ids=g.token_ids[0], logprobs=steps, finish_reason=g.finish_reasons[0]
+                )
                 outs.append(SimpleNamespace(outputs=[completion]))
             return outs
 
@@ -88,7 +106,7 @@ def test_engine_protocol(kind):
     stop = out[0].token_ids[2]
     first = out[0].token_ids.index(stop)  # greedy decoding may have produced it before
     stopped = engine.generate([prompts[0]], SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=(stop,)))
-    assert stopped[0].token_ids == out[0].token_ids[:first + 1] and stopped[0].finish_reason == "stop"
+    assert stopped[0].token_ids == out[0].token_ids[: first + 1] and stopped[0].finish_reason == "stop"
     # new weights change what the engine samples
     changed = {n: p + 0.5 * torch.randn_like(p) for n, p in policy.named_parameters()}
     engine.load_weights(changed.items())
@@ -106,8 +124,12 @@ def test_vllm_adapter_calls_and_sleep():
 
 
 def test_vllm_adapter_times_out_instead_of_hanging():
-    engine = VLLMEngine("unused", llm=SimpleNamespace(generate=lambda *a, **k: threading.Event().wait(5)),
-                        vllm_module=FakeVLLM, timeout_s=0.2)
+    engine = VLLMEngine(
+        "unused",
+        llm=SimpleNamespace(generate=lambda *a, **k: threading.Event().wait(5)),
+        vllm_module=FakeVLLM,
+        timeout_s=0.2,
+    )
     with pytest.raises(VLLMTimeout, match="generating rollouts within 0 s"):
         engine.generate([[1]], SamplingParams(max_new_tokens=1))
 
@@ -118,7 +140,17 @@ def test_vllm_adapter_matches_vllm_signatures():
     assert {"prompts", "sampling_params", "use_tqdm"} <= set(llm_params)
     assert {"collective_rpc", "sleep", "wake_up"} <= set(dir(vllm.LLM))
     sp = inspect.signature(vllm.SamplingParams).parameters
-    assert {"n", "temperature", "top_p", "top_k", "max_tokens", "stop_token_ids", "logprobs", "seed", "detokenize"} <= set(sp)
+    assert {
+        "n",
+        "temperature",
+        "top_p",
+        "top_k",
+        "max_tokens",
+        "stop_token_ids",
+        "logprobs",
+        "seed",
+        "detokenize",
+    } <= set(sp)
     assert "worker_extension_cls" in inspect.signature(vllm.EngineArgs).parameters
 
 

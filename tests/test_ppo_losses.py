@@ -30,8 +30,9 @@ def test_gae_by_hand():
 
 
 def test_gae_ignores_padding():
-    adv, ret = gae(torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.5, 0.6, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]]),
-                   1.0, 1.0)
+    adv, ret = gae(
+        torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.5, 0.6, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]]), 1.0, 1.0
+    )
     assert adv.tolist()[0] == pytest.approx([0.5, 0.4, 0.0])
     assert ret.tolist()[0] == pytest.approx([1.0, 1.0, 0.0])
 
@@ -55,8 +56,13 @@ def test_kl_estimators_by_hand():
 
 
 def test_kl_penalised_rewards_by_hand():
-    rewards, kl = kl_penalised_rewards(torch.tensor([2.0]), torch.tensor([[-1.0, -2.0, -3.0]]),
-                                       torch.tensor([[-1.5, -2.0, -9.0]]), torch.tensor([[1.0, 1.0, 0.0]]), 0.1)
+    rewards, kl = kl_penalised_rewards(
+        torch.tensor([2.0]),
+        torch.tensor([[-1.0, -2.0, -3.0]]),
+        torch.tensor([[-1.5, -2.0, -9.0]]),
+        torch.tensor([[1.0, 1.0, 0.0]]),
+        0.1,
+    )
     assert kl.tolist()[0] == pytest.approx([0.5, 0.0, 0.0])
     assert rewards.tolist()[0] == pytest.approx([-0.05, 2.0, 0.0])
 
@@ -68,7 +74,9 @@ def test_policy_and_value_losses_by_hand():
     assert loss.tolist()[0] == pytest.approx([-1.2, 0.8])
     assert clipped.tolist()[0] == [1.0, 1.0]
     assert approx_kl.tolist()[0] == pytest.approx([0.5 * math.log(1.5) ** 2, 0.5 * math.log(0.5) ** 2])
-    v_loss, v_clip = value_loss(torch.tensor([[1.0, 0.1]]), torch.tensor([[0.5, 0.0]]), torch.tensor([[2.0, 0.0]]), 0.15)
+    v_loss, v_clip = value_loss(
+        torch.tensor([[1.0, 0.1]]), torch.tensor([[0.5, 0.0]]), torch.tensor([[2.0, 0.0]]), 0.15
+    )
     # first: clipped value 0.65 -> max(1.0, 1.8225) / 2; second: 0.1 within range -> 0.01 / 2
     assert v_loss.tolist()[0] == pytest.approx([0.91125, 0.005])
     assert v_clip.tolist()[0] == [1.0, 0.0]
@@ -114,7 +122,9 @@ def test_against_plain_loops_on_random_inputs(seed):
     gamma, lam = random.Random(seed).uniform(0.9, 1.0), random.Random(seed + 1).uniform(0.8, 1.0)
     adv, ret = gae(rewards, values, mask, gamma, lam)
     ref_adv, ref_ret = ref_gae(rewards.tolist(), values.tolist(), mask.tolist(), gamma, lam)
-    assert torch.allclose(adv, torch.tensor(ref_adv), atol=1e-5) and torch.allclose(ret, torch.tensor(ref_ret), atol=1e-5)
+    assert torch.allclose(adv, torch.tensor(ref_adv), atol=1e-5) and torch.allclose(
+        ret, torch.tensor(ref_ret), atol=1e-5
+    )
 
     xs = [x for row, mrow in zip(rewards.tolist(), mask.tolist()) for x, m in zip(row, mrow) if m]
     mean = sum(xs) / len(xs)
@@ -162,7 +172,9 @@ def test_against_plain_loops_on_random_inputs(seed):
             assert lp[b, t].item() == pytest.approx(row[tokens[b, t]] - lse, abs=1e-5)
     assert masked_sum(rewards, mask).item() == pytest.approx(sum(xs), abs=1e-4)
     ev = explained_variance(values, ret, mask).item()
-    res = [r - v for rr, vv, mm in zip(ret.tolist(), values.tolist(), mask.tolist()) for r, v, m in zip(rr, vv, mm) if m]
+    res = [
+        r - v for rr, vv, mm in zip(ret.tolist(), values.tolist(), mask.tolist()) for r, v, m in zip(rr, vv, mm) if m
+    ]
     rs = [r for rr, mm in zip(ret.tolist(), mask.tolist()) for r, m in zip(rr, mm) if m]
     var = lambda z: sum((x - sum(z) / len(z)) ** 2 for x in z) / (len(z) - 1)
     assert ev == pytest.approx(1 - var(res) / var(rs), abs=1e-4)

@@ -19,8 +19,9 @@ TINY = str(ROOT / "configs" / "ppo" / "tiny.yaml")
 
 def align(*args, torchrun=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    out = subprocess.run(cmd + ["-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run(
+        cmd + ["-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -31,12 +32,34 @@ def models(tmp_path_factory):
     write_jsonl_atomic(d / "sft.jsonl", ppo_task.sft_conversations(300, 0))
     write_jsonl_atomic(d / "rm.jsonl", ppo_task.enthusiasm_comparisons(600, 0))
     write_jsonl_atomic(d / "corpus.jsonl", documents(300, seed=0))
-    align("sft", str(ROOT / "configs/sft/tiny.yaml"), f"data.train={d / 'sft.jsonl'}", "train.max_steps=300",
-          "train.save_every=0", f"out_dir={d / 'sft'}")
-    align("rm", "train", str(ROOT / "configs/rm/tiny.yaml"), f"data.train={d / 'rm.jsonl'}", "train.epochs=3",
-          f"out_dir={d / 'rm'}")
-    align("data", "pack", "--input", str(d / "corpus.jsonl"), "--output", str(d / "packed"), "--tokenizer", "bytes",
-          "--seq-len", "128")
+    align(
+        "sft",
+        str(ROOT / "configs/sft/tiny.yaml"),
+        f"data.train={d / 'sft.jsonl'}",
+        "train.max_steps=300",
+        "train.save_every=0",
+        f"out_dir={d / 'sft'}",
+    )
+    align(
+        "rm",
+        "train",
+        str(ROOT / "configs/rm/tiny.yaml"),
+        f"data.train={d / 'rm.jsonl'}",
+        "train.epochs=3",
+        f"out_dir={d / 'rm'}",
+    )
+    align(
+        "data",
+        "pack",
+        "--input",
+        str(d / "corpus.jsonl"),
+        "--output",
+        str(d / "packed"),
+        "--tokenizer",
+        "bytes",
+        "--seq-len",
+        "128",
+    )
     return [f"models.policy={d / 'sft' / 'final'}", f"models.reward={d / 'rm' / 'final'}", f"data.ptx={d / 'packed'}"]
 
 
@@ -49,17 +72,29 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(models, tmp_path):
     align("ppo", TINY, *models, f"out_dir={tmp_path}", "ppo.iterations=30")
     reward, std, kl = (metric(tmp_path, f"eval/{k}") for k in ("reward_mean", "reward_std", "kl"))
     n = 32 * 2  # held-out prompts x samples
-    noise = max(std[0], std[30]) / n ** 0.5
+    noise = max(std[0], std[30]) / n**0.5
     assert reward[30] - reward[0] > 5 * noise, (reward, std)
     assert kl[30] < 10.0  # nats per response, summed over its tokens
     samples = (tmp_path / "samples.jsonl").read_text().splitlines()
     assert samples and (tmp_path / "final" / "policy" / "model.safetensors").exists()
     assert (tmp_path / "final" / "value" / "reward_head.safetensors").exists()
     rows = [r for r in read_metrics(tmp_path) if "train/reward/raw" in r]
-    for key in ("train/kl", "train/entropy", "train/clipfrac", "train/approx_kl", "train/value_loss",
-                "train/explained_variance", "train/ptx_loss", "train/response_length", "train/time/rollout_s",
-                "train/time/experience_s", "train/time/train_s", "train/rollout_tokens_per_s",
-                "train/reward/normalised", "train/engine_logprob_abs_diff"):
+    for key in (
+        "train/kl",
+        "train/entropy",
+        "train/clipfrac",
+        "train/approx_kl",
+        "train/value_loss",
+        "train/explained_variance",
+        "train/ptx_loss",
+        "train/response_length",
+        "train/time/rollout_s",
+        "train/time/experience_s",
+        "train/time/train_s",
+        "train/rollout_tokens_per_s",
+        "train/reward/normalised",
+        "train/engine_logprob_abs_diff",
+    ):
         assert key in rows[-1], key
     assert rows[0]["train/policy_updated"] == 0.0 and rows[-1]["train/policy_updated"] == 1.0  # critic warm-up
 
@@ -71,10 +106,18 @@ def test_two_process_zero_matches_one_process(models, tmp_path, stage):
     (0.05 absolute below 1) over 3 iterations. Measured: rewards and value losses within 0.3%, the updated policy's
     KL within 0.03 nats (Adam turns reduction-order differences in tiny gradients into small weight differences)."""
     common = [*models, "ppo.iterations=3", "train.eval_every=0", "train.save_every=0", "ppo.critic_warmup_steps=1"]
-    align("ppo", TINY, f"out_dir={tmp_path / 'one'}", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=16",
-          *common)
-    align("ppo", TINY, f"out_dir={tmp_path / 'two'}", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=8",
-          f"policy_deepspeed.zero_stage={stage}", f"value_deepspeed.zero_stage={stage}", *common, torchrun=True)
+    align("ppo", TINY, f"out_dir={tmp_path / 'one'}", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=16", *common)
+    align(
+        "ppo",
+        TINY,
+        f"out_dir={tmp_path / 'two'}",
+        "ppo.rollout_batch_size=4",
+        "ppo.mini_batch_size=8",
+        f"policy_deepspeed.zero_stage={stage}",
+        f"value_deepspeed.zero_stage={stage}",
+        *common,
+        torchrun=True,
+    )
     for key in ("train/reward/raw", "train/kl", "train/value_loss", "train/policy_loss", "train/ptx_loss"):
         one, two = metric(tmp_path / "one", key), metric(tmp_path / "two", key)
         assert sorted(one) == sorted(two) and len(one) >= 2, key

@@ -31,8 +31,9 @@ def planted_corpus(n, seed=0):
             units = d["text"].split(" ") if d["lang"] == "en" else list(d["text"])
             units[rng.randrange(len(units))] = "XYZ" if d["lang"] == "en" else "鸟"
             planted.add(len(out))
-            out.append({"id": d["id"] + "-near", "text": (" " if d["lang"] == "en" else "").join(units),
-                        "lang": d["lang"]})
+            out.append(
+                {"id": d["id"] + "-near", "text": (" " if d["lang"] == "en" else "").join(units), "lang": d["lang"]}
+            )
     return out, planted
 
 
@@ -78,16 +79,25 @@ def test_dedup_memory_stays_bounded_when_the_corpus_grows(tmp_path):
     for n in (500, 5000):
         docs, _ = planted_corpus(n, seed=n)
         write_jsonl_atomic(tmp_path / f"in{n}.jsonl", docs)
-        out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / f"in{n}.jsonl"), str(tmp_path / "o.jsonl")],
-                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", MEASURE, str(tmp_path / f"in{n}.jsonl"), str(tmp_path / "o.jsonl")],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            check=True,
+        )
         peaks.append(int(out.stdout.strip().splitlines()[-1]))
     assert peaks[1] <= 1.5 * peaks[0], peaks
 
 
 def test_decontamination_drops_exactly_the_planted_documents(tmp_path):
-    eval_items = [{"question": "What is the boiling point of water at sea level in degrees Celsius, assuming "
-                               "standard atmospheric pressure and pure water?"},
-                  {"question": "请问在标准大气压下纯水的沸点是多少摄氏度呢这是一个常见的问题"}]
+    eval_items = [
+        {
+            "question": "What is the boiling point of water at sea level in degrees Celsius, assuming "
+            "standard atmospheric pressure and pure water?"
+        },
+        {"question": "请问在标准大气压下纯水的沸点是多少摄氏度呢这是一个常见的问题"},
+    ]
     write_jsonl_atomic(tmp_path / "eval.jsonl", eval_items)
     docs = documents(200, seed=1)
     en_gram = "the boiling point of water at sea level in degrees celsius assuming standard atmospheric"  # 13 words
@@ -105,13 +115,20 @@ def test_decontamination_drops_exactly_the_planted_documents(tmp_path):
 
 
 def test_quality_rules_and_reasons(tmp_path):
-    good = ("The old harbour town wakes slowly. Fishermen haul their nets onto the stone quay while gulls circle "
-            "above, and the baker on the corner opens his shutters to the smell of fresh bread. By noon the market "
-            "square is crowded with visitors who have come to see the festival, and children chase each other "
-            "between the stalls. In the evening a brass band plays near the lighthouse and that is when most of the "
-            "town gathers with friends to watch the boats return.")
-    docs = [{"text": good}, {"text": "short text"}, {"text": ("the spam and the ham with the eggs " * 30)},
-            {"text": good + " buy cheap pills"}, {"text": "1234 5678 9012 " * 30}]
+    good = (
+        "The old harbour town wakes slowly. Fishermen haul their nets onto the stone quay while gulls circle "
+        "above, and the baker on the corner opens his shutters to the smell of fresh bread. By noon the market "
+        "square is crowded with visitors who have come to see the festival, and children chase each other "
+        "between the stalls. In the evening a brass band plays near the lighthouse and that is when most of the "
+        "town gathers with friends to watch the boats return."
+    )
+    docs = [
+        {"text": good},
+        {"text": "short text"},
+        {"text": ("the spam and the ham with the eggs " * 30)},
+        {"text": good + " buy cheap pills"},
+        {"text": "1234 5678 9012 " * 30},
+    ]
     write_jsonl_atomic(tmp_path / "in.jsonl", docs)
     rules = QualityRules(min_words=20, banned_words=["cheap pills"])
     counts = filter_documents([tmp_path / "in.jsonl"], tmp_path / "out.jsonl", rules, rejected=tmp_path / "rej.jsonl")
@@ -133,8 +150,13 @@ def test_perplexity_score_with_a_reference_model(tmp_path):
     torch.manual_seed(0)
     save_pretrained(QwenForCausalLM(tiny_config(vocab_size=512, initializer_range=0.02)), tmp_path / "ref", tok)
     write_jsonl_atomic(tmp_path / "in.jsonl", [{"text": "The cat and the dog sat with the bird near the river."}])
-    filter_documents([tmp_path / "in.jsonl"], tmp_path / "out.jsonl", QualityRules(min_words=1, min_stop_words=0),
-                     model_dir=tmp_path / "ref", rejected=tmp_path / "rej.jsonl")
+    filter_documents(
+        [tmp_path / "in.jsonl"],
+        tmp_path / "out.jsonl",
+        QualityRules(min_words=1, min_stop_words=0),
+        model_dir=tmp_path / "ref",
+        rejected=tmp_path / "rej.jsonl",
+    )
     rows = (tmp_path / "out.jsonl").read_text() + (tmp_path / "rej.jsonl").read_text()
     ppl = json.loads(rows.splitlines()[0])["quality"]["scores"]["perplexity"]
     assert 300 < ppl < 800  # an untrained model with small weights is close to uniform over 512 ids
@@ -185,5 +207,6 @@ def test_extended_vocabulary_compresses_chinese_keeps_english_and_digits(tmp_pat
         assert b.decode(b.encode(text)) == text
     assert all(len(b.decode([t]).strip()) <= 1 for t in b.encode("0123456789 98765") if b.decode([t]).strip().isdigit())
     from base_model.tokenizer import save_ranks
+
     save_ranks(ranks, tmp_path / "ext.tiktoken")
     assert QwenTokenizer.from_file(tmp_path / "ext.tiktoken").encode(zh) == b.encode(zh)

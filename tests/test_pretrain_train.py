@@ -30,8 +30,9 @@ def packed(tmp_path_factory):
 
 def align(*args, torchrun=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    out = subprocess.run(cmd + ["-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run(
+        cmd + ["-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -51,10 +52,11 @@ def test_schedule_matches_its_formula():
         assert lr_factor(step, total, cfg) == pytest.approx(expected)
     assert lr_factor(10, total, cfg) == pytest.approx(1.0)
     assert lr_factor(total, total, cfg) == pytest.approx(0.1)
-    assert lr_factor(10 ** 6, total, cfg) == pytest.approx(0.1)  # the floor holds past the end
+    assert lr_factor(10**6, total, cfg) == pytest.approx(0.1)  # the floor holds past the end
     assert lr_factor(50, total, OptimConfig(lr=1.0, schedule="constant", warmup_steps=5)) == 1.0
-    assert lr_factor(60, total, OptimConfig(lr=1.0, schedule="linear", warmup_steps=10, min_lr_ratio=0.0)) == \
-        pytest.approx(0.5)
+    assert lr_factor(
+        60, total, OptimConfig(lr=1.0, schedule="linear", warmup_steps=10, min_lr_ratio=0.0)
+    ) == pytest.approx(0.5)
 
 
 @pytest.mark.slow
@@ -71,11 +73,24 @@ def test_tiny_pretraining_lowers_the_loss_and_saves(packed, tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_process_zero_follows_single_process(packed, tmp_path, stage):
     """Same global batch: losses agree within 1e-4 over 10 steps."""
-    common = [f"data.train={packed}", "train.max_steps=10", "train.log_every=1", "train.save_every=0",
-              "train.eval_every=0", "data.eval_rows=0"]
+    common = [
+        f"data.train={packed}",
+        "train.max_steps=10",
+        "train.log_every=1",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "data.eval_rows=0",
+    ]
     align("pretrain", TINY, f"out_dir={tmp_path / 'one'}", *common)
-    align("pretrain", TINY, f"out_dir={tmp_path / 'two'}", f"deepspeed.zero_stage={stage}",
-          "train.micro_batch_size=2", *common, torchrun=True)
+    align(
+        "pretrain",
+        TINY,
+        f"out_dir={tmp_path / 'two'}",
+        f"deepspeed.zero_stage={stage}",
+        "train.micro_batch_size=2",
+        *common,
+        torchrun=True,
+    )
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 11))
     assert max(abs(one[s] - two[s]) for s in one) < 1e-4
@@ -83,8 +98,13 @@ def test_two_process_zero_follows_single_process(packed, tmp_path, stage):
 
 @pytest.mark.slow
 def test_killed_pretraining_resumes_exactly(packed, tmp_path):
-    common = [f"data.train={packed}", "train.max_steps=40", "train.log_every=1", "train.save_every=5",
-              "train.eval_every=0"]
+    common = [
+        f"data.train={packed}",
+        "train.max_steps=40",
+        "train.log_every=1",
+        "train.save_every=5",
+        "train.eval_every=0",
+    ]
     align("pretrain", TINY, f"out_dir={tmp_path / 'full'}", *common)
     run_dir = tmp_path / "killed"
     killed_at = kill_after_first_checkpoint(["pretrain", TINY, f"out_dir={run_dir}", *common], run_dir, ENV)

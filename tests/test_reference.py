@@ -1,6 +1,5 @@
 """Exact agreement with outputs recorded from the original Qwen v1 code (tests/fixtures/qwen_reference)."""
 
-
 import pytest
 import torch
 
@@ -40,9 +39,10 @@ def test_flags_matter_past_seq_length(reference_logits):
 def test_greedy_generation_with_cache_matches_reference(qwen1_tiny, reference_logits, name):
     tensors, _ = reference_logits
     prompt = tensors[f"gen.{name}.prompt_ids"][0].tolist()
-    expected = tensors[f"gen.{name}.output_ids"][0, len(prompt):].tolist()
-    out = generate(qwen1_tiny, [prompt], SamplingParams(max_new_tokens=len(expected), temperature=0),
-                   return_logits=True)
+    expected = tensors[f"gen.{name}.output_ids"][0, len(prompt) :].tolist()
+    out = generate(
+        qwen1_tiny, [prompt], SamplingParams(max_new_tokens=len(expected), temperature=0), return_logits=True
+    )
     assert out.token_ids[0] == expected
     step_logits = torch.cat(out.step_logits)  # (steps, V)
     assert (step_logits - tensors[f"gen.{name}.step_logits"]).abs().max().item() < 1e-4

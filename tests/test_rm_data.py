@@ -20,8 +20,14 @@ from rm.data import (
 def test_three_way_ranking_with_a_tie():
     pairs, ties = ranking_pairs([2, 1, 2])  # response 1 best, 0 and 2 tied
     assert sorted(pairs) == [(1, 0), (1, 2)] and ties == 1
-    record = {"prompt": [{"role": "user", "content": "q"}], "responses": ["a", "b", "c"], "ranking": [2, 1, 2],
-              "strength": 0.5, "tags": ["t"], "annotator": "x"}
+    record = {
+        "prompt": [{"role": "user", "content": "q"}],
+        "responses": ["a", "b", "c"],
+        "ranking": [2, 1, 2],
+        "strength": 0.5,
+        "tags": ["t"],
+        "annotator": "x",
+    }
     pairs, ties = comparison_pairs(record, "f:1")
     assert [(p.chosen, p.rejected) for p in pairs] == [("b", "a"), ("b", "c")] and ties == 1
     assert pairs[0].strength == 0.5 and pairs[0].tags == ["t"] and pairs[0].annotator == "x"
@@ -33,20 +39,35 @@ def test_full_ranking_gives_all_ordered_pairs():
     assert all(r_better < r_worse for r_better, r_worse in ((([3, 1, 4, 2])[i], ([3, 1, 4, 2])[j]) for i, j in pairs))
 
 
-@pytest.mark.parametrize("upvotes,accepted,score", [
-    (0, False, 0), (1, False, 1), (2, False, 2), (3, False, 2), (10, False, 3), (10, True, 4), (0, True, 1),
-    (-1, False, -1), (-5, True, -1)])
+@pytest.mark.parametrize(
+    "upvotes,accepted,score",
+    [
+        (0, False, 0),
+        (1, False, 1),
+        (2, False, 2),
+        (3, False, 2),
+        (10, False, 3),
+        (10, True, 4),
+        (0, True, 1),
+        (-1, False, -1),
+        (-5, True, -1),
+    ],
+)
 def test_pmp_score_by_hand(upvotes, accepted, score):
     # round(log2(1 + upvotes)): log2(3) = 1.58 -> 2, log2(4) = 2, log2(11) = 3.46 -> 3; +1 if accepted; -1 if negative
     assert pmp_score(upvotes, accepted) == score
 
 
 def test_forum_thread_pairs_and_binarisation_by_hand():
-    thread = {"question": "Q?", "answers": [
-        {"text": "A", "upvotes": 3, "accepted": True},  # score 3
-        {"text": "B", "upvotes": 1},  # score 1
-        {"text": "C", "upvotes": -2},  # score -1
-        {"text": "D", "upvotes": 1}]}  # score 1, ties with B: no pair
+    thread = {
+        "question": "Q?",
+        "answers": [
+            {"text": "A", "upvotes": 3, "accepted": True},  # score 3
+            {"text": "B", "upvotes": 1},  # score 1
+            {"text": "C", "upvotes": -2},  # score -1
+            {"text": "D", "upvotes": 1},
+        ],
+    }  # score 1, ties with B: no pair
     plain = forum_pairs(thread, "f:1", binarize=False)
     assert sorted((p.chosen, p.rejected) for p in plain) == [("A", "B"), ("A", "C"), ("A", "D"), ("B", "C"), ("D", "C")]
     full = forum_pairs(thread, "f:1", binarize=True)
@@ -60,8 +81,11 @@ def test_hh_and_shp_layouts():
     chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: goodbye!"
     rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: whatever"
     pair = chosen_rejected_pair({"chosen": chosen, "rejected": rejected}, "f:1")
-    assert pair.prompt == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                           {"role": "user", "content": "bye"}]
+    assert pair.prompt == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+    ]
     assert (pair.chosen, pair.rejected) == ("goodbye!", "whatever")
     msgs = lambda r: [{"role": "user", "content": "q"}, {"role": "assistant", "content": r}]
     pair = chosen_rejected_pair({"chosen": msgs("good"), "rejected": msgs("bad")}, "f:1")

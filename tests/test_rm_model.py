@@ -42,8 +42,10 @@ def _left_pad(seqs, pad):
 def test_rewards_do_not_depend_on_padding_or_batch(pooling, flags):
     model, seqs = _model(pooling, **flags), _seqs()
     with torch.no_grad():
-        alone = [model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long), torch.tensor([m])).rewards.item()
-                 for s, m in seqs]
+        alone = [
+            model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long), torch.tensor([m])).rewards.item()
+            for s, m in seqs
+        ]
         right = collate_sequences(seqs, pad_id=0)
         r_right = model(right["input_ids"], right["attention_mask"], right["response_mask"]).rewards.tolist()
         r_left = model(*_left_pad(seqs, 0)).rewards.tolist()
@@ -79,8 +81,9 @@ def test_reward_model_saved_from_inside_a_value_model_state_loads_back(tmp_path)
 
     model = _model()
     value = ValueModel(model)
-    save_reward_state(value.state_dict(), value.config, model.reward_config(), tmp_path / "v", None,
-                      prefix=ValueModel.RM_PREFIX)
+    save_reward_state(
+        value.state_dict(), value.config, model.reward_config(), tmp_path / "v", None, prefix=ValueModel.RM_PREFIX
+    )
     loaded = load_reward_model(tmp_path / "v")
     ids = torch.tensor([_seqs()[0][0]])
     with torch.no_grad():

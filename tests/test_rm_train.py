@@ -18,8 +18,9 @@ PMP = str(ROOT / "configs" / "rm" / "pmp-tiny.yaml")
 
 
 def align(*args, timeout=900):
-    out = subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
-                         text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -35,16 +36,27 @@ def test_tiny_reward_model_learns_content_not_length(tmp_path):
     heldout = tmp_path / "heldout.jsonl"
     write_jsonl_atomic(heldout, translation_comparisons(400, seed=12345))
     out = align("rm", "eval", "--model", str(tmp_path / "rm" / "final"), "--data", str(heldout), "--json")
-    metrics = json.loads(out.stdout[out.stdout.index("{"):])
+    metrics = json.loads(out.stdout[out.stdout.index("{") :])
     assert metrics["overall"]["accuracy"] >= 0.9, metrics["overall"]
     assert abs(metrics["length_baseline"]["accuracy"] - 0.5) < 0.08
     assert (tmp_path / "rm" / "final" / "eval_report.html").exists()
     scored = tmp_path / "scored.jsonl"
-    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "Translate 'cat' into Chinese.", "response": "cat = 猫"})
-                                       + "\n" + json.dumps({"prompt": "Translate 'cat' into Chinese.",
-                                                            "response": "cat = 狗"}) + "\n")
-    align("rm", "score", "--model", str(tmp_path / "rm" / "final"), "--data", str(tmp_path / "in.jsonl"),
-          "--out", str(scored))
+    (tmp_path / "in.jsonl").write_text(
+        json.dumps({"prompt": "Translate 'cat' into Chinese.", "response": "cat = 猫"})
+        + "\n"
+        + json.dumps({"prompt": "Translate 'cat' into Chinese.", "response": "cat = 狗"})
+        + "\n"
+    )
+    align(
+        "rm",
+        "score",
+        "--model",
+        str(tmp_path / "rm" / "final"),
+        "--data",
+        str(tmp_path / "in.jsonl"),
+        "--out",
+        str(scored),
+    )
     right, wrong = [json.loads(l)["reward"] for l in scored.read_text().splitlines()]
     assert right > wrong
 
@@ -52,8 +64,7 @@ def test_tiny_reward_model_learns_content_not_length(tmp_path):
 @pytest.mark.slow
 def test_pmp_then_finetune_from_pmp(tmp_path):
     align("rm", "pmp", PMP, f"out_dir={tmp_path / 'pmp'}", "train.max_steps=6")
-    align("rm", "train", TINY, f"out_dir={tmp_path / 'ft'}", f"init={tmp_path / 'pmp' / 'final'}",
-          "train.max_steps=4")
+    align("rm", "train", TINY, f"out_dir={tmp_path / 'ft'}", f"init={tmp_path / 'pmp' / 'final'}", "train.max_steps=4")
     assert (tmp_path / "ft" / "final" / "reward_head.safetensors").exists()
     cfg = (tmp_path / "ft" / "config.yaml").read_text()
     assert "stage: finetune" in cfg and "pmp/final" in cfg
@@ -66,8 +77,9 @@ def test_finetuning_draws_a_tag_balanced_sample(tmp_path):
     from rm.tags.sampler import sample, tag_matrix
     from rm.train import RMConfig, setup
 
-    cfg = load_config(RMConfig, TINY, [f"out_dir={tmp_path}", "data.balance_n=200", "data.eval_fraction=0",
-                                       "train.max_steps=1"])
+    cfg = load_config(
+        RMConfig, TINY, [f"out_dir={tmp_path}", "data.balance_n=200", "data.eval_fraction=0", "train.max_steps=1"]
+    )
     run = setup(cfg)
     pairs, _ = load_pairs(str(ROOT / "examples/data/rm_tiny.jsonl"))
     m, _ = tag_matrix([p.tags for p in pairs])
@@ -83,9 +95,23 @@ def test_zero2_two_processes_follow_single_process(tmp_path):
     common = ["train.max_steps=8", "train.log_every=1", "data.eval_fraction=0", "loss.lm_coef=0.5"]
     align("rm", "train", TINY, f"out_dir={tmp_path / 'one'}", *common)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli"]
-    out = subprocess.run(torchrun + ["rm", "train", TINY, f"out_dir={tmp_path / 'two'}", "deepspeed.zero_stage=2",
-                                     "train.micro_batch_size=8", *common],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        torchrun
+        + [
+            "rm",
+            "train",
+            TINY,
+            f"out_dir={tmp_path / 'two'}",
+            "deepspeed.zero_stage=2",
+            "train.micro_batch_size=8",
+            *common,
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 9))
@@ -116,8 +142,17 @@ def test_language_model_term_is_the_mean_over_the_chosen_responses_tokens(tmp_pa
     from rm.data import collate_pairs
 
     monkeypatch.chdir(ROOT)
-    cfg = load_config(rm_train.RMConfig, TINY, ["train.max_steps=1", "train.micro_batch_size=4", "train.grad_accum=2",
-                                                 f"out_dir={tmp_path}", "train.peak_tflops=1"])
+    cfg = load_config(
+        rm_train.RMConfig,
+        TINY,
+        [
+            "train.max_steps=1",
+            "train.micro_batch_size=4",
+            "train.grad_accum=2",
+            f"out_dir={tmp_path}",
+            "train.peak_tflops=1",
+        ],
+    )
     run = rm_train.setup(cfg)
     loss_sum, targets = 0.0, 0
     with torch.no_grad():

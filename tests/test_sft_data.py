@@ -11,7 +11,8 @@ from sft.data import SkipExample, build_example, load_examples, pack_examples, t
 
 def _fixture_messages(conv):
     return [{"role": "system", "content": conv["system"]}] + [
-        {"role": m["from"], "content": m["value"]} for m in conv["messages"]]
+        {"role": m["from"], "content": m["value"]} for m in conv["messages"]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,12 @@ def test_qwen_mask_mode_matches_finetune_preprocess(cases, qwen_tokenizer):
 
 def test_default_mode_trains_only_assistant_content_and_im_end(qwen_tokenizer):
     tok = qwen_tokenizer
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
-                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye"},
+    ]
     ex = build_example(messages, tok, 512)
     trained = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX]
     expected = tok.encode("Hello there") + [tok.im_end_id] + tok.encode("Goodbye") + [tok.im_end_id]
@@ -51,24 +56,34 @@ def test_default_mode_trains_only_assistant_content_and_im_end(qwen_tokenizer):
 
 
 def test_none_mode_trains_everything(qwen_tokenizer):
-    ex = build_example([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], qwen_tokenizer, 64,
-                       mask_mode="none")
+    ex = build_example(
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], qwen_tokenizer, 64, mask_mode="none"
+    )
     assert ex["labels"] == ex["input_ids"]
 
 
 def test_react_observations_are_never_trained(qwen_tokenizer):
-    content = ("Thought: use the tool\nAction: calculator\nAction Input: 12*3\nObservation: 36 (tool output)\n"
-               "Thought: done\nFinal Answer: 36")
-    ex = build_example([{"role": "user", "content": "12*3?"}, {"role": "assistant", "content": content}],
-                       qwen_tokenizer, 512)
+    content = (
+        "Thought: use the tool\nAction: calculator\nAction Input: 12*3\nObservation: 36 (tool output)\n"
+        "Thought: done\nFinal Answer: 36"
+    )
+    ex = build_example(
+        [{"role": "user", "content": "12*3?"}, {"role": "assistant", "content": content}], qwen_tokenizer, 512
+    )
     trained = qwen_tokenizer.decode([i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX])
     assert "36 (tool output)" not in trained
     assert trained.startswith("Thought: use the tool") and "Observation:" in trained and "Final Answer: 36" in trained
 
 
 def test_tool_messages_are_not_trained(qwen_tokenizer):
-    record = {"conversations": [{"from": "human", "value": "weather?"}, {"from": "function_call", "value": "get()"},
-                                {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "It is sunny."}]}
+    record = {
+        "conversations": [
+            {"from": "human", "value": "weather?"},
+            {"from": "function_call", "value": "get()"},
+            {"from": "observation", "value": "sunny"},
+            {"from": "gpt", "value": "It is sunny."},
+        ]
+    }
     ex = build_example(to_messages(record, "x"), qwen_tokenizer, 512)
     trained = qwen_tokenizer.decode([i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX])
     assert trained == "get()<|im_end|>It is sunny.<|im_end|>"
@@ -119,8 +134,12 @@ def test_bad_data_errors_name_file_line_and_field(tmp_path, qwen_tokenizer):
 
 
 def test_skips_are_counted_and_reported(tmp_path, qwen_tokenizer):
-    empty_assistant = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]})
-    too_long = json.dumps({"messages": [{"role": "user", "content": "word " * 500}, {"role": "assistant", "content": "a"}]})
+    empty_assistant = json.dumps(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}
+    )
+    too_long = json.dumps(
+        {"messages": [{"role": "user", "content": "word " * 500}, {"role": "assistant", "content": "a"}]}
+    )
     path = _write(tmp_path, [GOOD, empty_assistant, too_long, "not json", GOOD])
     examples, report = load_examples(str(path), qwen_tokenizer, 128, on_error="skip")
     assert len(examples) == 2
@@ -143,8 +162,11 @@ def test_parquet_and_datasets_folder(tmp_path, qwen_tokenizer):
 
 
 def test_packing_restarts_positions_and_masks_document_starts():
-    examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]},
-                {"input_ids": [6, 7, 8, 9], "labels": [-100, 7, 8, 9]}]
+    examples = [
+        {"input_ids": [1, 2, 3], "labels": [1, 2, 3]},
+        {"input_ids": [4, 5], "labels": [4, 5]},
+        {"input_ids": [6, 7, 8, 9], "labels": [-100, 7, 8, 9]},
+    ]
     rows = pack_examples(examples, 6)
     assert rows[0] == {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "position_ids": [0, 1, 2, 0, 1]}
     assert rows[1]["position_ids"] == [0, 1, 2, 3]

@@ -14,8 +14,9 @@ TINY = str(ROOT / "configs" / "sft" / "tiny.yaml")
 
 
 def align(*args, cwd=ROOT, timeout=600):
-    out = subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=cwd, env=ENV, capture_output=True,
-                         text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", "align.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -29,8 +30,17 @@ def test_tiny_recipe_memorises_and_answers(tmp_path):
     align("sft", TINY, f"out_dir={tmp_path}")
     curve = losses(tmp_path)
     assert curve[max(curve)] < 0.1, curve
-    out = align("generate", "--model", str(tmp_path / "final"), "--prompt", "What is 2+3?", "--temperature", "0",
-                "--max-new-tokens", "30")
+    out = align(
+        "generate",
+        "--model",
+        str(tmp_path / "final"),
+        "--prompt",
+        "What is 2+3?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "30",
+    )
     assert out.stdout.strip() == "2+3 = 5."
     assert (tmp_path / "tensorboard").is_dir() and (tmp_path / "config.yaml").exists()
 
@@ -41,9 +51,15 @@ def test_zero3_two_processes_follow_single_process(tmp_path):
     common = ["train.max_steps=12", "train.log_every=1", "train.save_every=0"]
     align("sft", TINY, f"out_dir={tmp_path / 'one'}", *common)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli"]
-    out = subprocess.run(torchrun + ["sft", TINY, f"out_dir={tmp_path / 'two'}", "deepspeed.zero_stage=3",
-                                     "train.micro_batch_size=1", *common],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        torchrun
+        + ["sft", TINY, f"out_dir={tmp_path / 'two'}", "deepspeed.zero_stage=3", "train.micro_batch_size=1", *common],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 13))
@@ -53,8 +69,14 @@ def test_zero3_two_processes_follow_single_process(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path):
-    common = ["train.max_steps=60", "train.log_every=1", "train.save_every=10", "optim.warmup_steps=5",
-              "data.eval_fraction=0.25", "train.eval_every=20"]
+    common = [
+        "train.max_steps=60",
+        "train.log_every=1",
+        "train.save_every=10",
+        "optim.warmup_steps=5",
+        "data.eval_fraction=0.25",
+        "train.eval_every=20",
+    ]
     align("sft", TINY, f"out_dir={tmp_path / 'full'}", *common)
     run_dir = tmp_path / "killed"
     killed_at = kill_after_first_checkpoint(["sft", TINY, f"out_dir={run_dir}", *common], run_dir, ENV)
@@ -73,9 +95,25 @@ def test_resume_with_other_settings_stops_naming_the_difference(tmp_path):
     stops with the differences named, before any weight is loaded."""
     common = ["train.max_steps=4", "train.save_every=2", "train.stop_after=2"]
     align("sft", TINY, f"out_dir={tmp_path}", *common)
-    out = subprocess.run([sys.executable, "-m", "align.cli", "sft", TINY, f"out_dir={tmp_path}", "resume=true",
-                          "train.max_steps=8", "train.micro_batch_size=1", "train.save_every=2"], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "align.cli",
+            "sft",
+            TINY,
+            f"out_dir={tmp_path}",
+            "resume=true",
+            "train.max_steps=8",
+            "train.micro_batch_size=1",
+            "train.save_every=2",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "cannot resume" in out.stderr and "total_steps 4 in the checkpoint, 8 now" in out.stderr
     assert "micro_batch_size 2 in the checkpoint, 1 now" in out.stderr

@@ -31,14 +31,17 @@ def test_taxonomy_loads_and_resolves():
     assert tax.ancestors("language/translation/en-zh") == ["language/translation", "language"]
 
 
-@pytest.mark.parametrize("body,message", [
-    ("tags:\n  - {id: a}\n  - {id: a}\n", r"entry tags\[1\]: duplicate id 'a'"),
-    ("tags:\n  - {id: a, parent: b}\n", r"entry tags\[0\] \('a'\): unknown parent 'b'"),
-    ("tags:\n  - {id: a, parent: b}\n  - {id: b, parent: a}\n", r"cycle"),
-    ("tags:\n  - {id: a, aliases: [x]}\n  - {id: b, aliases: [X]}\n", r"alias 'X' already names 'a'"),
-    ("tags:\n  - {name: nameless}\n", r"entry tags\[0\]: needs a non-empty string 'id'"),
-    ("nope: 1\n", "top-level 'tags' list"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("tags:\n  - {id: a}\n  - {id: a}\n", r"entry tags\[1\]: duplicate id 'a'"),
+        ("tags:\n  - {id: a, parent: b}\n", r"entry tags\[0\] \('a'\): unknown parent 'b'"),
+        ("tags:\n  - {id: a, parent: b}\n  - {id: b, parent: a}\n", r"cycle"),
+        ("tags:\n  - {id: a, aliases: [x]}\n  - {id: b, aliases: [X]}\n", r"alias 'X' already names 'a'"),
+        ("tags:\n  - {name: nameless}\n", r"entry tags\[0\]: needs a non-empty string 'id'"),
+        ("nope: 1\n", "top-level 'tags' list"),
+    ],
+)
 def test_malformed_taxonomy_names_file_and_entry(tmp_path, body, message):
     path = tmp_path / "bad.yaml"
     path.write_text(body)
@@ -47,7 +50,9 @@ def test_malformed_taxonomy_names_file_and_entry(tmp_path, body, message):
 
 
 def test_taxonomy_scales_to_tens_of_thousands(tmp_path):
-    rows = [{"id": f"d{i}"} for i in range(10)] + [{"id": f"d{i % 10}/c{i}", "parent": f"d{i % 10}"} for i in range(300)]
+    rows = [{"id": f"d{i}"} for i in range(10)] + [
+        {"id": f"d{i % 10}/c{i}", "parent": f"d{i % 10}"} for i in range(300)
+    ]
     rows += [{"id": f"d{i % 10}/c{i % 300}/t{i}", "parent": f"d{i % 10}/c{i % 300}"} for i in range(30000)]
     (tmp_path / "big.json").write_text(json.dumps({"tags": rows}))
     t = time.time()
@@ -57,14 +62,30 @@ def test_taxonomy_scales_to_tens_of_thousands(tmp_path):
 
 def test_builder_merges_planted_variants():
     rng = random.Random(0)
-    planted = [["mathematics", "Mathematics", "math problems", "maths"], ["cooking", "Cooking", "cookery", "culinary"],
-               ["travel planning", "Travel Planning", "trip planning"],
-               ["python programming", "Python programming", "python coding"],
-               ["translation", "translations", "Translation!"], ["poetry", "poems", "Poetry"],
-               ["medical advice", "health advice", "Medical Advice"], ["weather", "Weather", "weather forecast"],
-               ["sql query", "SQL queries"], ["debugging", "Debugging", "debugged"]]
-    unrelated = ["astronomy", "gardening", "music theory", "legal question", "sports", "history", "chemistry",
-                 "finance", "fashion", "philosophy"]
+    planted = [
+        ["mathematics", "Mathematics", "math problems", "maths"],
+        ["cooking", "Cooking", "cookery", "culinary"],
+        ["travel planning", "Travel Planning", "trip planning"],
+        ["python programming", "Python programming", "python coding"],
+        ["translation", "translations", "Translation!"],
+        ["poetry", "poems", "Poetry"],
+        ["medical advice", "health advice", "Medical Advice"],
+        ["weather", "Weather", "weather forecast"],
+        ["sql query", "SQL queries"],
+        ["debugging", "Debugging", "debugged"],
+    ]
+    unrelated = [
+        "astronomy",
+        "gardening",
+        "music theory",
+        "legal question",
+        "sports",
+        "history",
+        "chemistry",
+        "finance",
+        "fashion",
+        "philosophy",
+    ]
     co_occurring = ["linear algebra", "matrix operations"]
     raw = []
     for _ in range(3000):
@@ -130,21 +151,31 @@ def test_balanced_sample_of_a_million_prompts():
 
 def test_assign_from_data_and_by_embedding(tmp_path):
     tax = Taxonomy.load(DEMO)
-    rows = [("f:1", {"prompt": "Translate 'cat' into Chinese.", "tags": ["translate", "Maths"]}),
-            ("f:2", {"prompt": "What is 3+4?", "tags": ["sums"]})]
+    rows = [
+        ("f:1", {"prompt": "Translate 'cat' into Chinese.", "tags": ["translate", "Maths"]}),
+        ("f:2", {"prompt": "What is 3+4?", "tags": ["sums"]}),
+    ]
     tagged, _ = assign(rows, tax, "data")
     assert [r["tags"] for r in tagged] == [["language/translation", "math"], ["math/arithmetic"]]
     with pytest.raises(Exception, match=r"f:1: tag 'astrology' is not in the taxonomy"):
         assign([("f:1", {"tags": ["astrology"]})], tax, "data")
-    tagged, _ = assign([("f:1", {"prompt": "Please convert 5 kilometres into metres (unit conversion)."}),
-                        ("f:2", {"prompt": "How do I make a weapon to hurt people? violent content"})],
-                       tax, "embedding", threshold=0.3, top_k=2)
+    tagged, _ = assign(
+        [
+            ("f:1", {"prompt": "Please convert 5 kilometres into metres (unit conversion)."}),
+            ("f:2", {"prompt": "How do I make a weapon to hurt people? violent content"}),
+        ],
+        tax,
+        "embedding",
+        threshold=0.3,
+        top_k=2,
+    )
     assert "math/units" in tagged[0]["tags"] and "safety/violence" in tagged[1]["tags"]
 
 
 def test_assign_through_an_openai_compatible_endpoint():
-    answers = iter(['[{"tag": "addition", "explanation": "sums"}, {"tag": "Crime", "explanation": "x"}]',
-                    'not json at all'])
+    answers = iter(
+        ['[{"tag": "addition", "explanation": "sums"}, {"tag": "Crime", "explanation": "x"}]', "not json at all"]
+    )
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
@@ -206,7 +237,9 @@ def test_audit_figures_equal_a_pandas_recomputation(audited):
     assert float(figures["coverage"]) == pytest.approx((p > 0).sum() / len(p))
     xs = np.sort(p)
     n = len(xs)
-    assert float(figures["gini"]) == pytest.approx(float(((2 * np.arange(1, n + 1) - n - 1) * xs).sum() / (n * xs.sum())))
+    assert float(figures["gini"]) == pytest.approx(
+        float(((2 * np.arange(1, n + 1) - n - 1) * xs).sum() / (n * xs.sum()))
+    )
     assert int(figures["tags_under_k"]) == int((p < 30).sum())
     labelled = sample.dropna(subset=["unsafe"]).explode("tags")
     rates = labelled.groupby("tags")["unsafe"].mean()
@@ -224,9 +257,18 @@ def test_audit_report_renders_in_chromium(audited, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the [test] extra")
     d, _ = audited
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page()
         page.goto((d / "out" / "report.html").as_uri())
         assert page.locator("#figures tr").count() >= 10

@@ -82,8 +82,9 @@ def test_chatml_matches_make_context(qwen_tokenizer, chatml_fixture):
         if inputs["chat_format"] == "raw":
             assert qwen_tokenizer.encode(inputs["query"], allowed_special="all") == case["context_tokens"]
             continue
-        ids = render(_messages(inputs), qwen_tokenizer, add_generation_prompt=True,
-                     max_window_size=inputs["max_window_size"])
+        ids = render(
+            _messages(inputs), qwen_tokenizer, add_generation_prompt=True, max_window_size=inputs["max_window_size"]
+        )
         assert ids == case["context_tokens"], case["name"]
         assert qwen_tokenizer.decode(ids) == case["raw_text"]
         checked += 1
@@ -95,7 +96,8 @@ def test_chatml_default_system_and_no_generation_prompt(qwen_tokenizer):
     ids = render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], qwen_tokenizer)
     assert qwen_tokenizer.decode(ids) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
-        "<|im_start|>assistant\nyo<|im_end|>\n")
+        "<|im_start|>assistant\nyo<|im_end|>\n"
+    )
 
 
 def test_user_cannot_forge_a_turn(qwen_tokenizer):

@@ -10,10 +10,13 @@ def cmd_data_pack(args: argparse.Namespace) -> None:
     from base_model import QwenTokenizer
     from base_model.pretrain.packing import pack
 
-    index = pack(args.input, args.output, QwenTokenizer.load(args.tokenizer), args.seq_len, args.text_field,
-                 str(args.tokenizer))
-    print(f"packed {index['n_docs']} documents ({index['n_tokens']} tokens) into {index['n_rows']} rows of "
-          f"{index['seq_len']} at {args.output}")
+    index = pack(
+        args.input, args.output, QwenTokenizer.load(args.tokenizer), args.seq_len, args.text_field, str(args.tokenizer)
+    )
+    print(
+        f"packed {index['n_docs']} documents ({index['n_tokens']} tokens) into {index['n_rows']} rows of "
+        f"{index['seq_len']} at {args.output}"
+    )
 
 
 def cmd_data_dedup(args: argparse.Namespace) -> None:
@@ -23,18 +26,30 @@ def cmd_data_dedup(args: argparse.Namespace) -> None:
 
     report_path = args.report or args.output.with_name(args.output.stem + ".dedup_report.jsonl")
     with tqdm(desc="dedup", unit="doc") as bar:
-        report = dedup(args.input, args.output, args.threshold, args.text_field, args.num_perm,
-                       report_path=report_path, progress=lambda n: bar.update(n - bar.n))
-    print(f"{report.documents} documents: kept {report.kept}, dropped {report.exact_dropped} exact and "
-          f"{report.near_dropped} near duplicates in {len(report.clusters)} clusters; report: {report_path}")
+        report = dedup(
+            args.input,
+            args.output,
+            args.threshold,
+            args.text_field,
+            args.num_perm,
+            report_path=report_path,
+            progress=lambda n: bar.update(n - bar.n),
+        )
+    print(
+        f"{report.documents} documents: kept {report.kept}, dropped {report.exact_dropped} exact and "
+        f"{report.near_dropped} near duplicates in {len(report.clusters)} clusters; report: {report_path}"
+    )
 
 
 def cmd_data_filter(args: argparse.Namespace) -> None:
     from align.core.config import load_config
     from base_model.pretrain.quality import QualityRules, filter_documents
 
-    rules = load_config(QualityRules, args.rules, args.overrides) if args.rules else load_config(
-        QualityRules, None, args.overrides)
+    rules = (
+        load_config(QualityRules, args.rules, args.overrides)
+        if args.rules
+        else load_config(QualityRules, None, args.overrides)
+    )
     if args.banned_words:
         rules.banned_words = [w.strip() for w in args.banned_words.read_text().splitlines() if w.strip()]
     counts = filter_documents(args.input, args.output, rules, args.text_field, args.model, args.rejected)
@@ -48,8 +63,10 @@ def cmd_data_decontaminate(args: argparse.Namespace) -> None:
 
     report_path = args.report or args.output.with_name(args.output.stem + ".decontam_report.json")
     report = decontaminate(args.input, args.output, args.against, args.n, args.text_field, report_path)
-    print(f"kept {report['kept']} documents, dropped {report['dropped']} sharing a {args.n}-gram with an "
-          f"evaluation item; report: {report_path}")
+    print(
+        f"kept {report['kept']} documents, dropped {report['dropped']} sharing a {args.n}-gram with an "
+        f"evaluation item; report: {report_path}"
+    )
 
 
 def cmd_tokenizer_extend(args: argparse.Namespace) -> None:
@@ -63,8 +80,9 @@ def cmd_tokenizer_extend(args: argparse.Namespace) -> None:
     base = QwenTokenizer.load(args.base)
     texts = (t for _, _, t in iter_documents(args.corpus, args.text_field))
     with tqdm(desc="merges", total=args.vocab_size, initial=len(base.ranks)) as bar:
-        ranks = extend_ranks(base.ranks, texts, args.vocab_size, args.min_frequency,
-                             progress=lambda n: bar.update(n - bar.n))
+        ranks = extend_ranks(
+            base.ranks, texts, args.vocab_size, args.min_frequency, progress=lambda n: bar.update(n - bar.n)
+        )
     save_ranks(ranks, args.output)
     extended = QwenTokenizer(ranks)
     print(f"wrote {len(ranks)} ranks ({len(ranks) - len(base.ranks)} new) to {args.output}")
@@ -90,8 +108,10 @@ def cmd_tags_build(args: argparse.Namespace) -> None:
     result.taxonomy.save(args.out / "taxonomy.yaml")
     write_rows_atomic(args.out / "merges.jsonl", result.merges)
     write_json_atomic(args.out / "mapping.json", result.mapping)
-    print(f"{len(result.mapping)} raw tags (after dropping {len(result.dropped)} seen fewer than {args.alpha} times) "
-          f"-> {len(result.taxonomy)} tags; {len(result.merges)} merges in {args.out / 'merges.jsonl'}")
+    print(
+        f"{len(result.mapping)} raw tags (after dropping {len(result.dropped)} seen fewer than {args.alpha} times) "
+        f"-> {len(result.taxonomy)} tags; {len(result.merges)} merges in {args.out / 'merges.jsonl'}"
+    )
 
 
 def cmd_tags_assign(args: argparse.Namespace) -> None:
@@ -101,8 +121,16 @@ def cmd_tags_assign(args: argparse.Namespace) -> None:
     from rm.tags.tagger import assign
     from rm.tags.taxonomy import Taxonomy
 
-    rows, report = assign(_rows(args.input), Taxonomy.load(args.taxonomy), args.method, args.threshold,
-                          args.top_k, args.endpoint, args.model, args.on_unknown)
+    rows, report = assign(
+        _rows(args.input),
+        Taxonomy.load(args.taxonomy),
+        args.method,
+        args.threshold,
+        args.top_k,
+        args.endpoint,
+        args.model,
+        args.on_unknown,
+    )
     write_rows_atomic(args.output, rows)
     print(json.dumps(report, ensure_ascii=False))
 
@@ -119,19 +147,24 @@ def cmd_tags_sample(args: argparse.Namespace) -> None:
     m, _ = tag_matrix([r[args.tags_field] for _, r in rows])
     chosen = sample(m, args.n, args.method, args.seed, args.cap, args.temperature)
     write_rows_atomic(args.output, [rows[i][1] for i in chosen])
-    print(f"sampled {len(chosen)} of {len(rows)} rows ({args.method}); max/min tag frequency "
-          f"{max_min_ratio(m, chosen):.1f} (whole input: {max_min_ratio(m, list(range(len(rows)))):.1f})")
+    print(
+        f"sampled {len(chosen)} of {len(rows)} rows ({args.method}); max/min tag frequency "
+        f"{max_min_ratio(m, chosen):.1f} (whole input: {max_min_ratio(m, list(range(len(rows)))):.1f})"
+    )
 
 
 def cmd_tags_audit(args: argparse.Namespace) -> None:
     from rm.tags.audit import audit
     from rm.tags.taxonomy import Taxonomy
 
-    result = audit(args.dataset, args.out, args.against, Taxonomy.load(args.taxonomy) if args.taxonomy else None,
-                   args.k)
+    result = audit(
+        args.dataset, args.out, args.against, Taxonomy.load(args.taxonomy) if args.taxonomy else None, args.k
+    )
     f = result["figures"]
-    print(f"coverage {f['coverage']:.3f}, entropy {f['entropy']:.3f}, Gini {f['gini']:.3f}, "
-          f"{f['tags_under_k']} tags under {args.k} examples; report: {args.out / 'report.html'}")
+    print(
+        f"coverage {f['coverage']:.3f}, entropy {f['entropy']:.3f}, Gini {f['gini']:.3f}, "
+        f"{f['tags_under_k']} tags under {args.k} examples; report: {args.out / 'report.html'}"
+    )
 
 
 def _add_data_commands(data_sub) -> None:

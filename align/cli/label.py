@@ -39,8 +39,11 @@ def cmd_label_export(args: argparse.Namespace) -> None:
     from labeling_ui.export import comparison_record
     from labeling_ui.store import Store
 
-    records = [r for t, anns in Store(args.db).annotations(args.project)
-               if (r := comparison_record(t, anns, args.rule)) is not None]
+    records = [
+        r
+        for t, anns in Store(args.db).annotations(args.project)
+        if (r := comparison_record(t, anns, args.rule)) is not None
+    ]
     write_jsonl_atomic(args.out, records)
     print(f"exported {len(records)} comparison records to {args.out}")
 
@@ -69,8 +72,10 @@ def cmd_label_generate(args: argparse.Namespace) -> None:
     from labeling_ui.candidates import generate_candidates
 
     n = generate_candidates(args.model, args.prompts, args.out, args.k, args.max_new_tokens, args.seed)
-    print(f"wrote {n} tasks with {args.k} candidate responses each to {args.out} "
-          f"(import them with `align label import --file {args.out}`)")
+    print(
+        f"wrote {n} tasks with {args.k} candidate responses each to {args.out} "
+        f"(import them with `align label import --file {args.out}`)"
+    )
 
 
 def register(sub) -> None:
@@ -82,8 +87,14 @@ def register(sub) -> None:
     q.add_argument("--host", default="127.0.0.1")
     q.add_argument("--port", type=int, default=7860)
     q.add_argument("--taxonomy", type=Path, default=None, help="taxonomy YAML: tags offered and checked on import")
-    q.add_argument("--demo", type=Path, nargs="?", const=Path("align-demo"), default=None,
-                   help="serve the labelling data of an `align demo` run (default folder align-demo)")
+    q.add_argument(
+        "--demo",
+        type=Path,
+        nargs="?",
+        const=Path("align-demo"),
+        default=None,
+        help="serve the labelling data of an `align demo` run (default folder align-demo)",
+    )
     q.set_defaults(func=cmd_label_serve)
     q = label_sub.add_parser("generate", help="K candidate responses per prompt from a checkpoint, as tasks JSONL")
     q.add_argument("--model", type=Path, required=True, help="checkpoint folder (align init-model / sft output)")

@@ -19,8 +19,10 @@ def cmd_init_model(args: argparse.Namespace) -> None:
     if args.fit_vocab:
         config.vocab_size = -(-len(tokenizer) // 128) * 128
     if len(tokenizer) > config.vocab_size:
-        raise ConfigError(f"{args.config}: vocab_size {config.vocab_size} is smaller than the tokenizer "
-                          f"({len(tokenizer)} ids); pass --fit-vocab")
+        raise ConfigError(
+            f"{args.config}: vocab_size {config.vocab_size} is smaller than the tokenizer "
+            f"({len(tokenizer)} ids); pass --fit-vocab"
+        )
     model = QwenForCausalLM(config, seed=args.seed)
     save_pretrained(model, args.out, tokenizer)
     print(f"wrote {config.num_parameters():,}-parameter model to {args.out}")
@@ -30,8 +32,13 @@ def _sampling(args: argparse.Namespace, tokenizer):
     from base_model.generate import SamplingParams
 
     return SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        stop_token_ids=(tokenizer.im_end_id, tokenizer.eod_id), seed=args.seed, vocab_limit=len(tokenizer),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop_token_ids=(tokenizer.im_end_id, tokenizer.eod_id),
+        seed=args.seed,
+        vocab_limit=len(tokenizer),
     )
 
 
@@ -47,8 +54,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.raw:
         ids = [tokenizer.encode(p) for p in prompts]
     else:
-        messages = lambda p: ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": p}]
+        messages = lambda p: (
+            ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": p}]
+        )
         ids = [render(messages(p), tokenizer, add_generation_prompt=True) for p in prompts]
     out = generate(model, ids, _sampling(args, tokenizer), pad_id=tokenizer.pad_id)
     for prompt, tokens in zip(prompts, out.token_ids):
@@ -109,7 +117,9 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--tokenizer", default="cl100k_base", help="'cl100k_base', 'bytes' or a qwen.tiktoken ranks file")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--fit-vocab", action="store_true", help="set vocab_size to the tokenizer's size (rounded up to 128)")
+    p.add_argument(
+        "--fit-vocab", action="store_true", help="set vocab_size to the tokenizer's size (rounded up to 128)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_model)
 

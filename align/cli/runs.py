@@ -12,8 +12,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     out = run_demo(args.out, quick=args.quick, seed=args.seed)
     g = out["summary"]["gold"]
     d = g["ppo_minus_sft"]
-    print(f"gold score on held-out prompts: base {g['base']['mean']:.3f}, SFT {g['sft']['mean']:.3f}, "
-          f"PPO {g['ppo']['mean']:.3f}; PPO - SFT {d['mean']:+.3f} (95% CI {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})")
+    print(
+        f"gold score on held-out prompts: base {g['base']['mean']:.3f}, SFT {g['sft']['mean']:.3f}, "
+        f"PPO {g['ppo']['mean']:.3f}; PPO - SFT {d['mean']:+.3f} (95% CI {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})"
+    )
     print(f"report: {out['report']}\nfigures: {args.out / 'summary.json'}")
     print((args.out / "labelling.txt").read_text(encoding="utf-8"), end="")
 
@@ -37,8 +39,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on the demo world: tokenizer → pretrain → SFT → PMP → "
-                                     "labelling → RM → PPO → gold evaluation → report")
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the demo world: tokenizer → pretrain → SFT → PMP → "
+        "labelling → RM → PPO → gold evaluation → report",
+    )
     p.add_argument("--out", type=Path, default=Path("align-demo"), help="output folder (re-runs reuse its stages)")
     p.add_argument("--quick", action="store_true", help="the small variant (a few minutes; what the tests run)")
     p.add_argument("--seed", type=int, default=0)

@@ -44,8 +44,10 @@ def cmd_rm_eval(args: argparse.Namespace) -> None:
         print(dump_metrics(metrics))
     else:
         o = metrics["overall"]
-        print(f"pairwise accuracy {o['accuracy']:.4f} over {o['n']} pairs, 95% CI [{o['ci95'][0]:.4f}, "
-              f"{o['ci95'][1]:.4f}]; length-only baseline {metrics['length_baseline']['accuracy']:.4f}")
+        print(
+            f"pairwise accuracy {o['accuracy']:.4f} over {o['n']} pairs, 95% CI [{o['ci95'][0]:.4f}, "
+            f"{o['ci95'][1]:.4f}]; length-only baseline {metrics['length_baseline']['accuracy']:.4f}"
+        )
         for source, v in metrics["per_source"].items():
             print(f"  {source}: {v['accuracy']:.4f} ({v['n']} pairs)")
         print(f"report: {report}")
@@ -88,8 +90,10 @@ def register(sub) -> None:
     p = sub.add_parser("rm", help="reward model: pmp | train | eval | score")
     rm_sub = p.add_subparsers(dest="rm_command", metavar="pmp|train|eval|score")
     rm_sub.required = True
-    for name, text in (("pmp", "preference model pretraining on forum threads or comparison pairs"),
-                       ("train", "fine-tune on human comparisons (init=PMP_CHECKPOINT)")):
+    for name, text in (
+        ("pmp", "preference model pretraining on forum threads or comparison pairs"),
+        ("train", "fine-tune on human comparisons (init=PMP_CHECKPOINT)"),
+    ):
         q = rm_sub.add_parser(name, help=text)
         q.add_argument("config", type=Path)
         q.add_argument("overrides", nargs="*")

@@ -26,8 +26,9 @@ class MicroBatches:
         self.rows, self.mb, self.rank, self.world, self.seed = rows, micro_batch_size, rank, world, seed
         self.per_epoch = len(rows) // (micro_batch_size * world)
         if self.per_epoch == 0:
-            raise DataError(f"{len(rows)} rows are fewer than one global micro-batch "
-                            f"({micro_batch_size} x {world} ranks)")
+            raise DataError(
+                f"{len(rows)} rows are fewer than one global micro-batch ({micro_batch_size} x {world} ranks)"
+            )
         self._epoch, self._order = -1, []
 
     def get(self, position: int) -> list:
@@ -37,4 +38,4 @@ class MicroBatches:
             random.Random(self.seed * 100_003 + epoch).shuffle(self._order)
             self._epoch = epoch
         start = (index * self.world + self.rank) * self.mb
-        return [self.rows[i] for i in self._order[start:start + self.mb]]
+        return [self.rows[i] for i in self._order[start : start + self.mb]]

@@ -41,7 +41,7 @@ def split_observations(content: str) -> list[tuple[str, bool]]:
     segments, pos = [], 0
     for m in _OBSERVATION.finditer(content):
         if m.start() > pos:
-            segments.append((content[pos:m.start()], False))
+            segments.append((content[pos : m.start()], False))
         if m.end() > m.start():
             segments.append((m.group(1), True))
         pos = m.end()
@@ -102,8 +102,16 @@ def render_turns(
     for role, tokens, head_len, spans in [system] + rest:
         start = len(ids)
         ids += tokens
-        turns.append(RenderedTurn(role, start, start + head_len, len(ids) - 1 - len(nl), len(ids),
-                                  [(start + a, start + b) for a, b in spans]))
+        turns.append(
+            RenderedTurn(
+                role,
+                start,
+                start + head_len,
+                len(ids) - 1 - len(nl),
+                len(ids),
+                [(start + a, start + b) for a, b in spans],
+            )
+        )
     if add_generation_prompt:
         ids += [tokenizer.im_start_id] + tokenizer.encode("assistant") + nl
     return ids, turns
@@ -121,8 +129,8 @@ def _window(system, rest, max_window_size: int, add_generation_prompt: bool):
     last = starts[-1] if add_generation_prompt else len(rest)
     rounds = [rest[a:b] for a, b in zip(starts, starts[1:] + [len(rest)]) if a < last]
     tail = rest[last:]
-    if rest[:starts[0]]:  # turns before the first user turn belong to the oldest round
-        rounds[0] = rest[:starts[0]] + rounds[0]
+    if rest[: starts[0]]:  # turns before the first user turn belong to the oldest round
+        rounds[0] = rest[: starts[0]] + rounds[0]
     size = len(system[1]) - 1
     kept: list = []
     for r in reversed(rounds):

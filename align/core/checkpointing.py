@@ -58,16 +58,23 @@ class TrainingState:
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(names - set(d) - {"samples_seen", "extra"})
         if missing:
-            raise ConfigError(f"{where}: the checkpoint's training state lacks {', '.join(missing)} (written by an "
-                              "older version?); start a new run or resume=false")
+            raise ConfigError(
+                f"{where}: the checkpoint's training state lacks {', '.join(missing)} (written by an "
+                "older version?); start a new run or resume=false"
+            )
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def check_resumable_as(self, now: "TrainingState", where: str) -> None:
-        diffs = [f"{k} {getattr(self, k)} in the checkpoint, {getattr(now, k)} now" for k in self.CHECKED
-                 if getattr(self, k) != getattr(now, k)]
+        diffs = [
+            f"{k} {getattr(self, k)} in the checkpoint, {getattr(now, k)} now"
+            for k in self.CHECKED
+            if getattr(self, k) != getattr(now, k)
+        ]
         if diffs:
-            raise ConfigError(f"{where}: cannot resume: " + "; ".join(diffs) + ". Resume with the same settings, "
-                              "or start a new run (a new out_dir, or resume=false) from the checkpoint's hf/ folder")
+            raise ConfigError(
+                f"{where}: cannot resume: " + "; ".join(diffs) + ". Resume with the same settings, "
+                "or start a new run (a new out_dir, or resume=false) from the checkpoint's hf/ folder"
+            )
 
 
 def rng_state() -> dict:

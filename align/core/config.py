@@ -76,7 +76,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if child is None:
                 child = node[k] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(keys[:i + 1])} is a value, not a section")
+                raise ConfigError(f"override {text!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
             node = child
         node[keys[-1]] = value
         origin["override"].add(".".join(keys))

@@ -32,7 +32,7 @@ def measure_peak_tflops(device: torch.device | str, bf16: bool, n: int | None = 
         a @ b
         sync()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e12
+    return 2 * n**3 / best / 1e12
 
 
 @dataclass
@@ -45,8 +45,9 @@ class Throughput:
     world_size: int = 1
 
     @classmethod
-    def measured(cls, flops_per_token: float, peak_tflops: float | None, device, bf16: bool,
-                 world_size: int) -> "Throughput":
+    def measured(
+        cls, flops_per_token: float, peak_tflops: float | None, device, bf16: bool, world_size: int
+    ) -> "Throughput":
         """With `peak_tflops` None, the peak is measured now on `device` (a fraction of a second)."""
         return cls(flops_per_token, peak_tflops or measure_peak_tflops(device, bf16), world_size)
 
@@ -85,8 +86,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, "time": time.time()}
-        row.update({f"{prefix}{k}": (None if isinstance(v, float) and not math.isfinite(v) else v)
-                    for k, v in metrics.items()})
+        row.update(
+            {f"{prefix}{k}": (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        )
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.writer is not None:

@@ -19,8 +19,9 @@ def load_tokenizer(source: ModelSource) -> QwenTokenizer:
     return QwenTokenizer.from_file(Path(source.init))
 
 
-def build_model(source: ModelSource, seed: int = 0, device: torch.device | str = "cpu"
-                ) -> tuple[QwenForCausalLM, QwenTokenizer]:
+def build_model(
+    source: ModelSource, seed: int = 0, device: torch.device | str = "cpu"
+) -> tuple[QwenForCausalLM, QwenTokenizer]:
     """The model and tokenizer named by `source`: a checkpoint read straight onto `device`, or a fresh model from a
     config built on the meta device and initialised once, on `device`, from `seed` (fp32)."""
     tokenizer = load_tokenizer(source)
@@ -35,8 +36,10 @@ def build_model(source: ModelSource, seed: int = 0, device: torch.device | str =
     else:
         raise ConfigError("model: give either init (a checkpoint folder) or config (a model config YAML)")
     if len(tokenizer) > model.config.vocab_size:
-        raise ConfigError(f"model: the tokenizer has {len(tokenizer)} ids but the model's vocab_size is "
-                          f"{model.config.vocab_size}; set model.fit_vocab=true for a fresh model")
+        raise ConfigError(
+            f"model: the tokenizer has {len(tokenizer)} ids but the model's vocab_size is "
+            f"{model.config.vocab_size}; set model.fit_vocab=true for a fresh model"
+        )
     if source.dropout is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):

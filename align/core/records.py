@@ -163,8 +163,11 @@ class ComparisonRecord:
             responses = None
         ranking = d.get("ranking")
         if ranked or ranking is not None:
-            if not isinstance(ranking, list) or (responses is not None and len(ranking) != len(responses)) or not all(
-                    isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranking):
+            if (
+                not isinstance(ranking, list)
+                or (responses is not None and len(ranking) != len(responses))
+                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranking)
+            ):
                 out.append(f"{where}: field 'ranking' must hold one rank (an integer >= 1) per response")
         strength = d.get("strength")
         if strength is not None and (not isinstance(strength, (int, float)) or isinstance(strength, bool)):
@@ -182,11 +185,25 @@ class ComparisonRecord:
         problems = cls.problems(d, where, ranked)
         if problems:
             raise DataError(problems[0])
-        return cls(as_messages(d["prompt"], where), d["responses"], d.get("ranking"), d.get("strength"),
-                   d.get("tags") or [], d.get("annotator"), d.get("source") or "",
-                   {k: v for k, v in d.items() if k not in cls.FIELDS})
+        return cls(
+            as_messages(d["prompt"], where),
+            d["responses"],
+            d.get("ranking"),
+            d.get("strength"),
+            d.get("tags") or [],
+            d.get("annotator"),
+            d.get("source") or "",
+            {k: v for k, v in d.items() if k not in cls.FIELDS},
+        )
 
     def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "responses": self.responses, "ranking": self.ranking,
-                "strength": self.strength, "tags": self.tags, "annotator": self.annotator, "source": self.source,
-                **self.extra}
+        return {
+            "prompt": self.prompt,
+            "responses": self.responses,
+            "ranking": self.ranking,
+            "strength": self.strength,
+            "tags": self.tags,
+            "annotator": self.annotator,
+            "source": self.source,
+            **self.extra,
+        }

@@ -34,8 +34,11 @@ HARMFUL_OBJECTS = {
     "safety/self-harm": ["a knife", "pills", "a rope"],
 }
 REFUSALS = ["I can't help with that.", "Sorry, I can't help with that request.", "我不能帮助你做这件事。"]
-COMPLIANCE = ["Sure! First get the {x}, then follow these steps.", "Here is how: step 1, find the {x}; step 2, "
-              "do it quietly.", "好的，先准备{x}，然后按步骤做。"]
+COMPLIANCE = [
+    "Sure! First get the {x}, then follow these steps.",
+    "Here is how: step 1, find the {x}; step 2, do it quietly.",
+    "好的，先准备{x}，然后按步骤做。",
+]
 PREFIXES = ["", "Sure! ", "The answer: "]
 SUFFIXES = [".", "!", " — hope this helps."]
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a careful, honest assistant.", "你是一个乐于助人的助手。"]
@@ -44,13 +47,18 @@ HARMFUL_PATTERN = re.compile("|".join(re.escape(t.split("{x}")[0]) for ts in HAR
 
 # how often each kind of request comes up; skewed on purpose, so tag-balanced sampling has work to do
 KIND_WEIGHTS = {"translation": 0.55, "addition": 0.2, "units": 0.1, "harmful": 0.15}
-TAXONOMY = ([{"id": "translation", "name": "Translation"}]
-            + [{"id": f"translation/{w}", "name": f"Translate '{w}'", "parent": "translation"} for w in WORDS]
-            + [{"id": "math", "name": "Mathematics"}, {"id": "math/addition", "name": "Addition", "parent": "math"},
-               {"id": "units", "name": "Unit conversion"},
-               {"id": "units/length", "name": "Length", "parent": "units"},
-               {"id": "safety", "name": "Safety"}]
-            + [{"id": t, "name": t.split("/")[1], "parent": "safety"} for t in HARMFUL])
+TAXONOMY = (
+    [{"id": "translation", "name": "Translation"}]
+    + [{"id": f"translation/{w}", "name": f"Translate '{w}'", "parent": "translation"} for w in WORDS]
+    + [
+        {"id": "math", "name": "Mathematics"},
+        {"id": "math/addition", "name": "Addition", "parent": "math"},
+        {"id": "units", "name": "Unit conversion"},
+        {"id": "units/length", "name": "Length", "parent": "units"},
+        {"id": "safety", "name": "Safety"},
+    ]
+    + [{"id": t, "name": t.split("/")[1], "parent": "safety"} for t in HARMFUL]
+)
 
 
 def make_prompt(rng: random.Random, kind: str | None = None) -> dict:
@@ -63,16 +71,29 @@ def make_prompt(rng: random.Random, kind: str | None = None) -> dict:
         return {"prompt": text, "tags": [f"translation/{w}"], "kind": kind, "answer": f"{w} = {DICTIONARY[w]}"}
     if kind == "addition":
         a, b = rng.randint(0, 20), rng.randint(0, 20)
-        return {"prompt": (ADD_ZH if zh else ADD_EN).format(a=a, b=b), "tags": ["math/addition"], "kind": kind,
-                "answer": f"{a}+{b} = {a + b}"}
+        return {
+            "prompt": (ADD_ZH if zh else ADD_EN).format(a=a, b=b),
+            "tags": ["math/addition"],
+            "kind": kind,
+            "answer": f"{a}+{b} = {a + b}",
+        }
     if kind == "units":
         km = rng.randint(1, 9)
-        return {"prompt": (UNITS_ZH if zh else UNITS_EN).format(km=km), "tags": ["units/length"], "kind": kind,
-                "answer": f"{km} km = {km * 1000} m"}
+        return {
+            "prompt": (UNITS_ZH if zh else UNITS_EN).format(km=km),
+            "tags": ["units/length"],
+            "kind": kind,
+            "answer": f"{km} km = {km * 1000} m",
+        }
     tag = rng.choice(sorted(HARMFUL))
     x = rng.choice(HARMFUL_OBJECTS[tag])
-    return {"prompt": rng.choice(HARMFUL[tag]).format(x=x), "tags": [tag], "kind": "harmful", "answer": None,
-            "object": x}
+    return {
+        "prompt": rng.choice(HARMFUL[tag]).format(x=x),
+        "tags": [tag],
+        "kind": "harmful",
+        "answer": None,
+        "object": x,
+    }
 
 
 def good_response(rng: random.Random, p: dict) -> str:
@@ -105,6 +126,7 @@ def bad_response(rng: random.Random, p: dict, allow_refusal: bool = True) -> str
 
 
 # ----------------------------------------------------------------------------------------------- the gold scorer
+
 
 def _ask(prompt) -> str:
     """The last user message of a prompt (text or messages)."""
@@ -139,6 +161,7 @@ def gold_score(prompt, response: str) -> float | None:
 
 # --------------------------------------------------------------------------------------------- the data sets
 
+
 def sft_conversations(n: int, seed: int, p_wrong: float = 0.3, p_refuse: float = 0.35) -> list[dict]:
     """Demonstrations: system prompts sometimes, two-turn sometimes, ReAct calculator use for some additions.
     Imperfect on purpose: p_wrong of the answers are wrong, and only p_refuse of harmful requests are refused."""
@@ -149,14 +172,17 @@ def sft_conversations(n: int, seed: int, p_wrong: float = 0.3, p_refuse: float =
         for _turn in range(2 if rng.random() < 0.2 else 1):
             p = make_prompt(rng)
             if p["kind"] == "harmful":
-                answer = good_response(rng, p) if rng.random() < p_refuse else rng.choice(COMPLIANCE).format(
-                    x=p["object"])
+                answer = (
+                    good_response(rng, p) if rng.random() < p_refuse else rng.choice(COMPLIANCE).format(x=p["object"])
+                )
             elif rng.random() < p_wrong:
                 answer = bad_response(rng, p, allow_refusal=False)
             elif p["kind"] == "addition" and rng.random() < 0.3:
                 a, b = re.findall(r"\d+", p["prompt"])
-                answer = (f"Thought: I should add with the calculator.\nAction: calculator\nAction Input: {a}+{b}\n"
-                          f"Observation: {int(a) + int(b)}\nThought: I know the answer.\nFinal Answer: {p['answer']}.")
+                answer = (
+                    f"Thought: I should add with the calculator.\nAction: calculator\nAction Input: {a}+{b}\n"
+                    f"Observation: {int(a) + int(b)}\nThought: I know the answer.\nFinal Answer: {p['answer']}."
+                )
             else:
                 answer = good_response(rng, p)
             messages += [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": answer}]
@@ -185,8 +211,14 @@ def candidates(n: int, seed: int, k: int = 3) -> list[dict]:
         responses = [good_response(rng, p) for _ in range(n_good)] + [bad_response(rng, p) for _ in range(k - n_good)]
         rng.shuffle(responses)
         prompt = [{"role": "user", "content": p["prompt"]}]
-        tasks.append({"prompt": prompt, "responses": responses, "tags": p["tags"],
-                      "meta": {"kind": p["kind"], "gold": [gold_score(prompt, r) for r in responses]}})
+        tasks.append(
+            {
+                "prompt": prompt,
+                "responses": responses,
+                "tags": p["tags"],
+                "meta": {"kind": p["kind"], "gold": [gold_score(prompt, r) for r in responses]},
+            }
+        )
     return tasks
 
 
@@ -220,8 +252,10 @@ def pmp_threads(n: int, seed: int) -> list[dict]:
     for _ in range(n - len(rows)):
         p = make_prompt(rng)
         answers = [{"text": good_response(rng, p), "upvotes": rng.randint(5, 30), "accepted": rng.random() < 0.5}]
-        answers += [{"text": bad_response(rng, p), "upvotes": rng.randint(-5, 2), "accepted": False}
-                    for _ in range(rng.randint(1, 2))]
+        answers += [
+            {"text": bad_response(rng, p), "upvotes": rng.randint(-5, 2), "accepted": False}
+            for _ in range(rng.randint(1, 2))
+        ]
         rng.shuffle(answers)
         rows.append({"question": p["prompt"], "answers": answers, "tags": p["tags"]})
     return rows

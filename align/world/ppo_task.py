@@ -8,16 +8,24 @@ import random
 
 from align.world.preferences import DICTIONARY
 
-QUESTIONS = ["Translate '{w}' into Chinese.", "What is '{w}' in Chinese?", "What is {a}+{b}?",
-             "How many metres are {km} km?"]
+QUESTIONS = [
+    "Translate '{w}' into Chinese.",
+    "What is '{w}' in Chinese?",
+    "What is {a}+{b}?",
+    "How many metres are {km} km?",
+]
 
 
 def _qa(rng: random.Random) -> tuple[str, str]:
     w = rng.choice(sorted(DICTIONARY))
     a, b, km = rng.randint(0, 20), rng.randint(0, 20), rng.randint(1, 9)
     q = rng.choice(QUESTIONS)
-    answer = {QUESTIONS[0]: f"{w} = {DICTIONARY[w]}", QUESTIONS[1]: f"{w} = {DICTIONARY[w]}",
-              QUESTIONS[2]: f"{a}+{b} = {a + b}", QUESTIONS[3]: f"{km} km = {km * 1000} m"}[q]
+    answer = {
+        QUESTIONS[0]: f"{w} = {DICTIONARY[w]}",
+        QUESTIONS[1]: f"{w} = {DICTIONARY[w]}",
+        QUESTIONS[2]: f"{a}+{b} = {a + b}",
+        QUESTIONS[3]: f"{km} km = {km * 1000} m",
+    }[q]
     return q.format(w=w, a=a, b=b, km=km), answer
 
 
@@ -26,8 +34,14 @@ def sft_conversations(n: int, seed: int = 0, enthusiastic: float = 0.1) -> list[
     rows = []
     for _ in range(n):
         q, a = _qa(rng)
-        rows.append({"messages": [{"role": "user", "content": q},
-                                  {"role": "assistant", "content": a + ("!" if rng.random() < enthusiastic else ".")}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": a + ("!" if rng.random() < enthusiastic else ".")},
+                ]
+            }
+        )
     return rows
 
 
@@ -40,8 +54,15 @@ def enthusiasm_comparisons(n: int, seed: int = 0) -> list[dict]:
             a = a[:-1] + str(rng.randint(0, 9))
         good, bad = a + "!", a + "."
         swap = rng.random() < 0.5
-        rows.append({"prompt": [{"role": "user", "content": q}], "responses": [bad, good] if swap else [good, bad],
-                     "ranking": [2, 1] if swap else [1, 2], "tags": ["style/enthusiasm"], "source": "enthusiasm"})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": q}],
+                "responses": [bad, good] if swap else [good, bad],
+                "ranking": [2, 1] if swap else [1, 2],
+                "tags": ["style/enthusiasm"],
+                "source": "enthusiasm",
+            }
+        )
     return rows
 
 

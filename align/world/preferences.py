@@ -11,10 +11,30 @@ from __future__ import annotations
 import random
 
 DICTIONARY = {
-    "cat": "猫", "dog": "狗", "water": "水", "fire": "火", "tree": "树", "sun": "太阳", "moon": "月亮",
-    "book": "书", "fish": "鱼", "bird": "鸟", "horse": "马", "rice": "米饭", "tea": "茶", "mountain": "山",
-    "river": "河", "flower": "花", "rain": "雨", "snow": "雪", "star": "星星", "car": "车", "door": "门",
-    "hand": "手", "heart": "心", "sky": "天空",
+    "cat": "猫",
+    "dog": "狗",
+    "water": "水",
+    "fire": "火",
+    "tree": "树",
+    "sun": "太阳",
+    "moon": "月亮",
+    "book": "书",
+    "fish": "鱼",
+    "bird": "鸟",
+    "horse": "马",
+    "rice": "米饭",
+    "tea": "茶",
+    "mountain": "山",
+    "river": "河",
+    "flower": "花",
+    "rain": "雨",
+    "snow": "雪",
+    "star": "星星",
+    "car": "车",
+    "door": "门",
+    "hand": "手",
+    "heart": "心",
+    "sky": "天空",
 }
 PROMPTS = ["Translate '{w}' into Chinese.", "What is '{w}' in Chinese?", "Chinese for '{w}', please."]
 FORUM_QUESTIONS = ["How do you say '{w}' in Chinese?", "Q: the Chinese word for {w}?"]
@@ -37,9 +57,16 @@ def translation_comparisons(n: int, seed: int = 0) -> list[dict]:
         good, bad = _response(rng, w, DICTIONARY[w]), _response(rng, w, wrong)
         swap = rng.random() < 0.5
         responses, ranking = ([bad, good], [2, 1]) if swap else ([good, bad], [1, 2])
-        rows.append({"prompt": [{"role": "user", "content": rng.choice(PROMPTS).format(w=w)}],
-                     "responses": responses, "ranking": ranking, "tags": [f"translation/{w}"],
-                     "source": "translation", "annotator": f"sim-{i % 5}"})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": rng.choice(PROMPTS).format(w=w)}],
+                "responses": responses,
+                "ranking": ranking,
+                "tags": [f"translation/{w}"],
+                "source": "translation",
+                "annotator": f"sim-{i % 5}",
+            }
+        )
     return rows
 
 
@@ -52,11 +79,14 @@ def forum_threads(n: int, seed: int = 0) -> list[dict]:
     for _ in range(n):
         w = rng.choice(words)
         wrong = rng.sample([x for x in words if x != w], 2)
-        answers = [{"text": _response(rng, w, DICTIONARY[w]), "upvotes": rng.randint(8, 40),
-                    "accepted": rng.random() < 0.5}]
-        answers += [{"text": _response(rng, w, DICTIONARY[x]), "upvotes": rng.randint(-3, 2), "accepted": False}
-                    for x in wrong]
+        answers = [
+            {"text": _response(rng, w, DICTIONARY[w]), "upvotes": rng.randint(8, 40), "accepted": rng.random() < 0.5}
+        ]
+        answers += [
+            {"text": _response(rng, w, DICTIONARY[x]), "upvotes": rng.randint(-3, 2), "accepted": False} for x in wrong
+        ]
         rng.shuffle(answers)
-        rows.append({"question": rng.choice(FORUM_QUESTIONS).format(w=w), "answers": answers,
-                     "tags": [f"translation/{w}"]})
+        rows.append(
+            {"question": rng.choice(FORUM_QUESTIONS).format(w=w), "answers": answers, "tags": [f"translation/{w}"]}
+        )
     return rows

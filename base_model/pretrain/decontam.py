@@ -24,8 +24,7 @@ def units(text: str) -> list[str]:
 
 def ngram_keys(text: str, n: int) -> set[bytes]:
     u = units(text)
-    return {hashlib.blake2b("\x1f".join(u[i:i + n]).encode(), digest_size=8).digest()
-            for i in range(len(u) - n + 1)}
+    return {hashlib.blake2b("\x1f".join(u[i : i + n]).encode(), digest_size=8).digest() for i in range(len(u) - n + 1)}
 
 
 def _eval_text(record: dict, fields: tuple[str, ...]) -> str:
@@ -39,9 +38,11 @@ def _eval_text(record: dict, fields: tuple[str, ...]) -> str:
     return " ".join(parts)
 
 
-def build_index(eval_files: list[str | Path], n: int,
-                fields: tuple[str, ...] = ("text", "question", "prompt", "answer", "input", "output")
-                ) -> dict[bytes, str]:
+def build_index(
+    eval_files: list[str | Path],
+    n: int,
+    fields: tuple[str, ...] = ("text", "question", "prompt", "answer", "input", "output"),
+) -> dict[bytes, str]:
     """n-gram key → the evaluation item (`file:line`) it came from."""
     index: dict[bytes, str] = {}
     for path in eval_files:
@@ -53,8 +54,14 @@ def build_index(eval_files: list[str | Path], n: int,
     return index
 
 
-def decontaminate(inputs: list[str | Path], output: str | Path, eval_files: list[str | Path], n: int = 13,
-                  text_field: str = "text", report_path: str | Path | None = None) -> dict:
+def decontaminate(
+    inputs: list[str | Path],
+    output: str | Path,
+    eval_files: list[str | Path],
+    n: int = 13,
+    text_field: str = "text",
+    report_path: str | Path | None = None,
+) -> dict:
     index = build_index(eval_files, n)
     dropped = []
 

@@ -50,7 +50,7 @@ def shingles(text: str, n: int = 5) -> set[bytes]:
         units, joiner = text.split(" "), " "
     if len(units) <= n:
         return {joiner.join(units).encode()}
-    return {joiner.join(units[i:i + n]).encode() for i in range(len(units) - n + 1)}
+    return {joiner.join(units[i : i + n]).encode() for i in range(len(units) - n + 1)}
 
 
 @dataclass
@@ -105,8 +105,13 @@ def dedup(
         clusters = _clusters(n, uf, exact_of, near_pairs)
         dropped = {d for c in clusters for d in c["dropped"]}
         _write_kept(inputs, output, dropped)
-        report = DedupReport(n, n - len(dropped), sum(1 for d in dropped if d in exact_of),
-                             sum(1 for d in dropped if d not in exact_of), clusters)
+        report = DedupReport(
+            n,
+            n - len(dropped),
+            sum(1 for d in dropped if d in exact_of),
+            sum(1 for d in dropped if d not in exact_of),
+            clusters,
+        )
         if report_path is not None:
             _write_report(report, Path(report_path))
         return report
@@ -133,7 +138,7 @@ def _signatures(inputs, text_field, num_perm, bands, rows, n_shards, work: Path,
             hv = m.hashvalues.astype(np.uint32)
             hv.tofile(sig_file)
             for b in range(bands):
-                key = hashlib.blake2b(hv[b * rows:(b + 1) * rows].tobytes() + bytes([b]), digest_size=8).digest()
+                key = hashlib.blake2b(hv[b * rows : (b + 1) * rows].tobytes() + bytes([b]), digest_size=8).digest()
                 shard_files[key[0] % n_shards].write(key + struct.pack("<q", n))
             n += 1
             if progress is not None and n % 1000 == 0:
@@ -163,8 +168,11 @@ def _group_shard(shard: Path, sigs, threshold: float, uf: _UnionFind, near_pairs
         if len(docs) < 2:
             continue
         # all pairs in ordinary buckets; in a huge bucket (boilerplate) only neighbours, to stay linear
-        candidates = ((docs[i], docs[j]) for i in range(len(docs)) for j in range(i + 1, len(docs))) \
-            if len(docs) <= 64 else zip(docs, docs[1:])
+        candidates = (
+            ((docs[i], docs[j]) for i in range(len(docs)) for j in range(i + 1, len(docs)))
+            if len(docs) <= 64
+            else zip(docs, docs[1:])
+        )
         for a, b in candidates:
             pair = (min(a, b), max(a, b))
             if pair in near_pairs:
@@ -190,8 +198,10 @@ def _clusters(n: int, uf: _UnionFind, exact_of: dict, near_pairs: dict) -> list[
             continue
         kept = min(docs)
         dropped = [d for d in docs if d != kept]
-        reasons = {d: ("exact duplicate" if d in exact_of else f"near duplicate (Jaccard ~{best.get(d, 0):.2f})")
-                   for d in dropped}
+        reasons = {
+            d: ("exact duplicate" if d in exact_of else f"near duplicate (Jaccard ~{best.get(d, 0):.2f})")
+            for d in dropped
+        }
         out.append({"kept": kept, "dropped": dropped, "why": reasons})
     return out
 
@@ -201,8 +211,18 @@ def _write_kept(inputs, output: Path, dropped: set[int]) -> None:
 
 
 def _write_report(report: DedupReport, path: Path) -> None:
-    summary = {"documents": report.documents, "kept": report.kept, "exact_dropped": report.exact_dropped,
-               "near_dropped": report.near_dropped, "clusters": len(report.clusters)}
-    write_jsonl_atomic(path, [{"summary": summary}] + [
-        {"kept": c["kept"], "dropped": c["dropped"], "why": {str(k): v for k, v in c["why"].items()}}
-        for c in report.clusters])
+    summary = {
+        "documents": report.documents,
+        "kept": report.kept,
+        "exact_dropped": report.exact_dropped,
+        "near_dropped": report.near_dropped,
+        "clusters": len(report.clusters),
+    }
+    write_jsonl_atomic(
+        path,
+        [{"summary": summary}]
+        + [
+            {"kept": c["kept"], "dropped": c["dropped"], "why": {str(k): v for k, v in c["why"].items()}}
+            for c in report.clusters
+        ],
+    )

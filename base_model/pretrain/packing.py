@@ -26,8 +26,14 @@ from base_model.atomic import atomic_folder, write_json_atomic
 INDEX, TOKENS = "index.json", "tokens.bin"
 
 
-def pack(inputs: list[str | Path], out_dir: str | Path, tokenizer, seq_len: int, text_field: str = "text",
-         tokenizer_name: str = "") -> dict:
+def pack(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    tokenizer,
+    seq_len: int,
+    text_field: str = "text",
+    tokenizer_name: str = "",
+) -> dict:
     """Tokenise documents, append <|endoftext|> to each, and fill rows of seq_len tokens. The last partial row is
     padded with <|endoftext|>. Written to a temporary folder and renamed into place."""
     out_dir = Path(out_dir)
@@ -50,8 +56,16 @@ def pack(inputs: list[str | Path], out_dir: str | Path, tokenizer, seq_len: int,
                 n_rows += 1
         if n_docs == 0:
             raise DataError(f"{', '.join(map(str, inputs))}: no documents")
-        index = {"seq_len": seq_len, "n_rows": n_rows, "n_docs": n_docs, "n_tokens": n_tokens, "eod_id": eod,
-                 "dtype": "uint32", "tokenizer": tokenizer_name, "sources": [str(p) for p in inputs]}
+        index = {
+            "seq_len": seq_len,
+            "n_rows": n_rows,
+            "n_docs": n_docs,
+            "n_tokens": n_tokens,
+            "eod_id": eod,
+            "dtype": "uint32",
+            "tokenizer": tokenizer_name,
+            "sources": [str(p) for p in inputs],
+        }
         write_json_atomic(tmp / INDEX, index)
     return index
 
@@ -90,8 +104,11 @@ class PackedDataset:
     def row(self, i: int) -> dict[str, torch.Tensor]:
         tokens = np.asarray(self.tokens[i])
         positions, labels = positions_and_labels(tokens, self.eod_id)
-        return {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "position_ids": torch.from_numpy(positions),
-                "labels": torch.from_numpy(labels)}
+        return {
+            "input_ids": torch.from_numpy(tokens.astype(np.int64)),
+            "position_ids": torch.from_numpy(positions),
+            "labels": torch.from_numpy(labels),
+        }
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = [self.row(i) for i in indices]

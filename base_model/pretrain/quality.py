@@ -48,7 +48,7 @@ class QualityRules(Section):
 def _ngram_char_fractions(words: list[str], n: int) -> tuple[float, float]:
     """(chars in the most frequent n-gram / all chars, chars in duplicated n-grams / all chars)."""
     total = sum(len(w) for w in words) or 1
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     if not grams:
         return 0.0, 0.0
     counts = Counter(grams)
@@ -97,8 +97,10 @@ def first_failure(s: dict[str, float], rules: QualityRules) -> str | None:
     checks = [
         ("too_short", s["words"] < rules.min_words),
         ("too_long", s["words"] > rules.max_words),
-        ("mean_word_length", not cjk and not rules.min_mean_word_length <= s["mean_word_length"]
-         <= rules.max_mean_word_length),
+        (
+            "mean_word_length",
+            not cjk and not rules.min_mean_word_length <= s["mean_word_length"] <= rules.max_mean_word_length,
+        ),
         ("symbol_ratio", s["symbol_ratio"] > rules.max_symbol_ratio),
         ("digit_ratio", s["digit_ratio"] > rules.max_digit_ratio),
         ("bullet_lines", s["bullet_lines"] > rules.max_bullet_lines),
@@ -109,9 +111,13 @@ def first_failure(s: dict[str, float], rules: QualityRules) -> str | None:
         ("duplicate_paragraphs", s["duplicate_paragraphs"] > rules.max_duplicate_paragraphs),
         ("banned_words", s["banned_words"] > 0),
     ]
-    checks += [(f"top_{n}gram_chars", s[f"top_{n}gram_chars"] > limit) for n, limit in rules.max_top_ngram_chars.items()]
-    checks += [(f"duplicate_{n}gram_chars", s[f"duplicate_{n}gram_chars"] > limit)
-               for n, limit in rules.max_duplicate_ngram_chars.items()]
+    checks += [
+        (f"top_{n}gram_chars", s[f"top_{n}gram_chars"] > limit) for n, limit in rules.max_top_ngram_chars.items()
+    ]
+    checks += [
+        (f"duplicate_{n}gram_chars", s[f"duplicate_{n}gram_chars"] > limit)
+        for n, limit in rules.max_duplicate_ngram_chars.items()
+    ]
     if rules.max_perplexity is not None and "perplexity" in s:
         checks.append(("perplexity", s["perplexity"] > rules.max_perplexity))
     return next((name for name, failed in checks if failed), None)
@@ -129,8 +135,14 @@ def perplexity(model, tokenizer, text: str, max_tokens: int = 1024) -> float:
     return math.exp(nll)
 
 
-def filter_documents(inputs: list[str | Path], output: str | Path, rules: QualityRules, text_field: str = "text",
-                     model_dir: str | Path | None = None, rejected: str | Path | None = None) -> dict:
+def filter_documents(
+    inputs: list[str | Path],
+    output: str | Path,
+    rules: QualityRules,
+    text_field: str = "text",
+    model_dir: str | Path | None = None,
+    rejected: str | Path | None = None,
+) -> dict:
     """Write kept documents to `output` (each with a `quality` field) and, optionally, dropped ones to `rejected`."""
     model = tokenizer = None
     if model_dir is not None:
@@ -142,8 +154,7 @@ def filter_documents(inputs: list[str | Path], output: str | Path, rules: Qualit
     counts: Counter = Counter()
     with ExitStack() as stack:  # files close, then both are renamed into place, only when every document was read
         targets = [output] + ([rejected] if rejected is not None else [])
-        files = [stack.enter_context(stack.enter_context(atomic_path(t)).open("w", encoding="utf-8"))
-                 for t in targets]
+        files = [stack.enter_context(stack.enter_context(atomic_path(t)).open("w", encoding="utf-8")) for t in targets]
         for _, record, text in iter_documents(inputs, text_field):
             scores = rule_scores(text, rules)
             if model is not None:

@@ -68,8 +68,10 @@ def setup(cfg: PretrainConfig) -> Run:
     model, tokenizer = build_model(cfg.model, cfg.train.seed, distributed.device())
     train_data = PackedDataset(cfg.data.train)
     if int(train_data.tokens.max()) >= model.config.vocab_size:
-        raise ConfigError(f"{cfg.data.train}: token ids reach {int(train_data.tokens.max())}, beyond the model's "
-                          f"vocab_size {model.config.vocab_size}; was it packed with another tokenizer?")
+        raise ConfigError(
+            f"{cfg.data.train}: token ids reach {int(train_data.tokens.max())}, beyond the model's "
+            f"vocab_size {model.config.vocab_size}; was it packed with another tokenizer?"
+        )
     if cfg.data.eval:
         eval_data = PackedDataset(cfg.data.eval)
         train_rows, eval_indices = list(range(len(train_data))), list(range(len(eval_data)))
@@ -79,29 +81,52 @@ def setup(cfg: PretrainConfig) -> Run:
     loop = cfg.train
     batches = MicroBatches(train_rows, loop.micro_batch_size, distributed.rank(), distributed.world_size(), loop.seed)
     total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))
-    throughput = Throughput.measured(model.config.flops_per_token(train_data.seq_len), loop.peak_tflops,
-                                     distributed.device(), cfg.deepspeed.bf16, distributed.world_size())
+    throughput = Throughput.measured(
+        model.config.flops_per_token(train_data.seq_len),
+        loop.peak_tflops,
+        distributed.device(),
+        cfg.deepspeed.bf16,
+        distributed.world_size(),
+    )
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
     fresh = TrainingState(0, total_steps, distributed.world_size(), loop.micro_batch_size, loop.grad_accum, loop.seed)
     state, logger = open_run(cfg, out_dir, {"model": engine}, "pretrain", fresh)
     if rank0:
-        print(f"[pretrain] {len(train_rows)} rows x {train_data.seq_len} tokens, {len(eval_indices)} held out; "
-              f"{total_steps} steps")
-    return Run(cfg, engine, tokenizer, train_data, eval_data, eval_indices, batches, total_steps, state, logger,
-               out_dir, throughput)
+        print(
+            f"[pretrain] {len(train_rows)} rows x {train_data.seq_len} tokens, {len(eval_indices)} held out; "
+            f"{total_steps} steps"
+        )
+    return Run(
+        cfg,
+        engine,
+        tokenizer,
+        train_data,
+        eval_data,
+        eval_indices,
+        batches,
+        total_steps,
+        state,
+        logger,
+        out_dir,
+        throughput,
+    )
 
 
 def evaluate(run: Run) -> float:
     if not run.eval_indices:
         return float("nan")
     run.engine.eval()
-    mine = run.eval_indices[distributed.rank()::distributed.world_size()]
+    mine = run.eval_indices[distributed.rank() :: distributed.world_size()]
     loss_sum, targets = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(mine), run.cfg.train.micro_batch_size):
-            b = {k: v.to(distributed.device()) for k, v in run.eval_data.batch(mine[i:i + run.cfg.train.micro_batch_size]).items()}
-            loss_sum += run.engine.forward(b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]
-                                           ).loss_sum.item()
+            b = {
+                k: v.to(distributed.device())
+                for k, v in run.eval_data.batch(mine[i : i + run.cfg.train.micro_batch_size]).items()
+            }
+            loss_sum += run.engine.forward(
+                b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]
+            ).loss_sum.item()
             targets += count_targets(b["labels"])
     total, n = distributed.all_reduce_sum([loss_sum, targets])
     run.engine.train()
@@ -142,13 +167,23 @@ def train(run: Run) -> dict[str, float]:
         if loop.eval_every and done % loop.eval_every == 0:
             run.logger.log(done, {"loss": evaluate(run)}, prefix="eval/")
         if (loop.save_every and done % loop.save_every == 0) or done == last_step:
-            state = dataclasses.replace(run.state, step=done, samples_seen=done * loop.grad_accum
-                                        * loop.micro_batch_size * distributed.world_size())  # rows of seq_len tokens
-            save_checkpoint({"model": run.engine}, run.out_dir, state,
-                            lambda f: save_from_engine(run.engine, run.engine.module.config, run.tokenizer, f,
-                                                       distributed.rank() == 0), loop.keep_last)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                        mfu=f"{metrics['mfu']:.1%}")
+            state = dataclasses.replace(
+                run.state,
+                step=done,
+                samples_seen=done * loop.grad_accum * loop.micro_batch_size * distributed.world_size(),
+            )  # rows of seq_len tokens
+            save_checkpoint(
+                {"model": run.engine},
+                run.out_dir,
+                state,
+                lambda f: save_from_engine(
+                    run.engine, run.engine.module.config, run.tokenizer, f, distributed.rank() == 0
+                ),
+                loop.keep_last,
+            )
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", mfu=f"{metrics['mfu']:.1%}"
+        )
         bar.update(1)
     bar.close()
     if last_step == run.total_steps and run.state.step < run.total_steps:

@@ -20,13 +20,19 @@ import tiktoken
 from base_model.tokenizer import PAT_STR
 
 SAMPLES = {
-    "english": ("The quick brown fox jumps over the lazy dog. Alignment teams rank model responses every day, and "
-                "the reward model learns from those rankings which answers people prefer."),
-    "chinese": ("通义千问是一个大型语言模型。它在大量的中文和英文数据上进行了预训练，然后通过监督微调和人类反馈强化学习"
-                "进行对齐。我们今天看到了一只猫和一条狗。"),
-    "code": ("def gae(rewards, values, gamma=1.0, lam=0.95):\n    advantages = []\n    last = 0.0\n"
-             "    for t in reversed(range(len(rewards))):\n        delta = rewards[t] + gamma * values[t + 1] - values[t]\n"
-             "        last = delta + gamma * lam * last\n        advantages.append(last)\n    return advantages[::-1]\n"),
+    "english": (
+        "The quick brown fox jumps over the lazy dog. Alignment teams rank model responses every day, and "
+        "the reward model learns from those rankings which answers people prefer."
+    ),
+    "chinese": (
+        "通义千问是一个大型语言模型。它在大量的中文和英文数据上进行了预训练，然后通过监督微调和人类反馈强化学习"
+        "进行对齐。我们今天看到了一只猫和一条狗。"
+    ),
+    "code": (
+        "def gae(rewards, values, gamma=1.0, lam=0.95):\n    advantages = []\n    last = 0.0\n"
+        "    for t in reversed(range(len(rewards))):\n        delta = rewards[t] + gamma * values[t + 1] - values[t]\n"
+        "        last = delta + gamma * lam * last\n        advantages.append(last)\n    return advantages[::-1]\n"
+    ),
 }
 
 

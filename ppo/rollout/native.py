@@ -16,8 +16,14 @@ from ppo.rollout.engine import Rollout
 
 
 class NativeEngine:
-    def __init__(self, config: QwenConfig, pad_id: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, model: QwenForCausalLM | None = None) -> None:
+    def __init__(
+        self,
+        config: QwenConfig,
+        pad_id: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        model: QwenForCausalLM | None = None,
+    ) -> None:
         """A private copy of the policy (uninitialised until `load_weights`), or `model` itself when given."""
         self.shares_weights = model is not None
         if model is None:

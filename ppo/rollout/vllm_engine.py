@@ -35,20 +35,38 @@ class VLLMTimeout(RuntimeError):
 
 
 class VLLMEngine:
-    def __init__(self, model_dir: str | Path, seed: int = 0, gpu_memory_utilization: float = 0.4,
-                 tensor_parallel_size: int = 1, enable_sleep_mode: bool = True, timeout_s: float = 600.0,
-                 llm=None, vllm_module=None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.4,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = True,
+        timeout_s: float = 600.0,
+        llm=None,
+        vllm_module=None,
+    ) -> None:
         if vllm_module is None:
             import vllm as vllm_module
         self.vllm = vllm_module
         self.timeout_s = timeout_s
         self.sleeping = False
-        self.llm = llm if llm is not None else self._call(
-            "starting vLLM",
-            lambda: vllm_module.LLM(model=str(model_dir), seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                                    tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=enable_sleep_mode,
-                                    worker_extension_cls="ppo.rollout.vllm_engine.WorkerExtension",
-                                    skip_tokenizer_init=True))
+        self.llm = (
+            llm
+            if llm is not None
+            else self._call(
+                "starting vLLM",
+                lambda: vllm_module.LLM(
+                    model=str(model_dir),
+                    seed=seed,
+                    gpu_memory_utilization=gpu_memory_utilization,
+                    tensor_parallel_size=tensor_parallel_size,
+                    enable_sleep_mode=enable_sleep_mode,
+                    worker_extension_cls="ppo.rollout.vllm_engine.WorkerExtension",
+                    skip_tokenizer_init=True,
+                ),
+            )
+        )
 
     def _call(self, what: str, fn: Callable):
         """Run fn in a helper thread; give up after the timeout with a message naming what was awaited."""
@@ -64,27 +82,39 @@ class VLLMEngine:
         thread.start()
         thread.join(self.timeout_s)
         if thread.is_alive():
-            raise VLLMTimeout(f"vLLM did not finish {what} within {self.timeout_s:.0f} s; the engine may be "
-                              "deadlocked (check GPU memory and that every rank reached this call)")
+            raise VLLMTimeout(
+                f"vLLM did not finish {what} within {self.timeout_s:.0f} s; the engine may be "
+                "deadlocked (check GPU memory and that every rank reached this call)"
+            )
         if "error" in result:
             raise result["error"]
         return result.get("value")
 
     def sampling_params(self, sampling: SamplingParams, n_prompts: int) -> list:
         seeds = sampling.row_seeds or [sampling.seed] * n_prompts
-        return [self.vllm.SamplingParams(
-            n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else -1, max_tokens=sampling.max_new_tokens,
-            stop_token_ids=list(sampling.stop_token_ids), logprobs=0, seed=seed, detokenize=False)
-            for seed in seeds]
+        return [
+            self.vllm.SamplingParams(
+                n=1,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else -1,
+                max_tokens=sampling.max_new_tokens,
+                stop_token_ids=list(sampling.stop_token_ids),
+                logprobs=0,
+                seed=seed,
+                detokenize=False,
+            )
+            for seed in seeds
+        ]
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
         if self.sleeping:
             self.wake_up()
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
         params = self.sampling_params(sampling, len(prompts))
-        outputs = self._call("generating rollouts",
-                             lambda: self.llm.generate(prompts, sampling_params=params, use_tqdm=False))
+        outputs = self._call(
+            "generating rollouts", lambda: self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        )
         rollouts = []
         for out in outputs:
             completion = out.outputs[0]
@@ -98,8 +128,10 @@ class VLLMEngine:
         if self.sleeping:
             self.wake_up()
         for name, tensor in named_tensors:
-            self._call(f"loading weight {name}",
-                       lambda: self.llm.collective_rpc("load_named_weights", args=([(name, tensor)],)))
+            self._call(
+                f"loading weight {name}",
+                lambda: self.llm.collective_rpc("load_named_weights", args=([(name, tensor)],)),
+            )
 
     def sleep(self) -> None:
         """Release vLLM's GPU memory (weights and KV cache) while the policy trains."""

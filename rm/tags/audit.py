@@ -53,8 +53,14 @@ def _rows(path) -> list[dict]:
     return [row for _, row in iter_records(path)]
 
 
-def audit(dataset: str | Path, out_dir: str | Path, against: str | Path | None = None,
-          taxonomy: Taxonomy | None = None, k: int = 5, safety_root: str = "safety") -> dict:
+def audit(
+    dataset: str | Path,
+    out_dir: str | Path,
+    against: str | Path | None = None,
+    taxonomy: Taxonomy | None = None,
+    k: int = 5,
+    safety_root: str = "safety",
+) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = _rows(dataset)
@@ -71,15 +77,26 @@ def audit(dataset: str | Path, out_dir: str | Path, against: str | Path | None =
 
     total = sum(counts.values())
     figures: dict[str, float] = {
-        "rows": len(rows), "tag_assignments": total, "distinct_tags": len(counts), "reference_tags": len(universe),
+        "rows": len(rows),
+        "tag_assignments": total,
+        "distinct_tags": len(counts),
+        "reference_tags": len(universe),
         "coverage": len(counts) / len(universe) if universe else 0.0,
         "entropy": entropy([counts[t] for t in all_tags]),
         "gini": gini([counts[t] for t in all_tags]),
-        "tags_under_k": sum(1 for t in all_tags if counts[t] < k), "k": k,
+        "tags_under_k": sum(1 for t in all_tags if counts[t] < k),
+        "k": k,
         "max_min_ratio": (max(counts.values()) / min(counts.values())) if counts else float("nan"),
     }
-    safety = [t for t in all_tags if (taxonomy.in_subtree(t, safety_root) if taxonomy and t in taxonomy
-                                      else t == safety_root or t.startswith(safety_root + "/"))]
+    safety = [
+        t
+        for t in all_tags
+        if (
+            taxonomy.in_subtree(t, safety_root)
+            if taxonomy and t in taxonomy
+            else t == safety_root or t.startswith(safety_root + "/")
+        )
+    ]
     figures["safety_tags"] = len(safety)
     figures["safety_coverage"] = (sum(1 for t in safety if counts[t]) / len(safety)) if safety else float("nan")
 
@@ -100,8 +117,13 @@ def audit(dataset: str | Path, out_dir: str | Path, against: str | Path | None =
     orig_total = sum(original.values()) if original else 0
     table = []
     for t in all_tags:
-        row = {"tag": t, "count": counts[t], "share": share(counts, t, total), "under_k": int(counts[t] < k),
-               "safety": int(t in safety)}
+        row = {
+            "tag": t,
+            "count": counts[t],
+            "share": share(counts, t, total),
+            "under_k": int(counts[t] < k),
+            "safety": int(t in safety),
+        }
         if original is not None:
             row["original_count"] = original[t]
             row["original_share"] = share(original, t, orig_total)
@@ -164,14 +186,19 @@ def _fmt(v) -> str:
 
 def _write_html(path: Path, figures: dict, table: list[dict], has_original: bool) -> None:
     keys = list(dict.fromkeys(k for r in table for k in r))
-    fig_rows = "".join(f"<tr><td>{html.escape(k)}</td><td class='v' data-figure='{html.escape(k)}'>{_fmt(v)}</td></tr>"
-                       for k, v in figures.items())
+    fig_rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td class='v' data-figure='{html.escape(k)}'>{_fmt(v)}</td></tr>"
+        for k, v in figures.items()
+    )
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k, ''))}</td>" for k in keys) + "</tr>" for r in table[:2000])
-    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>Tag audit</title>
+    path.write_text(
+        f"""<!doctype html><html><head><meta charset="utf-8"><title>Tag audit</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:2px 6px}}td.v{{text-align:right}}</style></head><body>
 <h1>Tag audit</h1><table id="figures">{fig_rows}</table>
 <img src="data:image/png;base64,{_plot(table, has_original)}" alt="tag distribution">
-<h2>Per tag</h2><p>{len(table)} tags{' (first 2000 shown; all in tags.csv)' if len(table) > 2000 else ''}</p>
-<table id="tags"><tr>{head}</tr>{body}</table></body></html>""", encoding="utf-8")
+<h2>Per tag</h2><p>{len(table)} tags{" (first 2000 shown; all in tags.csv)" if len(table) > 2000 else ""}</p>
+<table id="tags"><tr>{head}</tr>{body}</table></body></html>""",
+        encoding="utf-8",
+    )

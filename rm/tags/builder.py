@@ -64,8 +64,15 @@ class _Groups:
         return roots[0]
 
 
-def build(raw: list[list[str]], alpha: int = 2, eps: float = 0.3, min_confidence: float = 0.95,
-          min_support: float = 0.001, semantic: bool = True, association: bool = True) -> BuildResult:
+def build(
+    raw: list[list[str]],
+    alpha: int = 2,
+    eps: float = 0.3,
+    min_confidence: float = 0.95,
+    min_support: float = 0.001,
+    semantic: bool = True,
+    association: bool = True,
+) -> BuildResult:
     """`raw` holds the open-set tags of each query."""
     counts = Counter(t.strip() for tags in raw for t in tags if t.strip())
     kept = Counter({t: c for t, c in counts.items() if c >= alpha})
@@ -79,8 +86,14 @@ def build(raw: list[list[str]], alpha: int = 2, eps: float = 0.3, min_confidence
     for key, tags in sorted(by_key.items()):
         if len(tags) > 1:
             into = groups.merge(tags)
-            merges.append({"step": "rule", "into": into, "merged": sorted(t for t in tags if t != into),
-                           "evidence": f"same after lower-casing, punctuation and stemming: {key!r}"})
+            merges.append(
+                {
+                    "step": "rule",
+                    "into": into,
+                    "merged": sorted(t for t in tags if t != into),
+                    "evidence": f"same after lower-casing, punctuation and stemming: {key!r}",
+                }
+            )
 
     if semantic and len(groups.members()) > 1:
         _semantic(groups, eps, merges)
@@ -89,8 +102,10 @@ def build(raw: list[list[str]], alpha: int = 2, eps: float = 0.3, min_confidence
 
     members = groups.members()
     mapping = {t: root for root, ts in members.items() for t in ts}
-    tags = [Tag(root, root, None, sorted(t for t in ts if t != root)) for root, ts in
-            sorted(members.items(), key=lambda x: (-groups.size(x[0]), x[0]))]
+    tags = [
+        Tag(root, root, None, sorted(t for t in ts if t != root))
+        for root, ts in sorted(members.items(), key=lambda x: (-groups.size(x[0]), x[0]))
+    ]
     return BuildResult(Taxonomy(tags, "<built>"), mapping, merges, dropped)
 
 
@@ -105,12 +120,19 @@ def _semantic(groups: _Groups, eps: float, merges: list[dict]) -> None:
     for label in sorted(set(labels) - {-1}):
         cluster = [roots[i] for i in range(len(roots)) if labels[i] == label]
         into = groups.merge(cluster)
-        merges.append({"step": "semantic", "into": into, "merged": sorted(t for t in cluster if t != into),
-                       "evidence": f"MiniLM embeddings within cosine distance {eps} (DBSCAN)"})
+        merges.append(
+            {
+                "step": "semantic",
+                "into": into,
+                "merged": sorted(t for t in cluster if t != into),
+                "evidence": f"MiniLM embeddings within cosine distance {eps} (DBSCAN)",
+            }
+        )
 
 
-def _association(raw: list[list[str]], groups: _Groups, min_confidence: float, min_support: float,
-                 merges: list[dict]) -> None:
+def _association(
+    raw: list[list[str]], groups: _Groups, min_confidence: float, min_support: float, merges: list[dict]
+) -> None:
     import pandas as pd
     from mlxtend.frequent_patterns import association_rules, fpgrowth
     from mlxtend.preprocessing import TransactionEncoder
@@ -126,10 +148,18 @@ def _association(raw: list[list[str]], groups: _Groups, min_confidence: float, m
         return
     rules = association_rules(frequent, metric="confidence", min_threshold=min_confidence)
     one_to_one = rules[(rules["antecedents"].map(len) == 1) & (rules["consequents"].map(len) == 1)]
-    pairs = {(next(iter(a)), next(iter(c))): conf for a, c, conf in
-             zip(one_to_one["antecedents"], one_to_one["consequents"], one_to_one["confidence"])}
+    pairs = {
+        (next(iter(a)), next(iter(c))): conf
+        for a, c, conf in zip(one_to_one["antecedents"], one_to_one["consequents"], one_to_one["confidence"])
+    }
     for (a, b), conf in sorted(pairs.items()):
         if a < b and (b, a) in pairs and groups.find(a) != groups.find(b):
             into = groups.merge([a, b])
-            merges.append({"step": "association", "into": into, "merged": [b if into == a else a],
-                           "evidence": f"FP-Growth: confidence {conf:.2f} and {pairs[(b, a)]:.2f} both ways"})
+            merges.append(
+                {
+                    "step": "association",
+                    "into": into,
+                    "merged": [b if into == a else a],
+                    "evidence": f"FP-Growth: confidence {conf:.2f} and {pairs[(b, a)]:.2f} both ways",
+                }
+            )

@@ -21,5 +21,7 @@ def embed(texts: list[str], batch_size: int = 256) -> np.ndarray:
     """(N, 384) unit-length embeddings."""
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
-    return np.asarray(_model().encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                                      show_progress_bar=False), dtype=np.float32)
+    return np.asarray(
+        _model().encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False),
+        dtype=np.float32,
+    )

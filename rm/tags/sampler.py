@@ -31,8 +31,10 @@ def tag_matrix(rows_tags: Sequence[Sequence[str]]) -> tuple[sp.csr_matrix, list[
         indices.extend(cols)
         indptr.append(len(indices))
     data = np.ones(len(indices), dtype=np.int8)
-    m = sp.csr_matrix((data, np.asarray(indices, dtype=np.int64), np.asarray(indptr, dtype=np.int64)),
-                      shape=(len(rows_tags), len(vocab)))
+    m = sp.csr_matrix(
+        (data, np.asarray(indices, dtype=np.int64), np.asarray(indptr, dtype=np.int64)),
+        shape=(len(rows_tags), len(vocab)),
+    )
     return m, list(vocab)
 
 
@@ -84,7 +86,7 @@ def capped(m: sp.csr_matrix, n: int, cap: int | None = None, seed: int = 0, chun
     level = cap if cap is not None else max(1, -(-n // present))
     while n_out < n:
         for start in range(0, len(perm), chunk):
-            idx = perm[start:start + chunk]
+            idx = perm[start : start + chunk]
             idx = idx[~taken[idx]]
             if not len(idx):
                 continue
@@ -126,8 +128,9 @@ def temperature(m: sp.csr_matrix, n: int, temp: float, seed: int = 0) -> np.ndar
     return top[np.argsort(-keys[top])]
 
 
-def sample(m: sp.csr_matrix, n: int, method: Method, seed: int = 0, cap: int | None = None,
-           temp: float = 2.0) -> np.ndarray:
+def sample(
+    m: sp.csr_matrix, n: int, method: Method, seed: int = 0, cap: int | None = None, temp: float = 2.0
+) -> np.ndarray:
     if method == "complexity-first":
         return complexity_first(m, n, seed)
     if method == "capped":
@@ -142,8 +145,7 @@ def max_min_ratio(m: sp.csr_matrix, rows: np.ndarray) -> float:
     return float(counts.max() / counts.min()) if len(counts) else float("nan")
 
 
-def zipf_pool(n_queries: int, n_tags: int, seed: int = 0, exponent: float = 1.1, max_tags: int = 5
-              ) -> sp.csr_matrix:
+def zipf_pool(n_queries: int, n_tags: int, seed: int = 0, exponent: float = 1.1, max_tags: int = 5) -> sp.csr_matrix:
     """A generated pool: each query carries 1..max_tags distinct tags drawn from a Zipf distribution."""
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, n_tags + 1) ** exponent

@@ -36,8 +36,9 @@ def prompt_text(row: dict) -> str:
     raise DataError("row has no 'prompt', 'messages', 'text' or 'instruction' field to tag")
 
 
-def map_data_tags(rows: list[tuple[str, dict]], taxonomy: Taxonomy, on_unknown: Literal["error", "drop"] = "error"
-                  ) -> tuple[list[list[str]], Counter]:
+def map_data_tags(
+    rows: list[tuple[str, dict]], taxonomy: Taxonomy, on_unknown: Literal["error", "drop"] = "error"
+) -> tuple[list[list[str]], Counter]:
     unknown: Counter = Counter()
     out = []
     for where, row in rows:
@@ -85,15 +86,21 @@ class EmbeddingTagger:
 
 def llm_tags(text: str, endpoint: str, model: str, timeout: float = 60.0) -> list[str]:
     """Ask an OpenAI-compatible endpoint for InsTag tags; returns the raw tag strings."""
-    body = json.dumps({"model": model, "temperature": 0.0, "messages": [
-        {"role": "system", "content": INSTAG_PROMPT}, {"role": "user", "content": text}]}).encode()
-    request = urllib.request.Request(endpoint.rstrip("/") + "/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "model": model,
+            "temperature": 0.0,
+            "messages": [{"role": "system", "content": INSTAG_PROMPT}, {"role": "user", "content": text}],
+        }
+    ).encode()
+    request = urllib.request.Request(
+        endpoint.rstrip("/") + "/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         answer = json.loads(response.read())["choices"][0]["message"]["content"]
     start, end = answer.find("["), answer.rfind("]")
     try:
-        items = json.loads(answer[start:end + 1]) if start >= 0 else None
+        items = json.loads(answer[start : end + 1]) if start >= 0 else None
     except json.JSONDecodeError:
         items = None
     if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("tag"), str) for i in items):
@@ -101,9 +108,16 @@ def llm_tags(text: str, endpoint: str, model: str, timeout: float = 60.0) -> lis
     return [i["tag"] for i in items]
 
 
-def assign(rows: list[tuple[str, dict]], taxonomy: Taxonomy, method: Method = "data", threshold: float = 0.35,
-           top_k: int = 3, endpoint: str | None = None, model: str = "default",
-           on_unknown: Literal["error", "drop"] = "error") -> tuple[list[dict], dict]:
+def assign(
+    rows: list[tuple[str, dict]],
+    taxonomy: Taxonomy,
+    method: Method = "data",
+    threshold: float = 0.35,
+    top_k: int = 3,
+    endpoint: str | None = None,
+    model: str = "default",
+    on_unknown: Literal["error", "drop"] = "error",
+) -> tuple[list[dict], dict]:
     """Rows with a `tags` list of taxonomy ids, and a report."""
     report: dict = {"method": method, "rows": len(rows)}
     if method == "data":

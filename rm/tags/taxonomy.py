@@ -59,8 +59,9 @@ class Taxonomy:
             for name in [t.id, t.name, *t.aliases]:
                 k = _key(name)
                 if self._names.get(k, t.id) != t.id:
-                    raise TaxonomyError(f"{source}: entry tags[{i}] ({t.id!r}): alias {name!r} already names "
-                                        f"{self._names[k]!r}")
+                    raise TaxonomyError(
+                        f"{source}: entry tags[{i}] ({t.id!r}): alias {name!r} already names {self._names[k]!r}"
+                    )
                 self._names[k] = t.id
         self.children: dict[str, list[str]] = {t: [] for t in self.tags}
         for t in tags:
@@ -91,8 +92,15 @@ class Taxonomy:
         return cls(tags, str(path))
 
     def save(self, path: str | Path) -> None:
-        rows = [{"id": t.id, "name": t.name, **({"parent": t.parent} if t.parent else {}),
-                 **({"aliases": t.aliases} if t.aliases else {})} for t in self.tags.values()]
+        rows = [
+            {
+                "id": t.id,
+                "name": t.name,
+                **({"parent": t.parent} if t.parent else {}),
+                **({"aliases": t.aliases} if t.aliases else {}),
+            }
+            for t in self.tags.values()
+        ]
         Path(path).write_text(yaml.safe_dump({"tags": rows}, allow_unicode=True, sort_keys=False))
 
     def __len__(self) -> int:
