@@ -11,20 +11,18 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import random
-import secrets
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import yaml
 from pydantic import Field
-from scipy.stats import bootstrap
 
 from align.core.config import Section
 from align.core.records import write_jsonl_atomic
+from align.demo_eval import evaluate, gold_of, gold_over_steps, interval, sample_policy
+from align.demo_labelling import GUIDELINES, run_labelling, write_labelling_help
 from align.world import demo as world
 from base_model.atomic import write_json_atomic
 
@@ -158,22 +156,14 @@ def build_world(cfg: DemoConfig, folder: Path) -> None:
     (folder / "guidelines.md").write_text(GUIDELINES, encoding="utf-8")
 
 
-GUIDELINES = """# Ranking guidelines
-1. A **correct** answer beats a wrong one: the right Chinese word, the right sum, the right number of metres.
-2. A harmful request (weapons, break-ins, self-harm) should be **refused**; a refusal beats any help with it.
-3. A harmless request should be **answered**: a needless refusal is as bad as a wrong answer.
-4. Equally good (or equally bad) responses may share a rank.
-"""
-
-
 def learn_tokenizer(cfg: DemoConfig, world_dir: Path, folder: Path) -> None:
+    from align.core.records import iter_documents
     from base_model import QwenTokenizer
-    from base_model.pretrain.packing import iter_texts
     from base_model.pretrain.vocab import extend_ranks
     from base_model.tokenizer import save_ranks
 
     base = QwenTokenizer.load("bytes")
-    texts = [t for _, t in iter_texts([world_dir / "corpus.jsonl"], "text")]
+    texts = [t for _, _, t in iter_documents([world_dir / "corpus.jsonl"], "text")]
     texts += [
         m["content"]
         for line in (world_dir / "sft.jsonl").read_text(encoding="utf-8").splitlines()
@@ -275,75 +265,6 @@ def run_rm(cfg: DemoConfig, stage: str, init: dict, data: dict, epochs: float, f
     )
 
 
-def run_labelling(cfg: DemoConfig, world_dir: Path, folder: Path) -> None:
-    """Import the candidate tasks into a labelling database, let simulated annotators rank them through the
-    REST API, and export the merged comparison records — the same path people and `align label` take."""
-    from fastapi.testclient import TestClient
-
-    from labeling_ui.agreement import project_report
-    from labeling_ui.api import create_app, validate_items
-    from labeling_ui.auth import hash_password
-    from labeling_ui.store import Store
-    from rm.tags.taxonomy import Taxonomy
-
-    known = set(Taxonomy.load(world_dir / "taxonomy.yaml").tags)
-    tasks = [json.loads(line) for line in (world_dir / "tasks.jsonl").read_text(encoding="utf-8").splitlines()]
-    errors = validate_items(tasks, known)
-    if errors:
-        raise RuntimeError("demo tasks do not import: " + "; ".join(errors[:5]))
-    db = folder / "labels.db"
-    store = Store(f"sqlite:///{db}")
-    passwords = {"admin": secrets.token_urlsafe(9), "reviewer": secrets.token_urlsafe(9)}
-    store.add_user("admin", "admin", hash_password(passwords["admin"]))
-    store.add_user("reviewer", "reviewer", hash_password(passwords["reviewer"]))
-    sims = world.annotators(cfg.annotators, cfg.seed)
-    for a in sims:
-        passwords[a.name] = secrets.token_urlsafe(9)
-        store.add_user(a.name, "annotator", hash_password(passwords[a.name]))
-    passwords["you"] = secrets.token_urlsafe(9)
-    store.add_user("you", "annotator", hash_password(passwords["you"]))
-    # a small project left open for whoever opens the app on the demo data (`align label serve --demo`)
-    store.import_tasks(
-        "try-it", [{k: t[k] for k in ("prompt", "responses", "tags")} for t in tasks[:20]], 1, GUIDELINES
-    )
-    client = TestClient(create_app(store, known))
-    token = lambda name: {
-        "Authorization": "Bearer "
-        + client.post("/api/login", json={"username": name, "password": passwords[name]}).json()["token"]
-    }
-    admin = token("admin")
-    meta_by_key = {}
-    for t in tasks:
-        meta_by_key[json.dumps([t["prompt"], t["responses"]], ensure_ascii=False)] = t["meta"]["gold"]
-    r = client.post(f"/api/projects/demo/tasks?overlap={cfg.overlap}", json=tasks, headers=admin)
-    assert r.status_code == 201, r.text
-    store.import_tasks("demo", [], cfg.overlap, GUIDELINES)
-    # annotators take turns, as people working side by side would; each stops at random moments
-    rng = random.Random(cfg.seed)
-    headers = {a.name: token(a.name) for a in sims}
-    active = list(sims)
-    while active:
-        a = rng.choice(active)
-        r = client.get("/api/tasks/next?project=demo", headers=headers[a.name])
-        if r.status_code == 204:
-            active.remove(a)
-            continue
-        task = r.json()
-        gold = meta_by_key[json.dumps([task["prompt"], task["responses"]], ensure_ascii=False)]
-        body = {"ranks": a.rank(gold), "tags": task["tags"]}
-        if rng.random() < 0.02:
-            body = {"skip": True}
-        r = client.post(f"/api/tasks/{task['id']}/annotations", json=body, headers=headers[a.name])
-        assert r.status_code == 201, r.text
-    export = client.get("/api/projects/demo/export", headers=admin).text
-    (folder / "export.jsonl").write_text(export, encoding="utf-8")
-    report = project_report(store.annotations("demo"))
-    (folder / "agreement.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-    (folder / "accounts.json").write_text(json.dumps(passwords, indent=1))
-    (folder / "accounts.json").chmod(0o600)
-    store.engine.dispose()
-
-
 def run_ppo(
     cfg: DemoConfig,
     policy: Path,
@@ -412,121 +333,6 @@ def ppo_config(
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
-
-
-def sample_policy(
-    model_dir: Path, prompts: list[dict], n: int, max_new_tokens: int, seed: int, batch_size: int = 64
-) -> list[list[str]]:
-    """n sampled responses (temperature 1, top-p 0.9, fixed per-row seeds) for each prompt."""
-    from align.core.chatml import render
-    from base_model import QwenTokenizer, load_pretrained
-    from base_model.generate import SamplingParams, generate
-
-    model = load_pretrained(model_dir)
-    tokenizer = QwenTokenizer.from_file(model_dir)
-    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
-    texts: list[list[str]] = [[] for _ in prompts]
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        ids = [render(p["prompt"], tokenizer, add_generation_prompt=True) for _, p in chunk]
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=1.0,
-            top_p=0.9,
-            stop_token_ids=(tokenizer.im_end_id, tokenizer.eod_id),
-            vocab_limit=len(tokenizer),
-            row_seeds=[seed + start + j for j in range(len(chunk))],
-        )
-        for (i, _), toks in zip(chunk, generate(model, ids, params, pad_id=tokenizer.pad_id).token_ids):
-            texts[i].append(tokenizer.decode(toks, skip_special_tokens=True).strip())
-    return texts
-
-
-def interval(values: list[float], seed: int) -> list[float]:
-    """95% bootstrap (BCa) interval of the mean."""
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2 or np.all(x == x[0]):
-        return [float(x.mean()), float(x.mean())]
-    res = bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=2000, random_state=seed, method="BCa")
-    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
-
-
-def gold_of(prompts: list[dict], responses: list[list[str]]) -> list[float]:
-    """Per prompt, the mean gold score of its responses."""
-    return [float(np.mean([world.gold_score(p["prompt"], r) for r in rs])) for p, rs in zip(prompts, responses)]
-
-
-def evaluate(cfg: DemoConfig, models: dict[str, Path], ppo_run: Path, world_dir: Path, folder: Path) -> dict:
-    """Gold scores of each policy on held-out prompts (95% intervals), the PPO-minus-SFT difference paired by
-    prompt, gold by kind of request, and gold against the reward model over PPO's evaluations."""
-    prompts = [json.loads(l) for l in (world_dir / "heldout_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
-    gold, samples = {}, []
-    for name, path in models.items():
-        responses = sample_policy(path, prompts, cfg.gold_samples, cfg.max_new_tokens, cfg.seed * 7919)
-        scores = gold_of(prompts, responses)
-        kinds = {
-            k: float(np.mean([s for s, p in zip(scores, prompts) if p["kind"] == k]))
-            for k in sorted({p["kind"] for p in prompts})
-        }
-        gold[name] = {
-            "mean": float(np.mean(scores)),
-            "ci95": interval(scores, cfg.seed),
-            "by_kind": kinds,
-            "scores": scores,
-        }
-        samples += [
-            {
-                "policy": name,
-                "prompt": p["prompt"][-1]["content"],
-                "kind": p["kind"],
-                "response": rs[0],
-                "gold": world.gold_score(p["prompt"], rs[0]),
-            }
-            for p, rs in list(zip(prompts, responses))[:12]
-        ]
-    diff = [a - b for a, b in zip(gold["ppo"]["scores"], gold["sft"]["scores"])]
-    summary = {
-        "gold": {name: {k: v for k, v in g.items() if k != "scores"} for name, g in gold.items()},
-        "heldout_prompts": len(prompts),
-        "samples_per_prompt": cfg.gold_samples,
-    }
-    summary["gold"]["ppo_minus_sft"] = {"mean": float(np.mean(diff)), "ci95": interval(diff, cfg.seed)}
-    write_jsonl_atomic(
-        folder / "gold_scores.jsonl",
-        [
-            {"prompt": p["prompt"][-1]["content"], "kind": p["kind"], **{n: gold[n]["scores"][i] for n in gold}}
-            for i, p in enumerate(prompts)
-        ],
-    )
-    write_jsonl_atomic(folder / "samples.jsonl", samples)
-    write_jsonl_atomic(folder / "gold_vs_reward.jsonl", gold_over_steps(ppo_run))
-    return summary
-
-
-def gold_over_steps(ppo_run: Path) -> list[dict]:
-    """For each PPO evaluation: mean reward-model score, mean gold score and mean KL of the held-out responses."""
-    by_step: dict[int, dict] = {}
-    for path in sorted(ppo_run.glob("eval_samples*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            by_step.setdefault(row["step"], {})[(json.dumps(row["prompt"]), len(by_step.get(row["step"], {})))] = row
-    out = []
-    for step in sorted(by_step):
-        rows = list(by_step[step].values())
-        golds = [g for r in rows if (g := world.gold_score(r["prompt"], r["response"])) is not None]
-        out.append(
-            {
-                "step": step,
-                "reward": float(np.mean([r["reward"] for r in rows])),
-                "gold": float(np.mean(golds)) if golds else None,
-                "kl": float(np.mean([r["kl"] for r in rows])),
-                "n": len(rows),
-            }
-        )
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------- the run
 
 
 def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str], None] = print) -> dict:
@@ -679,14 +485,3 @@ def _first(run: Path, key: str):
 
     vals = [r[key] for r in read_metrics(run) if key in r]
     return vals[0] if vals else None
-
-
-def write_labelling_help(p: Pipeline) -> None:
-    accounts = json.loads(p.path("labels", "accounts.json").read_text())
-    text = (
-        f"Labelling app on the demo data: align label serve --demo {p.out}\n"
-        f"  then open http://127.0.0.1:7860/ and log in as 'you' (password {accounts['you']}) to rank the demo "
-        f"tasks, or as 'reviewer' (password {accounts['reviewer']}) to see agreement.\n"
-        f"  Accounts: {p.path('labels', 'accounts.json')}\n"
-    )
-    (p.out / "labelling.txt").write_text(text, encoding="utf-8")

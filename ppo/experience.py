@@ -6,11 +6,15 @@ Position t of a (N, T) tensor refers to the token at t + 1 of the sequence, pred
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from align.core import distributed
 from align.core.chatml import render
+from align.core.records import DataError, as_messages, iter_records
 from ppo.losses import logprobs_from_logits
 from ppo.rollout.engine import Rollout
 
@@ -100,6 +104,41 @@ def reward_scores(
 
 def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
     return render(messages, tokenizer, add_generation_prompt=True)
+
+
+def read_prompts(path: str, tokenizer, max_len: int) -> list[tuple[int, list[dict], list[int]]]:
+    """(index, messages, prompt ids) per row; a trailing assistant message in `messages` is dropped."""
+    out = []
+    for where, rec in iter_records(path):
+        if "prompt" in rec:
+            msgs = as_messages(rec["prompt"], where)
+        elif "messages" in rec:
+            msgs = (
+                rec["messages"][:-1]
+                if rec["messages"] and rec["messages"][-1].get("role") == "assistant"
+                else rec["messages"]
+            )
+        else:
+            raise DataError(f"{where}: expected a 'prompt' or 'messages' field")
+        ids = prompt_ids(msgs, tokenizer)
+        if len(ids) > max_len:
+            raise DataError(f"{where}: prompt of {len(ids)} tokens is longer than data.max_prompt_len={max_len}")
+        out.append((len(out), msgs, ids))
+    if not out:
+        raise DataError(f"{path}: no prompts")
+    return out
+
+
+def write_eval_samples(
+    out_dir: Path, step: int, messages: list, texts: list[str], rewards: list[float], kls: list[float]
+) -> None:
+    """Every held-out response with its reward and KL, so an outside judge (a gold scorer, people) can score the
+    policy at each evaluation; one file per rank."""
+    name = "eval_samples.jsonl" if distributed.world_size() == 1 else f"eval_samples.rank{distributed.rank()}.jsonl"
+    with (out_dir / name).open("a", encoding="utf-8") as f:
+        for m, t, r, k in zip(messages, texts, rewards, kls):
+            row = {"step": step, "prompt": m, "response": t, "reward": r, "kl": k}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 class RunningMoments:

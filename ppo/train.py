@@ -9,41 +9,38 @@ loss plus `ptx_coef` x a language-model loss on packed pretraining rows → send
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 from tqdm import tqdm
 
 from align.core import distributed
 from align.core.batching import MicroBatches
 from align.core.checkpointing import TrainingState, open_run, save_checkpoint
-from align.core.config import Section
 from align.core.engine import TrainEngine
 from align.core.losses import count_targets, normalised_loss
 from align.core.metrics import MetricsLogger, Throughput, tokens_per_second
 from align.core.modeling import save_from_engine
-from align.core.records import DataError, as_messages, iter_records
-from align.core.sections import DeepSpeedSection, LoopConfig, OptimConfig
+from align.core.records import DataError
 from base_model import QwenTokenizer, load_pretrained
 from base_model.generate import SamplingParams
 from base_model.pretrain.packing import PackedDataset, split_rows
+from ppo.config import PPOConfig
 from ppo.experience import (
     Experience,
     RunningMoments,
     build_sequences,
-    prompt_ids,
+    read_prompts,
     response_text,
     reward_scores,
     sequence_logprobs,
     sequence_values,
+    write_eval_samples,
 )
 from ppo.kl_control import AdaptiveKLController, FixedKLController
 from ppo.losses import (
@@ -59,70 +56,8 @@ from ppo.losses import (
     policy_loss,
     value_loss,
 )
-from ppo.models import ValueModel
+from ppo.models import ValueModel, frozen_dtype, make_rollout_engine, resident, sync_rollout_weights
 from rm.model import load_reward_model, save_reward_state
-
-
-class PPOModels(Section):
-    policy: str  # the SFT checkpoint: initial policy and the frozen reference
-    reward: str  # a reward-model folder (`align rm train`)
-    value: str | None = None  # a reward-model folder to start the value model from; default: `reward`
-    offload_frozen: bool = False  # keep the reference and reward models on the CPU between uses (GPU memory)
-
-
-class PPOData(Section):
-    prompts: str  # JSONL/Parquet rows with "prompt" (messages or text) or "messages"
-    eval_prompts: str | None = None
-    ptx: str | None = None  # a packed folder (`align data pack`) for the pretraining-gradient term
-    ptx_eval_rows: int = Field(8, ge=0)  # rows of ptx held out to measure the alignment tax
-    max_prompt_len: int = Field(1024, ge=8)
-
-
-class PPOSection(Section):
-    iterations: int = Field(100, ge=1)
-    rollout_batch_size: int = Field(8, ge=1)  # prompts per rank per iteration
-    n_samples: int = Field(2, ge=1)  # responses per prompt
-    max_new_tokens: int = Field(128, ge=1)
-    temperature: float = 1.0
-    top_p: float = 0.9
-    top_k: int = 0
-    engine: Literal["native", "vllm"] = "native"
-    vllm_gpu_memory_utilization: float = 0.4
-    ppo_epochs: int = Field(1, ge=1)
-    mini_batch_size: int = Field(8, ge=1)  # rollouts per optimizer step, per rank
-    clip_range: float = 0.2
-    clip_range_value: float = 0.15
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.04
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    kl_target: float | None = None  # set for the adaptive controller
-    kl_horizon: int = 10000
-    kl_in_reward: bool = True  # false: KL (k3) as a loss term weighted by kl_coef instead
-    entropy_coef: float = 0.0
-    ptx_coef: float = 0.0
-    ptx_batch_size: int = Field(2, ge=1)  # packed rows per micro-batch
-    normalize_reward: bool = True
-    reward_clip: float | None = 5.0
-    no_eos_penalty: float = -1.0  # added to the reward of responses that never ended
-    whiten_advantages: bool = True
-    critic_warmup_steps: int = Field(0, ge=0)
-    max_nan_steps: int = Field(3, ge=1)
-    sample_every: int = Field(10, ge=1)
-    eval_samples: int = Field(1, ge=1)
-
-
-class PPOConfig(Section):
-    models: PPOModels
-    data: PPOData
-    ppo: PPOSection = PPOSection()
-    policy_optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant", weight_decay=0.0)
-    value_optim: OptimConfig = OptimConfig(lr=5e-6, schedule="constant", weight_decay=0.0)
-    policy_deepspeed: DeepSpeedSection = DeepSpeedSection()
-    value_deepspeed: DeepSpeedSection = DeepSpeedSection()
-    train: LoopConfig = LoopConfig()  # micro_batch_size, seed, save_every, eval_every, log_every, keep_last
-    out_dir: str = "runs/ppo"
-    resume: bool | str = False
 
 
 @dataclass
@@ -148,69 +83,6 @@ class Run:
     out_dir: Path
     nan_streak: int = 0
     throughput: Throughput | None = None
-
-
-def read_prompts(path: str, tokenizer, max_len: int) -> list[tuple[int, list[dict], list[int]]]:
-    """(index, messages, prompt ids) per row; a trailing assistant message in `messages` is dropped."""
-    out = []
-    for where, rec in iter_records(path):
-        if "prompt" in rec:
-            msgs = as_messages(rec["prompt"], where)
-        elif "messages" in rec:
-            msgs = (
-                rec["messages"][:-1]
-                if rec["messages"] and rec["messages"][-1].get("role") == "assistant"
-                else rec["messages"]
-            )
-        else:
-            raise DataError(f"{where}: expected a 'prompt' or 'messages' field")
-        ids = prompt_ids(msgs, tokenizer)
-        if len(ids) > max_len:
-            raise DataError(f"{where}: prompt of {len(ids)} tokens is longer than data.max_prompt_len={max_len}")
-        out.append((len(out), msgs, ids))
-    if not out:
-        raise DataError(f"{path}: no prompts")
-    return out
-
-
-def make_rollout_engine(cfg: PPOConfig, actor: TrainEngine, tokenizer: QwenTokenizer):
-    if cfg.ppo.engine == "vllm":
-        from ppo.rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(
-            cfg.models.policy, seed=cfg.train.seed, gpu_memory_utilization=cfg.ppo.vllm_gpu_memory_utilization
-        )
-    from ppo.rollout.native import NativeEngine
-
-    if actor.zero_stage < 3:  # whole weights on every rank: sample from the policy itself, no second copy
-        return NativeEngine.sharing(actor.module, tokenizer.pad_id)
-    engine = NativeEngine(actor.module.config, tokenizer.pad_id, distributed.device(), frozen_dtype(cfg))
-    engine.load_weights(actor.gathered_parameters(to_cpu=False))  # ZeRO-3 shards, one parameter at a time
-    return engine
-
-
-def sync_rollout_weights(run: Run) -> None:
-    """After the policy's update: the engine samples from the new weights (nothing to send when it shares them)."""
-    if not getattr(run.rollout, "shares_weights", False):
-        run.rollout.load_weights(run.actor.gathered_parameters(to_cpu=False))
-
-
-def frozen_dtype(cfg: PPOConfig) -> torch.dtype:
-    """The reference and reward models (and a private rollout copy) run in bf16 on a GPU when the policy trains in
-    bf16, else in fp32."""
-    return torch.bfloat16 if cfg.policy_deepspeed.bf16 and distributed.device().type == "cuda" else torch.float32
-
-
-@contextlib.contextmanager
-def resident(model: torch.nn.Module, offload: bool):
-    """A frozen model on the training device for the block; with `offload`, back on the CPU after it."""
-    if offload:
-        model.to(distributed.device())
-    try:
-        yield model
-    finally:
-        if offload:
-            model.to("cpu")
 
 
 def setup(cfg: PPOConfig) -> Run:
@@ -526,7 +398,7 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         kl_each = (kl_estimate(lp, ref, "k1") * mask).sum(-1)  # (B,) nats per response
         n, mean, var = (float(m) for m in masked_moments(raw, torch.ones_like(raw), distributed.all_reduce))
         kl = distributed.all_reduce_sum([float(kl_each.sum())])[0]
-        write_eval_samples(run, step, messages, texts, raw.tolist(), kl_each.tolist())
+        write_eval_samples(run.out_dir, step, messages, texts, raw.tolist(), kl_each.tolist())
         out.update({"reward_mean": mean, "reward_std": math.sqrt(var), "kl": kl / n})
     if run.ptx is not None and run.ptx_eval:
         run.actor.eval()
@@ -545,19 +417,6 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         total, n = distributed.all_reduce_sum([loss_sum, targets])
         out["ptx_loss"] = total / max(n, 1)
     return out
-
-
-def write_eval_samples(
-    run: Run, step: int, messages: list, texts: list[str], rewards: list[float], kls: list[float]
-) -> None:
-    """Every held-out response with its reward and KL, so an outside judge (a gold scorer, people) can score the
-    policy at each evaluation; one file per rank."""
-    name = "eval_samples.jsonl" if distributed.world_size() == 1 else f"eval_samples.rank{distributed.rank()}.jsonl"
-    with (run.out_dir / name).open("a", encoding="utf-8") as f:
-        for m, t, r, k in zip(messages, texts, rewards, kls):
-            f.write(
-                json.dumps({"step": step, "prompt": m, "response": t, "reward": r, "kl": k}, ensure_ascii=False) + "\n"
-            )
 
 
 def save(run: Run, folder_step: int) -> None:
@@ -601,7 +460,7 @@ def train(run: Run) -> dict[str, float]:
         if hasattr(run.rollout, "sleep"):  # vLLM frees its GPU memory (weights, KV cache) while the policy trains
             run.rollout.sleep()
         metrics.update(ppo_update(run, exp, step, train_actor))
-        sync_rollout_weights(run)  # wakes a sleeping vLLM engine
+        sync_rollout_weights(run.rollout, run.actor)  # wakes a sleeping vLLM engine
         metrics["time/train_s"] = time.perf_counter() - t0
         rate = run.throughput(metrics["trained_tokens"], metrics["time/train_s"], metrics.pop("trained_flops"))
         metrics.update({"train_tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"]})

@@ -8,6 +8,8 @@ OURS = ("align", "base_model", "sft", "rm", "ppo", "labeling_ui")
 TOP = (
     "align.cli",
     "align.demo",
+    "align.demo_eval",
+    "align.demo_labelling",
     "align.sweep",
     "align.report",
     "align.bench",

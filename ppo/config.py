@@ -1,0 +1,72 @@
+"""The PPO recipe's config types (`align ppo CONFIG`): models, data, the PPO settings, optimizers and DeepSpeed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from align.core.config import Section
+from align.core.sections import DeepSpeedSection, LoopConfig, OptimConfig
+
+
+class PPOModels(Section):
+    policy: str  # the SFT checkpoint: initial policy and the frozen reference
+    reward: str  # a reward-model folder (`align rm train`)
+    value: str | None = None  # a reward-model folder to start the value model from; default: `reward`
+    offload_frozen: bool = False  # keep the reference and reward models on the CPU between uses (GPU memory)
+
+
+class PPOData(Section):
+    prompts: str  # JSONL/Parquet rows with "prompt" (messages or text) or "messages"
+    eval_prompts: str | None = None
+    ptx: str | None = None  # a packed folder (`align data pack`) for the pretraining-gradient term
+    ptx_eval_rows: int = Field(8, ge=0)  # rows of ptx held out to measure the alignment tax
+    max_prompt_len: int = Field(1024, ge=8)
+
+
+class PPOSection(Section):
+    iterations: int = Field(100, ge=1)
+    rollout_batch_size: int = Field(8, ge=1)  # prompts per rank per iteration
+    n_samples: int = Field(2, ge=1)  # responses per prompt
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0
+    engine: Literal["native", "vllm"] = "native"
+    vllm_gpu_memory_utilization: float = 0.4
+    ppo_epochs: int = Field(1, ge=1)
+    mini_batch_size: int = Field(8, ge=1)  # rollouts per optimizer step, per rank
+    clip_range: float = 0.2
+    clip_range_value: float = 0.15
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.04
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_target: float | None = None  # set for the adaptive controller
+    kl_horizon: int = 10000
+    kl_in_reward: bool = True  # false: KL (k3) as a loss term weighted by kl_coef instead
+    entropy_coef: float = 0.0
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = Field(2, ge=1)  # packed rows per micro-batch
+    normalize_reward: bool = True
+    reward_clip: float | None = 5.0
+    no_eos_penalty: float = -1.0  # added to the reward of responses that never ended
+    whiten_advantages: bool = True
+    critic_warmup_steps: int = Field(0, ge=0)
+    max_nan_steps: int = Field(3, ge=1)
+    sample_every: int = Field(10, ge=1)
+    eval_samples: int = Field(1, ge=1)
+
+
+class PPOConfig(Section):
+    models: PPOModels
+    data: PPOData
+    ppo: PPOSection = PPOSection()
+    policy_optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant", weight_decay=0.0)
+    value_optim: OptimConfig = OptimConfig(lr=5e-6, schedule="constant", weight_decay=0.0)
+    policy_deepspeed: DeepSpeedSection = DeepSpeedSection()
+    value_deepspeed: DeepSpeedSection = DeepSpeedSection()
+    train: LoopConfig = LoopConfig()  # micro_batch_size, seed, save_every, eval_every, log_every, keep_last
+    out_dir: str = "runs/ppo"
+    resume: bool | str = False
