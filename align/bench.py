@@ -155,21 +155,26 @@ def generate(device: str = "cpu", reps: int = 2, batch: int = 32, new_tokens: in
         ours_generate(ours, prompts.tolist(), sampling)
 
     def run_peer():
-        with torch.no_grad():
-            hf.generate(
-                prompts,
-                attention_mask=torch.ones_like(prompts),
-                do_sample=True,
-                top_p=0.9,
-                temperature=1.0,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=0,
-            )
+        hf_sample(hf, prompts, new_tokens)
 
     t_ours, t_peer = _alternate(run_ours, run_peer, reps)
     tokens = batch * new_tokens
     return [row("generate", "sampling_tokens_per_s", tokens / t_ours, tokens / t_peer, "tokens/s")]
+
+
+@torch.no_grad()
+def hf_sample(hf, prompts: torch.Tensor, new_tokens: int) -> None:
+    """transformers' `generate` at the settings of the generate suites: top-p 0.9, exactly `new_tokens` tokens."""
+    hf.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=True,
+        top_p=0.9,
+        temperature=1.0,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=0,
+    )
 
 
 def tags(reps: int = 3) -> list[dict]:

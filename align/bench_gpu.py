@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from align.bench import _alternate, _median_time, row
+from align.bench import _alternate, _median_time, hf_sample, row
 
 QWEN_1_8B = dict(
     vocab_size=151936,
@@ -124,17 +124,7 @@ def generate(reps: int = 2, batch: int = 64, prompt_len: int = 128, new_tokens: 
         assert sum(len(t) for t in out.token_ids) == batch * new_tokens
 
     def run_peer():
-        with torch.no_grad():
-            hf.generate(
-                prompts,
-                attention_mask=torch.ones_like(prompts),
-                do_sample=True,
-                top_p=0.9,
-                temperature=1.0,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=0,
-            )
+        hf_sample(hf, prompts, new_tokens)
         _sync()
 
     t_ours, t_peer = _alternate(run_ours, run_peer, reps)

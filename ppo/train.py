@@ -123,19 +123,13 @@ def setup(cfg: PPOConfig) -> Run:
     kl_ctl = AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target else FixedKLController(p.kl_coef)
     moments = RunningMoments()
     out_dir = Path(cfg.out_dir)
-    fresh = TrainingState(0, p.iterations, distributed.world_size(), cfg.train.micro_batch_size, accum, cfg.train.seed)
+    fresh = TrainingState.start(p.iterations, cfg.train.micro_batch_size, accum, cfg.train.seed)
     state, logger = open_run(cfg, out_dir, {"policy": actor, "value": critic}, "ppo", fresh)
     if state.step:
         kl_ctl.load_state_dict(state.extra["kl_ctl"])
         moments.load_state_dict(state.extra["reward_moments"])
     rollout = make_rollout_engine(cfg, actor, tokenizer)
-    throughput = Throughput.measured(
-        0.0,
-        cfg.train.peak_tflops,
-        dev,  # FLOPs counted per update
-        cfg.policy_deepspeed.bf16,
-        distributed.world_size(),
-    )
+    throughput = Throughput.measured(0.0, cfg.train.peak_tflops, cfg.policy_deepspeed.bf16)  # FLOPs per update
     if state.step and cfg.ppo.engine == "vllm":
         rollout.load_weights(actor.gathered_parameters(to_cpu=False))
     return Run(

@@ -132,15 +132,9 @@ def setup(cfg: RMConfig) -> Run:
     batches = MicroBatches(train_rows, loop.micro_batch_size, distributed.rank(), distributed.world_size(), loop.seed)
     total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))
     lm_config = model.lm.config
-    throughput = Throughput.measured(
-        lm_config.flops_per_token(d.max_len),
-        loop.peak_tflops,
-        distributed.device(),
-        cfg.deepspeed.bf16,
-        distributed.world_size(),
-    )
+    throughput = Throughput.measured(lm_config.flops_per_token(d.max_len), loop.peak_tflops, cfg.deepspeed.bf16)
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
-    fresh = TrainingState(0, total_steps, distributed.world_size(), loop.micro_batch_size, loop.grad_accum, loop.seed)
+    fresh = TrainingState.start(total_steps, loop.micro_batch_size, loop.grad_accum, loop.seed)
     state, logger = open_run(cfg, out_dir, {"model": engine}, f"rm {cfg.stage}", fresh)
     return Run(
         cfg,

@@ -86,15 +86,9 @@ def setup(cfg: SFTConfig) -> Run:
     steps_per_epoch = max(batches.per_epoch // loop.grad_accum, 1)
     total_steps = loop.max_steps or math.ceil(loop.epochs * steps_per_epoch)
 
-    throughput = Throughput.measured(
-        model.config.flops_per_token(d.max_len),
-        loop.peak_tflops,
-        distributed.device(),
-        cfg.deepspeed.bf16,
-        distributed.world_size(),
-    )
+    throughput = Throughput.measured(model.config.flops_per_token(d.max_len), loop.peak_tflops, cfg.deepspeed.bf16)
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
-    fresh = TrainingState(0, total_steps, distributed.world_size(), loop.micro_batch_size, loop.grad_accum, loop.seed)
+    fresh = TrainingState.start(total_steps, loop.micro_batch_size, loop.grad_accum, loop.seed)
     state, logger = open_run(cfg, out_dir, {"model": engine}, "sft", fresh)
     return Run(cfg, engine, tokenizer, batches, eval_rows, total_steps, state, logger, out_dir, throughput)
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from align.core.config import ConfigError
-from align.core.distributed import barrier, rank
+from align.core.distributed import barrier, rank, world_size
 from align.core.engine import TrainEngine, publish_checkpoint
 from base_model.atomic import write_json_atomic
 
@@ -49,6 +49,11 @@ class TrainingState:
     extra: dict = field(default_factory=dict)  # a trainer's own state (PPO: KL controller, reward moments)
 
     CHECKED = ("total_steps", "world_size", "micro_batch_size", "grad_accum", "seed")
+
+    @classmethod
+    def start(cls, total_steps: int, micro_batch_size: int, grad_accum: int, seed: int) -> "TrainingState":
+        """A run's state before its first step, in this process group."""
+        return cls(0, total_steps, world_size(), micro_batch_size, grad_accum, seed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

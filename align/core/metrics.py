@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from align.core import distributed
 from base_model.atomic import write_text_atomic
 
 
@@ -45,11 +46,11 @@ class Throughput:
     world_size: int = 1
 
     @classmethod
-    def measured(
-        cls, flops_per_token: float, peak_tflops: float | None, device, bf16: bool, world_size: int
-    ) -> "Throughput":
-        """With `peak_tflops` None, the peak is measured now on `device` (a fraction of a second)."""
-        return cls(flops_per_token, peak_tflops or measure_peak_tflops(device, bf16), world_size)
+    def measured(cls, flops_per_token: float, peak_tflops: float | None, bf16: bool) -> "Throughput":
+        """For this process group's training device; with `peak_tflops` None, the peak is measured now (a fraction
+        of a second)."""
+        device = distributed.device()
+        return cls(flops_per_token, peak_tflops or measure_peak_tflops(device, bf16), distributed.world_size())
 
     def __call__(self, real_tokens: float, seconds: float, flops: float | None = None) -> dict[str, float]:
         """`flops` (all ranks) replaces real_tokens x flops_per_token where a step trains models of two sizes."""

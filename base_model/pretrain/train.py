@@ -82,14 +82,10 @@ def setup(cfg: PretrainConfig) -> Run:
     batches = MicroBatches(train_rows, loop.micro_batch_size, distributed.rank(), distributed.world_size(), loop.seed)
     total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))
     throughput = Throughput.measured(
-        model.config.flops_per_token(train_data.seq_len),
-        loop.peak_tflops,
-        distributed.device(),
-        cfg.deepspeed.bf16,
-        distributed.world_size(),
+        model.config.flops_per_token(train_data.seq_len), loop.peak_tflops, cfg.deepspeed.bf16
     )
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
-    fresh = TrainingState(0, total_steps, distributed.world_size(), loop.micro_batch_size, loop.grad_accum, loop.seed)
+    fresh = TrainingState.start(total_steps, loop.micro_batch_size, loop.grad_accum, loop.seed)
     state, logger = open_run(cfg, out_dir, {"model": engine}, "pretrain", fresh)
     if rank0:
         print(
