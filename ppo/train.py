@@ -9,7 +9,6 @@ loss plus `ptx_coef` x a language-model loss on packed pretraining rows → send
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -418,11 +417,10 @@ def save(run: Run, folder_step: int) -> None:
         save_from_engine(run.actor, run.actor.module.config, run.tokenizer, folder / "policy", distributed.rank() == 0)
         save_value(run, folder / "value")
 
-    state = dataclasses.replace(
-        run.state,
-        step=folder_step,
-        samples_seen=folder_step * run.cfg.ppo.rollout_batch_size * distributed.world_size(),
-        extra={"kl_ctl": run.kl_ctl.state_dict(), "reward_moments": run.moments.state_dict()},
+    state = run.state.at_step(
+        folder_step,
+        run.cfg.ppo.rollout_batch_size * distributed.world_size(),
+        {"kl_ctl": run.kl_ctl.state_dict(), "reward_moments": run.moments.state_dict()},
     )
     save_checkpoint(
         {"policy": run.actor, "value": run.critic}, run.out_dir, state, save_models, run.cfg.train.keep_last

@@ -7,7 +7,6 @@ strength, optional language-model loss on the chosen response. Read top to botto
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -275,11 +274,7 @@ def train(run: Run) -> dict[str, float]:
         if loop.eval_every and done % loop.eval_every == 0:
             run.logger.log(done, evaluate(run), prefix="eval/")
         if (loop.save_every and done % loop.save_every == 0) or done == last_step:
-            state = dataclasses.replace(
-                run.state,
-                step=done,
-                samples_seen=done * loop.grad_accum * loop.micro_batch_size * distributed.world_size(),
-            )
+            state = run.state.at_step(done)
             save_checkpoint(
                 {"model": run.engine},
                 run.out_dir,

@@ -6,7 +6,6 @@ loss is the mean over every assistant token of the global batch, however it is s
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -171,9 +170,7 @@ def save(run: Run, step: int) -> None:
         save_from_engine(run.engine, run.engine.module.config, run.tokenizer, folder, distributed.rank() == 0)
 
     loop = run.cfg.train
-    state = dataclasses.replace(
-        run.state, step=step, samples_seen=step * loop.grad_accum * loop.micro_batch_size * distributed.world_size()
-    )
+    state = run.state.at_step(step)
     save_checkpoint({"model": run.engine}, run.out_dir, state, save_models, loop.keep_last)
 
 

@@ -29,3 +29,9 @@ def test_resume_with_a_different_setting_names_it(field, value):
 def test_a_state_from_an_older_checkpoint_is_refused_with_what_it_lacks():
     with pytest.raises(ConfigError, match="lacks grad_accum, micro_batch_size, seed"):
         TrainingState.from_dict({"step": 3, "total_steps": 10, "world_size": 1}, "old/client_state.json")
+
+
+def test_state_at_a_step_counts_the_rows_consumed():
+    assert _state().at_step(10).samples_seen == 10 * 4 * 2 * 2
+    ppo = _state().at_step(3, samples_per_step=16, extra={"kl_ctl": {}})
+    assert (ppo.step, ppo.samples_seen, ppo.extra) == (3, 48, {"kl_ctl": {}})

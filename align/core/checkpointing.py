@@ -55,6 +55,12 @@ class TrainingState:
         """A run's state before its first step, in this process group."""
         return cls(0, total_steps, world_size(), micro_batch_size, grad_accum, seed)
 
+    def at_step(self, step: int, samples_per_step: int | None = None, extra: dict | None = None) -> "TrainingState":
+        """The state after `step` steps; a step consumes micro_batch_size x grad_accum rows on every rank unless
+        `samples_per_step` (all ranks) says otherwise."""
+        per_step = samples_per_step or self.micro_batch_size * self.grad_accum * self.world_size
+        return dataclasses.replace(self, step=step, samples_seen=step * per_step, extra=extra or self.extra)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

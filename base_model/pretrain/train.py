@@ -6,7 +6,6 @@ gradient clipping and accumulation, packed attention, periodic evaluation, full-
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -163,11 +162,7 @@ def train(run: Run) -> dict[str, float]:
         if loop.eval_every and done % loop.eval_every == 0:
             run.logger.log(done, {"loss": evaluate(run)}, prefix="eval/")
         if (loop.save_every and done % loop.save_every == 0) or done == last_step:
-            state = dataclasses.replace(
-                run.state,
-                step=done,
-                samples_seen=done * loop.grad_accum * loop.micro_batch_size * distributed.world_size(),
-            )  # rows of seq_len tokens
+            state = run.state.at_step(done)
             save_checkpoint(
                 {"model": run.engine},
                 run.out_dir,

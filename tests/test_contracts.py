@@ -1,0 +1,145 @@
+"""The shared contracts of align/core and base_model, each on its own: records, prompts, documents, atomic writes,
+throughput, and sums over ranks (two real gloo processes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from align.core.metrics import Throughput
+from align.core.records import ComparisonRecord, DataError, as_messages, iter_documents
+from base_model.atomic import atomic_folder, write_jsonl_atomic, write_rows_atomic, write_text_atomic
+from conftest import ROOT
+
+
+def test_comparison_record_round_trips_and_keeps_what_a_writer_added():
+    d = {
+        "prompt": "2+2?",
+        "responses": ["4", "5"],
+        "ranking": [1, 2],
+        "strength": 0.5,
+        "tags": ["math"],
+        "annotator": "a",
+        "source": "human",
+        "task_id": 7,
+    }
+    r = ComparisonRecord.parse(d, "x:1")
+    assert r.prompt == [{"role": "user", "content": "2+2?"}] and r.extra == {"task_id": 7}
+    assert ComparisonRecord.parse(r.to_dict(), "x:1") == r
+
+
+def test_comparison_record_names_every_problem_with_its_place():
+    bad = {"prompt": [{"role": "robot", "content": "hi"}], "responses": ["only"], "ranking": [0], "tags": "math"}
+    problems = ComparisonRecord.problems(bad, "f.jsonl:3", ranked=True)
+    assert [p.split(": ", 1)[1].split(" ")[1] for p in problems] == [
+        "'prompt[0].role':",
+        "'responses'",
+        "'ranking'",
+        "'tags'",
+    ]
+    assert all(p.startswith("f.jsonl:3: ") for p in problems)
+    assert ComparisonRecord.problems({"prompt": "p", "responses": ["a", "b"]}, "t", ranked=False) == []
+    assert ComparisonRecord.problems({"prompt": "p", "responses": ["a", "b"], "tags": ["x"]}, "t", False, {"y"}) == [
+        "t: unknown tag(s) 'x'"
+    ]
+    with pytest.raises(DataError, match="f:1: field 'ranking'"):
+        ComparisonRecord.parse({"prompt": "p", "responses": ["a", "b"]}, "f:1")
+
+
+def test_as_messages_turns_text_into_a_user_turn_and_checks_lists():
+    assert as_messages("hi", "w") == [{"role": "user", "content": "hi"}]
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    assert as_messages(msgs, "w") is msgs
+    for bad in ([], None, [{"role": "user"}], [{"role": "judge", "content": "x"}]):
+        with pytest.raises(DataError, match="w: field 'prompt"):
+            as_messages(bad, "w")
+
+
+def test_iter_documents_names_the_line_of_a_missing_text(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "one"}\n{"body": "two"}\n')
+    it = iter_documents([f], "text")
+    assert next(it)[1:] == ({"text": "one"}, "one")
+    with pytest.raises(DataError, match=r"c.jsonl:2: field 'text' is missing"):
+        next(it)
+
+
+def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "out.jsonl"
+    write_text_atomic(target, "old\n")
+
+    def rows():
+        yield {"a": 1}
+        raise RuntimeError("killed mid-way")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl_atomic(target, rows())
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+    assert write_rows_atomic(tmp_path / "t.parquet", [{"a": i} for i in range(2500)]) == 2500
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "t.parquet").num_rows == 2500
+
+
+def test_atomic_folder_replaces_a_whole_folder_or_nothing(tmp_path):
+    target = tmp_path / "packed"
+    with atomic_folder(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(ValueError), atomic_folder(target) as tmp:
+        (tmp / "b").write_text("2")
+        raise ValueError("stop")
+    assert sorted(p.name for p in target.iterdir()) == ["a"]
+    with atomic_folder(target) as tmp:
+        (tmp / "c").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["c"] and len(list(tmp_path.iterdir())) == 1
+
+
+def test_throughput_counts_tokens_of_all_ranks_against_each_devices_peak():
+    t = Throughput(flops_per_token=6e6, peak_tflops=1.0, world_size=4)
+    out = t(real_tokens=8000, seconds=2.0)
+    assert out["tokens_per_s"] == 4000
+    assert out["mfu"] == pytest.approx(4000 * 6e6 / 4e12)
+    assert t(8000, 2.0, flops=4.8e10)["mfu"] == pytest.approx(4.8e10 / 2.0 / 4e12)
+
+
+SUMS_OVER_RANKS = """
+import json, sys, torch
+from align.core import distributed
+from ppo.losses import masked_moments, masked_whiten
+distributed.init()
+r = distributed.rank()
+sums = distributed.all_reduce_sums({"tokens": torch.tensor(3.0 + r), "rows": 1})
+x = torch.tensor([[1.0, 2.0, 9.0]]) + 10 * r
+mask = torch.tensor([[1.0, 1.0, 0.0]])
+n, mean, var = masked_moments(x, mask, distributed.all_reduce)
+w = masked_whiten(x, mask, all_reduce=distributed.all_reduce)
+print(json.dumps({"rank": r, "sums": sums, "n": n.item(), "mean": mean.item(), "var": var.item(),
+                  "w": w.tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_sums_and_whitening_over_two_ranks_equal_those_of_all_values(tmp_path):
+    script = tmp_path / "sums.py"
+    script.write_text(SUMS_OVER_RANKS)
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = sorted((json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")), key=lambda r: r["rank"])
+    values = [1.0, 2.0, 11.0, 12.0]  # the masked values of both ranks
+    mean = sum(values) / 4
+    var = sum((v - mean) ** 2 for v in values) / 3
+    for row in rows:
+        assert row["sums"] == {"rows": 2.0, "tokens": 7.0}
+        assert row["n"] == 4 and row["mean"] == pytest.approx(mean) and row["var"] == pytest.approx(var)
+        x = [v + 10 * row["rank"] for v in (1.0, 2.0)]
+        assert row["w"][0][:2] == pytest.approx([(v - mean) / var**0.5 for v in x], rel=1e-5)
+        assert row["w"][0][2] == 0.0
