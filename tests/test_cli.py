@@ -174,3 +174,33 @@ def test_bench_command_writes_rows(tmp_path):
     assert all(set(r) == {"suite", "metric", "ours", "peer", "ratio", "unit"} and r["ours"] > 0 for r in rows)
     out = run(["bench", "nonsense"])
     assert out.returncode != 0 and "unknown suite" in out.stderr
+
+
+def readme_commands():
+    """Every `align …` command in the README's shell blocks, continuation lines joined, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("align "):
+                out.append(line)
+    return out
+
+
+def test_every_readme_command_parses_and_names_shipped_configs():
+    """Each command the README shows is one `align` accepts (a renamed command or option fails here), and each
+    config it names under configs/ exists. (Running them is the stage tests' job, with the tiny configs.)"""
+    import shlex
+
+    from align.cli import build_parser
+
+    commands = readme_commands()
+    assert len(commands) >= 20
+    for line in commands:
+        argv = shlex.split(line)[1:]
+        args, extra = build_parser().parse_known_args(argv)
+        assert all("=" in e for e in extra), (line, extra)
+        for word in argv:
+            if word.startswith("configs/"):
+                assert (ROOT / word).exists(), (line, word)
