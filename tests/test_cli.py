@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from base_model import load_pretrained
@@ -47,6 +48,7 @@ def test_help_lists_commands():
         assert cmd in out.stdout
 
 
+@pytest.mark.slow  # end-to-end through the command line
 def test_generate_and_chat_with_qwen_vocab(tmp_path):
     out = run(
         [

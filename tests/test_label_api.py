@@ -150,6 +150,7 @@ def test_merge_rules():
     assert sorted(merge_rankings(cyc, "ranked_pairs")) == [1, 2, 3]
 
 
+@pytest.mark.slow  # end-to-end through the command line
 def test_label_cli_users_import_export(tmp_path):
     import os
     import subprocess

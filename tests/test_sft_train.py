@@ -90,6 +90,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert sorted(evals(run_dir)) == [20, 40, 60] and evals(run_dir)[60] == pytest.approx(evals(tmp_path / "full")[60])
 
 
+@pytest.mark.slow  # end-to-end through the command line
 def test_resume_with_other_settings_stops_naming_the_difference(tmp_path):
     """A checkpoint continues only the schedule and data order it was written for: a changed total or batch shape
     stops with the differences named, before any weight is loaded."""
