@@ -102,7 +102,7 @@ def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
             return Response(status_code=204)
         return {
             "id": task.id,
-            "prompt": as_messages(task.prompt, f"task {task.id}"),
+            "prompt": as_messages(task.prompt, f"task {task.id}", check=False),
             "responses": task.responses,
             "tags": task.tags,
         }

@@ -48,7 +48,7 @@ def markdown(text: str) -> str:
 
 
 def conversation(prompt: list[dict] | str) -> str:
-    messages = as_messages(prompt, "task") if prompt else []  # nothing on screen: an empty conversation
+    messages = as_messages(prompt, "task", check=False) if prompt else []  # nothing on screen: an empty conversation
     turns = "".join(
         f'<div class="turn {html.escape(m.get("role", "user"))}"><div class="who">'
         f"{html.escape(m.get('role', 'user'))}</div>{markdown(m.get('content', ''))}</div>"

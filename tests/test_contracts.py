@@ -143,3 +143,10 @@ def test_sums_and_whitening_over_two_ranks_equal_those_of_all_values(tmp_path):
         x = [v + 10 * row["rank"] for v in (1.0, 2.0)]
         assert row["w"][0][:2] == pytest.approx([(v - mean) / var**0.5 for v in x], rel=1e-5)
         assert row["w"][0][2] == 0.0
+
+
+def test_stored_prompts_are_shown_without_being_checked_again():
+    legacy = [{"content": "written before roles were checked"}]
+    assert as_messages(legacy, "task 3", check=False) is legacy
+    with pytest.raises(DataError):
+        as_messages(legacy, "task 3")

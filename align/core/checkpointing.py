@@ -182,7 +182,8 @@ def open_run(cfg, out_dir: Path, engines: dict[str, TrainEngine], name: str, fre
             saved = TrainingState.from_dict(json.loads(client_state.read_text()), str(client_state))
             saved.check_resumable_as(fresh, str(checkpoint))
         state = TrainingState.from_dict(load_checkpoint(engines, checkpoint), str(checkpoint))
-        state.check_resumable_as(fresh, str(checkpoint))
+        if not client_state.exists():  # otherwise checked above
+            state.check_resumable_as(fresh, str(checkpoint))
         if rank0:
             print(f"[{name}] resumed from {checkpoint} at step {state.step}")
     logger = MetricsLogger(out_dir, enabled=rank0)

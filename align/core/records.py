@@ -111,11 +111,14 @@ def iter_documents(paths: Iterable[str | Path], text_field: str) -> Iterator[tup
 ROLES = ("system", "user", "assistant", "function", "tool")
 
 
-def as_messages(prompt, where: str, field: str = "prompt") -> list[dict]:
+def as_messages(prompt, where: str, field: str = "prompt", check: bool = True) -> list[dict]:
     """A prompt as a conversation: a string becomes one user message; a list must hold {'role', 'content'}
-    messages with known roles. Anything else stops with the location and field named."""
+    messages with known roles. Anything else stops with the location and field named. `check=False` only wraps a
+    string (for showing what is already stored, which was checked when it came in)."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
+    if not check:
+        return prompt
     if not isinstance(prompt, list) or not prompt:
         raise DataError(f"{where}: field '{field}' must be a string or a non-empty list of messages")
     for i, m in enumerate(prompt):
