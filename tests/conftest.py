@@ -16,7 +16,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    if config.getoption("--gpu"):
+    # --gpu lifts the default "not gpu" of addopts; a -m given on the command line (e.g. -m gpu) is kept
+    if config.getoption("--gpu") and config.option.markexpr.strip() == "not gpu":
         config.option.markexpr = ""
 
 

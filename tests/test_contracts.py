@@ -115,8 +115,9 @@ x = torch.tensor([[1.0, 2.0, 9.0]]) + 10 * r
 mask = torch.tensor([[1.0, 1.0, 0.0]])
 n, mean, var = masked_moments(x, mask, distributed.all_reduce)
 w = masked_whiten(x, mask, all_reduce=distributed.all_reduce)
-print(json.dumps({"rank": r, "sums": sums, "n": n.item(), "mean": mean.item(), "var": var.item(),
-                  "w": w.tolist()}))
+row = {"rank": r, "sums": sums, "n": n.item(), "mean": mean.item(), "var": var.item(), "w": w.tolist()}
+with open(f"{sys.argv[1]}/rank{r}.json", "w") as f:  # one file per rank: their stdout lines interleave
+    json.dump(row, f)
 """
 
 
@@ -125,7 +126,7 @@ def test_sums_and_whitening_over_two_ranks_equal_those_of_all_values(tmp_path):
     script = tmp_path / "sums.py"
     script.write_text(SUMS_OVER_RANKS)
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         capture_output=True,
@@ -133,7 +134,7 @@ def test_sums_and_whitening_over_two_ranks_equal_those_of_all_values(tmp_path):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = sorted((json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")), key=lambda r: r["rank"])
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     values = [1.0, 2.0, 11.0, 12.0]  # the masked values of both ranks
     mean = sum(values) / 4
     var = sum((v - mean) ** 2 for v in values) / 3
