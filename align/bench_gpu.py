@@ -127,6 +127,10 @@ def generate(reps: int = 2, batch: int = 64, prompt_len: int = 128, new_tokens: 
         hf_sample(hf, prompts, new_tokens)
         _sync()
 
+    for name, fn in (("ours", run_ours), ("transformers", run_peer)):  # first calls: capture, warm-up
+        t0 = time.perf_counter()
+        fn()
+        print(f"[generate] {name}: first call {time.perf_counter() - t0:.1f} s", flush=True)
     t_ours, t_peer = _alternate(run_ours, run_peer, reps)
     tokens = batch * new_tokens
     return [row("generate", "sampling_tokens_per_s_bf16_1.8b", tokens / t_ours, tokens / t_peer, "tokens/s")]
@@ -169,7 +173,12 @@ def sft(steps: int = 8) -> list[dict]:
                 times.append(time.perf_counter() - t0)
                 tokens.append(m["tokens"])
         trainer = sum(tokens) / sum(times)
-        bare_model = run.engine.module
+        # a plain copy of the model (the engine's module carries ZeRO's gradient hooks), same shape and dtype
+        from base_model import QwenForCausalLM
+
+        module = run.engine.module
+        bare_model = QwenForCausalLM(module.config, device="cuda", seed=0, dtype=next(module.parameters()).dtype)
+        bare_model.train()
         b = {k: v.cuda() for k, v in sft_train.collate(run.batches.get(0), run.tokenizer.pad_id).items()}
 
         def bare():
@@ -186,7 +195,7 @@ def sft(steps: int = 8) -> list[dict]:
     ]
 
 
-def ppo(iterations: int = 4) -> list[dict]:
+def ppo(iterations: int = 3) -> list[dict]:
     """`align ppo` at the 1.8B shape (fresh weights: speed, not learning), native engine, bf16, ZeRO-0."""
     from align.core.distributed import subprocess_env
     from align.core.metrics import read_metrics
@@ -196,6 +205,7 @@ def ppo(iterations: int = 4) -> list[dict]:
 
     root = Path(__file__).resolve().parent.parent
     tok = QwenTokenizer.load("cl100k_base")
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         config = QwenConfig(**QWEN_1_8B)
@@ -231,9 +241,10 @@ def ppo(iterations: int = 4) -> list[dict]:
             "train.save_every=0",
             f"out_dir={d / 'ppo'}",
         ]
-        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=subprocess_env())
+        print(f"[ppo] models saved in {time.perf_counter() - t0:.0f} s; running align ppo", flush=True)
+        done = subprocess.run(cmd, cwd=root, env=subprocess_env())  # its progress goes to this log
         if done.returncode:
-            raise RuntimeError(f"align ppo failed:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"align ppo failed with exit status {done.returncode}")
         rows = [r for r in read_metrics(d / "ppo") if "train/time/rollout_s" in r][1:]
     med = lambda k: statistics.median(r[k] for r in rows)
     return [
