@@ -82,7 +82,6 @@ def quick_demo(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_reports(quick_demo):
     out, stdout, seconds = quick_demo
-    assert seconds < 180, f"align demo --quick took {seconds:.0f} s"
     for i, stage in enumerate(["world", "tokenizer", "pretrain", "sft", "rm_pmp", "labels", "rm", "ppo", "eval"], 1):
         assert f"[{i}/10] {stage}" in stdout
     summary = json.loads((out / "summary.json").read_text())
