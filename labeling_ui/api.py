@@ -1,36 +1,55 @@
-"""The JSON REST API (FastAPI), used by the web page, scripts and load tests. Every endpoint checks the role."""
+"""The JSON REST API (FastAPI), used by the web page, scripts and load tests. Every endpoint checks the role.
+
+Sessions are bearer tokens from `/api/login` (ended by `/api/logout`, expiring after the store's session life);
+failed logins back off per user name and per client address (429 with Retry-After). Bad input is a 4xx naming
+the field (`labeling_ui.validate`), a body over the size limit a 413; a database busy past its timeout is a 503.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import PlainTextResponse, Response
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import OperationalError
 
 from align.core.records import ComparisonRecord, DataError, as_messages
 from labeling_ui.agreement import project_report
-from labeling_ui.auth import verify_password
+from labeling_ui.auth import LoginThrottle, check_login
 from labeling_ui.export import comparison_record
 from labeling_ui.store import Conflict, Store, User, dumps
+from labeling_ui.validate import (
+    MAX_BODY_BYTES,
+    MAX_ID,
+    MAX_OVERLAP,
+    annotation_problems,
+    item_problems,
+    rank_problem,
+    text_problem,
+)
 
 
 class Login(BaseModel):
-    username: str
-    password: str
+    username: str = Field(max_length=200)
+    password: str = Field(max_length=1000)
 
 
 class AnnotationIn(BaseModel):
-    ranks: list[int] | None = None
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
+    ranks: list[int] | None = Field(None, max_length=64)
     skip: bool = False
     all_bad: bool = False
-    unsafe: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    rationale: str = ""
-    strength: float | None = Field(None, ge=0, le=1)
+    unsafe: str | None = Field(None, max_length=100)
+    tags: list[str] = Field(default_factory=list, max_length=1000)
+    rationale: str = Field("", max_length=100_000)
+    strength: float | None = None
 
 
 def validate_items(items: list, known_tags: set[str] | None = None) -> list[str]:
@@ -39,7 +58,72 @@ def validate_items(items: list, known_tags: set[str] | None = None) -> list[str]
         e
         for i, item in enumerate(items)
         for e in ComparisonRecord.problems(item, f"item {i}", ranked=False, known_tags=known_tags)
+        + item_problems(item, f"item {i}")
     ]
+
+
+def readable(rows: list) -> tuple[list, list[str]]:
+    """The store's (task, annotations) rows without annotations that cannot be read as a ranking of their task
+    (stored before input was checked), and a line for each one left out: exports and agreement never fail on them."""
+    out, bad = [], []
+    for task, anns in rows:
+        responses = task.responses if isinstance(task.responses, list) else []
+        if len(responses) < 2:
+            bad.append(f"task {task.id}: its responses are not a list of at least 2")
+            continue
+        keep = []
+        for ann, name in anns:
+            if ann.skipped or ann.ranks is None:
+                keep.append((ann, name))
+            elif problem := rank_problem(ann.ranks, len(responses)):
+                bad.append(f"task {task.id}, annotation {ann.id} by {name}: {problem}")
+            else:
+                keep.append((ann, name))
+        out.append((task, keep))
+    return out, bad
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before the app reads it."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def checked_name(name: str, field: str = "project") -> str:
+    if problem := text_problem(name, field, 200):
+        raise HTTPException(422, problem)
+    return name
 
 
 def read_task_file(path: Path, known_tags: set[str] | None = None) -> list[dict]:
@@ -61,23 +145,48 @@ def read_task_file(path: Path, known_tags: set[str] | None = None) -> list[dict]
     return items
 
 
-def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
+def create_app(
+    store: Store,
+    known_tags: set[str] | None = None,
+    throttle: LoginThrottle | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
     app = FastAPI(title="Labelling API")
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    throttle = throttle or LoginThrottle()
 
-    async def call(fn, *args, **kwargs):
-        """A quick store call from an async endpoint. On SQLite, whose writes run one at a time anyway, it runs right
-        here: no hop to a worker thread and back per request, which under load costs more than the query. On
-        PostgreSQL, which serves requests in parallel, it runs in the thread pool."""
-        if store.serial_writes:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        """422 naming each field, without echoing the input (a NaN or a 10 MB string would not serialise)."""
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(OperationalError)
+    async def busy(request: Request, exc: OperationalError):
+        return JSONResponse(
+            {"detail": "the database is busy; try again"}, status_code=503, headers={"Retry-After": "1"}
+        )
+
+    async def call(fn, *args, write: bool = False, **kwargs):
+        """A store call from an async endpoint. A write runs in the thread pool, so a write waiting for the database
+        (SQLite's one writer: another process's import, say) never holds up the event loop, reads and logins. A read
+        on SQLite runs right here (WAL readers never wait), saving the hop to a thread; on PostgreSQL, which serves
+        requests in parallel, it also runs in the pool."""
+        if store.serial_writes and not write:
             return fn(*args, **kwargs)
         return await run_in_threadpool(fn, *args, **kwargs)
 
-    async def current_user(authorization: str | None = Header(default=None)) -> User:
+    def bearer(authorization: str | None) -> str:
         if not authorization or not authorization.startswith("Bearer "):
             raise HTTPException(401, "missing bearer token")
-        user = await call(store.user_by_token, authorization.removeprefix("Bearer ").strip())
+        return authorization.removeprefix("Bearer ").strip()
+
+    async def current_user(authorization: str | None = Header(default=None)) -> User:
+        user = await call(store.user_by_token, bearer(authorization))
         if user is None:
-            raise HTTPException(401, "invalid token")
+            raise HTTPException(401, "invalid or expired token: log in again")
         return user
 
     def role(*allowed: str):
@@ -89,15 +198,34 @@ def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
         return check
 
     @app.post("/api/login")
-    def login(body: Login):
+    def login(body: Login, request: Request):
+        keys = (f"user:{body.username}", f"addr:{request.client.host if request.client else '?'}")
+        wait = throttle.retry_after(*keys)
+        if wait > 0:
+            raise HTTPException(
+                429, "too many failed logins; wait and try again", headers={"Retry-After": str(math.ceil(wait))}
+            )
         user = store.user_by_name(body.username)
-        if user is None or not verify_password(body.password, user.password_hash):
+        ok = check_login(body.password, user.password_hash if user is not None else None)
+        if not ok or user.disabled:
+            throttle.failed(*keys)
+            store.audit(body.username, "login_failed", address=keys[1].removeprefix("addr:"))
             raise HTTPException(401, "wrong user name or password")
+        throttle.succeeded(keys[0])
+        store.audit(user.name, "login", address=keys[1].removeprefix("addr:"))
         return {"token": store.new_token(user.id), "role": user.role}
 
+    @app.post("/api/logout")
+    async def logout(authorization: str | None = Header(default=None)):
+        if not await call(store.end_session, bearer(authorization), write=True):
+            raise HTTPException(401, "invalid or expired token")
+        return {"ok": True}
+
     @app.get("/api/tasks/next")
-    async def next_task(project: str = Query(...), user: User = Depends(role("annotator", "reviewer", "admin"))):
-        task = await call(store.next_task, project, user.id)
+    async def next_task(
+        project: str = Query(..., max_length=200), user: User = Depends(role("annotator", "reviewer", "admin"))
+    ):
+        task = await call(store.next_task, checked_name(project), user.id, write=True)
         if task is None:
             return Response(status_code=204)
         return {
@@ -108,23 +236,36 @@ def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
         }
 
     @app.post("/api/tasks/{task_id}/annotations", status_code=201)
-    async def annotate(task_id: int, body: AnnotationIn, user: User = Depends(role("annotator", "reviewer", "admin"))):
-        if not body.skip:
-            if body.ranks is None or not body.ranks or any(r < 1 for r in body.ranks):
-                raise HTTPException(422, "'ranks' must give each response a rank >= 1 (or send skip: true)")
+    async def annotate(
+        body: AnnotationIn,
+        task_id: int = PathParam(ge=1, le=MAX_ID),
+        user: User = Depends(role("annotator", "reviewer", "admin")),
+    ):
+        if not body.skip and not body.ranks:
+            raise HTTPException(422, "field 'ranks' must give each response a rank (or send skip: true)")
+
+        def check(task) -> None:
+            k = len(task.responses)
+            problems = annotation_problems(
+                k, body.ranks, body.strength, body.unsafe, body.tags, body.rationale, known_tags, skip=body.skip
+            )
+            if problems:
+                raise ValueError("; ".join(problems))
+
         try:
             ann_id = await call(
                 store.submit,
                 task_id,
                 user.id,
+                check=check,
                 ranks=None if body.skip else body.ranks,
                 skipped=body.skip,
                 all_bad=body.all_bad,
-                unsafe=body.unsafe,
+                unsafe=body.unsafe or None,
                 tags=body.tags,
                 rationale=body.rationale,
                 strength=body.strength,
-                expected_k=True,
+                write=True,
             )
         except KeyError as e:
             raise HTTPException(404, str(e)) from None
@@ -136,18 +277,22 @@ def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
 
     @app.post("/api/projects/{name}/tasks", status_code=201)
     async def import_tasks(
-        name: str, request: Request, overlap: int = Query(1, ge=1), user: User = Depends(role("admin"))
+        name: str,
+        request: Request,
+        overlap: int = Query(1, ge=1, le=MAX_OVERLAP),
+        user: User = Depends(role("admin")),
     ):
+        checked_name(name)
         try:
             items = await request.json()
         except ValueError:
             raise HTTPException(400, "body is not JSON") from None
         if not isinstance(items, list):
             raise HTTPException(400, "body must be a JSON list of tasks")
-        errors = validate_items(items, known_tags)
+        errors = await run_in_threadpool(validate_items, items, known_tags)  # a large import: off the event loop
         if errors:
-            raise HTTPException(400, {"message": "import refused; nothing was imported", "errors": errors})
-        return {"imported": store.import_tasks(name, items, overlap)}
+            raise HTTPException(422, {"message": "import refused; nothing was imported", "errors": errors[:100]})
+        return {"imported": await call(store.import_tasks, name, items, overlap, actor=user.name, write=True)}
 
     @app.get("/api/projects/{name}/export", response_class=PlainTextResponse)
     def export(
@@ -156,29 +301,37 @@ def create_app(store: Store, known_tags: set[str] | None = None) -> FastAPI:
         user: User = Depends(role("admin", "reviewer")),
     ):
         try:
-            rows = store.annotations(name)
+            rows, bad = readable(store.annotations(checked_name(name)))
         except KeyError as e:
             raise HTTPException(404, str(e)) from None
-        records = [comparison_record(t, anns, rule) for t, anns in rows]
-        return "".join(dumps(r) + "\n" for r in records if r is not None)
+        records = [r for t, anns in rows if (r := comparison_record(t, anns, rule)) is not None]
+        store.audit(user.name, "export", project=name, rule=rule, records=len(records), left_out=len(bad))
+        return "".join(dumps(r) + "\n" for r in records)
 
     @app.get("/api/projects/{name}/agreement")
     def project_agreement(name: str, user: User = Depends(role("admin", "reviewer"))):
-        """Agreement overall and per tag, per-annotator statistics and the flagged queue."""
+        """Agreement overall and per tag, per-annotator statistics and the flagged queue; annotations that cannot
+        be read as rankings of their task (stored before input was checked) are listed under `left_out`."""
         try:
-            return project_report(store.annotations(name))
+            rows, bad = readable(store.annotations(checked_name(name)))
         except KeyError as e:
             raise HTTPException(404, str(e)) from None
+        return {**project_report(rows), "left_out": bad}
 
     @app.get("/api/projects/{name}/progress")
     async def progress(name: str, user: User = Depends(current_user)):
-        return await call(store.progress, name, user.id)
+        return await call(store.progress, checked_name(name), user.id)
 
     @app.post("/api/projects/{name}/undo")
     async def undo(name: str, user: User = Depends(role("annotator", "reviewer", "admin"))):
-        task_id = await call(store.undo_last, name, user.id)
+        task_id = await call(store.undo_last, checked_name(name), user.id, write=True)
         if task_id is None:
             raise HTTPException(404, "nothing to undo")
         return {"task": task_id}
+
+    @app.get("/api/audit", response_class=PlainTextResponse)
+    def audit_log(user: User = Depends(role("admin"))):
+        """The audit log (logins, failures, imports, exports, account changes) as JSON lines."""
+        return "".join(dumps(r) + "\n" for r in store.audit_log())
 
     return app

@@ -1,4 +1,4 @@
-"""Salted scrypt password hashes (never stored or logged in clear)."""
+"""Salted scrypt password hashes (never stored or logged in clear), constant-work login checks, login throttling."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import base64
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 
 N, R, P = 2**14, 8, 1
 
@@ -26,3 +28,44 @@ def verify_password(password: str, stored: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, expected)
+
+
+# verified when the user name is unknown, so that an unknown name costs the same scrypt work as a wrong password
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+def check_login(password: str, stored: str | None) -> bool:
+    """The password against the stored hash, with the same work whether or not the user exists."""
+    ok = verify_password(password, stored if stored is not None else _DUMMY_HASH)
+    return ok and stored is not None
+
+
+class LoginThrottle:
+    """Exponential back-off of failed logins, per user name and per client address: the first `free` failures of a
+    key cost nothing, each later one doubles that key's wait (from `base` seconds, at most `cap`). A login inside
+    a wait is refused without being tried (HTTP 429 with Retry-After) and does not lengthen it; a success clears
+    the user name's count. In memory, per server process."""
+
+    def __init__(self, free: int = 5, base: float = 1.0, cap: float = 300.0) -> None:
+        self.free, self.base, self.cap = free, base, cap
+        self._state: dict[str, tuple[int, float]] = {}  # key -> (failures, monotonic time before which to refuse)
+        self._lock = threading.Lock()
+
+    def retry_after(self, *keys: str) -> float:
+        """Seconds until a login with these keys may be tried (0: now)."""
+        now = time.monotonic()
+        with self._lock:
+            return max([0.0] + [self._state.get(k, (0, 0.0))[1] - now for k in keys])
+
+    def failed(self, *keys: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for k in keys:
+                n = self._state.get(k, (0, 0.0))[0] + 1
+                wait = 0.0 if n <= self.free else min(self.base * 2 ** (n - self.free - 1), self.cap)
+                self._state[k] = (n, now + wait)
+
+    def succeeded(self, *keys: str) -> None:
+        with self._lock:
+            for k in keys:
+                self._state.pop(k, None)

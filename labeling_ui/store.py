@@ -1,4 +1,10 @@
-"""The one module that talks to the database (SQLAlchemy): users, tokens, projects, tasks, leases, annotations.
+"""The one module that talks to the database (SQLAlchemy): users, sessions, projects, tasks, leases, annotations,
+the audit log.
+
+Accounts: a user is never deleted (a removed one is renamed and disabled, so ids are never reused and their
+annotations stay attributed); a session token is stored as its SHA-256 only, expires after `session_hours`, and is
+checked against the database on every request, so removing, disabling or demoting a user takes effect at once.
+A skip is the annotator's own: the task is never shown to them again and the skip does not fill an overlap slot.
 
 SQLite by default (WAL mode, a file in the working folder), PostgreSQL when given a `postgresql://` URL. The
 schema is created by the app and migrated forward by `MIGRATIONS` (its version lives in `schema_version`).
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import secrets
 import threading
@@ -47,18 +54,27 @@ class _SlotTaken(Exception):
     """A task's last free slot went to another annotator between our count and our lock (PostgreSQL)."""
 
 
-SCHEMA_VERSION = 3
-TOKEN_CACHE_SECONDS = 60.0
+SCHEMA_VERSION = 4
+IMPORT_CHUNK = 500  # tasks per transaction of an import: other writers get the lock in between
 # version -> (table, column, SQL type) added by that version; a database at version v gets every later step
 MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     2: [("leases", "created", "TIMESTAMP"), ("annotations", "seconds", "FLOAT")],
     3: [("tasks", "closed", "BOOLEAN NOT NULL DEFAULT FALSE")],
+    4: [
+        ("users", "disabled", "BOOLEAN NOT NULL DEFAULT FALSE"),
+        ("users", "removed", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    ],
 }
 # version -> statements that fill what that version added from the data already there
 BACKFILLS: dict[int, list[str]] = {
     3: [
         "UPDATE tasks SET closed = ((SELECT count(*) FROM annotations WHERE annotations.task_id = tasks.id)"
         " >= tasks.overlap)"
+    ],
+    4: [
+        "DROP TABLE IF EXISTS tokens",  # tokens kept in clear, never expiring: every old session ends
+        "UPDATE tasks SET closed = ((SELECT count(*) FROM annotations WHERE annotations.task_id = tasks.id"
+        " AND NOT annotations.skipped) >= tasks.overlap)",  # skips no longer fill slots
     ],
 }
 
@@ -73,13 +89,25 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     role: Mapped[str] = mapped_column(String(20))
     password_hash: Mapped[str] = mapped_column(String(300))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    removed: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
-class Token(Base):
-    __tablename__ = "tokens"
-    token: Mapped[str] = mapped_column(String(100), primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=dt.datetime.utcnow)
+class SessionToken(Base):
+    __tablename__ = "sessions"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 of the token, never the token
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created: Mapped[dt.datetime] = mapped_column(DateTime)
+    expires: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    time: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+    actor: Mapped[str] = mapped_column(String(200))  # a user name, or "cli" for the command line
+    action: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
 class Project(Base):
@@ -138,12 +166,17 @@ class Conflict(Exception):
     pass
 
 
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 class Store:
-    def __init__(self, url: str = "sqlite:///labels.db", lease_seconds: int = 600) -> None:
+    def __init__(self, url: str = "sqlite:///labels.db", lease_seconds: int = 600, session_hours: float = 12) -> None:
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url.removeprefix("postgresql://")  # psycopg 3 is the driver we ship
         self.url = url
         self.lease = dt.timedelta(seconds=lease_seconds)
+        self.session_life = dt.timedelta(hours=session_hours)
         pool = {} if url.startswith("sqlite") else {"pool_size": 20, "max_overflow": 60}
         self.engine = create_engine(url, future=True, pool_pre_ping=True, **pool)
         if url.startswith("sqlite"):
@@ -157,7 +190,6 @@ class Store:
                 cur.close()
 
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._token_users: dict[str, tuple[User, float]] = {}  # token -> (user, monotonic time it is good until)
         # SQLite has one writer at a time. Writers of this process queue on a lock and start the moment the last one
         # commits; left to SQLite's busy handler they would poll with sleeps of up to 100 ms (the p99 of a busy
         # server). Other processes writing the same file still wait through busy_timeout.
@@ -199,43 +231,134 @@ class Store:
 
     # ------------------------------------------------------------------------------------------- accounts
 
-    def add_user(self, name: str, role: str, password_hash: str) -> int:
+    def add_user(self, name: str, role: str, password_hash: str, actor: str = "cli") -> int:
+        if not name or not name.strip() or name != name.strip() or "#" in name:
+            raise ValueError(f"user name {name!r} must be non-blank, without surrounding spaces or '#'")
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
         with self._write() as s:
             if s.scalar(select(User).where(User.name == name)):
                 raise Conflict(f"user {name!r} already exists")
-            user = User(name=name, role=role, password_hash=password_hash)
+            user = User(name=name, role=role, password_hash=password_hash, disabled=False, removed=False)
             s.add(user)
             s.flush()
+            self._audit(s, actor, "user_add", {"user": name, "role": role})
             return user.id
 
     def user_by_name(self, name: str) -> User | None:
+        """The user of that name, if it exists and is not removed (disabled users are returned: check `active`)."""
         with self.sessions() as s:
-            return s.scalar(select(User).where(User.name == name))
+            return s.scalar(select(User).where(User.name == name, User.removed.is_(False)))
+
+    def _account(self, s: Session, name: str) -> User:
+        user = s.scalar(select(User).where(User.name == name, User.removed.is_(False)))
+        if user is None:
+            raise KeyError(f"no user {name!r}")
+        return user
+
+    def remove_user(self, name: str, actor: str = "cli") -> None:
+        """Ends the user's sessions and frees the name; the row stays (renamed), so its id is never reused and its
+        annotations stay in the exports."""
+        with self._write() as s:
+            user = self._account(s, name)
+            user.removed, user.disabled, user.name = True, True, f"{name}#removed-{user.id}"
+            s.execute(delete(SessionToken).where(SessionToken.user_id == user.id))
+            s.execute(delete(Lease).where(Lease.user_id == user.id))
+            self._audit(s, actor, "user_remove", {"user": name, "id": user.id})
+
+    def set_role(self, name: str, role: str, actor: str = "cli") -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        with self._write() as s:
+            user = self._account(s, name)
+            old, user.role = user.role, role
+            s.execute(delete(SessionToken).where(SessionToken.user_id == user.id))
+            self._audit(s, actor, "role_change", {"user": name, "from": old, "to": role})
+
+    def set_password(self, name: str, password_hash: str, actor: str = "cli") -> None:
+        with self._write() as s:
+            user = self._account(s, name)
+            user.password_hash = password_hash
+            s.execute(delete(SessionToken).where(SessionToken.user_id == user.id))
+            self._audit(s, actor, "password_change", {"user": name})
+
+    def set_disabled(self, name: str, disabled: bool, actor: str = "cli") -> None:
+        with self._write() as s:
+            user = self._account(s, name)
+            user.disabled = disabled
+            if disabled:
+                s.execute(delete(SessionToken).where(SessionToken.user_id == user.id))
+            self._audit(s, actor, "user_disable" if disabled else "user_enable", {"user": name})
+
+    def users(self) -> list[dict]:
+        with self.sessions() as s:
+            rows = s.scalars(select(User).where(User.removed.is_(False)).order_by(User.id)).all()
+        return [{"id": u.id, "name": u.name, "role": u.role, "disabled": bool(u.disabled)} for u in rows]
 
     def new_token(self, user_id: int) -> str:
+        """A new session for the user; only the token's hash is stored."""
         token = secrets.token_urlsafe(32)
+        now = dt.datetime.utcnow()
         with self._write() as s:
-            s.add(Token(token=token, user_id=user_id))
+            s.execute(delete(SessionToken).where(SessionToken.user_id == user_id, SessionToken.expires <= now))
+            s.add(
+                SessionToken(
+                    token_hash=token_hash(token), user_id=user_id, created=now, expires=now + self.session_life
+                )
+            )
         return token
 
     def user_by_token(self, token: str) -> User | None:
-        """The token's user. Every API request asks, so a found user is remembered for TOKEN_CACHE_SECONDS (tokens
-        and roles never change once written; the bound is for a user removed from the database by hand)."""
-        hit = self._token_users.get(token)
-        if hit is not None and hit[1] > time.monotonic():
-            return hit[0]
+        """The token's user while the session is unexpired and the user active; read from the database on every
+        request (one primary-key lookup), so no change to an account waits for a cache."""
         with self.sessions() as s:
-            user = s.scalar(select(User).join(Token, Token.user_id == User.id).where(Token.token == token))
-        if user is not None:
-            self._token_users[token] = (user, time.monotonic() + TOKEN_CACHE_SECONDS)
-        return user
+            return s.scalar(
+                select(User)
+                .join(SessionToken, SessionToken.user_id == User.id)
+                .where(
+                    SessionToken.token_hash == token_hash(token),
+                    SessionToken.expires > dt.datetime.utcnow(),
+                    User.disabled.is_(False),
+                    User.removed.is_(False),
+                )
+            )
+
+    def end_session(self, token: str) -> bool:
+        with self._write() as s:
+            return bool(s.execute(delete(SessionToken).where(SessionToken.token_hash == token_hash(token))).rowcount)
+
+    # ------------------------------------------------------------------------------------------------- audit
+
+    @staticmethod
+    def _audit(s: Session, actor: str, action: str, detail: dict) -> None:
+        s.add(AuditEntry(time=dt.datetime.utcnow(), actor=actor[:200], action=action, detail=detail))
+
+    def audit(self, actor: str, action: str, **detail) -> None:
+        with self._write() as s:
+            self._audit(s, actor, action, detail)
+
+    def audit_log(self, limit: int | None = None) -> list[dict]:
+        with self.sessions() as s:
+            q = select(AuditEntry).order_by(AuditEntry.id)
+            rows = s.scalars(q if limit is None else q.limit(limit)).all()
+        return [
+            {"id": a.id, "time": a.time.isoformat() + "Z", "actor": a.actor, "action": a.action, **(a.detail or {})}
+            for a in rows
+        ]
 
     # ------------------------------------------------------------------------------------- projects/tasks
 
-    def import_tasks(self, project: str, items: list[dict], overlap: int, guidelines: str | None = None) -> int:
-        """All or nothing: one transaction."""
+    def import_tasks(
+        self,
+        project: str,
+        items: list[dict],
+        overlap: int,
+        guidelines: str | None = None,
+        actor: str = "cli",
+        progress=None,
+    ) -> int:
+        """Validated items in, all or nothing: written IMPORT_CHUNK tasks per transaction, so annotators' writes
+        interleave with a long import; if a chunk fails, the chunks already written are deleted again."""
         with self._write() as s:
             proj = s.scalar(select(Project).where(Project.name == project))
             if proj is None:
@@ -244,17 +367,36 @@ class Store:
                 s.flush()
             elif guidelines is not None:
                 proj.guidelines = guidelines
-            for item in items:
-                s.add(
-                    Task(
-                        project_id=proj.id,
-                        prompt=item["prompt"],
-                        responses=item["responses"],
-                        tags=item.get("tags") or [],
-                        meta=item.get("meta") or {},
-                        overlap=overlap,
-                    )
-                )
+            project_id = proj.id
+        written: list[int] = []
+        try:
+            for start in range(0, len(items), IMPORT_CHUNK):
+                with self._write() as s:
+                    tasks = [
+                        Task(
+                            project_id=project_id,
+                            prompt=item["prompt"],
+                            responses=item["responses"],
+                            tags=item.get("tags") or [],
+                            meta=item.get("meta") or {},
+                            overlap=overlap,
+                            closed=False,
+                        )
+                        for item in items[start : start + IMPORT_CHUNK]
+                    ]
+                    s.add_all(tasks)
+                    s.flush()
+                    written += [t.id for t in tasks]
+                if progress is not None:
+                    progress(len(written), len(items))
+                time.sleep(0.01)  # the write lock is not fair: let a waiting annotator's write in between chunks
+        except BaseException:
+            with self._write() as s:
+                for i in range(0, len(written), 1000):
+                    s.execute(delete(Lease).where(Lease.task_id.in_(written[i : i + 1000])))
+                    s.execute(delete(Task).where(Task.id.in_(written[i : i + 1000])))
+            raise
+        self.audit(actor, "import", project=project, tasks=len(items), overlap=overlap)
         return len(items)
 
     def next_task(self, project: str, user_id: int, now: dt.datetime | None = None) -> Task | None:
@@ -305,11 +447,11 @@ class Store:
     @staticmethod
     def _taken(now: dt.datetime):
         """Annotations plus live leases of the task in the enclosing query."""
-        n_ann = select(func.count()).where(Annotation.task_id == Task.id).scalar_subquery()
+        n_ann = select(func.count()).where(Annotation.task_id == Task.id, Annotation.skipped.is_(False))
         n_live = select(func.count()).where(Lease.task_id == Task.id, Lease.expires > now).scalar_subquery()
-        return n_ann + n_live
+        return n_ann.scalar_subquery() + n_live
 
-    def submit(self, task_id: int, user_id: int, expected_k: bool = False, **fields) -> int:
+    def submit(self, task_id: int, user_id: int, check=None, **fields) -> int:
         """Store an annotation for a task the user holds a lease on; exactly once, in one transaction."""
         with self._write() as s:
             lease = s.scalar(select(Lease).where(Lease.task_id == task_id, Lease.user_id == user_id))
@@ -319,16 +461,15 @@ class Store:
                 raise KeyError(f"task {task_id} not found")
             if not released:
                 raise Conflict(f"task {task_id} is not leased to you (request it with /api/tasks/next)")
-            if expected_k and fields.get("ranks") is not None and len(fields["ranks"]) != len(task.responses):
-                raise ValueError(
-                    f"task {task_id} has {len(task.responses)} responses; got {len(fields['ranks'])} ranks"
-                )
-            count = s.scalar(select(func.count()).where(Annotation.task_id == task_id))
-            if count >= task.overlap:
+            if check is not None:
+                check(task)  # raises ValueError: what the annotation must match in its task (ranks, strength)
+            skip = bool(fields.get("skipped"))
+            count = s.scalar(select(func.count()).where(Annotation.task_id == task_id, Annotation.skipped.is_(False)))
+            if not skip and count >= task.overlap:
                 full = True  # commit the lease's release (an expired lease someone else's annotation filled)
             else:
                 full = False
-                task.closed = count + 1 >= task.overlap
+                task.closed = count + (0 if skip else 1) >= task.overlap  # a skip fills no slot
                 seconds = (dt.datetime.utcnow() - lease.created).total_seconds() if lease and lease.created else None
                 ann = Annotation(task_id=task_id, user_id=user_id, seconds=seconds, **fields)
                 s.add(ann)
@@ -373,7 +514,10 @@ class Store:
                 return None
             task_id = ann.task_id
             s.delete(ann)
-            s.get(Task, task_id).closed = False  # one annotation short of its overlap again
+            s.flush()
+            task = s.get(Task, task_id)
+            filled = s.scalar(select(func.count()).where(Annotation.task_id == task_id, Annotation.skipped.is_(False)))
+            task.closed = filled >= task.overlap  # an undone ranking reopens its slot; an undone skip held none
             s.query(Lease).filter(Lease.user_id == user_id).delete()  # the undone task comes next
             now = dt.datetime.utcnow()
             s.add(Lease(task_id=task_id, user_id=user_id, expires=now + self.lease, created=now))
@@ -391,7 +535,11 @@ class Store:
                 .select_from(Annotation)
                 .where(Annotation.user_id == user_id, Annotation.task_id.in_(in_proj))
             )
-            n_ann = select(func.count()).where(Annotation.task_id == Task.id).scalar_subquery()
+            n_ann = (
+                select(func.count())
+                .where(Annotation.task_id == Task.id, Annotation.skipped.is_(False))
+                .scalar_subquery()
+            )
             open_for_me = s.scalar(
                 select(func.count())
                 .select_from(Task)
@@ -401,7 +549,11 @@ class Store:
                     Task.id.not_in(select(Annotation.task_id).where(Annotation.user_id == user_id)),
                 )
             )
-            done = s.scalar(select(func.count()).select_from(Annotation).where(Annotation.task_id.in_(in_proj)))
+            done = s.scalar(
+                select(func.count())
+                .select_from(Annotation)
+                .where(Annotation.task_id.in_(in_proj), Annotation.skipped.is_(False))
+            )
             total = s.scalar(select(func.coalesce(func.sum(Task.overlap), 0)).where(Task.project_id == proj.id))
         return {"mine_done": mine, "mine_remaining": open_for_me, "project_done": done, "project_total": int(total)}
 

@@ -12,21 +12,10 @@ from fastapi import FastAPI
 
 from labeling_ui import render
 from labeling_ui.agreement import project_report
-from labeling_ui.api import create_app
-from labeling_ui.auth import verify_password
+from labeling_ui.api import create_app, readable
+from labeling_ui.auth import LoginThrottle, check_login
 from labeling_ui.store import Conflict, Store
-
-UNSAFE_CATEGORIES = [
-    "",
-    "violence",
-    "self-harm",
-    "hate or harassment",
-    "sexual content",
-    "illegal activity",
-    "privacy",
-    "misinformation",
-    "other",
-]
+from labeling_ui.validate import UNSAFE_CATEGORIES, annotation_problems
 
 KEYS_JS = """
 <script>
@@ -49,7 +38,9 @@ document.addEventListener('keydown', (e) => {
 
 HELP = (
     "**Keys:** number keys rank the responses in order (1 = best; the same number twice is a tie), "
-    "Backspace removes the last, **Enter** submits, **S** skips, **U** undoes your last submission."
+    "Backspace removes the last, **Enter** submits, **S** skips, **U** undoes your last submission. "
+    "A skip is yours alone: you will not see that item again, and it goes to someone else (it does not use up "
+    "one of the item's annotations)."
 )
 
 
@@ -62,9 +53,11 @@ def parse_ranks(text: str, k: int) -> list[int]:
 
 
 def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
+    known = set(tags) if tags else None
+
     def user_of(request: gr.Request, *roles: str):
         user = store.user_by_name(request.username) if request and request.username else None
-        if user is None:
+        if user is None or user.disabled:
             raise gr.Error("please log in again")
         if roles and user.role not in roles:
             raise gr.Error(f"this needs the role {' or '.join(roles)}")
@@ -119,11 +112,18 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
                 tags=list(chosen_tags or []),
                 rationale=rationale or "",
                 strength=float(strength) if k == 2 else None,
-                expected_k=True,
+                check=lambda t: _check(t, ranks, float(strength) if k == 2 else None, unsafe, chosen_tags, rationale),
             )
         except (ValueError, Conflict) as e:
             raise gr.Error(str(e)) from None
         return (*show(project, request, f"Saved task {task_id}: {' '.join(map(str, ranks))}."), False, "", "")
+
+    def _check(task, ranks, strength, unsafe, chosen_tags, rationale) -> None:
+        problems = annotation_problems(
+            len(task.responses), ranks, strength, unsafe or None, list(chosen_tags or []), rationale or "", known
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def skip(project, task_id, request: gr.Request):
         user = user_of(request)
@@ -156,7 +156,7 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
         user_of(request, "reviewer", "admin")
         if not project:
             raise gr.Error("choose a project")
-        report = project_report(store.annotations(project))
+        report = project_report(readable(store.annotations(project))[0])
         o = report["overall"]
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
         summary = (
@@ -205,7 +205,7 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
                     with gr.Row():
                         all_bad = gr.Checkbox(label="All responses are bad", elem_id="all-bad")
                         unsafe = gr.Dropdown(
-                            UNSAFE_CATEGORIES, value="", label="Flag as unsafe (category)", elem_id="unsafe"
+                            ["", *UNSAFE_CATEGORIES], value="", label="Flag as unsafe (category)", elem_id="unsafe"
                         )
                     chosen_tags = gr.Dropdown(
                         tags or [],
@@ -263,11 +263,22 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
 
 def create_server(store: Store, known_tags: set[str] | None = None) -> FastAPI:
     """The REST API under /api and the web page at /, in one FastAPI app."""
-    app = create_app(store, known_tags)
+    throttle = LoginThrottle()
+    app = create_app(store, known_tags, throttle)
 
     def check(username: str, password: str) -> bool:
+        """The page's login: the API's rules (constant work, back-off per user name, audit); a disabled or removed
+        user's open page is refused at its next action (`user_of`)."""
+        if throttle.retry_after(f"user:{username}") > 0:
+            return False
         user = store.user_by_name(username)
-        return user is not None and verify_password(password, user.password_hash)
+        ok = check_login(password, user.password_hash if user is not None else None) and not user.disabled
+        if ok:
+            throttle.succeeded(f"user:{username}")
+        else:
+            throttle.failed(f"user:{username}")
+        store.audit(username[:200], "login" if ok else "login_failed", via="page")
+        return ok
 
     ui = build_ui(store, sorted(known_tags) if known_tags else None)
     return gr.mount_gradio_app(

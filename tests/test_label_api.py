@@ -53,7 +53,7 @@ def test_import_is_all_or_nothing_and_names_every_bad_item(env):
         "not an object",
     ]
     out = client.post("/api/projects/p/tasks?overlap=2", json=items, headers=auth("root"))
-    assert out.status_code == 400
+    assert out.status_code == 422
     errors = out.json()["detail"]["errors"]
     assert [e.split(":")[0] for e in errors] == ["item 1", "item 2", "item 3"]
     assert store.counts()["tasks"] == 0
@@ -77,7 +77,7 @@ def test_annotate_overlap_and_export(env):
             got.append(task["id"])
             assert (
                 client.post(
-                    f"/api/tasks/{task['id']}/annotations", json={"ranks": ranks, "strength": 0.5}, headers=auth(name)
+                    f"/api/tasks/{task['id']}/annotations", json={"ranks": ranks}, headers=auth(name)
                 ).status_code
                 == 201
             )
@@ -272,7 +272,7 @@ def test_schema_migrates_an_old_database(tmp_path):
     con.commit()
     con.close()
     store = Store(f"sqlite:///{db}")
-    assert store.migrate() == SCHEMA_VERSION == 3
+    assert store.migrate() == SCHEMA_VERSION == 4
     [(task, anns)] = store.annotations("p")
     assert anns[0][0].ranks == [2, 1] and anns[0][0].seconds is None  # old data kept, new column added
     cols = {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(annotations)")}

@@ -140,6 +140,8 @@ def cmd_tags_sample(args: argparse.Namespace) -> None:
     from base_model.atomic import write_rows_atomic
     from rm.tags.sampler import max_min_ratio, sample, tag_matrix
 
+    if args.n < 1:
+        raise DataError(f"--n must be at least 1 (got {args.n})")
     rows = _rows(args.input)
     for where, r in rows:
         if not isinstance(r.get(args.tags_field), list):

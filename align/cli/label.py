@@ -9,17 +9,53 @@ from pathlib import Path
 from align.core.config import ConfigError
 
 
-def cmd_label_users_add(args: argparse.Namespace) -> None:
+def _password() -> str:
     import getpass
-
-    from labeling_ui.auth import hash_password
-    from labeling_ui.store import Store
 
     password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("password: ")
     if not password:
         raise ConfigError("an empty password is not allowed (give it on stdin)")
-    Store(args.db).add_user(args.name, args.role, hash_password(password))
-    print(f"added {args.role} {args.name}")
+    return password
+
+
+def cmd_label_users(args: argparse.Namespace) -> None:
+    """users add | remove | set-role | passwd | disable | enable | list: each change ends the user's sessions."""
+    from labeling_ui.auth import hash_password
+    from labeling_ui.store import Conflict, Store
+
+    store = Store(args.db)
+    action = args.users_command
+    try:
+        if action == "list":
+            for u in store.users():
+                print(f"{u['id']:>5}  {u['name']:<30} {u['role']:<10} {'disabled' if u['disabled'] else ''}")
+            return
+        if action == "add":
+            store.add_user(args.name, args.role, hash_password(_password()))
+            print(f"added {args.role} {args.name}")
+        elif action == "remove":
+            store.remove_user(args.name)
+            print(f"removed {args.name} (sessions ended; their annotations stay in exports)")
+        elif action == "set-role":
+            store.set_role(args.name, args.role)
+            print(f"{args.name} is now {args.role} (sessions ended)")
+        elif action == "passwd":
+            store.set_password(args.name, hash_password(_password()))
+            print(f"password of {args.name} changed (sessions ended)")
+        else:
+            store.set_disabled(args.name, action == "disable")
+            print(f"{args.name} {action}d")
+    except (Conflict, KeyError, ValueError) as e:
+        raise ConfigError(str(e.args[0]) if e.args else str(e)) from None
+
+
+def cmd_label_audit(args: argparse.Namespace) -> None:
+    from align.core.records import write_jsonl_atomic
+    from labeling_ui.store import Store
+
+    rows = Store(args.db).audit_log()
+    write_jsonl_atomic(args.out, rows)
+    print(f"wrote {len(rows)} audit entries to {args.out}")
 
 
 def cmd_label_import(args: argparse.Namespace) -> None:
@@ -30,20 +66,25 @@ def cmd_label_import(args: argparse.Namespace) -> None:
     known = set(Taxonomy.load(args.taxonomy).tags) if args.taxonomy else None
     items = read_task_file(args.file, known)
     guidelines = args.guidelines.read_text(encoding="utf-8") if args.guidelines else None
-    n = Store(args.db).import_tasks(args.project, items, args.overlap, guidelines)
+    from tqdm import tqdm
+
+    with tqdm(total=len(items), desc="import", unit="task", disable=len(items) < 5000) as bar:
+        n = Store(args.db).import_tasks(
+            args.project, items, args.overlap, guidelines, progress=lambda done, _: bar.update(done - bar.n)
+        )
     print(f"imported {n} tasks into {args.project} (overlap {args.overlap})")
 
 
 def cmd_label_export(args: argparse.Namespace) -> None:
     from align.core.records import write_jsonl_atomic
+    from labeling_ui.api import readable
     from labeling_ui.export import comparison_record
     from labeling_ui.store import Store
 
-    records = [
-        r
-        for t, anns in Store(args.db).annotations(args.project)
-        if (r := comparison_record(t, anns, args.rule)) is not None
-    ]
+    rows, bad = readable(Store(args.db).annotations(args.project))
+    for line in bad:
+        print(f"left out: {line}", file=sys.stderr)
+    records = [r for t, anns in rows if (r := comparison_record(t, anns, args.rule)) is not None]
     write_jsonl_atomic(args.out, records)
     print(f"exported {len(records)} comparison records to {args.out}")
 
@@ -79,8 +120,10 @@ def cmd_label_generate(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("label", help="labelling: serve (web page + REST API) | users | import | generate | export")
-    label_sub = p.add_subparsers(dest="label_command", metavar="serve|users|import|generate|export")
+    p = sub.add_parser(
+        "label", help="labelling: serve (web page + REST API) | users | audit | import | generate | export"
+    )
+    label_sub = p.add_subparsers(dest="label_command", metavar="serve|users|audit|import|generate|export")
     label_sub.required = True
     q = label_sub.add_parser("serve", help="serve the web page (/) and the JSON REST API (/api)")
     q.add_argument("--db", default="sqlite:///labels.db", help="SQLAlchemy URL (sqlite:///… or postgresql://…)")
@@ -104,14 +147,33 @@ def register(sub) -> None:
     q.add_argument("--max-new-tokens", type=int, default=64)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_label_generate)
-    q = label_sub.add_parser("users", help="manage accounts: users add NAME --role ROLE (password on stdin)")
-    users_sub = q.add_subparsers(dest="users_command", metavar="add")
+    q = label_sub.add_parser(
+        "users", help="accounts: add | remove | set-role | passwd | disable | enable | list (passwords on stdin)"
+    )
+    users_sub = q.add_subparsers(dest="users_command", metavar="add|remove|set-role|passwd|disable|enable|list")
     users_sub.required = True
-    r = users_sub.add_parser("add")
-    r.add_argument("name")
-    r.add_argument("--role", choices=["annotator", "reviewer", "admin"], required=True)
-    r.add_argument("--db", default="sqlite:///labels.db")
-    r.set_defaults(func=cmd_label_users_add)
+    for name, help_ in (
+        ("add", "a new account: add NAME --role ROLE (password on stdin)"),
+        ("remove", "remove an account (its sessions end; its id is never reused)"),
+        ("set-role", "set-role NAME ROLE"),
+        ("passwd", "a new password (on stdin)"),
+        ("disable", "refuse the account's logins and end its sessions"),
+        ("enable", "allow a disabled account again"),
+        ("list", "the accounts"),
+    ):
+        r = users_sub.add_parser(name, help=help_)
+        if name != "list":
+            r.add_argument("name")
+        if name == "add":
+            r.add_argument("--role", choices=["annotator", "reviewer", "admin"], required=True)
+        if name == "set-role":
+            r.add_argument("role", choices=["annotator", "reviewer", "admin"])
+        r.add_argument("--db", default="sqlite:///labels.db")
+        r.set_defaults(func=cmd_label_users)
+    q = label_sub.add_parser("audit", help="the audit log (logins, imports, exports, account changes) as JSONL")
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--db", default="sqlite:///labels.db")
+    q.set_defaults(func=cmd_label_audit)
     q = label_sub.add_parser("import", help="import tasks (JSONL: prompt, responses, tags); all or nothing")
     q.add_argument("--project", required=True)
     q.add_argument("--file", type=Path, required=True)
