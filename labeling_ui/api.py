@@ -7,8 +7,12 @@ the field (`labeling_ui.validate`), a body over the size limit a 413; a database
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +28,7 @@ from align.core.records import ComparisonRecord, DataError, as_messages
 from labeling_ui.agreement import project_report
 from labeling_ui.auth import LoginThrottle, check_login
 from labeling_ui.export import comparison_record
-from labeling_ui.store import Conflict, Store, User, dumps
+from labeling_ui.store import Conflict, Store, User, WouldWait, dumps
 from labeling_ui.validate import (
     MAX_BODY_BYTES,
     MAX_ID,
@@ -169,13 +173,22 @@ def create_app(
             {"detail": "the database is busy; try again"}, status_code=503, headers={"Retry-After": "1"}
         )
 
-    async def call(fn, *args, write: bool = False, **kwargs):
-        """A store call from an async endpoint. A write runs in the thread pool, so a write waiting for the database
-        (SQLite's one writer: another process's import, say) never holds up the event loop, reads and logins. A read
-        on SQLite runs right here (WAL readers never wait), saving the hop to a thread; on PostgreSQL, which serves
-        requests in parallel, it also runs in the pool."""
-        if store.serial_writes and not write:
-            return fn(*args, **kwargs)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer") if store.serial_writes else None
+
+    async def call(fn, *args, write: bool = False, long: bool = False, **kwargs):
+        """A store call from an async endpoint. On SQLite a read runs right here (WAL readers never wait), and so
+        does a write when the database is free (no hop to a thread, which under load costs more than the query); a
+        write that would wait (another connection holds the write lock: an import, another process) goes to one
+        writer thread instead, so the event loop, reads and logins never wait for it. On PostgreSQL, which serves
+        requests in parallel, every call runs in the thread pool."""
+        if writer is not None:
+            if not write:
+                return fn(*args, **kwargs)
+            if long:  # an import: in a pool thread, taking the write lock chunk by chunk, never queueing the others
+                return await run_in_threadpool(fn, *args, **kwargs)
+            with contextlib.suppress(WouldWait):
+                return store.now(fn, *args, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(writer, functools.partial(fn, *args, **kwargs))
         return await run_in_threadpool(fn, *args, **kwargs)
 
     def bearer(authorization: str | None) -> str:
@@ -292,7 +305,9 @@ def create_app(
         errors = await run_in_threadpool(validate_items, items, known_tags)  # a large import: off the event loop
         if errors:
             raise HTTPException(422, {"message": "import refused; nothing was imported", "errors": errors[:100]})
-        return {"imported": await call(store.import_tasks, name, items, overlap, actor=user.name, write=True)}
+        return {
+            "imported": await call(store.import_tasks, name, items, overlap, actor=user.name, write=True, long=True)
+        }
 
     @app.get("/api/projects/{name}/export", response_class=PlainTextResponse)
     def export(

@@ -17,6 +17,7 @@ reads open tasks only, through an index, however many are done.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import hashlib
 import json
@@ -44,10 +45,26 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ROLES = ("annotator", "reviewer", "admin")
+
+
+class WouldWait(Exception):
+    """A write inside `Store.now` found the database (or this process's write lock) taken; nothing was written."""
+
+
+class _NoLock:
+    def acquire(self, blocking: bool = True) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
+_NO_WAIT: contextvars.ContextVar[bool] = contextvars.ContextVar("no_wait", default=False)
+BUSY_TIMEOUT_MS = 30_000
 
 
 class _SlotTaken(Exception):
@@ -186,7 +203,7 @@ class Store:
                 cur = conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=FULL")  # an acknowledged annotation survives a kill
-                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
                 cur.close()
 
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -194,14 +211,37 @@ class Store:
         # commits; left to SQLite's busy handler they would poll with sleeps of up to 100 ms (the p99 of a busy
         # server). Other processes writing the same file still wait through busy_timeout.
         self.serial_writes = url.startswith("sqlite")
-        self._write_lock = threading.Lock() if self.serial_writes else contextlib.nullcontext()
+        self._write_lock = threading.Lock() if self.serial_writes else _NoLock()
         self.migrate()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Session]:
-        """A read-write transaction, committed on leaving the block (rolled back on an exception)."""
-        with self._write_lock, self.sessions.begin() as s:
-            yield s
+        """A read-write transaction, committed on leaving the block (rolled back on an exception). Inside `now()`
+        it never waits: the process's write lock is taken only if free and SQLite's busy timeout is 0, and a write
+        that would wait raises WouldWait instead."""
+        no_wait = _NO_WAIT.get()
+        if not self._write_lock.acquire(blocking=not no_wait):
+            raise WouldWait
+        try:
+            with self.sessions.begin() as s:
+                if self.serial_writes:
+                    s.execute(text(f"PRAGMA busy_timeout={0 if no_wait else BUSY_TIMEOUT_MS}"))
+                yield s
+        finally:
+            self._write_lock.release()
+
+    def now(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` if its writes can run at once, else WouldWait (nothing written): an event loop calls
+        this and hands a write that would wait to a thread."""
+        token = _NO_WAIT.set(True)
+        try:
+            return fn(*args, **kwargs)
+        except OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise WouldWait from None
+            raise
+        finally:
+            _NO_WAIT.reset(token)
 
     def migrate(self) -> int:
         """Create missing tables, then add what each later schema version added; returns the version reached."""

@@ -189,6 +189,7 @@ def test_bad_rows_stored_before_the_checks_are_reported_not_500(env, tmp_path):
     assert client.get("/api/projects/p/export", headers=root).status_code == 200
 
 
+@pytest.mark.slow
 def test_cli_accounts_and_bad_arguments_give_clear_errors(tmp_path):
     db = f"sqlite:///{tmp_path / 'l.db'}"
 
@@ -257,7 +258,7 @@ def fuzz(url: str) -> None:
     client.post("/api/projects/p/tasks", json=[{"prompt": "q", "responses": ["a", "b", "c"]}] * 200, headers=root)
     annotators = [login(client, n) for n in ("alice", "bob")]
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(body=annotation_bodies, items=import_items, who=st.integers(0, 1))
     def run(body, items, who):
         r = client.post("/api/projects/f/tasks", json=items, headers=root)
