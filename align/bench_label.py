@@ -150,6 +150,7 @@ def label(
                         [{"prompt": f"q{i}", "responses": ["a", "b", "c"]} for i in range(n * per_annotator)],
                         1,
                     )
+                    store.add_members("bench", [f"a{i}" for i in range(n)])
                     store.engine.dispose()
                     server = LabelServer(db, Path(tmp) / "server.log").start()
                     latencies: list[float] = []

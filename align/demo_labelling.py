@@ -66,6 +66,9 @@ def run_labelling(cfg: DemoConfig, world_dir: Path, folder: Path) -> None:
     r = client.post(f"/api/projects/demo/tasks?overlap={cfg.overlap}", json=tasks, headers=admin)
     assert r.status_code == 201, r.text
     store.import_tasks("demo", [], cfg.overlap, GUIDELINES)
+    everyone = ["reviewer", "you", *(a.name for a in sims)]
+    store.add_members("demo", everyone)
+    store.add_members("try-it", everyone)
     # annotators take turns, as people working side by side would; each stops at random moments
     rng = random.Random(cfg.seed)
     headers = {a.name: token(a.name) for a in sims}

@@ -45,6 +45,10 @@ class Login(BaseModel):
     password: str = Field(max_length=1000)
 
 
+class Members(BaseModel):
+    users: list[str] = Field(min_length=1, max_length=1000)
+
+
 class AnnotationIn(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
     ranks: list[int] | None = Field(None, max_length=64)
@@ -202,6 +206,11 @@ def create_app(
             raise HTTPException(401, "invalid or expired token: log in again")
         return user
 
+    async def member(name: str, user: User) -> None:
+        """404 unless the user may work on the project (a member, or an admin): other projects are not shown."""
+        if not await call(store.may_see, checked_name(name), user):
+            raise HTTPException(404, f"no project {name!r} for you (an admin adds members)")
+
     def role(*allowed: str):
         async def check(user: User = Depends(current_user)) -> User:
             if user.role not in allowed:
@@ -238,7 +247,8 @@ def create_app(
     async def next_task(
         project: str = Query(..., max_length=200), user: User = Depends(role("annotator", "reviewer", "admin"))
     ):
-        task = await call(store.next_task, checked_name(project), user.id, write=True)
+        await member(project, user)
+        task = await call(store.next_task, project, user.id, write=True)
         if task is None:
             return Response(status_code=204)
         return {
@@ -315,8 +325,10 @@ def create_app(
         rule: Literal["majority", "ranked_pairs"] = "majority",
         user: User = Depends(role("admin", "reviewer")),
     ):
+        if not store.may_see(checked_name(name), user):
+            raise HTTPException(404, f"no project {name!r} for you (an admin adds members)")
         try:
-            rows, bad = readable(store.annotations(checked_name(name)))
+            rows, bad = readable(store.annotations(name))
         except KeyError as e:
             raise HTTPException(404, str(e)) from None
         records = [r for t, anns in rows if (r := comparison_record(t, anns, rule)) is not None]
@@ -327,22 +339,46 @@ def create_app(
     def project_agreement(name: str, user: User = Depends(role("admin", "reviewer"))):
         """Agreement overall and per tag, per-annotator statistics and the flagged queue; annotations that cannot
         be read as rankings of their task (stored before input was checked) are listed under `left_out`."""
+        if not store.may_see(checked_name(name), user):
+            raise HTTPException(404, f"no project {name!r} for you (an admin adds members)")
         try:
-            rows, bad = readable(store.annotations(checked_name(name)))
+            rows, bad = readable(store.annotations(name))
         except KeyError as e:
             raise HTTPException(404, str(e)) from None
         return {**project_report(rows), "left_out": bad}
 
     @app.get("/api/projects/{name}/progress")
     async def progress(name: str, user: User = Depends(current_user)):
-        return await call(store.progress, checked_name(name), user.id)
+        await member(name, user)
+        return await call(store.progress, name, user.id)
 
     @app.post("/api/projects/{name}/undo")
     async def undo(name: str, user: User = Depends(role("annotator", "reviewer", "admin"))):
-        task_id = await call(store.undo_last, checked_name(name), user.id, write=True)
+        await member(name, user)
+        task_id = await call(store.undo_last, name, user.id, write=True)
         if task_id is None:
             raise HTTPException(404, "nothing to undo")
         return {"task": task_id}
+
+    @app.post("/api/projects/{name}/members", status_code=201)
+    def add_members(name: str, body: Members, user: User = Depends(role("admin"))):
+        try:
+            store.add_members(checked_name(name), body.users, actor=user.name)
+        except KeyError as e:
+            raise HTTPException(404, str(e.args[0])) from None
+        return {"members": store.members(name)}
+
+    @app.delete("/api/projects/{name}/members/{who}")
+    def remove_member(name: str, who: str, user: User = Depends(role("admin"))):
+        try:
+            store.remove_member(checked_name(name), checked_name(who, "user"), actor=user.name)
+        except KeyError as e:
+            raise HTTPException(404, str(e.args[0])) from None
+        return {"members": store.members(name)}
+
+    @app.get("/api/projects/{name}/members")
+    def list_members(name: str, user: User = Depends(role("admin"))):
+        return {"members": store.members(checked_name(name))}
 
     @app.get("/api/audit", response_class=PlainTextResponse)
     def audit_log(user: User = Depends(role("admin"))):

@@ -134,6 +134,16 @@ class Project(Base):
     guidelines: Mapped[str] = mapped_column(Text, default="")
 
 
+class Member(Base):
+    """Who may work on a project: annotators see, and reviewers review, only the projects they are members of."""
+
+    __tablename__ = "members"
+    __table_args__ = (UniqueConstraint("project_id", "user_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+
+
 class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (Index("ix_tasks_open", "project_id", "closed", "id"),)  # `next` reads open tasks in order
@@ -597,9 +607,69 @@ class Store:
             total = s.scalar(select(func.coalesce(func.sum(Task.overlap), 0)).where(Task.project_id == proj.id))
         return {"mine_done": mine, "mine_remaining": open_for_me, "project_done": done, "project_total": int(total)}
 
-    def projects(self) -> list[str]:
+    def projects(self, user: User | None = None) -> list[str]:
+        """Every project, or those `user` may see (all of them for an admin)."""
         with self.sessions() as s:
-            return list(s.scalars(select(Project.name).order_by(Project.id)))
+            q = select(Project.name).order_by(Project.id)
+            if user is not None and user.role != "admin":
+                q = q.join(Member, Member.project_id == Project.id).where(Member.user_id == user.id)
+            return list(s.scalars(q))
+
+    def may_see(self, project: str, user: User) -> bool:
+        if user.role == "admin":
+            return True
+        with self.sessions() as s:
+            return (
+                s.scalar(
+                    select(Member.id)
+                    .join(Project, Project.id == Member.project_id)
+                    .where(Project.name == project, Member.user_id == user.id)
+                )
+                is not None
+            )
+
+    def add_members(self, project: str, names: list[str], actor: str = "cli") -> None:
+        """Makes the users members of the project (created empty if it does not exist yet)."""
+        with self._write() as s:
+            proj = s.scalar(select(Project).where(Project.name == project))
+            if proj is None:
+                proj = Project(name=project, guidelines="")
+                s.add(proj)
+                s.flush()
+            for name in names:
+                user = self._account(s, name)
+                if not s.scalar(select(Member.id).where(Member.project_id == proj.id, Member.user_id == user.id)):
+                    s.add(Member(project_id=proj.id, user_id=user.id))
+            self._audit(s, actor, "members_add", {"project": project, "users": names})
+
+    def remove_member(self, project: str, name: str, actor: str = "cli") -> None:
+        with self._write() as s:
+            user = self._account(s, name)
+            proj = s.scalar(select(Project).where(Project.name == project))
+            gone = (
+                proj is not None
+                and s.execute(delete(Member).where(Member.project_id == proj.id, Member.user_id == user.id)).rowcount
+            )
+            if not gone:
+                raise KeyError(f"{name!r} is not a member of project {project!r}")
+            s.execute(
+                delete(Lease).where(
+                    Lease.user_id == user.id, Lease.task_id.in_(select(Task.id).where(Task.project_id == proj.id))
+                )
+            )
+            self._audit(s, actor, "member_remove", {"project": project, "user": name})
+
+    def members(self, project: str) -> list[str]:
+        with self.sessions() as s:
+            return list(
+                s.scalars(
+                    select(User.name)
+                    .join(Member, Member.user_id == User.id)
+                    .join(Project, Project.id == Member.project_id)
+                    .where(Project.name == project, User.removed.is_(False))
+                    .order_by(User.name)
+                )
+            )
 
     def guidelines(self, project: str) -> str:
         with self.sessions() as s:

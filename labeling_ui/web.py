@@ -66,6 +66,8 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
     def show(project: str, request: gr.Request, note: str = ""):
         """Lease the next task (or keep the held one) and fill the page."""
         user = user_of(request)
+        if project and not store.may_see(project, user):
+            raise gr.Error(f"you are not a member of project {project!r}")
         task = store.next_task(project, user.id) if project else None
         progress = render.progress(store.progress(project, user.id)) if project else ""
         if task is None:
@@ -141,7 +143,7 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
 
     def on_load(request: gr.Request):
         user = user_of(request)
-        projects = store.projects()
+        projects = store.projects(user)
         project = projects[0] if projects else None
         is_reviewer = user.role in ("reviewer", "admin")
         return (
@@ -153,9 +155,11 @@ def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
         )
 
     def review(project, request: gr.Request):
-        user_of(request, "reviewer", "admin")
+        user = user_of(request, "reviewer", "admin")
         if not project:
             raise gr.Error("choose a project")
+        if not store.may_see(project, user):
+            raise gr.Error(f"you are not a member of project {project!r}")
         report = project_report(readable(store.annotations(project))[0])
         o = report["overall"]
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"

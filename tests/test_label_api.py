@@ -18,6 +18,8 @@ def env(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     for name, role in (("alice", "annotator"), ("bob", "annotator"), ("carol", "annotator"), ("root", "admin")):
         store.add_user(name, role, hash_password(f"{name}-pw"))
+    for project in ("p", "tr"):
+        store.add_members(project, ["alice", "bob", "carol"])
     client = TestClient(create_app(store, known_tags={"math", "safety"}))
     tokens = {
         n: client.post("/api/login", json={"username": n, "password": f"{n}-pw"}).json()["token"]
@@ -176,7 +178,7 @@ def test_label_cli_users_import_export(tmp_path):
     assert out.returncode == 2 and "bad.jsonl:2: not valid JSON" in out.stderr and "bad.jsonl:3:" in out.stderr
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "q", "responses": ["a", "b"]}\n')
-    assert run("import", "--project", "p", "--file", str(good), "--db", db).returncode == 0
+    assert run("import", "--project", "p", "--file", str(good), "--db", db, "--members", "ann").returncode == 0
     store = Store(db)
     user = store.user_by_name("ann")
     assert "pw1" not in user.password_hash and verify_password("pw1", user.password_hash)

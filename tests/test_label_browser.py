@@ -32,6 +32,7 @@ def server(tmp_path_factory):
         overlap=2,
         guidelines="# Guidelines\nPrefer *correct* answers.",
     )
+    store.add_members("demo", ["alice", "bob", "rita"])
     taxonomy = tmp / "taxonomy.yaml"
     taxonomy.write_text(json.dumps({"tags": [{"id": "code"}, {"id": "math"}, {"id": "safety"}]}))
     srv = LabelServer(db, tmp / "server.log", taxonomy).start()

@@ -26,6 +26,7 @@ def setup_project(db: str) -> Store:
         for i in range(ITEMS)
     ]
     store.import_tasks("load", items, OVERLAP)
+    store.add_members("load", [f"a{i}" for i in range(ANNOTATORS)])
     return store
 
 

@@ -28,6 +28,8 @@ def make_env(url: str, throttle: LoginThrottle | None = None, **app_kwargs):
     store = Store(url)
     for name, role in USERS:
         store.add_user(name, role, hash_password(f"{name}-pw"))
+    for project in ("p", "f"):
+        store.add_members(project, ["alice", "bob", "rita"])
     client = TestClient(create_app(store, known_tags=None, throttle=throttle, **app_kwargs))
     return store, client
 
@@ -69,6 +71,28 @@ def test_removed_disabled_or_demoted_users_lose_access_at_once_and_ids_are_not_r
     assert client.post("/api/login", json={"username": "bob", "password": "bob-pw"}).status_code == 401
     other.set_disabled("bob", False)
     assert client.get("/api/projects/p/progress", headers=login(client, "bob")).status_code == 200
+
+
+def test_annotators_and_reviewers_see_only_their_projects(env):
+    store, client = env
+    root = login(client, "root")
+    items = [{"prompt": "secret", "responses": ["a", "b"]}]
+    assert client.post("/api/projects/other/tasks", json=items, headers=root).status_code == 201
+    alice, rita = login(client, "alice"), login(client, "rita")
+    assert client.get("/api/tasks/next?project=other", headers=alice).status_code == 404
+    assert client.get("/api/projects/other/progress", headers=alice).status_code == 404
+    assert client.get("/api/projects/other/agreement", headers=rita).status_code == 404
+    assert client.get("/api/projects/other/export", headers=rita).status_code == 404
+    assert store.projects(store.user_by_name("alice")) == ["p", "f"]
+    r = client.post("/api/projects/other/members", json={"users": ["alice", "rita"]}, headers=root)
+    assert r.status_code == 201 and r.json()["members"] == ["alice", "rita"]
+    assert client.post("/api/projects/other/members", json={"users": ["ghost"]}, headers=root).status_code == 404
+    assert client.post("/api/projects/other/members", json={"users": ["bob"]}, headers=alice).status_code == 403
+    assert client.get("/api/tasks/next?project=other", headers=alice).json()["prompt"][0]["content"] == "secret"
+    assert client.get("/api/projects/other/agreement", headers=rita).status_code == 200
+    assert client.delete("/api/projects/other/members/alice", headers=root).status_code == 200
+    assert client.get("/api/tasks/next?project=other", headers=alice).status_code == 404
+    assert client.get("/api/projects/other/members", headers=root).json()["members"] == ["rita"]
 
 
 def test_tokens_are_hashed_expire_and_end_at_logout(env, tmp_path):
@@ -214,6 +238,11 @@ def test_cli_accounts_and_bad_arguments_give_clear_errors(tmp_path):
     assert align("label", "audit", "--out", str(tmp_path / "audit.jsonl"), "--db", db).returncode == 0
     actions = [json.loads(l)["action"] for l in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert actions == ["user_add", "role_change", "password_change", "user_disable", "user_remove"]
+    assert align("label", "users", "add", "m", "--role", "annotator", "--db", db).returncode == 0
+    assert align("label", "members", "add", "proj", "m", "--db", db).returncode == 0
+    assert align("label", "members", "list", "proj", "--db", db).stdout.split() == ["m"]
+    ghost = align("label", "members", "add", "proj", "ghost", "--db", db)
+    assert ghost.returncode != 0 and "no user 'ghost'" in ghost.stderr
     (tmp_path / "tagged.jsonl").write_text(json.dumps({"prompt": "x", "tags": ["a"]}) + "\n")
     neg = align(
         "tags", "sample", "--input", str(tmp_path / "tagged.jsonl"), "--output", str(tmp_path / "s.jsonl"), "--n", "-1"
@@ -300,6 +329,7 @@ def test_reads_and_logins_do_not_wait_for_a_held_sqlite_write_lock_nor_next_for_
     for name, role in USERS:
         store.add_user(name, role, hash_password(f"{name}-pw"))
     store.import_tasks("p", [{"prompt": f"q{i}", "responses": ["a", "b"]} for i in range(50)], 1)
+    store.add_members("p", ["alice"])
     server = LabelServer(f"sqlite:///{db}", tmp_path / "server.log").start()
     try:
         token = httpx.post(f"{server.url}/api/login", json={"username": "alice", "password": "alice-pw"}).json()

@@ -49,6 +49,24 @@ def cmd_label_users(args: argparse.Namespace) -> None:
         raise ConfigError(str(e.args[0]) if e.args else str(e)) from None
 
 
+def cmd_label_members(args: argparse.Namespace) -> None:
+    """members add PROJECT NAME... | remove PROJECT NAME | list PROJECT."""
+    from labeling_ui.store import Store
+
+    store = Store(args.db)
+    try:
+        if args.members_command == "add":
+            store.add_members(args.project, args.names)
+            print(f"{', '.join(args.names)} added to {args.project}")
+        elif args.members_command == "remove":
+            store.remove_member(args.project, args.name)
+            print(f"{args.name} removed from {args.project}")
+        else:
+            print("\n".join(store.members(args.project)))
+    except (KeyError, ValueError) as e:
+        raise ConfigError(str(e.args[0]) if e.args else str(e)) from None
+
+
 def cmd_label_audit(args: argparse.Namespace) -> None:
     from align.core.records import write_jsonl_atomic
     from labeling_ui.store import Store
@@ -73,6 +91,13 @@ def cmd_label_import(args: argparse.Namespace) -> None:
             args.project, items, args.overlap, guidelines, progress=lambda done, _: bar.update(done - bar.n)
         )
     print(f"imported {n} tasks into {args.project} (overlap {args.overlap})")
+    members = [m.strip() for m in args.members.split(",") if m.strip()]
+    if members:
+        try:
+            Store(args.db).add_members(args.project, members)
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+        print(f"members of {args.project}: {', '.join(members)}")
 
 
 def cmd_label_export(args: argparse.Namespace) -> None:
@@ -121,9 +146,9 @@ def cmd_label_generate(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "label", help="labelling: serve (web page + REST API) | users | audit | import | generate | export"
+        "label", help="labelling: serve (web page + REST API) | users | members | audit | import | generate | export"
     )
-    label_sub = p.add_subparsers(dest="label_command", metavar="serve|users|audit|import|generate|export")
+    label_sub = p.add_subparsers(dest="label_command", metavar="serve|users|members|audit|import|generate|export")
     label_sub.required = True
     q = label_sub.add_parser("serve", help="serve the web page (/) and the JSON REST API (/api)")
     q.add_argument("--db", default="sqlite:///labels.db", help="SQLAlchemy URL (sqlite:///… or postgresql://…)")
@@ -170,6 +195,20 @@ def register(sub) -> None:
             r.add_argument("role", choices=["annotator", "reviewer", "admin"])
         r.add_argument("--db", default="sqlite:///labels.db")
         r.set_defaults(func=cmd_label_users)
+    q = label_sub.add_parser("members", help="who works on a project: add PROJECT NAME... | remove | list")
+    members_sub = q.add_subparsers(dest="members_command", metavar="add|remove|list")
+    members_sub.required = True
+    r = members_sub.add_parser("add", help="annotators see, reviewers review, only the projects they are members of")
+    r.add_argument("project")
+    r.add_argument("names", nargs="+")
+    r = members_sub.add_parser("remove")
+    r.add_argument("project")
+    r.add_argument("name")
+    r = members_sub.add_parser("list")
+    r.add_argument("project")
+    for r in members_sub.choices.values():
+        r.add_argument("--db", default="sqlite:///labels.db")
+        r.set_defaults(func=cmd_label_members)
     q = label_sub.add_parser("audit", help="the audit log (logins, imports, exports, account changes) as JSONL")
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--db", default="sqlite:///labels.db")
@@ -180,6 +219,7 @@ def register(sub) -> None:
     q.add_argument("--overlap", type=int, default=1, help="distinct annotators per item")
     q.add_argument("--guidelines", type=Path, default=None, help="Markdown shown beside every task")
     q.add_argument("--taxonomy", type=Path, default=None, help="refuse tags that are not in this taxonomy")
+    q.add_argument("--members", default="", help="comma-separated users to add to the project (see `members`)")
     q.add_argument("--db", default="sqlite:///labels.db")
     q.set_defaults(func=cmd_label_import)
     q = label_sub.add_parser("export", help="comparison records for `align rm train`")
