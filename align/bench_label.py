@@ -30,8 +30,8 @@ def free_port() -> int:
 class LabelServer:
     """`align label serve --db URL` on a free port; `kill()` sends SIGKILL, `start()` starts it again."""
 
-    def __init__(self, db: str, log: Path, taxonomy: Path | None = None) -> None:
-        self.db, self.log, self.taxonomy = db, log, taxonomy
+    def __init__(self, db: str, log: Path, taxonomy: Path | None = None, extra: tuple[str, ...] = ()) -> None:
+        self.db, self.log, self.taxonomy, self.extra = db, log, taxonomy, extra
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -40,6 +40,7 @@ class LabelServer:
         cmd = [ALIGN, "label", "serve", "--db", self.db, "--port", str(self.port)]
         if self.taxonomy:
             cmd += ["--taxonomy", str(self.taxonomy)]
+        cmd += list(self.extra)
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:

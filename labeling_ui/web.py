@@ -7,6 +7,8 @@ response its rank (1 = best, repeat a number for a tie), Backspace removes the l
 
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 from fastapi import FastAPI
 
@@ -52,13 +54,18 @@ def parse_ranks(text: str, k: int) -> list[int]:
     return [int(p) for p in parts]
 
 
-def build_ui(store: Store, tags: list[str] | None = None) -> gr.Blocks:
+def build_ui(store: Store, tags: list[str] | None = None, logged_in_at: dict[str, float] | None = None) -> gr.Blocks:
+    """`logged_in_at` (user name -> monotonic time of the page login) makes a page session end after the store's
+    session life, as an API token does."""
     known = set(tags) if tags else None
+    life = store.session_life.total_seconds()
 
     def user_of(request: gr.Request, *roles: str):
         user = store.user_by_name(request.username) if request and request.username else None
         if user is None or user.disabled:
             raise gr.Error("please log in again")
+        if logged_in_at is not None and time.monotonic() - logged_in_at.get(user.name, float("-inf")) > life:
+            raise gr.Error("your session has expired: log out (/logout) and log in again")
         if roles and user.role not in roles:
             raise gr.Error(f"this needs the role {' or '.join(roles)}")
         return user
@@ -269,6 +276,7 @@ def create_server(store: Store, known_tags: set[str] | None = None) -> FastAPI:
     """The REST API under /api and the web page at /, in one FastAPI app."""
     throttle = LoginThrottle()
     app = create_app(store, known_tags, throttle)
+    logged_in_at: dict[str, float] = {}
 
     def check(username: str, password: str) -> bool:
         """The page's login: the API's rules (constant work, back-off per user name, audit); a disabled or removed
@@ -279,12 +287,13 @@ def create_server(store: Store, known_tags: set[str] | None = None) -> FastAPI:
         ok = check_login(password, user.password_hash if user is not None else None) and not user.disabled
         if ok:
             throttle.succeeded(f"user:{username}")
+            logged_in_at[username] = time.monotonic()
         else:
             throttle.failed(f"user:{username}")
         store.audit(username[:200], "login" if ok else "login_failed", via="page")
         return ok
 
-    ui = build_ui(store, sorted(known_tags) if known_tags else None)
+    ui = build_ui(store, sorted(known_tags) if known_tags else None, logged_in_at)
     return gr.mount_gradio_app(
         app,
         ui,

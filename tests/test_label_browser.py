@@ -1,6 +1,7 @@
 """The web page in Debian's Chromium (Playwright): log in, rank with the keyboard, isolation, escaping, review tab."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,29 @@ def test_reviewer_sees_agreement(server, browser):
     page.screenshot(path=str(SHOTS / "label_review.png"), full_page=True)
     assert "ranked items" in page.inner_text("#agreement")
     page.close()
+
+
+@pytest.mark.slow
+def test_page_sessions_expire_and_end_when_the_account_is_disabled(tmp_path, browser):
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    store = Store(db)
+    for name in ("alice", "bob"):
+        store.add_user(name, "annotator", hash_password(f"{name}-secret"))
+    store.import_tasks("demo", [{"prompt": f"q{i}", "responses": ["a", "b"]} for i in range(4)], overlap=1)
+    store.add_members("demo", ["alice", "bob"])
+    srv = LabelServer(db, tmp_path / "server.log", extra=("--session-hours", str(8 / 3600))).start()
+    try:
+        t0 = time.monotonic()
+        page = login(browser, srv.url, "alice", "alice-secret")
+        page.wait_for_selector("#responses .response", timeout=30000)
+        bob = login(browser, srv.url, "bob", "bob-secret")
+        bob.wait_for_selector("#responses .response", timeout=30000)
+        Store(db).set_disabled("bob", True)  # from another process's view, as `align label users disable` does
+        bob.click("#skip")
+        bob.wait_for_selector("text=please log in again", timeout=20000)
+        page.wait_for_timeout(max(0.0, 8.5 - (time.monotonic() - t0)) * 1000)
+        page.click("#skip")
+        page.wait_for_selector("text=session has expired", timeout=20000)
+        assert [a for a in stored(store, "alice") if a[2]] == [] and stored(store, "bob") == []
+    finally:
+        srv.stop()

@@ -131,7 +131,7 @@ def cmd_label_serve(args: argparse.Namespace) -> None:
             print((args.demo / "labelling.txt").read_text(encoding="utf-8"))
     known = set(Taxonomy.load(taxonomy).tags) if taxonomy else None
     print(f"labelling app on http://{args.host}:{args.port}/ (REST API under /api), database {db}")
-    uvicorn.run(create_server(Store(db), known), host=args.host, port=args.port)
+    uvicorn.run(create_server(Store(db, session_hours=args.session_hours), known), host=args.host, port=args.port)
 
 
 def cmd_label_generate(args: argparse.Namespace) -> None:
@@ -155,6 +155,7 @@ def register(sub) -> None:
     q.add_argument("--host", default="127.0.0.1")
     q.add_argument("--port", type=int, default=7860)
     q.add_argument("--taxonomy", type=Path, default=None, help="taxonomy YAML: tags offered and checked on import")
+    q.add_argument("--session-hours", type=float, default=12.0, help="life of a login (API token or page session)")
     q.add_argument(
         "--demo",
         type=Path,
