@@ -284,8 +284,12 @@ import_items = st.lists(
 def fuzz(url: str) -> None:
     store, client = make_env(url)
     root = login(client, "root")
-    client.post("/api/projects/p/tasks", json=[{"prompt": "q", "responses": ["a", "b", "c"]}] * 200, headers=root)
+    client.post("/api/projects/p/tasks", json=[{"prompt": "q", "responses": ["a", "b"]}] * 200, headers=root)
     annotators = [login(client, n) for n in ("alice", "bob")]
+    task = client.get("/api/tasks/next?project=p", headers=annotators[0]).json()["id"]
+    for body in BAD_ANNOTATIONS + [{"ranks": [1, 2], "unsafe": "u" * 500}, {"ranks": [2, 1], "tags": ["\x00"]}]:
+        r = client.post(f"/api/tasks/{task}/annotations", json=body, headers=annotators[0])
+        assert r.status_code == 422, (body, r.text)  # the same on SQLite and PostgreSQL (NUL, over-long fields)
 
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(body=annotation_bodies, items=import_items, who=st.integers(0, 1))
