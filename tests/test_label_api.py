@@ -152,25 +152,22 @@ def test_merge_rules():
     assert sorted(merge_rankings(cyc, "ranked_pairs")) == [1, 2, 3]
 
 
-@pytest.mark.slow  # end-to-end through the command line
-def test_label_cli_users_import_export(tmp_path):
-    import os
+def test_label_cli_users_import_export(tmp_path, monkeypatch, capsys):
+    """`align label users|import|export` as the command line calls them (in-process)."""
+    import io
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from align.cli import main
 
     db = f"sqlite:///{tmp_path / 'cli.db'}"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = lambda *a, stdin=None: subprocess.run(
-        [sys.executable, "-m", "align.cli", "label", *a],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
+
+    def run(*a, stdin=""):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = main(["label", *a])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(a, code, out.out, out.err)
+
     assert run("users", "add", "ann", "--role", "annotator", "--db", db, stdin="pw1\n").returncode == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "responses": ["a", "b"]}\n{oops\n{"prompt": "q", "responses": ["a"]}\n')

@@ -143,9 +143,9 @@ def test_page_sessions_expire_and_end_when_the_account_is_disabled(tmp_path, bro
     store.add_members("demo", ["alice", "bob"])
     srv = LabelServer(db, tmp_path / "server.log", extra=("--session-hours", str(8 / 3600))).start()
     try:
-        t0 = time.monotonic()
         page = login(browser, srv.url, "alice", "alice-secret")
         page.wait_for_selector("#responses .response", timeout=30000)
+        t0 = time.monotonic()  # alice logged in before this
         bob = login(browser, srv.url, "bob", "bob-secret")
         bob.wait_for_selector("#responses .response", timeout=30000)
         Store(db).set_disabled("bob", True)  # from another process's view, as `align label users disable` does

@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from align.bench_label import LabelServer, Postgres
-from conftest import ROOT
 from labeling_ui.api import create_app
 from labeling_ui.auth import LoginThrottle, hash_password
 from labeling_ui.store import Store
@@ -213,14 +212,19 @@ def test_bad_rows_stored_before_the_checks_are_reported_not_500(env, tmp_path):
     assert client.get("/api/projects/p/export", headers=root).status_code == 200
 
 
-@pytest.mark.slow
-def test_cli_accounts_and_bad_arguments_give_clear_errors(tmp_path):
+def test_cli_accounts_and_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys):
+    """`align label users|members|audit` and `tags sample`, called as the command line calls them (in-process)."""
+    import io
+
+    from align.cli import main
+
     db = f"sqlite:///{tmp_path / 'l.db'}"
 
     def align(*args, stdin="pw\n"):
-        return subprocess.run(
-            [sys.executable, "-m", "align.cli", *args], cwd=ROOT, input=stdin, capture_output=True, text=True
-        )
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
 
     assert align("label", "users", "add", "ann", "--role", "annotator", "--db", db).returncode == 0
     again = align("label", "users", "add", "ann", "--role", "annotator", "--db", db)
