@@ -221,6 +221,8 @@ def create_app(
 
     @app.post("/api/login")
     def login(body: Login, request: Request):
+        if problem := text_problem(body.username, "username", 200) or text_problem(body.password, "password", 1000):
+            raise HTTPException(422, problem)
         keys = (f"user:{body.username}", f"addr:{request.client.host if request.client else '?'}")
         wait = throttle.retry_after(*keys)
         if wait > 0:
@@ -362,6 +364,8 @@ def create_app(
 
     @app.post("/api/projects/{name}/members", status_code=201)
     def add_members(name: str, body: Members, user: User = Depends(role("admin"))):
+        for i, who in enumerate(body.users):
+            checked_name(who, f"users[{i}]")
         try:
             store.add_members(checked_name(name), body.users, actor=user.name)
         except KeyError as e:

@@ -48,6 +48,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from labeling_ui.validate import text_problem
+
 ROLES = ("annotator", "reviewer", "admin")
 
 
@@ -286,8 +288,11 @@ class Store:
     # ------------------------------------------------------------------------------------------- accounts
 
     def add_user(self, name: str, role: str, password_hash: str, actor: str = "cli") -> int:
-        if not name or not name.strip() or name != name.strip() or "#" in name:
-            raise ValueError(f"user name {name!r} must be non-blank, without surrounding spaces or '#'")
+        if not name or not name.strip() or name != name.strip() or "#" in name or text_problem(name, "name", 150):
+            raise ValueError(
+                f"user name {name!r} must be non-blank, at most 150 characters, without surrounding spaces, '#' or"
+                " control characters"
+            )
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
         with self._write() as s:
@@ -300,7 +305,7 @@ class Store:
             return user.id
 
     def user_by_name(self, name: str) -> User | None:
-        """The user of that name, if it exists and is not removed (disabled users are returned: check `active`)."""
+        """The user of that name, if it exists and is not removed (disabled users are returned: check `disabled`)."""
         with self.sessions() as s:
             return s.scalar(select(User).where(User.name == name, User.removed.is_(False)))
 
@@ -380,7 +385,7 @@ class Store:
             row = self._sqlite_row(
                 "SELECT users.id, users.name, users.role FROM sessions JOIN users ON users.id = sessions.user_id"
                 " WHERE sessions.token_hash = ? AND sessions.expires > ? AND NOT users.disabled AND NOT users.removed",
-                (token_hash(token), dt.datetime.utcnow().isoformat(" ")),  # SQLAlchemy's DateTime text on SQLite
+                (token_hash(token), dt.datetime.utcnow().strftime("%Y-%m-%d %H:%M:%S.%f")),  # as SQLAlchemy stores it
             )
             return User(id=row[0], name=row[1], role=row[2], disabled=False, removed=False) if row else None
         with self.sessions() as s:
@@ -433,7 +438,8 @@ class Store:
         interleave with a long import; if a chunk fails, the chunks already written are deleted again."""
         with self._write() as s:
             proj = s.scalar(select(Project).where(Project.name == project))
-            if proj is None:
+            created = proj is None
+            if created:
                 proj = Project(name=project, guidelines=guidelines or "")
                 s.add(proj)
                 s.flush()
@@ -463,10 +469,15 @@ class Store:
                     progress(len(written), len(items))
                 time.sleep(0.01)  # the write lock is not fair: let a waiting annotator's write in between chunks
         except BaseException:
-            with self._write() as s:
+            with self._write() as s:  # the chunks already written go again (with anything done to them meanwhile)
                 for i in range(0, len(written), 1000):
-                    s.execute(delete(Lease).where(Lease.task_id.in_(written[i : i + 1000])))
-                    s.execute(delete(Task).where(Task.id.in_(written[i : i + 1000])))
+                    ids = written[i : i + 1000]
+                    s.execute(delete(Lease).where(Lease.task_id.in_(ids)))
+                    s.execute(delete(Annotation).where(Annotation.task_id.in_(ids)))
+                    s.execute(delete(Task).where(Task.id.in_(ids)))
+                if created:
+                    s.execute(delete(Member).where(Member.project_id == project_id))
+                    s.execute(delete(Project).where(Project.id == project_id))
             raise
         self.audit(actor, "import", project=project, tasks=len(items), overlap=overlap)
         return len(items)

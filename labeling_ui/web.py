@@ -17,7 +17,7 @@ from labeling_ui.agreement import project_report
 from labeling_ui.api import create_app, readable
 from labeling_ui.auth import LoginThrottle, check_login
 from labeling_ui.store import Conflict, Store
-from labeling_ui.validate import UNSAFE_CATEGORIES, annotation_problems
+from labeling_ui.validate import UNSAFE_CATEGORIES, annotation_problems, text_problem
 
 KEYS_JS = """
 <script>
@@ -281,7 +281,7 @@ def create_server(store: Store, known_tags: set[str] | None = None) -> FastAPI:
     def check(username: str, password: str) -> bool:
         """The page's login: the API's rules (constant work, back-off per user name, audit); a disabled or removed
         user's open page is refused at its next action (`user_of`)."""
-        if throttle.retry_after(f"user:{username}") > 0:
+        if text_problem(username, "username", 200) or throttle.retry_after(f"user:{username}") > 0:
             return False
         user = store.user_by_name(username)
         ok = check_login(password, user.password_hash if user is not None else None) and not user.disabled

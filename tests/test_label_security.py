@@ -199,6 +199,27 @@ def test_non_finite_numbers_huge_ids_and_bodies_are_refused(tmp_path):
     assert client.get("/api/projects/p%01/progress", headers=alice).status_code == 422
 
 
+def test_control_characters_in_logins_member_names_and_user_names_are_refused(env):
+    store, client = env
+    assert client.post("/api/login", json={"username": "ali\x00ce", "password": "x"}).status_code == 422
+    root = login(client, "root")
+    assert client.post("/api/projects/p/members", json={"users": ["a\x00"]}, headers=root).status_code == 422
+    for name in ("x" * 151, "bell\x07", " alice", "a#b", ""):
+        with pytest.raises(ValueError):
+            store.add_user(name, "annotator", "h")
+
+
+def test_an_import_that_fails_midway_leaves_nothing(tmp_path, monkeypatch):
+    import labeling_ui.store as store_module
+
+    store = Store(f"sqlite:///{tmp_path / 'l.db'}")
+    monkeypatch.setattr(store_module, "IMPORT_CHUNK", 2)
+    items = [{"prompt": f"q{i}", "responses": ["a", "b"]} for i in range(5)] + [{"prompt": "q"}]  # no responses
+    with pytest.raises(KeyError):
+        store.import_tasks("new", items, 1)
+    assert store.projects() == [] and store.counts()["tasks"] == 0
+
+
 def test_bad_rows_stored_before_the_checks_are_reported_not_500(env, tmp_path):
     store, client = env
     alice = login(client, "alice")

@@ -86,17 +86,19 @@ def cmd_label_import(args: argparse.Namespace) -> None:
     guidelines = args.guidelines.read_text(encoding="utf-8") if args.guidelines else None
     from tqdm import tqdm
 
+    store = Store(args.db)
+    members = [m.strip() for m in args.members.split(",") if m.strip()]
+    if members:  # before the import: a wrong name stops here, with nothing imported
+        try:
+            store.add_members(args.project, members)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(str(e.args[0])) from None
     with tqdm(total=len(items), desc="import", unit="task", disable=len(items) < 5000) as bar:
-        n = Store(args.db).import_tasks(
+        n = store.import_tasks(
             args.project, items, args.overlap, guidelines, progress=lambda done, _: bar.update(done - bar.n)
         )
     print(f"imported {n} tasks into {args.project} (overlap {args.overlap})")
-    members = [m.strip() for m in args.members.split(",") if m.strip()]
     if members:
-        try:
-            Store(args.db).add_members(args.project, members)
-        except KeyError as e:
-            raise ConfigError(str(e.args[0])) from None
         print(f"members of {args.project}: {', '.join(members)}")
 
 
