@@ -9,7 +9,8 @@ from fastapi.testclient import TestClient
 from labeling_ui.api import create_app
 from labeling_ui.auth import hash_password, verify_password
 from labeling_ui.export import merge_rankings
-from labeling_ui.store import SCHEMA_VERSION, Store
+from labeling_ui.schema import SCHEMA_VERSION
+from labeling_ui.store import Store
 from rm.data import comparison_pairs
 
 

@@ -10,7 +10,8 @@ from sqlalchemy import select
 
 from align.bench_label import LabelServer
 from labeling_ui.auth import hash_password
-from labeling_ui.store import Annotation, Store, User
+from labeling_ui.schema import Annotation, User
+from labeling_ui.store import Store
 
 SHOTS = Path(__file__).parent / "screenshots"
 EVIL = 'Sure. <script>window.pwned = true</script> <img src=x onerror="window.pwned = true">'

@@ -11,7 +11,8 @@ from sqlalchemy import select
 
 from align.bench_label import LabelServer, Postgres
 from labeling_ui.auth import hash_password
-from labeling_ui.store import Annotation, Lease, Store, Task, User
+from labeling_ui.schema import Annotation, Lease, Task, User
+from labeling_ui.store import Store
 
 ANNOTATORS, ITEMS, OVERLAP, K = 20, 500, 2, 3  # 500 items x overlap 2 = 1,000 annotations
 
