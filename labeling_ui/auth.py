@@ -44,26 +44,40 @@ class LoginThrottle:
     """Exponential back-off of failed logins, per user name and per client address: the first `free` failures of a
     key cost nothing, each later one doubles that key's wait (from `base` seconds, at most `cap`). A login inside
     a wait is refused without being tried (HTTP 429 with Retry-After) and does not lengthen it; a success clears
-    the user name's count. In memory, per server process."""
+    the user name's count. In memory, per server process, and bounded: a key is forgotten `forget` seconds after its
+    last failure, and past `max_keys` keys (a spray of made-up names) the ones that failed longest ago go first."""
 
-    def __init__(self, free: int = 5, base: float = 1.0, cap: float = 300.0) -> None:
-        self.free, self.base, self.cap = free, base, cap
-        self._state: dict[str, tuple[int, float]] = {}  # key -> (failures, monotonic time before which to refuse)
+    def __init__(
+        self, free: int = 5, base: float = 1.0, cap: float = 300.0, forget: float = 3600.0, max_keys: int = 100_000
+    ) -> None:
+        self.free, self.base, self.cap, self.forget, self.max_keys = free, base, cap, forget, max_keys
+        # key -> (failures, monotonic time before which to refuse, monotonic time of the last failure)
+        self._state: dict[str, tuple[int, float, float]] = {}
         self._lock = threading.Lock()
 
     def retry_after(self, *keys: str) -> float:
         """Seconds until a login with these keys may be tried (0: now)."""
         now = time.monotonic()
         with self._lock:
-            return max([0.0] + [self._state.get(k, (0, 0.0))[1] - now for k in keys])
+            return max([0.0] + [self._state[k][1] - now for k in keys if k in self._state])
 
     def failed(self, *keys: str) -> None:
         now = time.monotonic()
         with self._lock:
             for k in keys:
-                n = self._state.get(k, (0, 0.0))[0] + 1
+                n, _, last = self._state.get(k, (0, 0.0, now))
+                n = 1 if now - last > self.forget else n + 1
                 wait = 0.0 if n <= self.free else min(self.base * 2 ** (n - self.free - 1), self.cap)
-                self._state[k] = (n, now + wait)
+                self._state[k] = (n, now + wait, now)
+            if len(self._state) > self.max_keys:
+                self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        """Drops forgotten keys, then (still too many) the oldest failures, down to 90% of `max_keys`."""
+        self._state = {k: v for k, v in self._state.items() if now - v[2] <= self.forget}
+        if len(self._state) > self.max_keys:
+            keep = sorted(self._state.items(), key=lambda kv: kv[1][2])[-int(self.max_keys * 0.9) :]
+            self._state = dict(keep)
 
     def succeeded(self, *keys: str) -> None:
         with self._lock:

@@ -122,6 +122,25 @@ def test_failed_logins_back_off_with_429_and_the_right_password_works_after(tmp_
     assert actions.count("login_failed") >= 5 and "login" in actions and "import" not in actions[:1]
 
 
+def test_the_login_throttle_stays_bounded_under_a_spray_of_names_and_forgets_old_failures(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("labeling_ui.auth.time.monotonic", lambda: clock[0])
+    throttle = LoginThrottle(free=1, base=10, cap=60, forget=3600, max_keys=100)
+    for _ in range(3):
+        throttle.failed("user:alice", "addr:1.2.3.4")  # a real attack on alice, under back-off
+    clock[0] += 1
+    for i in range(1000):
+        throttle.failed(f"user:made-up-{i}")
+    assert len(throttle._state) <= 100
+    assert throttle.retry_after("user:alice") == 0  # pushed out by 1000 newer failures: the oldest go first
+    throttle.failed("user:bob")
+    throttle.failed("user:bob")
+    assert throttle.retry_after("user:bob") == 10
+    clock[0] += 3601  # an hour without failures: bob starts again from his free attempt
+    throttle.failed("user:bob")
+    assert throttle.retry_after("user:bob") == 0
+
+
 def test_unknown_users_and_wrong_passwords_take_the_same_time(tmp_path):
     store, client = make_env(f"sqlite:///{tmp_path / 'l.db'}", throttle=LoginThrottle(free=10**6))
     times = {"unknown": [], "wrong": []}
