@@ -32,6 +32,13 @@ class PairReport:
     pairs: int = 0
     ties: int = 0
     layouts: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)  # reason -> records left out (on_error="skip")
+    examples: list[str] = field(default_factory=list)  # the first few left out, with file:line
+
+    def skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(message)
 
 
 def ranking_pairs(ranking: list[int]) -> tuple[list[tuple[int, int]], int]:
@@ -74,22 +81,55 @@ def parse_hh_text(text: str, where: str) -> tuple[list[dict], str]:
     return messages[:-1], messages[-1]["content"]
 
 
+class MultiTurnReplies(DataError):
+    """HH chosen/rejected texts that part before their last reply: what follows the shared turns is several turns,
+    not one reply each (5 of the 2,312 rows of hh-rlhf harmless-base/test)."""
+
+
+def split_hh_pair(chosen: str, rejected: str, where: str) -> tuple[list[dict], str, str]:
+    """HH chosen/rejected texts → (shared prompt messages, chosen reply, rejected reply). The prompt is the longest
+    common prefix that ends at an assistant turn, as TRL's `extract_prompt`: usually everything before the last
+    reply. Raises MultiTurnReplies when the texts part earlier and a side continues for more than one reply."""
+    common = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        common += 1
+    cut = chosen.rfind("\n\nAssistant:", 0, common)  # the last assistant turn inside the shared prefix
+    if cut < 0:
+        raise DataError(f"{where}: 'chosen' and 'rejected' share no HH turns ending at an assistant turn")
+    head = chosen[: cut + len("\n\nAssistant:")]
+    replies = [text[len(head) :].removeprefix(" ") for text in (chosen, rejected)]
+    if any(_HH_TURN.search(r) for r in replies):
+        raise MultiTurnReplies(f"{where}: 'chosen' and 'rejected' part before the last reply (multi-turn replies)")
+    prompt, _ = parse_hh_text(head + " ", where)
+    return prompt, replies[0], replies[1]
+
+
+def _hh_transcript(prompt: str) -> bool:
+    """A DeepSpeed-Chat / Dahoas `prompt`: an HH transcript ending at the assistant's turn."""
+    return prompt.startswith("\n\nHuman: ") and prompt.rstrip().endswith("\n\nAssistant:")
+
+
 def chosen_rejected_pair(record: dict, where: str) -> Pair:
-    """`chosen`/`rejected` as HH text or as message lists (sharing the prompt), with an optional `prompt`."""
+    """`chosen`/`rejected` as HH text or as message lists (sharing the prompt), with an optional `prompt`: TRL's
+    explicit layouts (a prompt string or messages, then the replies), DeepSpeed-Chat's (`prompt` an HH transcript)."""
     chosen, rejected = record["chosen"], record["rejected"]
+    source = record.get("source", "hh")
     if isinstance(chosen, str) and isinstance(rejected, str):
-        if "prompt" in record:
-            return Pair(as_messages(record["prompt"], where), chosen, rejected, source=record.get("source", "hh"))
-        prompt_c, reply_c = parse_hh_text(chosen, where + " (chosen)")
-        prompt_r, reply_r = parse_hh_text(rejected, where + " (rejected)")
-        if prompt_c != prompt_r:
-            raise DataError(f"{where}: 'chosen' and 'rejected' have different conversations before the last reply")
-        return Pair(prompt_c, reply_c, reply_r, source=record.get("source", "hh"))
+        prompt = record.get("prompt")
+        if isinstance(prompt, str) and _hh_transcript(prompt):
+            messages, _ = parse_hh_text(prompt.rstrip() + " ", where + " (prompt)")
+            return Pair(messages, chosen.removeprefix(" "), rejected.removeprefix(" "), source=source)
+        if prompt is not None:
+            return Pair(as_messages(prompt, where), chosen, rejected, source=source)
+        return Pair(*split_hh_pair(chosen, rejected, where), source=source)
     if isinstance(chosen, list) and isinstance(rejected, list):
         c, r = as_messages(chosen, where), as_messages(rejected, where)
         if c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant" or c[:-1] != r[:-1]:
             raise DataError(f"{where}: 'chosen'/'rejected' message lists must share a prompt and end with the reply")
-        return Pair(c[:-1], c[-1]["content"], r[-1]["content"], source=record.get("source", "hh"))
+        prompt = as_messages(record["prompt"], where) if "prompt" in record else []  # TRL's explicit prompt
+        return Pair(prompt + c[:-1], c[-1]["content"], r[-1]["content"], source=source)
     raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both be message lists")
 
 
@@ -143,31 +183,44 @@ def forum_pairs(record: dict, where: str, binarize: bool = True) -> list[Pair]:
     return pairs
 
 
-def load_pairs(path: str, binarize: bool = True) -> tuple[list[Pair], PairReport]:
-    """Every pair in a file, whatever its layout (detected per record)."""
+def record_pairs(record: dict, where: str, binarize: bool, report: PairReport) -> list[Pair]:
+    """The pairs of one record, whatever its layout; counts its layout and ties in `report`."""
+    if "responses" in record:
+        new, ties = comparison_pairs(record, where)
+        report.ties += ties
+        report.layouts["comparison"] += 1
+    elif "chosen" in record and "rejected" in record:
+        new = [chosen_rejected_pair(record, where)]
+        report.layouts["chosen/rejected"] += 1
+    elif "human_ref_A" in record:
+        new = [shp_pair(record, where)]
+        report.layouts["shp"] += 1
+    elif "answers" in record:
+        new = forum_pairs(record, where, binarize)
+        report.layouts["forum"] += 1
+    else:
+        raise DataError(
+            f"{where}: unknown record layout (expected 'responses'+'ranking', 'chosen'+'rejected', "
+            f"SHP 'human_ref_A'/'human_ref_B', or a forum thread with 'answers')"
+        )
+    return new
+
+
+def load_pairs(path: str, binarize: bool = True, on_error: str = "raise") -> tuple[list[Pair], PairReport]:
+    """Every pair in a file, whatever its layout (detected per record). A record that cannot be read, or that
+    gives no single-reply pair (HH rows parting early), stops the load (`on_error="raise"`) or is left out and
+    counted in the report with its file:line (`"skip"`)."""
     report = PairReport()
     pairs: list[Pair] = []
-    for where, record in iter_records(path):
+    on_bad_line = (lambda msg: report.skip("malformed", msg)) if on_error == "skip" else None
+    for where, record in iter_records(path, on_bad_line):
         report.records += 1
-        if "responses" in record:
-            new, ties = comparison_pairs(record, where)
-            report.ties += ties
-            report.layouts["comparison"] += 1
-        elif "chosen" in record and "rejected" in record:
-            new = [chosen_rejected_pair(record, where)]
-            report.layouts["chosen/rejected"] += 1
-        elif "human_ref_A" in record:
-            new = [shp_pair(record, where)]
-            report.layouts["shp"] += 1
-        elif "answers" in record:
-            new = forum_pairs(record, where, binarize)
-            report.layouts["forum"] += 1
-        else:
-            raise DataError(
-                f"{where}: unknown record layout (expected 'responses'+'ranking', 'chosen'+'rejected', "
-                f"SHP 'human_ref_A'/'human_ref_B', or a forum thread with 'answers')"
-            )
-        pairs.extend(new)
+        try:
+            pairs.extend(record_pairs(record, where, binarize, report))
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            report.skip("multi-turn replies" if isinstance(e, MultiTurnReplies) else "malformed", str(e))
     report.pairs = len(pairs)
     if not pairs:
         raise DataError(f"{path}: no preference pairs ({report.records} records, {report.ties} ties)")

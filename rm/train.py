@@ -41,6 +41,9 @@ class RMData(Section):
     limit: int | None = Field(None, ge=1)  # use only the first N pairs (after shuffling with the seed)
     balance_n: int | None = Field(None, ge=1)  # draw N pairs by tag-balanced sampling over their tags
     balance_method: Literal["complexity-first", "capped", "temperature"] = "capped"
+    # records that cannot be read or give no single-reply pair (public sets carry a few): counted and reported with
+    # their file:line ("skip"), or the first one stops the run ("raise")
+    on_error: Literal["raise", "skip"] = "skip"
 
 
 class RMLoss(Section):
@@ -102,7 +105,7 @@ def setup(cfg: RMConfig) -> Run:
     model, tokenizer = build_reward_model(cfg)
     end_id = model.end_token_id if model.end_token_id is not None else tokenizer.special_tokens[cfg.end_token]
     d = cfg.data
-    pairs, report = load_pairs(d.train, d.binarize)
+    pairs, report = load_pairs(d.train, d.binarize, d.on_error)
     if d.balance_n is not None:
         from rm.tags.sampler import sample, tag_matrix
 
@@ -117,7 +120,7 @@ def setup(cfg: RMConfig) -> Run:
         random.Random(cfg.train.seed).shuffle(order)
         pairs = [pairs[i] for i in order[: d.limit]]
     if d.eval:
-        eval_pairs, _ = load_pairs(d.eval, d.binarize)
+        eval_pairs, _ = load_pairs(d.eval, d.binarize, d.on_error)
     else:
         pairs, eval_pairs = split_eval(pairs, d.eval_fraction, cfg.train.seed)
     train_rows, cut = encode_pairs(pairs, tokenizer, d.max_len, end_id)
@@ -127,6 +130,11 @@ def setup(cfg: RMConfig) -> Run:
             f"[rm {cfg.stage}] {report.records} records → {len(train_rows)} training pairs, "
             f"{len(eval_rows)} held out; {report.ties} ties excluded; {cut} pairs truncated to {d.max_len} tokens"
         )
+        if report.skipped:
+            left_out = ", ".join(f"{n} {reason}" for reason, n in report.skipped.items())
+            print(f"[rm {cfg.stage}] left out {left_out} (data.on_error=raise stops instead); first:")
+            for example in report.examples:
+                print(f"  {example}")
     loop = cfg.train
     batches = MicroBatches(train_rows, loop.micro_batch_size, distributed.rank(), distributed.world_size(), loop.seed)
     total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))

@@ -203,3 +203,5 @@ def test_every_readme_command_runs_in_order_in_a_fresh_folder(tmp_path):
     ):
         assert (tmp_path / path).exists(), (path, ran)
     assert len(ran) == len(readme_shell_commands()) - len(ELSEWHERE)
+    finetune = (tmp_path / "runs/rm-tiny/config.yaml").read_text()  # fine-tuned from the PMP model
+    assert "stage: finetune" in finetune and "rm-pmp-tiny/final" in finetune

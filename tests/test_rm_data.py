@@ -1,6 +1,7 @@
 """Reward-model data: rankings to pairs, PMP scores and binarisation, public layouts, errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +112,69 @@ def test_malformed_records_name_file_line_and_field(tmp_path):
     path.write_text(json.dumps({**good, "ranking": [1, 1]}) + "\n")
     with pytest.raises(DataError, match="no preference pairs"):
         load_pairs(str(path))
+
+
+PUBLIC = Path(__file__).parent / "fixtures" / "public_rows"  # real rows; sources in its SOURCES.md
+
+
+def test_real_hh_rows_split_at_the_last_reply_as_before():
+    """Ordinary HH rows: the shared turns are the prompt, the last replies the pair (the old whole-text parse)."""
+    pairs, report = load_pairs(str(PUBLIC / "hh_rlhf_harmless_test_sample.jsonl"))
+    rows = [json.loads(l) for l in (PUBLIC / "hh_rlhf_harmless_test_sample.jsonl").read_text().splitlines()]
+    assert len(pairs) == len(rows) == 4 and not report.skipped
+    for pair, row in zip(pairs, rows):
+        prompt, chosen = parse_hh_text(row["chosen"], "c")
+        _, rejected = parse_hh_text(row["rejected"], "r")
+        assert (pair.prompt, pair.chosen, pair.rejected) == (prompt, chosen, rejected)
+        assert pair.prompt[-1]["role"] == "user"
+
+
+def test_real_hh_rows_that_part_early_are_reported_not_fatal(tmp_path):
+    mixed = tmp_path / "hh.jsonl"
+    mixed.write_text(
+        (PUBLIC / "hh_rlhf_harmless_test_sample.jsonl").read_text()
+        + (PUBLIC / "hh_rlhf_harmless_test_divergent.jsonl").read_text()
+    )
+    pairs, report = load_pairs(str(mixed), on_error="skip")
+    assert len(pairs) == 4 and report.records == 9
+    assert report.skipped == {"multi-turn replies": 5}
+    assert report.examples[0].startswith(f"{mixed}:5: 'chosen' and 'rejected' part before the last reply")
+    with pytest.raises(DataError, match=r"hh.jsonl:5: 'chosen' and 'rejected' part before the last reply"):
+        load_pairs(str(mixed), on_error="raise")
+
+
+def test_real_trl_layouts_keep_their_prompts():
+    explicit, _ = load_pairs(str(PUBLIC / "trl_pref_conversational_explicit.jsonl"))
+    implicit, _ = load_pairs(str(PUBLIC / "trl_pref_conversational_implicit.jsonl"))
+    sky = [{"role": "user", "content": "What color is the sky?"}]
+    for (pair,) in (explicit, implicit):
+        assert (pair.prompt, pair.chosen, pair.rejected) == (sky, "It is blue.", "It is green.")
+    (standard,) = load_pairs(str(PUBLIC / "trl_pref_standard_explicit.jsonl"))[0]
+    assert (standard.prompt, standard.chosen, standard.rejected) == (
+        [{"role": "user", "content": "The sky is"}],
+        " blue.",
+        " green.",
+    )
+
+
+def test_deepspeed_chat_prompt_transcripts_become_turns():
+    """The Dahoas/DeepSpeed-Chat layout (prompt = HH transcript up to the last 'Assistant:') gives the same pair as
+    the HH row it was made from."""
+    (pair,) = load_pairs(str(PUBLIC / "hh_dahoas_layout.jsonl"))[0]
+    hh = json.loads((PUBLIC / "hh_rlhf_harmless_test_sample.jsonl").read_text().splitlines()[1])
+    (expected,) = load_pairs_from_rows([hh])
+    assert (pair.prompt, pair.chosen, pair.rejected) == (expected.prompt, expected.chosen, expected.rejected)
+    assert [m["role"] for m in pair.prompt] == ["user", "assistant", "user", "assistant", "user"]
+
+
+def load_pairs_from_rows(rows):
+    return [chosen_rejected_pair(r, f"row {i}") for i, r in enumerate(rows)]
+
+
+def test_malformed_records_are_skipped_and_counted_when_asked(tmp_path):
+    path = tmp_path / "c.jsonl"
+    good = {"prompt": "q", "responses": ["a", "b"], "ranking": [1, 2]}
+    path.write_text(json.dumps(good) + "\n{not json\n" + json.dumps({"foo": 1}) + "\n")
+    pairs, report = load_pairs(str(path), on_error="skip")
+    assert len(pairs) == 1 and report.skipped == {"malformed": 2}
+    assert report.examples[1].startswith(f"{path}:3: unknown record layout")

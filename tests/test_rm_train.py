@@ -8,13 +8,12 @@ import sys
 import pytest
 
 from align.core.metrics import read_metrics
-from align.core.records import write_jsonl_atomic
+from align.core.records import DataError, write_jsonl_atomic
 from align.world.preferences import translation_comparisons
 from conftest import ROOT, kill_after_first_checkpoint
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 TINY = str(ROOT / "configs" / "rm" / "tiny.yaml")
-PMP = str(ROOT / "configs" / "rm" / "pmp-tiny.yaml")
 
 
 def align(*args, timeout=900):
@@ -61,15 +60,6 @@ def test_tiny_reward_model_learns_content_not_length(tmp_path):
     assert right > wrong
 
 
-@pytest.mark.slow
-def test_pmp_then_finetune_from_pmp(tmp_path):
-    align("rm", "pmp", PMP, f"out_dir={tmp_path / 'pmp'}", "train.max_steps=6")
-    align("rm", "train", TINY, f"out_dir={tmp_path / 'ft'}", f"init={tmp_path / 'pmp' / 'final'}", "train.max_steps=4")
-    assert (tmp_path / "ft" / "final" / "reward_head.safetensors").exists()
-    cfg = (tmp_path / "ft" / "config.yaml").read_text()
-    assert "stage: finetune" in cfg and "pmp/final" in cfg
-
-
 def test_finetuning_draws_a_tag_balanced_sample(tmp_path):
     from align.core.config import load_config
     from base_model import QwenTokenizer
@@ -88,6 +78,25 @@ def test_finetuning_draws_a_tag_balanced_sample(tmp_path):
     assert run.train_pairs == encode_pairs([pairs[i] for i in picked], tok, 128, tok.eod_id)[0]
     per_tag = sorted(int(c) for c in m[picked].sum(0).A1 if c)
     assert per_tag[-1] <= 2 * per_tag[0] + 2  # 24 words, about 8 pairs each
+
+
+def test_training_on_hh_rows_leaves_out_and_names_those_that_part_early(tmp_path, capsys):
+    from align.core.config import load_config
+    from rm.train import RMConfig, setup
+
+    public = ROOT / "tests" / "fixtures" / "public_rows"
+    data = tmp_path / "hh.jsonl"
+    data.write_text(
+        (public / "hh_rlhf_harmless_test_sample.jsonl").read_text()
+        + (public / "hh_rlhf_harmless_test_divergent.jsonl").read_text()
+    )
+    overrides = [f"out_dir={tmp_path / 'rm'}", f"data.train={data}", "data.eval_fraction=0", "train.micro_batch_size=2"]
+    run = setup(load_config(RMConfig, TINY, overrides))
+    assert len(run.train_pairs) == 4
+    out = capsys.readouterr().out
+    assert "left out 5 multi-turn replies" in out and f"{data}:5: 'chosen' and 'rejected' part" in out
+    with pytest.raises(DataError, match="hh.jsonl:5"):
+        setup(load_config(RMConfig, TINY, [*overrides, "data.on_error=raise"]))
 
 
 @pytest.mark.slow
