@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from align.core.records import ComparisonRecord, DataError, as_messages, iter_records
+from sft.data import to_messages
 
 
 @dataclass
@@ -113,7 +114,8 @@ def _hh_transcript(prompt: str) -> bool:
 
 def chosen_rejected_pair(record: dict, where: str) -> Pair:
     """`chosen`/`rejected` as HH text or as message lists (sharing the prompt), with an optional `prompt`: TRL's
-    explicit layouts (a prompt string or messages, then the replies), DeepSpeed-Chat's (`prompt` an HH transcript)."""
+    explicit layouts (a prompt string or messages, then the replies), DeepSpeed-Chat's (`prompt` an HH transcript),
+    LLaMA-Factory's (`conversations` or `messages`, then one turn each)."""
     chosen, rejected = record["chosen"], record["rejected"]
     source = record.get("source", "hh")
     if isinstance(chosen, str) and isinstance(rejected, str):
@@ -130,7 +132,17 @@ def chosen_rejected_pair(record: dict, where: str) -> Pair:
             raise DataError(f"{where}: 'chosen'/'rejected' message lists must share a prompt and end with the reply")
         prompt = as_messages(record["prompt"], where) if "prompt" in record else []  # TRL's explicit prompt
         return Pair(prompt + c[:-1], c[-1]["content"], r[-1]["content"], source=source)
-    raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both be message lists")
+    if isinstance(chosen, dict) and isinstance(rejected, dict):  # LLaMA-Factory: ShareGPT/OpenAI turns, one reply each
+        prompt = to_messages(record, where)
+        replies = [
+            to_messages({"conversations": [t]} if "from" in t else {"messages": [t]}, where) for t in (chosen, rejected)
+        ]
+        if any(reply[0]["role"] != "assistant" for reply in replies):
+            raise DataError(f"{where}: fields 'chosen' and 'rejected' must be assistant turns")
+        return Pair(prompt, replies[0][0]["content"], replies[1][0]["content"], source=record.get("source", "sharegpt"))
+    raise DataError(
+        f"{where}: fields 'chosen' and 'rejected' must both be strings, message lists or single turns (ShareGPT)"
+    )
 
 
 def shp_pair(record: dict, where: str) -> Pair:

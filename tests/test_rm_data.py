@@ -157,6 +157,16 @@ def test_real_trl_layouts_keep_their_prompts():
     )
 
 
+def test_real_llamafactory_sharegpt_preference_row():
+    row = json.loads((PUBLIC / "sharegpt_pref_llamafactory_dpo.jsonl").read_text())
+    ((pair,), report) = load_pairs(str(PUBLIC / "sharegpt_pref_llamafactory_dpo.jsonl"))
+    assert pair.prompt == [{"role": "user", "content": row["conversations"][0]["value"]}]
+    assert (pair.chosen, pair.rejected) == (row["chosen"]["value"], row["rejected"]["value"])
+    bad = {**row, "chosen": {"from": "human", "value": "x"}}
+    with pytest.raises(DataError, match="f:1: fields 'chosen' and 'rejected' must be assistant turns"):
+        chosen_rejected_pair(bad, "f:1")
+
+
 def test_deepspeed_chat_prompt_transcripts_become_turns():
     """The Dahoas/DeepSpeed-Chat layout (prompt = HH transcript up to the last 'Assistant:') gives the same pair as
     the HH row it was made from."""
