@@ -206,3 +206,33 @@ def test_every_readme_command_parses_and_names_shipped_configs():
         for word in argv:
             if word.startswith("configs/"):
                 assert (ROOT / word).exists(), (line, word)
+
+
+def test_data_inspect_reports_layouts_lengths_and_what_readers_leave_out(tmp_path, capsys):
+    """On real rows: HH text with its early-parting rows, a ShareGPT tool-call conversation (its `tools` field is
+    listed, not dropped unseen), OpenAI messages."""
+    from align.cli import main
+
+    public = ROOT / "tests" / "fixtures" / "public_rows"
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(
+        (public / "hh_rlhf_harmless_test_sample.jsonl").read_text()
+        + (public / "hh_rlhf_harmless_test_divergent.jsonl").read_text()
+        + "{not json\n"
+    )
+    files = [str(hh), str(public / "sharegpt_glaive_toolcall.jsonl"), str(public / "openai_messages_cookbook.jsonl")]
+    assert (
+        main(["data", "inspect", *files, "--tokenizer", "bytes", "--samples", "1", "--json", str(tmp_path / "r.json")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert f"{hh}: 9 records" in out and "preference pairs: 4" in out
+    assert f"5  multi-turn replies; first: {hh}:5:" in out and "1  not a JSON object" in out
+    assert "fields no reader uses: tools (1 records)" in out
+    assert "⟦" in out  # the trained tokens of a conversation sample are marked
+    hh_report, glaive, openai = json.loads((tmp_path / "r.json").read_text())
+    assert hh_report["layouts"] == {"preference: Anthropic HH text": 9}
+    assert glaive["roles"] == {"user": 2, "assistant": 4, "function": 2}
+    assert (
+        openai["layouts"] == {"conversation: OpenAI messages": 4} and openai["tokens"]["max"] >= openai["tokens"]["p50"]
+    )

@@ -15,6 +15,7 @@ TOP = (
     "align.bench",
     "align.bench_gpu",
     "align.bench_label",
+    "align.inspect_data",
     "align.world",
     "align.config_types",
 )

@@ -169,7 +169,26 @@ def cmd_tags_audit(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_data_inspect(args: argparse.Namespace) -> None:
+    from align.inspect_data import format_report, inspect_file
+    from base_model import QwenTokenizer
+    from base_model.atomic import write_json_atomic
+
+    tokenizer = QwenTokenizer.load(args.tokenizer)
+    reports = [inspect_file(str(path), tokenizer, args.max_len, args.samples) for path in args.files]
+    print("\n\n".join(format_report(r) for r in reports))
+    if args.json:
+        write_json_atomic(args.json, [r.as_dict() for r in reports])
+
+
 def _add_data_commands(data_sub) -> None:
+    q = data_sub.add_parser("inspect", help="layouts, turns, roles, token lengths, what readers leave out, samples")
+    q.add_argument("files", nargs="+", type=Path, help="JSONL/JSON/Parquet or a datasets folder")
+    q.add_argument("--tokenizer", default="cl100k_base", help="'cl100k_base', 'bytes', a ranks file or checkpoint")
+    q.add_argument("--max-len", type=int, default=2048, help="as the SFT config's data.max_len")
+    q.add_argument("--samples", type=int, default=3, help="rendered samples per file")
+    q.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    q.set_defaults(func=cmd_data_inspect)
     q = data_sub.add_parser("dedup", help="exact and MinHash-LSH near-duplicate removal")
     q.add_argument("--input", nargs="+", required=True, type=Path)
     q.add_argument("--output", required=True, type=Path, help=".jsonl or .parquet")
@@ -200,7 +219,7 @@ def _add_data_commands(data_sub) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("data", help="pretraining data: pack | dedup | filter | decontaminate")
-    data_sub = p.add_subparsers(dest="data_command", metavar="pack|dedup|filter|decontaminate")
+    data_sub = p.add_subparsers(dest="data_command", metavar="inspect|pack|dedup|filter|decontaminate")
     data_sub.required = True
     q = data_sub.add_parser("pack", help="tokenise and pack documents into fixed-length rows")
     q.add_argument("--input", nargs="+", required=True, type=Path, help="JSONL or Parquet files")
