@@ -142,14 +142,22 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 
 
 def evaluate_file(
-    model_dir: str, data: str, max_len: int = 2048, batch_size: int = 16, report: Path | None = None
+    model_dir: str,
+    data: str,
+    max_len: int = 2048,
+    batch_size: int = 16,
+    report: Path | None = None,
+    on_error: str = "skip",
 ) -> dict:
+    """Pairwise accuracy and the rest of `pair_metrics` on a preference file; records the reader leaves out
+    (`on_error="skip"`) are counted under `left_out`, with the first few named in `left_out_examples`."""
     model = load_reward_model(model_dir)
     tokenizer = QwenTokenizer.from_file(Path(model_dir))
-    pairs, _ = load_pairs(data, binarize=False)
+    pairs, read = load_pairs(data, binarize=False, on_error=on_error)
     chosen = score_texts(model, tokenizer, [(p.prompt, p.chosen) for p in pairs], max_len, batch_size)
     rejected = score_texts(model, tokenizer, [(p.prompt, p.rejected) for p in pairs], max_len, batch_size)
     metrics = pair_metrics(pairs, chosen, rejected)
+    metrics["left_out"], metrics["left_out_examples"] = dict(read.skipped), read.examples
     if report is not None:
         write_report(metrics, report, f"Reward model {model_dir} on {data}")
     return metrics

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from align.core.records import DataError
 from base_model import QwenForCausalLM
 from conftest import randomize_biases, tiny_config
 from rm.data import collate_sequences
@@ -98,3 +99,26 @@ def test_bradley_terry_by_hand():
     margin = torch.tensor([1.0, 0.0])
     expected_m = -math.log(0.5) - math.log(1 / (1 + math.exp(0.5)))
     assert bradley_terry_loss_sum(chosen, rejected, margin).item() == pytest.approx(expected_m, abs=1e-6)
+
+
+def test_eval_counts_the_records_it_leaves_out(tmp_path):
+    """`align rm eval` on HH data with rows that part early (real rows): scored on the rest, the others counted."""
+    from base_model import QwenTokenizer
+    from conftest import ROOT
+    from rm.eval import evaluate_file
+
+    tokenizer = QwenTokenizer.from_bytes()
+    torch.manual_seed(0)
+    lm = QwenForCausalLM(tiny_config(vocab_size=-(-len(tokenizer) // 64) * 64, seq_length=512))
+    RewardModel(lm, "end_token", tokenizer.eod_id).save(tmp_path / "rm", tokenizer=tokenizer)
+    public = ROOT / "tests" / "fixtures" / "public_rows"
+    data = tmp_path / "hh.jsonl"
+    data.write_text(
+        (public / "hh_rlhf_harmless_test_sample.jsonl").read_text()
+        + (public / "hh_rlhf_harmless_test_divergent.jsonl").read_text()
+    )
+    metrics = evaluate_file(str(tmp_path / "rm"), str(data), max_len=256, report=tmp_path / "r.html")
+    assert metrics["overall"]["n"] == 4 and metrics["left_out"] == {"multi-turn replies": 5}
+    assert metrics["left_out_examples"][0].startswith(f"{data}:5:")
+    with pytest.raises(DataError, match="hh.jsonl:5"):
+        evaluate_file(str(tmp_path / "rm"), str(data), max_len=256, on_error="raise")

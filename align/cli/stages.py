@@ -39,7 +39,7 @@ def cmd_rm_eval(args: argparse.Namespace) -> None:
     from rm.eval import dump_metrics, evaluate_file
 
     report = args.report or (args.model / "eval_report.html")
-    metrics = evaluate_file(str(args.model), str(args.data), args.max_len, args.batch_size, report)
+    metrics = evaluate_file(str(args.model), str(args.data), args.max_len, args.batch_size, report, args.on_error)
     if args.json:
         print(dump_metrics(metrics))
     else:
@@ -48,6 +48,9 @@ def cmd_rm_eval(args: argparse.Namespace) -> None:
             f"pairwise accuracy {o['accuracy']:.4f} over {o['n']} pairs, 95% CI [{o['ci95'][0]:.4f}, "
             f"{o['ci95'][1]:.4f}]; length-only baseline {metrics['length_baseline']['accuracy']:.4f}"
         )
+        if metrics["left_out"]:
+            left_out = ", ".join(f"{n} {reason}" for reason, n in metrics["left_out"].items())
+            print(f"left out {left_out}; first: " + "; ".join(metrics["left_out_examples"]))
         for source, v in metrics["per_source"].items():
             print(f"  {source}: {v['accuracy']:.4f} ({v['n']} pairs)")
         print(f"report: {report}")
@@ -105,6 +108,9 @@ def register(sub) -> None:
     q.add_argument("--report", type=Path, default=None, help="HTML report path (default: MODEL/eval_report.html)")
     q.add_argument("--max-len", type=int, default=2048)
     q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument(
+        "--on-error", choices=["skip", "raise"], default="skip", help="records that give no pair: count or stop"
+    )
     q.set_defaults(func=cmd_rm_eval)
     q = rm_sub.add_parser("score", help="score conversations in batches")
     q.add_argument("--model", type=Path, required=True)
