@@ -16,8 +16,8 @@ import numpy as np
 from align.core.chatml import render
 from align.core.records import DataError, iter_records
 from base_model import QwenTokenizer
-from rm.data import PairReport, record_pairs
-from sft.data import SkipExample, build_example, to_messages
+from rm.data import PairReport, left_out_reason, record_pairs
+from sft.data import SkipExample, build_example, check_trainable, to_messages
 from sft.preview import render_preview
 
 # the top-level fields some reader uses; any other field is listed, so that nothing is dropped unseen (e.g. `tools`)
@@ -111,11 +111,11 @@ def inspect_file(path: str, tokenizer: QwenTokenizer, max_len: int = 2048, n_sam
                 _conversation(record, where, tokenizer, max_len, report, n_samples)
             else:
                 raise DataError(f"{where}: unknown layout (fields: {', '.join(record) or 'none'})")
-        except SkipExample as e:
-            report.skip("does not fit or has nothing to train", f"{where}: {e}")
+        except SkipExample as e:  # as SFT's reader counts them
+            reason = "too long" if "does not fit" in str(e) else "untrainable"
+            report.skip(reason, str(e) if str(e).startswith(where) else f"{where}: {e}")
         except DataError as e:
-            reason = "multi-turn replies" if "part before the last reply" in str(e) else "malformed"
-            report.skip(reason, str(e))
+            report.skip(left_out_reason(e), str(e))
     return report
 
 
@@ -123,6 +123,7 @@ def _conversation(record, where, tokenizer, max_len, report: FileReport, n_sampl
     messages = to_messages(record, where)
     report.roles.update(m["role"] for m in messages)
     report.turns.append(len(messages))
+    check_trainable(messages, where)
     example = build_example(messages, tokenizer, max_len)
     report.tokens.append(len(example["input_ids"]))
     if len(report.samples) < n_samples:
@@ -133,6 +134,9 @@ def _conversation(record, where, tokenizer, max_len, report: FileReport, n_sampl
 
 def _preference(record, where, tokenizer, report: FileReport, n_samples: int) -> None:
     pairs = record_pairs(record, where, binarize=False, report=PairReport())
+    if not pairs:  # a ranking with every response tied, a forum thread with equal scores
+        report.skip("no pair (all tied)", f"{where}: every response is tied")
+        return
     report.pairs += len(pairs)
     first = pairs[0]
     report.roles.update(m["role"] for m in first.prompt)

@@ -171,10 +171,10 @@ def migrate(s: Session, existed: bool) -> int:
     return version
 
 
-def statement(statement: str, columns: dict | None = None, **types):
+def statement(sql: str, columns: dict | None = None, **types):
     """A plain statement with typed parameters and result columns: SQLAlchemy converts datetimes, booleans and
     JSON for the dialect, and compiles it once."""
-    clause = text(statement).bindparams(*(bindparam(name, type_=t) for name, t in types.items()))
+    clause = text(sql).bindparams(*(bindparam(name, type_=t) for name, t in types.items()))
     return clause.columns(**columns) if columns else clause
 
 

@@ -11,6 +11,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 from align.core.records import ComparisonRecord, DataError, as_messages, iter_records
 from sft.data import to_messages
@@ -218,7 +219,14 @@ def record_pairs(record: dict, where: str, binarize: bool, report: PairReport) -
     return new
 
 
-def load_pairs(path: str, binarize: bool = True, on_error: str = "raise") -> tuple[list[Pair], PairReport]:
+def left_out_reason(error: DataError) -> str:
+    """Why a record that gives no pair is left out, as the readers' reports count it."""
+    return "multi-turn replies" if isinstance(error, MultiTurnReplies) else "malformed"
+
+
+def load_pairs(
+    path: str, binarize: bool = True, on_error: Literal["raise", "skip"] = "raise"
+) -> tuple[list[Pair], PairReport]:
     """Every pair in a file, whatever its layout (detected per record). A record that cannot be read, or that
     gives no single-reply pair (HH rows parting early), stops the load (`on_error="raise"`) or is left out and
     counted in the report with its file:line (`"skip"`)."""
@@ -232,7 +240,7 @@ def load_pairs(path: str, binarize: bool = True, on_error: str = "raise") -> tup
         except DataError as e:
             if on_error == "raise":
                 raise
-            report.skip("multi-turn replies" if isinstance(e, MultiTurnReplies) else "malformed", str(e))
+            report.skip(left_out_reason(e), str(e))
     report.pairs = len(pairs)
     if not pairs:
         raise DataError(f"{path}: no preference pairs ({report.records} records, {report.ties} ties)")

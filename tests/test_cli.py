@@ -236,3 +236,15 @@ def test_data_inspect_reports_layouts_lengths_and_what_readers_leave_out(tmp_pat
     assert (
         openai["layouts"] == {"conversation: OpenAI messages": 4} and openai["tokens"]["max"] >= openai["tokens"]["p50"]
     )
+    odd = tmp_path / "odd.jsonl"  # a fully tied ranking gives no pair; a conversation without a reply trains nothing
+    odd.write_text(
+        json.dumps({"prompt": "q", "responses": ["a", "b"], "ranking": [1, 1]})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        + "\n"
+    )
+    assert main(["data", "inspect", str(odd), "--tokenizer", "bytes"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"1  no pair (all tied); first: {odd}:1:" in out and f"1  untrainable; first: {odd}:2: no assistant turn" in out
+    )
