@@ -17,13 +17,14 @@ from align.core.chatml import render
 from align.core.records import DataError, iter_records
 from base_model import QwenTokenizer
 from rm.data import PairReport, left_out_reason, record_pairs
-from sft.data import SkipExample, build_example, check_trainable, to_messages
+from sft.data import SkipExample, build_example, check_trainable, record_tools, to_messages
 from sft.preview import render_preview
 
-# the top-level fields some reader uses; any other field is listed, so that nothing is dropped unseen (e.g. `tools`)
+# the top-level fields some reader uses; any other field is listed, so that nothing is dropped unseen
 READ_FIELDS = {
     "messages", "conversations", "system", "prompt", "chosen", "rejected", "responses", "ranking", "strength", "tags",
     "annotator", "source", "history", "human_ref_A", "human_ref_B", "labels", "domain", "question", "answers",
+    "tools", "functions", "instruction", "input", "output",
 }  # fmt: skip
 
 
@@ -44,10 +45,13 @@ def layout_of(record: dict) -> str:
         return "preference: Stanford SHP"
     if "answers" in record:
         return "preference: forum thread (PMP)"
+    tools = " with tools" if record.get("tools") or record.get("functions") else ""
     if "messages" in record:
-        return "conversation: OpenAI messages"
+        return "conversation: OpenAI messages" + tools
     if "conversations" in record:
-        return "conversation: ShareGPT"
+        return "conversation: ShareGPT" + tools
+    if "instruction" in record and "output" in record:
+        return "conversation: Alpaca"
     return "unknown"
 
 
@@ -124,7 +128,7 @@ def _conversation(record, where, tokenizer, max_len, report: FileReport, n_sampl
     report.roles.update(m["role"] for m in messages)
     report.turns.append(len(messages))
     check_trainable(messages, where)
-    example = build_example(messages, tokenizer, max_len)
+    example = build_example(messages, tokenizer, max_len, tools=record_tools(record, where))
     report.tokens.append(len(example["input_ids"]))
     if len(report.samples) < n_samples:
         report.samples.append(

@@ -63,6 +63,79 @@ def tokenizer_json(ranks: dict[bytes, int], special_tokens: dict[str, int], patt
     return tok.to_str()
 
 
+# Qwen's ReAct prompt (its `examples/react_prompt.md`): tool descriptions for a conversation with tools.
+TOOL_DESC = (
+    "{name}: Call this tool to interact with the {name} API. What is the {name} API useful for? {description} "
+    "Parameters: {parameters} Format the arguments as a JSON object."
+)
+REACT_INSTRUCTION = """Answer the following questions as best you can. You have access to the following tools:
+
+{tool_descs}
+
+Use the following format:
+
+Question: the input question you must answer
+Thought: you should always think about what to do
+Action: the action to take, should be one of [{tool_names}]
+Action Input: the input to the action
+Observation: the result of the action
+... (this Thought/Action/Action Input/Observation can be repeated zero or more times)
+Thought: I now know the final answer
+Final Answer: the final answer to the original input question
+
+Begin!"""
+
+
+def _jinja(text: str) -> str:
+    """`text` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _chat_template() -> str:
+    """ChatML with Qwen's default system prompt and ReAct tools, the text `align.core.chatml.render_text` writes.
+
+    Written without whitespace control and with newlines as `nl` (transformers renders with trim_blocks)."""
+    head, rest = REACT_INSTRUCTION.split("{tool_descs}")
+    middle, tail = rest.split("{tool_names}")
+    desc = TOOL_DESC.replace("{name}", "' ~ f['name'] ~ '").replace("{description}", "' ~ desc ~ '")
+    desc = "'" + desc.replace("{parameters}", "' ~ (params | tojson) ~ '") + "'"
+    tool = "m['role'] in ['tool', 'function']"
+    return (
+        "{% set nl = '\\n' %}"
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set rest = messages[1:] %}{% else %}{% set system = 'You are a helpful assistant.' %}"
+        "{% set rest = messages %}{% endif %}"
+        "{% if tools %}{% set ns = namespace(descs=[], names=[]) %}{% for t in tools %}"
+        "{% set f = t['function'] if t['function'] is defined else t %}"
+        "{% set params = f['parameters'] if f['parameters'] is defined else {} %}"
+        "{% set desc = f['description'] if f['description'] is defined else '' %}"
+        f"{{% set ns.descs = ns.descs + [{desc}] %}}{{% set ns.names = ns.names + [f['name']] %}}{{% endfor %}}"
+        f"{{% set system = system ~ nl ~ nl ~ {_jinja(head)} ~ (ns.descs | join(nl ~ nl)) ~ {_jinja(middle)}"
+        f" ~ (ns.names | join(', ')) ~ {_jinja(tail)} %}}{{% endif %}}"
+        "<|im_start|>system{{ nl }}{{ system }}<|im_end|>{{ nl }}"
+        "{% for m in rest %}"
+        f"{{% if {tool} %}}{{{{ nl }}}}Observation: {{{{ m['content'] }}}}{{% else %}}"
+        "{% if m['role'] == 'assistant' and loop.previtem is defined"
+        " and loop.previtem['role'] in ['tool', 'function'] %}{{ nl }}"
+        "{% else %}<|im_start|>{{ m['role'] }}{{ nl }}{% endif %}"
+        "{% if m['content'] %}{{ m['content'] }}{% endif %}"
+        "{% if m['role'] == 'assistant' and m['tool_calls'] is defined and m['tool_calls'] %}"
+        "{% for c in m['tool_calls'] %}{% set f = c['function'] if c['function'] is defined else c %}"
+        "{% set args = f['arguments'] if f['arguments'] is defined else {} %}"
+        "{% if m['content'] or not loop.first %}{{ nl }}{% endif %}"
+        "Action: {{ f['name'] }}{{ nl }}Action Input: "
+        "{% if args is string %}{{ args }}{% else %}{{ args | tojson }}{% endif %}{% endfor %}{% endif %}"
+        "{% endif %}"
+        "{% if loop.nextitem is not defined or (loop.nextitem['role'] not in ['tool', 'function']"
+        f" and not ({tool} and loop.nextitem['role'] == 'assistant')) %}}<|im_end|>{{{{ nl }}}}{{% endif %}}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant{{ nl }}{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = _chat_template()
+
+
 def tokenizer_config(special_tokens: dict[str, int], eos: str, pad: str, max_length: int) -> str:
     decoder = {
         str(i): {
@@ -82,10 +155,6 @@ def tokenizer_config(special_tokens: dict[str, int], eos: str, pad: str, max_len
         "pad_token": pad,
         "model_max_length": max_length,
         "clean_up_tokenization_spaces": False,
-        "chat_template": (
-            "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-            "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        ),
+        "chat_template": CHAT_TEMPLATE,
     }
     return json.dumps(config, indent=2, ensure_ascii=False) + "\n"

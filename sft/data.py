@@ -7,6 +7,7 @@ loss must not look.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,8 +15,9 @@ from typing import Literal
 
 import torch
 
-from align.core.chatml import render_turns
+from align.core.chatml import ChatFormatError, render_turns
 from align.core.losses import IGNORE_INDEX
+from align.core.react import ToolFormatError, react_instruction
 from align.core.records import DataError, iter_records
 from base_model import QwenTokenizer
 
@@ -29,16 +31,16 @@ SHAREGPT_ROLES = {
     "gpt": "assistant",
     "assistant": "assistant",
     "function_call": "assistant",
-    "observation": "function",
-    "function": "function",
-    "tool": "function",
+    "observation": "tool",
+    "function": "tool",
+    "tool": "tool",
 }
 OPENAI_ROLES = {
     "system": "system",
     "user": "user",
     "assistant": "assistant",
-    "tool": "function",
-    "function": "function",
+    "tool": "tool",
+    "function": "tool",
 }
 
 
@@ -47,13 +49,22 @@ class SkipExample(Exception):
 
 
 def to_messages(record: dict, where: str) -> list[dict]:
-    """A record in OpenAI or ShareGPT layout → ChatML messages. Errors name the location and the field."""
+    """A record in OpenAI, ShareGPT or Alpaca layout → ChatML messages. Errors name the location and the field.
+
+    OpenAI `tool_calls` are kept; a ShareGPT `function_call` turn (JSON text `{"name", "arguments"}`) becomes an
+    assistant message with that call, and an `observation` turn a tool result. Alpaca's `input` follows its
+    `instruction` on a new line (as LLaMA-Factory joins them), after any `history` rounds."""
     if "messages" in record:
         key, role_key, text_key, roles = "messages", "role", "content", OPENAI_ROLES
     elif "conversations" in record:
         key, role_key, text_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
+    elif "instruction" in record and "output" in record:
+        return _alpaca_messages(record, where)
     else:
-        raise DataError(f"{where}: no 'messages' or 'conversations' field (has: {', '.join(record) or 'nothing'})")
+        raise DataError(
+            f"{where}: no 'messages', 'conversations' or 'instruction'/'output' field "
+            f"(has: {', '.join(record) or 'nothing'})"
+        )
     turns = record[key]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field '{key}' must be a non-empty list")
@@ -71,12 +82,65 @@ def to_messages(record: dict, where: str) -> list[dict]:
                 f"(expected one of {', '.join(sorted(roles))})"
             )
         content = turn.get(text_key)
-        if not isinstance(content, str):
+        calls = turn.get("tool_calls") if roles[role] == "assistant" else None
+        if role == "function_call":
+            content, calls = "", [_sharegpt_call(content, f"{where}: field '{field_name}.{text_key}'")]
+        if not isinstance(content, str) and not (calls and content is None):
             raise DataError(f"{where}: field '{field_name}.{text_key}' must be a string")
         if roles[role] == "system" and messages:
             raise DataError(f"{where}: field '{field_name}': a system message may only come first")
-        messages.append({"role": roles[role], "content": content})
+        if roles[role] == "tool" and (not messages or messages[-1]["role"] not in ("assistant", "tool")):
+            raise DataError(f"{where}: field '{field_name}': a tool result must follow an assistant turn")
+        message = {"role": roles[role], "content": content or ""}
+        if calls:
+            if not isinstance(calls, list):
+                raise DataError(f"{where}: field '{field_name}.tool_calls' must be a list")
+            message["tool_calls"] = calls
+        messages.append(message)
     return messages
+
+
+def _sharegpt_call(value: object, where: str) -> dict:
+    try:
+        call = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError as e:
+        raise DataError(f'{where}: a function_call must be JSON {{"name", "arguments"}} ({e})') from None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise DataError(f'{where}: a function_call must be JSON {{"name", "arguments"}}, got {value!r:.80}')
+    return {"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}}
+
+
+def _alpaca_messages(record: dict, where: str) -> list[dict]:
+    for name in ("instruction", "input", "output", "system"):
+        if not isinstance(record.get(name, ""), str):
+            raise DataError(f"{where}: field '{name}' must be a string")
+    messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    history = record.get("history") or []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise DataError(f"{where}: field 'history[{i}]' must be a [query, response] pair of strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    query = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
+    return messages + [{"role": "user", "content": query}, {"role": "assistant", "content": record["output"]}]
+
+
+def record_tools(record: dict, where: str) -> list[dict] | None:
+    """The tool definitions of a record (`tools`, a list or JSON text of one, or OpenAI's older `functions`)."""
+    tools = record.get("tools", record.get("functions"))
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: field 'tools' is not valid JSON ({e})") from None
+    if not isinstance(tools, list):
+        raise DataError(f"{where}: field 'tools' must be a list of function descriptions")
+    try:
+        react_instruction(tools)
+    except ToolFormatError as e:
+        raise DataError(f"{where}: field {e}") from None
+    return tools
 
 
 def check_trainable(messages: list[dict], where: str) -> None:
@@ -84,7 +148,7 @@ def check_trainable(messages: list[dict], where: str) -> None:
     if not assistants:
         raise SkipExample(f"{where}: no assistant turn")
     for i, m in enumerate(messages):
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise SkipExample(f"{where}: message {i} is an empty assistant turn")
 
 
@@ -122,12 +186,14 @@ def build_example(
     max_len: int,
     mask_mode: MaskMode = "assistant",
     truncation: Truncation = "drop_oldest",
+    tools: Sequence[dict] | None = None,
 ) -> dict[str, list[int]]:
-    """ChatML `input_ids` and aligned `labels` (no padding).
+    """ChatML `input_ids` and aligned `labels` (no padding), with the chat template's tokenisation (Qwen's
+    separate encoding under mask_mode `qwen`); `tools` are described in the system turn as Qwen's ReAct prompt.
 
     mask_mode: `assistant` trains on assistant content and its closing `<|im_end|>`; `qwen` reproduces the labels
-    of Qwen's finetune.py; `none` trains on everything. ReAct observations inside assistant turns are never
-    trained on. truncation: `drop_oldest` removes whole rounds from the front (keeping the system prompt) until
+    of Qwen's finetune.py; `none` trains on everything. Tool results and ReAct observations inside assistant turns
+    are never trained on. truncation: `drop_oldest` removes whole rounds from the front (keeping the system prompt) until
     the conversation fits; `slice` cuts the tail at max_len (what finetune.py does); `skip` refuses it. An example
     that cannot fit raises SkipExample.
     """
@@ -139,7 +205,8 @@ def build_example(
     elif mask_mode == "qwen" and messages and messages[0]["role"] != "user":
         messages = messages[1:]
     while True:
-        ids, turns = render_turns(messages, tokenizer, split_react=True)
+        encoding = "qwen" if mask_mode == "qwen" else "template"
+        ids, turns = render_turns(messages, tokenizer, split_react=True, tools=tools, encoding=encoding)
         if len(ids) <= max_len:
             break
         if truncation == "slice":
@@ -186,9 +253,12 @@ def load_examples(
     on_bad_line = (lambda msg: report.note("malformed", msg)) if on_error == "skip" else None
     for where, record in iter_records(path, on_bad_line):
         try:
-            messages = to_messages(record, where)
+            messages, tools = to_messages(record, where), record_tools(record, where)
             check_trainable(messages, where)
-            examples.append(build_example(messages, tokenizer, max_len, mask_mode, truncation))
+            try:
+                examples.append(build_example(messages, tokenizer, max_len, mask_mode, truncation, tools))
+            except ChatFormatError as e:
+                raise DataError(f"{where}: {e}") from None
         except DataError as e:
             if on_error == "raise":
                 raise

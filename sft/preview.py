@@ -7,7 +7,7 @@ import sys
 from align.core.losses import IGNORE_INDEX
 from align.core.records import iter_records
 from base_model import QwenTokenizer
-from sft.data import MaskMode, SkipExample, build_example, to_messages
+from sft.data import MaskMode, SkipExample, build_example, record_tools, to_messages
 
 HIGHLIGHT, RESET = "\033[1;42;30m", "\033[0m"
 
@@ -43,7 +43,8 @@ def preview(
         if shown >= limit:
             break
         try:
-            ex = build_example(to_messages(record, where), tokenizer, max_len, mask_mode)
+            tools = record_tools(record, where)
+            ex = build_example(to_messages(record, where), tokenizer, max_len, mask_mode, tools=tools)
         except SkipExample as e:
             print(f"--- {where}: skipped ({e})\n")
             continue

@@ -6,7 +6,7 @@ import pytest
 
 from align.core.losses import IGNORE_INDEX
 from align.core.records import DataError
-from sft.data import SkipExample, build_example, load_examples, pack_examples, to_messages
+from sft.data import SkipExample, build_example, load_examples, pack_examples, record_tools, to_messages
 
 
 def _fixture_messages(conv):
@@ -75,18 +75,43 @@ def test_react_observations_are_never_trained(qwen_tokenizer):
     assert trained.startswith("Thought: use the tool") and "Observation:" in trained and "Final Answer: 36" in trained
 
 
-def test_tool_messages_are_not_trained(qwen_tokenizer):
+def test_tool_calls_and_results_render_as_react_and_results_are_not_trained(qwen_tokenizer):
     record = {
         "conversations": [
             {"from": "human", "value": "weather?"},
-            {"from": "function_call", "value": "get()"},
+            {"from": "function_call", "value": '{"name": "get", "arguments": {"city": "Paris"}}'},
             {"from": "observation", "value": "sunny"},
             {"from": "gpt", "value": "It is sunny."},
-        ]
+        ],
+        "tools": '[{"name": "get", "description": "Weather", "parameters": {"type": "object"}}]',
     }
-    ex = build_example(to_messages(record, "x"), qwen_tokenizer, 512)
+    ex = build_example(to_messages(record, "x"), qwen_tokenizer, 512, tools=record_tools(record, "x"))
+    text = qwen_tokenizer.decode(ex["input_ids"])
+    assert "get: Call this tool to interact with the get API." in text and "one of [get]" in text
+    assert text.endswith(
+        '<|im_start|>assistant\nAction: get\nAction Input: {"city": "Paris"}\nObservation: sunny\nIt is sunny.<|im_end|>\n'
+    )
     trained = qwen_tokenizer.decode([i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX])
-    assert trained == "get()<|im_end|>It is sunny.<|im_end|>"
+    assert trained == 'Action: get\nAction Input: {"city": "Paris"}\nObservation:\nIt is sunny.<|im_end|>'
+    with pytest.raises(DataError, match=r"x: field 'conversations\[1\].value': a function_call must be JSON"):
+        to_messages(
+            {"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "get()"}]}, "x"
+        )
+    with pytest.raises(DataError, match="x: field 'conversations\\[1\\]': a tool result must follow an assistant turn"):
+        to_messages({"conversations": [{"from": "human", "value": "a"}, {"from": "observation", "value": "b"}]}, "x")
+
+
+def test_alpaca_records_become_conversations(qwen_tokenizer):
+    record = {"instruction": "Translate", "input": "bonjour", "output": "hello", "history": [["hi", "hello!"]]}
+    assert to_messages(record, "x") == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello!"},
+        {"role": "user", "content": "Translate\nbonjour"},
+        {"role": "assistant", "content": "hello"},
+    ]
+    assert to_messages({"instruction": "Say hi", "input": "", "output": "hi"}, "x")[0]["content"] == "Say hi"
+    with pytest.raises(DataError, match="x: field 'history\\[0\\]'"):
+        to_messages({"instruction": "a", "output": "b", "history": ["oops"]}, "x")
 
 
 def test_drop_oldest_truncation_keeps_whole_turns(qwen_tokenizer):
@@ -126,7 +151,7 @@ def test_bad_data_errors_name_file_line_and_field(tmp_path, qwen_tokenizer):
     with pytest.raises(DataError, match=r"data.jsonl:2: field 'messages\[0\].role': unknown role 'bot'"):
         load_examples(str(path), qwen_tokenizer, 128)
     path = _write(tmp_path, [json.dumps({"text": "x"})])
-    with pytest.raises(DataError, match=r"data.jsonl:1: no 'messages' or 'conversations' field"):
+    with pytest.raises(DataError, match=r"data.jsonl:1: no 'messages', 'conversations' or 'instruction'/'output' field"):
         load_examples(str(path), qwen_tokenizer, 128)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="empty.jsonl: file is empty"):

@@ -83,7 +83,11 @@ def test_chatml_matches_make_context(qwen_tokenizer, chatml_fixture):
             assert qwen_tokenizer.encode(inputs["query"], allowed_special="all") == case["context_tokens"]
             continue
         ids = render(
-            _messages(inputs), qwen_tokenizer, add_generation_prompt=True, max_window_size=inputs["max_window_size"]
+            _messages(inputs),
+            qwen_tokenizer,
+            add_generation_prompt=True,
+            max_window_size=inputs["max_window_size"],
+            encoding="qwen",
         )
         assert ids == case["context_tokens"], case["name"]
         assert qwen_tokenizer.decode(ids) == case["raw_text"]
