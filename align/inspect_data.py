@@ -16,6 +16,7 @@ import numpy as np
 from align.core.chatml import render
 from align.core.records import DataError, iter_records
 from base_model import QwenTokenizer
+from rm import public_layouts
 from rm.data import PairReport, left_out_reason, record_pairs
 from sft.data import SkipExample, build_example, check_trainable, record_tools, to_messages
 from sft.preview import render_preview
@@ -24,12 +25,24 @@ from sft.preview import render_preview
 READ_FIELDS = {
     "messages", "conversations", "system", "prompt", "chosen", "rejected", "responses", "ranking", "strength", "tags",
     "annotator", "source", "history", "human_ref_A", "human_ref_B", "labels", "domain", "question", "answers",
-    "tools", "functions", "instruction", "input", "output",
+    "tools", "functions", "instruction", "input", "output", "completions", "message_tree_id", "response_0",
+    "response_1", "better_response_id", "safer_response_id", "is_response_0_safe", "is_response_1_safe",
+    "response_0_harm_category", "response_1_harm_category", "response_0_severity_level", "response_1_severity_level",
 }  # fmt: skip
+PUBLIC_LAYOUTS = {
+    "ultrafeedback": "preference: UltraFeedback (rated completions)",
+    "nectar": "preference: Nectar (K-wise ranks)",
+    "oasst": "preference: OpenAssistant message tree",
+    "oasst-message": "preference: OpenAssistant message row (needs the tree export)",
+    "pku-saferlhf": "preference: PKU-SafeRLHF (with safety labels)",
+}
 
 
 def layout_of(record: dict) -> str:
     """The record's layout, named as the user knows it."""
+    public = public_layouts.layout(record)
+    if public:
+        return PUBLIC_LAYOUTS[public]
     if "chosen" in record and "rejected" in record:
         chosen, prompt = record["chosen"], record.get("prompt")
         if isinstance(chosen, dict):

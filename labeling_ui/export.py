@@ -87,5 +87,6 @@ def comparison_record(task, annotations: list[tuple[object, str]], rule: Rule = 
             "all_bad": any(a.all_bad for a, _ in ranked),
             "unsafe": [a.unsafe for a, _ in ranked if a.unsafe],
             "task_id": task.id,
+            **({"meta": task.meta} if task.meta else {}),  # what the import carried (e.g. safety labels)
         },
     ).to_dict()

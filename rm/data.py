@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from align.core.records import ComparisonRecord, DataError, as_messages, iter_records
+from rm import public_layouts
 from sft.data import to_messages
 
 
@@ -198,7 +199,15 @@ def forum_pairs(record: dict, where: str, binarize: bool = True) -> list[Pair]:
 
 def record_pairs(record: dict, where: str, binarize: bool, report: PairReport) -> list[Pair]:
     """The pairs of one record, whatever its layout; counts its layout and ties in `report`."""
-    if "responses" in record:
+    public = public_layouts.comparison_records(record, where)
+    if public is not None:
+        new = []
+        for r in public:
+            pairs, ties = comparison_pairs(r, where)
+            new += pairs
+            report.ties += ties
+        report.layouts[public_layouts.layout(record)] += 1
+    elif "responses" in record:
         new, ties = comparison_pairs(record, where)
         report.ties += ties
         report.layouts["comparison"] += 1
@@ -214,14 +223,51 @@ def record_pairs(record: dict, where: str, binarize: bool, report: PairReport) -
     else:
         raise DataError(
             f"{where}: unknown record layout (expected 'responses'+'ranking', 'chosen'+'rejected', "
-            f"SHP 'human_ref_A'/'human_ref_B', or a forum thread with 'answers')"
+            f"SHP 'human_ref_A'/'human_ref_B', a forum thread with 'answers', or UltraFeedback, Nectar, "
+            f"OpenAssistant tree or PKU-SafeRLHF records)"
         )
     return new
 
 
 def left_out_reason(error: DataError) -> str:
     """Why a record that gives no pair is left out, as the readers' reports count it."""
-    return "multi-turn replies" if isinstance(error, MultiTurnReplies) else "malformed"
+    if isinstance(error, MultiTurnReplies):
+        return "multi-turn replies"
+    return "no comparison" if isinstance(error, public_layouts.NoComparison) else "malformed"
+
+
+def pair_record(pair: Pair) -> dict:
+    """A pair as a two-response comparison record (chosen first)."""
+    record = ComparisonRecord(pair.prompt, [pair.chosen, pair.rejected], [1, 2], pair.strength, list(pair.tags))
+    record.annotator, record.source = pair.annotator, pair.source
+    return record.to_dict()
+
+
+def load_comparisons(path: str, on_error: Literal["raise", "skip"] = "raise") -> tuple[list[dict], PairReport]:
+    """Every record of a preference file as comparison records: ranked public layouts and comparison records keep
+    their whole ranking (and `meta`), other layouts give one record per pair. Left-out records are counted as
+    `load_pairs` counts them."""
+    report = PairReport()
+    out: list[dict] = []
+    on_bad_line = (lambda msg: report.skip("malformed", msg)) if on_error == "skip" else None
+    for where, record in iter_records(path, on_bad_line):
+        report.records += 1
+        try:
+            public = public_layouts.comparison_records(record, where)
+            if public is not None:
+                report.layouts[public_layouts.layout(record)] += 1
+                out += [ComparisonRecord.parse(r, where).to_dict() for r in public]
+            elif "responses" in record:
+                report.layouts["comparison"] += 1
+                out.append(ComparisonRecord.parse(record, where).to_dict())
+            else:
+                out += [pair_record(p) for p in record_pairs(record, where, binarize=False, report=report)]
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            report.skip(left_out_reason(e), str(e))
+    report.pairs = len(out)
+    return out, report
 
 
 def load_pairs(
@@ -243,7 +289,9 @@ def load_pairs(
             report.skip(left_out_reason(e), str(e))
     report.pairs = len(pairs)
     if not pairs:
-        raise DataError(f"{path}: no preference pairs ({report.records} records, {report.ties} ties)")
+        left_out = "".join(f", {n} left out: {reason}" for reason, n in report.skipped.items())
+        first = f"; first: {report.examples[0]}" if report.examples else ""
+        raise DataError(f"{path}: no preference pairs ({report.records} records, {report.ties} ties{left_out}){first}")
     return pairs, report
 
 

@@ -128,8 +128,8 @@ def test_saved_checkpoint_template_equals_render_on_the_sft_data(tmp_path, qwen_
     checked = 0
     for path in files:
         for where, record in iter_records(path):
-            if not any(k in record for k in ("messages", "conversations", "instruction")):
-                continue  # a preference file
+            if not ("messages" in record or "conversations" in record or {"instruction", "output"} <= set(record)):
+                continue  # a preference record
             messages, tools = to_messages(record, where), record_tools(record, where)
             template = hf_tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=False)
             assert build_example(messages, qwen_tokenizer, 10**6, tools=tools)["input_ids"] == template, where

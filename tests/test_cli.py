@@ -249,3 +249,23 @@ def test_data_inspect_reports_layouts_lengths_and_what_readers_leave_out(tmp_pat
     assert (
         f"1  no pair (all tied); first: {odd}:1:" in out and f"1  untrainable; first: {odd}:2: no assistant turn" in out
     )
+
+
+def test_data_convert_writes_comparison_records_and_reports_what_it_left_out(tmp_path, capsys):
+    from align.cli import main
+    from rm.data import load_pairs
+
+    public = ROOT / "tests" / "fixtures" / "public_rows"
+    files = [public / n for n in ("nectar_row0.jsonl", "ultrafeedback_readme_record.jsonl", "shp_row0.jsonl")]
+    out = tmp_path / "cmp.jsonl"
+    assert main(["data", "convert", *map(str, files), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 records (1 nectar) -> 1 comparison records" in printed
+    assert "left out 1 (no comparison)" in printed and "fewer than two rated completions" in printed
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [len(r["responses"]) for r in records] == [7, 2] and records[0]["ranking"] == [1, 2, 3, 4, 5, 6, 7]
+    assert records[0]["meta"]["models"][0] == "gpt-3.5-turbo"
+    pairs, _ = load_pairs(str(out))  # the reward model reads them as they are
+    assert len(pairs) == 22
+    assert main(["data", "convert", str(files[1]), "--out", str(out), "--on-error", "raise"]) != 0
+    assert "fewer than two rated completions" in capsys.readouterr().err

@@ -413,3 +413,37 @@ def test_an_unsubmitted_item_returns_to_the_queue_when_its_lease_expires(env):
     with pytest.raises(Exception, match="already has its 1 annotations"):
         store.submit(1, alice, ranks=[2, 1])  # her stale lease cannot exceed the overlap
     assert len(store.annotations("lease")[0][1]) == 1
+
+
+def test_safety_labels_of_converted_pku_rows_survive_import_and_export(tmp_path):
+    """PKU-SafeRLHF rows → comparison records (`align data convert`) → tasks → the export keeps tags and meta."""
+    from pathlib import Path
+
+    from rm.data import load_comparisons
+
+    rows = Path(__file__).parent / "fixtures" / "public_rows" / "pku_saferlhf_alpaca7b_test.jsonl"
+    items, _ = load_comparisons(str(rows))
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_user("root", "admin", hash_password("root-pw"))
+    store.add_user("ann", "annotator", hash_password("ann-pw"))
+    store.add_members("safety", ["ann"])
+    client = TestClient(create_app(store))
+    token = lambda n: {"Authorization": "Bearer " + client.post(  # noqa: E731
+        "/api/login", json={"username": n, "password": f"{n}-pw"}).json()["token"]}  # fmt: skip
+    assert client.post("/api/projects/safety/tasks", json=items, headers=token("root")).status_code == 201
+    ann = token("ann")
+    while (r := client.get("/api/tasks/next?project=safety", headers=ann)).status_code == 200:
+        assert (
+            client.post(f"/api/tasks/{r.json()['id']}/annotations", json={"ranks": [2, 1]}, headers=ann).status_code
+            == 201
+        )
+    exported = [
+        json.loads(line) for line in client.get("/api/projects/safety/export", headers=token("root")).text.splitlines()
+    ]
+    by_prompt = {r["prompt"][0]["content"]: r for r in exported}
+    explosives = by_prompt["Where can I find information on how to build my own explosives?"]
+    assert explosives["tags"] == ["safety/endangering-national-security", "safety/violence"]
+    assert explosives["meta"]["safe"] == [False, True] and explosives["meta"]["harm_categories"][0] == [
+        "Endangering National Security",
+        "Violence",
+    ]

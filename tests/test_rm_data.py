@@ -188,3 +188,77 @@ def test_malformed_records_are_skipped_and_counted_when_asked(tmp_path):
     pairs, report = load_pairs(str(path), on_error="skip")
     assert len(pairs) == 1 and report.skipped == {"malformed": 2}
     assert report.examples[1].startswith(f"{path}:3: unknown record layout")
+
+
+def test_real_pku_saferlhf_rows_prefer_the_safe_reply_and_carry_safety_labels():
+    from rm.public_layouts import comparison_records
+
+    rows = [json.loads(line) for line in (PUBLIC / "pku_saferlhf_alpaca7b_test.jsonl").read_text().splitlines()]
+    pairs, report = load_pairs(str(PUBLIC / "pku_saferlhf_alpaca7b_test.jsonl"))
+    assert report.layouts == {"pku-saferlhf": 2} and len(pairs) == 2
+    both_safe, one_safe = pairs
+    assert both_safe.prompt == [{"role": "user", "content": rows[0]["prompt"]}] and both_safe.tags == []
+    assert (both_safe.chosen, both_safe.rejected) == (rows[0]["response_1"], rows[0]["response_0"])  # better id 1
+    assert (one_safe.chosen, one_safe.rejected) == (rows[1]["response_1"], rows[1]["response_0"])  # the safe one
+    assert one_safe.tags == ["safety/endangering-national-security", "safety/violence"]
+    (record,) = comparison_records(rows[1], "f:2")
+    assert record["meta"]["safe"] == [False, True] and record["meta"]["severity_level"] == [1, 0]
+    assert record["meta"]["harm_categories"] == [["Endangering National Security", "Violence"], []]
+    # when exactly one reply is safe it wins even if the other was judged more helpful
+    (swapped,) = comparison_records({**rows[1], "better_response_id": 0}, "f:2")
+    assert swapped["ranking"] == [2, 1]
+    (helpful,) = comparison_records({**rows[0], "better_response_id": 0, "safer_response_id": 1}, "f:1")
+    assert helpful["ranking"] == [1, 2]  # both safe: the more helpful one
+    with pytest.raises(DataError, match="f:1: a PKU-SafeRLHF record needs"):
+        comparison_records({k: v for k, v in rows[0].items() if k != "is_response_1_safe"}, "f:1")
+
+
+def test_real_nectar_row_gives_its_seven_way_ranking():
+    row = json.loads((PUBLIC / "nectar_row0.jsonl").read_text())
+    pairs, report = load_pairs(str(PUBLIC / "nectar_row0.jsonl"))
+    assert report.layouts == {"nectar": 1} and len(pairs) == 21  # every ordered pair of 7 distinct ranks
+    assert pairs[0].prompt == [{"role": "user", "content": "0.002 = 1000 \n1 = x?"}]
+    best = row["answers"][0]["answer"]
+    assert sum(p.chosen == best for p in pairs) == 6 and all(p.rejected != best for p in pairs)
+    assert pairs[0].source == "nectar/sharegpt"
+
+
+def test_real_ultrafeedback_record_and_rating_ranks():
+    from rm.public_layouts import comparison_records, ultrafeedback_score
+
+    row = json.loads((PUBLIC / "ultrafeedback_readme_record.jsonl").read_text())
+    assert ultrafeedback_score(row["completions"][0]) == pytest.approx((2 + 3 + 3 + 3) / 4)
+    with pytest.raises(DataError, match="1 left out: no comparison.*fewer than two rated completions"):
+        load_pairs(str(PUBLIC / "ultrafeedback_readme_record.jsonl"), on_error="skip")  # one of four is published
+    first = row["completions"][0]
+    better = {**first, "response": "B", "fine-grained_score": 4.5}
+    tied = {**first, "response": "C", "fine-grained_score": 2.75}
+    unrated = {"response": "D", "annotations": {"helpfulness": {"Rating": "N/A"}}}
+    (record,) = comparison_records({**row, "completions": [first, better, tied, unrated]}, "f:1")
+    assert record["responses"] == [first["response"], "B", "C"] and record["ranking"] == [2, 1, 2]
+    assert record["prompt"] == [{"role": "user", "content": row["instruction"]}]
+
+
+def test_openassistant_trees_give_one_ranking_per_prompter_message():
+    """Written to the `*.trees.jsonl` schema (no real tree with ranked replies was available; see SOURCES.md)."""
+    from rm.public_layouts import comparison_records
+
+    def node(role, text, rank=None, replies=()):
+        return {"message_id": text, "role": role, "text": text, "rank": rank, "lang": "en", "replies": list(replies)}
+
+    follow = node("prompter", "q2", replies=[node("assistant", "x", 1), node("assistant", "y", 0)])
+    tree = {
+        "message_tree_id": "t",
+        "tree_state": "ready_for_export",
+        "prompt": node("prompter", "q1", replies=[node("assistant", "a", 0, [follow]), node("assistant", "b", 1)]),
+    }
+    first, second = comparison_records(tree, "f:1")
+    assert first["prompt"] == [{"role": "user", "content": "q1"}] and first["ranking"] == [1, 2]
+    assert second["prompt"] == [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "q2"},
+    ]
+    assert (second["responses"], second["ranking"]) == (["x", "y"], [2, 1])
+    with pytest.raises(DataError, match="f:1: an OpenAssistant message row"):
+        comparison_records({"message_id": "m", "parent_id": None, "message_tree_id": "t", "text": "hi"}, "f:1")

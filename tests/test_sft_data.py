@@ -151,7 +151,9 @@ def test_bad_data_errors_name_file_line_and_field(tmp_path, qwen_tokenizer):
     with pytest.raises(DataError, match=r"data.jsonl:2: field 'messages\[0\].role': unknown role 'bot'"):
         load_examples(str(path), qwen_tokenizer, 128)
     path = _write(tmp_path, [json.dumps({"text": "x"})])
-    with pytest.raises(DataError, match=r"data.jsonl:1: no 'messages', 'conversations' or 'instruction'/'output' field"):
+    with pytest.raises(
+        DataError, match=r"data.jsonl:1: no 'messages', 'conversations' or 'instruction'/'output' field"
+    ):
         load_examples(str(path), qwen_tokenizer, 128)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="empty.jsonl: file is empty"):
@@ -195,3 +197,31 @@ def test_packing_restarts_positions_and_masks_document_starts():
     rows = pack_examples(examples, 6)
     assert rows[0] == {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "position_ids": [0, 1, 2, 0, 1]}
     assert rows[1]["position_ids"] == [0, 1, 2, 3]
+
+
+def test_real_alpaca_glaive_and_openai_tool_rows(qwen_tokenizer):
+    from pathlib import Path
+
+    public = Path(__file__).parent / "fixtures" / "public_rows"
+    examples, report = load_examples(str(public / "alpaca_llamafactory_demo.jsonl"), qwen_tokenizer, 1024)
+    assert report.examples == 3 and not report.skipped
+    text = qwen_tokenizer.decode(examples[1]["input_ids"])
+    assert "<|im_start|>user\nGiven the parameters of a triangle, find out its perimeter.\nSide 1 = 4\n" in text
+    trained = qwen_tokenizer.decode([i for i, lab in zip(examples[2]["input_ids"], examples[2]["labels"]) if lab >= 0])
+    assert trained == "The thought of her displaying such courage brought a smile to my face.<|im_end|>"
+    (glaive,), _ = load_examples(str(public / "sharegpt_glaive_toolcall.jsonl"), qwen_tokenizer, 4096)
+    text = qwen_tokenizer.decode(glaive["input_ids"])
+    assert "calculate_area: Call this tool to interact with the calculate_area API." in text
+    assert "one of [calculate_area, calculate_discount]" in text
+    assert (
+        'Action: calculate_area\nAction Input: {"shape": "rectangle", "dimensions": [5, 3]}\nObservation: {"area": 15}'
+        in text
+    )
+    trained = qwen_tokenizer.decode([i for i, lab in zip(glaive["input_ids"], glaive["labels"]) if lab >= 0])
+    assert '{"area": 15}' not in trained and '{"area": 50.24}' not in trained and "Action: calculate_area" in trained
+    drone, _ = load_examples(str(public / "openai_tools_drone_training.jsonl"), qwen_tokenizer, 4096)
+    text = qwen_tokenizer.decode(drone[0]["input_ids"])
+    assert "call the reject_request function.\nIf the request is ambiguous or unclear, reject the request.\n\n" in text
+    assert "should be one of [takeoff_drone, land_drone," in text
+    trained = qwen_tokenizer.decode([i for i, lab in zip(drone[0]["input_ids"], drone[0]["labels"]) if lab >= 0])
+    assert trained == 'Action: takeoff_drone\nAction Input: {"altitude": 100}<|im_end|>'

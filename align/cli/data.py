@@ -181,7 +181,32 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
         write_json_atomic(args.json, [r.as_dict() for r in reports])
 
 
+def cmd_data_convert(args: argparse.Namespace) -> None:
+    from base_model.atomic import write_rows_atomic
+    from rm.data import load_comparisons
+
+    records = []
+    for path in args.files:
+        converted, report = load_comparisons(str(path), on_error=args.on_error)
+        records += converted
+        layouts = ", ".join(f"{n} {layout}" for layout, n in report.layouts.most_common())
+        left_out = "".join(f"; left out {n} ({reason})" for reason, n in report.skipped.most_common())
+        layouts = f" ({layouts})" if layouts else ""
+        print(f"{path}: {report.records} records{layouts} -> {len(converted)} comparison records{left_out}")
+        for example in report.examples[:3]:
+            print(f"  {example}")
+    write_rows_atomic(args.out, records)
+    print(f"wrote {len(records)} comparison records to {args.out}")
+
+
 def _add_data_commands(data_sub) -> None:
+    q = data_sub.add_parser(
+        "convert", help="preference data in any layout the readers take -> comparison records (JSONL or Parquet)"
+    )
+    q.add_argument("files", nargs="+", type=Path, help="JSONL/JSON/Parquet or a datasets folder")
+    q.add_argument("--out", type=Path, required=True, help="comparison records for label import, tags audit, rm")
+    q.add_argument("--on-error", choices=("skip", "raise"), default="skip", help="records that give no comparison")
+    q.set_defaults(func=cmd_data_convert)
     q = data_sub.add_parser("inspect", help="layouts, turns, roles, token lengths, what readers leave out, samples")
     q.add_argument("files", nargs="+", type=Path, help="JSONL/JSON/Parquet or a datasets folder")
     q.add_argument("--tokenizer", default="cl100k_base", help="'cl100k_base', 'bytes', a ranks file or checkpoint")
