@@ -10,11 +10,13 @@ from base_model.pretrain.train import PretrainConfig
 from ppo.train import PPOConfig
 from rm.tags.taxonomy import TaxonomyFile
 from rm.train import RMConfig
+from sft.dpo import DPOConfig
 from sft.train import SFTConfig
 
 CONFIG_TYPES: dict[str, type] = {
     "model": QwenConfig,
     "sft": SFTConfig,
+    "dpo": DPOConfig,
     "rm": RMConfig,
     "pretrain": PretrainConfig,
     "ppo": PPOConfig,

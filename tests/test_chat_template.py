@@ -59,8 +59,13 @@ def _conversation(rng: random.Random) -> tuple[list[dict], list[dict] | None]:
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory, qwen_tokenizer):
-    folder = tmp_path_factory.mktemp("tok")
-    qwen_tokenizer.save(folder)
+    """The tokenizer of a saved checkpoint, as transformers (and vLLM, TRL) load it."""
+    from base_model import save_pretrained
+    from base_model.model import QwenForCausalLM
+    from conftest import tiny_config
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    save_pretrained(QwenForCausalLM(tiny_config()), folder, qwen_tokenizer)
     return transformers.AutoTokenizer.from_pretrained(folder)
 
 

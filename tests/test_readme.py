@@ -40,6 +40,7 @@ CAPS = {  # a training command's first words -> overrides appended
     "align sft": "train.max_steps=4",
     "torchrun --nproc_per_node 2 -m align.cli sft": "train.max_steps=4",
     "align pretrain": "train.max_steps=4",
+    "align dpo": "train.max_steps=4",
     "align rm pmp": "train.max_steps=4",
     "align rm train": "train.max_steps=6",
     "align ppo": "ppo.iterations=2 train.eval_every=0",

@@ -240,8 +240,17 @@ def test_real_ultrafeedback_record_and_rating_ranks():
 
 
 def test_openassistant_trees_give_one_ranking_per_prompter_message():
-    """Written to the `*.trees.jsonl` schema (no real tree with ranked replies was available; see SOURCES.md)."""
-    from rm.public_layouts import comparison_records
+    """A real prompt and its rank-0 reply (its siblings were not available; see SOURCES.md), then a written tree."""
+    from rm.public_layouts import NoComparison, comparison_records
+
+    real = json.loads((PUBLIC / "oasst1_monopsony_partial_tree.jsonl").read_text())
+    with pytest.raises(NoComparison, match="f:1: no prompter message with two or more ranked replies"):
+        comparison_records(real, "f:1")
+    sibling = {"message_id": "x", "role": "assistant", "text": "Monopsony is one buyer.", "rank": 1, "replies": []}
+    real["prompt"]["replies"].append(sibling)
+    (record,) = comparison_records(real, "f:1")
+    assert record["prompt"] == [{"role": "user", "content": real["prompt"]["text"]}]
+    assert record["responses"][0].startswith('"Monopsony" refers to') and record["ranking"] == [1, 2]
 
     def node(role, text, rank=None, replies=()):
         return {"message_id": text, "role": role, "text": text, "rank": rank, "lang": "en", "replies": list(replies)}

@@ -1,4 +1,4 @@
-"""`align sft | rm | ppo | pretrain`: argument parsing only; each handler calls one library function and prints its result."""
+"""`align sft | dpo | rm | ppo | pretrain`: argument parsing only; each handler calls one library function and prints its result."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ def cmd_sft(args: argparse.Namespace) -> None:
     from sft.train import SFTConfig, main
 
     main(load_config(SFTConfig, args.config, args.overrides))
+
+
+def cmd_dpo(args: argparse.Namespace) -> None:
+    from align.core.config import load_config
+    from sft.dpo import DPOConfig, main
+
+    main(load_config(DPOConfig, args.config, args.overrides))
 
 
 def cmd_sft_preview(args: argparse.Namespace) -> None:
@@ -89,6 +96,11 @@ def register(sub) -> None:
     q.add_argument("--max-len", type=int, default=4096)
     q.add_argument("--limit", type=int, default=3, help="conversations to show")
     q.add_argument("--plain", action="store_true", help="mark trained text with ⟦ ⟧ instead of colour")
+
+    p = sub.add_parser("dpo", help="offline preference optimisation: dpo | cdpo | ipo | simpo | kto (objective.loss)")
+    p.add_argument("config", help="DPO config YAML, e.g. configs/dpo/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. objective.loss=ipo")
+    p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("rm", help="reward model: pmp | train | eval | score")
     rm_sub = p.add_subparsers(dest="rm_command", metavar="pmp|train|eval|score")

@@ -32,3 +32,16 @@ def normalised_loss(loss_sum: torch.Tensor, global_targets: int) -> torch.Tensor
     the split into micro-batches, padding or packing. (The engine undoes DeepSpeed's averaging over ranks.)
     """
     return loss_sum / max(global_targets, 1)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log p(label_t | tokens < t) over target tokens, and the number of target tokens.
+
+    logits (B, L, V) and labels (B, L) aligned with the inputs, -100 where there is no target. Returns two (B,)
+    tensors (fp32 log-probabilities, integer counts)."""
+    shifted_labels = labels[:, 1:]  # (B, L-1)
+    mask = shifted_labels != IGNORE_INDEX
+    token_logps = -F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), shifted_labels.clamp(min=0), reduction="none"
+    )  # (B, L-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)

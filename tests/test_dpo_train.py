@@ -1,0 +1,89 @@
+"""The DPO recipe end to end on CPU: every loss learns the preferences of a small set, KTO on unpaired data,
+the reference cache, and a killed run resumes exactly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from align.core.metrics import read_metrics
+from conftest import ROOT, kill_after_first_checkpoint
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+TINY = str(ROOT / "configs" / "dpo" / "tiny.yaml")
+
+
+def align(*args):
+    out = subprocess.run(
+        [sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def run_in_process(*overrides):
+    """The recipe in this process (no interpreter start-up per run)."""
+    from align.core.config import load_config
+    from sft.dpo import DPOConfig, main
+
+    return main(load_config(DPOConfig, TINY, [*overrides, "train.peak_tflops=1"]))  # no peak measurement
+
+
+def train_metrics(run_dir):
+    return {r["step"]: r for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join((ROOT / "examples" / "data" / "rm_tiny.jsonl").read_text().splitlines(True)[:16]))
+    return path
+
+
+@pytest.mark.parametrize(
+    "loss, extra",
+    [("dpo", []), ("ipo", ["objective.beta=1.0"]), ("simpo", ["objective.beta=2.0"]), ("cdpo", [])],
+)
+def test_every_paired_loss_learns_the_preferences_of_a_small_set(tmp_path, pairs, loss, extra):
+    run_in_process(f"out_dir={tmp_path}", f"data.train={pairs}", f"objective.loss={loss}", *extra,
+                   "train.max_steps=40", "train.log_every=1", "train.save_every=0")  # fmt: skip
+    curve = train_metrics(tmp_path)
+    late = [curve[s] for s in range(31, 41)]
+    assert sum(m["train/accuracy"] for m in late) / 10 >= 0.8, loss
+    assert sum(m["train/loss"] for m in late) / 10 < 0.8 * curve[1]["train/loss"], loss
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    assert ((tmp_path / "ref_logps.pt").exists()) == (loss != "simpo")  # SimPO has no reference
+
+
+def test_kto_on_unpaired_data_separates_desirable_from_undesirable(tmp_path, pairs):
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    unpaired = tmp_path / "unpaired.jsonl"
+    with unpaired.open("w") as f:
+        for r in rows:
+            best = r["ranking"].index(1)
+            for i, text in enumerate(r["responses"]):
+                f.write(json.dumps({"prompt": r["prompt"], "completion": text, "label": i == best}) + "\n")
+    run_in_process(f"out_dir={tmp_path / 'run'}", f"data.train={unpaired}", "objective.loss=kto",
+                   "train.max_steps=40", "train.log_every=1", "train.save_every=0")  # fmt: skip
+    late = [train_metrics(tmp_path / "run")[s] for s in range(31, 41)]
+    margin = sum(m["train/rewards_desirable"] - m["train/rewards_undesirable"] for m in late) / 10
+    assert margin > 0.2, margin
+
+
+@pytest.mark.slow
+def test_killed_dpo_run_resumes_exactly_with_the_cached_reference(tmp_path, pairs):
+    common = [f"data.train={pairs}", "train.max_steps=30", "train.log_every=1", "train.save_every=10",
+              "data.eval_fraction=0.25", "train.eval_every=10"]  # fmt: skip
+    align("dpo", TINY, f"out_dir={tmp_path / 'full'}", *common)
+    run_dir = tmp_path / "killed"
+    killed_at = kill_after_first_checkpoint(["dpo", TINY, f"out_dir={run_dir}", *common], run_dir, ENV)
+    assert 10 <= killed_at < 30, "the run was killed mid-way"
+    cache = (run_dir / "ref_logps.pt").stat().st_mtime
+    align("dpo", TINY, f"out_dir={run_dir}", "resume=true", *common)
+    assert (run_dir / "ref_logps.pt").stat().st_mtime == cache  # reused, not recomputed from trained weights
+    full, resumed = train_metrics(tmp_path / "full"), train_metrics(run_dir)
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(killed_at + 1, 31):
+        assert abs(full[step]["train/loss"] - resumed[step]["train/loss"]) < 1e-6, step
