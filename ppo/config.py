@@ -52,7 +52,10 @@ class PPOSection(Section):
     normalize_reward: bool = True
     reward_clip: float | None = 5.0
     no_eos_penalty: float = -1.0  # added to the reward of responses that never ended
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # gae and rloo (reinforce_pp always whitens; grpo normalises per group)
+    # gae: PPO with a value model; grpo, rloo: sequence advantages from the other responses to the same prompt
+    # (n_samples >= 2); reinforce_pp: token returns whitened over the batch. The last three build no value model.
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
     critic_warmup_steps: int = Field(0, ge=0)
     max_nan_steps: int = Field(3, ge=1)
     sample_every: int = Field(10, ge=1)

@@ -90,6 +90,22 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-4) -> torch.Tensor:
+    """Critic-free sequence advantages over groups of `group_size` consecutive responses to the same prompt.
+
+    `grpo` (Shao et al. 2024, DeepSeekMath): (r_i − mean(r_group)) / (std(r_group) + eps), std unbiased, eps as
+    TRL's; `rloo` (Ahmadian et al. 2024): r_i − mean of the other k−1 rewards of its group. scores (B,), B a
+    multiple of group_size → (B,)."""
+    groups = scores.view(-1, group_size)  # (B/k, k)
+    if estimator == "grpo":
+        advantages = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
+    elif estimator == "rloo":
+        advantages = groups - (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    else:
+        raise ValueError(f"unknown group advantage estimator {estimator!r}")
+    return advantages.reshape(-1)
+
+
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
     """Per-token KL(policy || reference) estimates from sampled-token log-probabilities (Schulman's k1, k2, k3)."""
     log_ratio = logprobs - ref_logprobs

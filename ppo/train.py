@@ -5,6 +5,10 @@ One iteration: sample `n_samples` responses per prompt with the rollout engine �
 model (normalised by running moments) → recompute policy, reference and value estimates → KL-penalised token
 rewards → GAE → PPO epochs over minibatches (the value model alone for the first `critic_warmup_steps`), the policy
 loss plus `ptx_coef` x a language-model loss on packed pretraining rows → send the new weights to the engine.
+
+With `ppo.advantage` grpo, rloo or reinforce_pp no value model is built: the advantages come from the other
+responses to the same prompt (grpo, rloo) or from the batch's returns (reinforce_pp), and the same clipped policy
+loss, KL, ptx and resume machinery runs on them.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from ppo.losses import (
     entropy_from_logits,
     explained_variance,
     gae,
+    group_advantages,
     kl_estimate,
     kl_penalised_rewards,
     logprobs_from_logits,
@@ -63,7 +68,7 @@ from rm.model import load_reward_model, save_reward_state
 class Run:
     cfg: PPOConfig
     actor: TrainEngine
-    critic: TrainEngine
+    critic: TrainEngine | None  # None for the critic-free estimators
     ref_policy: torch.nn.Module
     reward_model: torch.nn.Module
     tokenizer: QwenTokenizer
@@ -95,7 +100,21 @@ def setup(cfg: PPOConfig) -> Run:
     ref_policy = load_pretrained(cfg.models.policy, dtype=frozen, device=home).eval()
     reward_model = load_reward_model(cfg.models.reward, dtype=frozen, device=home).eval()
     rm_tokenizer = QwenTokenizer.from_file(cfg.models.reward)
-    value_model = ValueModel(load_reward_model(cfg.models.value or cfg.models.reward, device=dev).train())
+    critic_free = p.advantage != "gae"
+    if critic_free and (p.critic_warmup_steps or (p.advantage in ("grpo", "rloo") and p.n_samples < 2)):
+        raise DataError(
+            f"ppo.advantage={p.advantage} needs no critic warm-up (critic_warmup_steps: 0)"
+            + (" and n_samples >= 2 (its baseline is the other responses to the prompt)" if p.n_samples < 2 else "")
+        )
+    value_model = None
+    if not critic_free:
+        value_model = ValueModel(load_reward_model(cfg.models.value or cfg.models.reward, device=dev).train())
+    elif distributed.rank() == 0:
+        n_params = sum(t.numel() for t in reward_model.parameters())
+        print(
+            f"[ppo] advantage={p.advantage}: no value model built ({n_params / 1e6:.1f}M parameters, "
+            f"{n_params * 16 / 2**30:.2f} GiB of fp32 weights, gradients and Adam states not allocated)"
+        )
     for module in (ref_policy, reward_model):
         module.requires_grad_(False)
 
@@ -114,7 +133,11 @@ def setup(cfg: PPOConfig) -> Run:
     accum = p.mini_batch_size // cfg.train.micro_batch_size
     updates = p.iterations * p.ppo_epochs * (rollouts_per_rank // p.mini_batch_size)
     actor = TrainEngine(policy, cfg.policy_optim, cfg.policy_deepspeed, updates, cfg.train.micro_batch_size, accum)
-    critic = TrainEngine(value_model, cfg.value_optim, cfg.value_deepspeed, updates, cfg.train.micro_batch_size, accum)
+    critic = None
+    if value_model is not None:
+        critic = TrainEngine(
+            value_model, cfg.value_optim, cfg.value_deepspeed, updates, cfg.train.micro_batch_size, accum
+        )
     ptx, ptx_train, ptx_eval = None, [], []
     if cfg.data.ptx:
         ptx = PackedDataset(cfg.data.ptx)
@@ -123,7 +146,7 @@ def setup(cfg: PPOConfig) -> Run:
     moments = RunningMoments()
     out_dir = Path(cfg.out_dir)
     fresh = TrainingState.start(p.iterations, cfg.train.micro_batch_size, accum, cfg.train.seed)
-    state, logger = open_run(cfg, out_dir, {"policy": actor, "value": critic}, "ppo", fresh)
+    state, logger = open_run(cfg, out_dir, engines(actor, critic), "ppo", fresh)
     if state.step:
         kl_ctl.load_state_dict(state.extra["kl_ctl"])
         moments.load_state_dict(state.extra["reward_moments"])
@@ -155,6 +178,11 @@ def setup(cfg: PPOConfig) -> Run:
     )
 
 
+def engines(actor: TrainEngine, critic: TrainEngine | None) -> dict[str, TrainEngine]:
+    """The trained models a checkpoint holds."""
+    return {"policy": actor} | ({"value": critic} if critic is not None else {})
+
+
 def sampling_for(run: Run, rows: list, step: int, n: int) -> SamplingParams:
     """Each response gets its own seed from (seed, step, prompt index, sample), whatever the world size."""
     p = run.cfg.ppo
@@ -182,14 +210,16 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     input_ids, attention_mask, mask = input_ids.to(dev), attention_mask.to(dev), mask.to(dev)
     mb = cfg.train.micro_batch_size
     run.actor.eval()
-    run.critic.eval()
     offload = cfg.models.offload_frozen
     old_logprobs = sequence_logprobs(run.actor.forward, input_ids, attention_mask, mb)
     with resident(run.ref_policy, offload) as ref_policy:
         ref_logprobs = sequence_logprobs(ref_policy, input_ids, attention_mask, mb)
-    values = sequence_values(run.critic.forward, input_ids, attention_mask, mb)
+    values = torch.zeros_like(old_logprobs)  # (B, T); the critic-free estimators have no baseline per token
+    if run.critic is not None:
+        run.critic.eval()
+        values = sequence_values(run.critic.forward, input_ids, attention_mask, mb)
+        run.critic.train()
     run.actor.train()
-    run.critic.train()
     messages = [m for _, m, _ in rows for _ in range(p.n_samples)]
     texts = [response_text(run.tokenizer, r) for r in rollouts]
     with resident(run.reward_model, offload) as reward_model:
@@ -205,9 +235,7 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
 
     kl_coef = run.kl_ctl.value if p.kl_in_reward else 0.0
     rewards, kl = kl_penalised_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, p.kl_estimator)
-    advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
-    if p.whiten_advantages:
-        advantages = masked_whiten(advantages, mask, all_reduce=distributed.all_reduce)
+    advantages, returns = estimate_advantages(p, rewards, values, mask)
     exp = Experience(input_ids, attention_mask, mask, old_logprobs, ref_logprobs, values, rewards, advantages, returns)
     t2 = time.perf_counter()
 
@@ -237,6 +265,21 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     }  # response tokens, all ranks
     samples = [{"prompt": m, "response": t, "reward": float(r)} for m, t, r in zip(messages, texts, raw)]
     return exp, metrics, samples
+
+
+def estimate_advantages(p, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+    """(advantages, returns), both (B, T), by `p.advantage`; rewards are the KL-penalised token rewards."""
+    if p.advantage in ("grpo", "rloo"):  # one advantage per response, from its sequence reward
+        sequence_rewards = rewards.sum(-1)  # (B,): the score minus the KL penalties
+        advantages = group_advantages(sequence_rewards, p.n_samples, p.advantage)[:, None] * mask.to(rewards.dtype)
+        if p.advantage == "rloo" and p.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, all_reduce=distributed.all_reduce)
+        return advantages, advantages
+    lam = 1.0 if p.advantage == "reinforce_pp" else p.lam  # REINFORCE++: returns, no critic baseline
+    advantages, returns = gae(rewards, values, mask, p.gamma, lam)
+    if p.whiten_advantages or p.advantage == "reinforce_pp":
+        advantages = masked_whiten(advantages, mask, all_reduce=distributed.all_reduce)
+    return advantages, returns
 
 
 def actor_loss(run: Run, mb: Experience, global_tokens: int, ptx_batch: dict | None, global_ptx: int):
@@ -321,16 +364,19 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
             bad = False
             for idx, ptx_batch in zip(micros, ptx_batches):
                 mb = exp.rows(idx)
-                v_loss, v_stats = critic_loss(run, mb, global_tokens)
-                losses = [v_loss]
-                stats = dict(v_stats)
+                losses, stats = [], {}
+                if run.critic is not None:
+                    v_loss, v_stats = critic_loss(run, mb, global_tokens)
+                    losses.append(v_loss)
+                    stats.update(v_stats)
                 if train_actor:
                     a_loss, a_stats = actor_loss(run, mb, global_tokens, ptx_batch, global_ptx)
                     losses.append(a_loss)
                     stats.update(a_stats)
                 bad = any_rank_nonfinite(losses) or bad
-                run.critic.backward(v_loss if not bad else run.critic.zero_loss())
-                run.critic.step(skip=bad)
+                if run.critic is not None:
+                    run.critic.backward(v_loss if not bad else run.critic.zero_loss())
+                    run.critic.step(skip=bad)
                 if train_actor:
                     run.actor.backward(a_loss if not bad else run.actor.zero_loss())
                     run.actor.step(skip=bad)
@@ -357,13 +403,13 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
     # what was trained on, all ranks: every sequence token through the value model (and the policy), ptx rows
     seq_tokens = distributed.all_reduce_sum([float(exp.attention_mask.sum())])[0] * p.ppo_epochs
     policy_tokens = seq_tokens + ptx_rows_tokens if train_actor else 0.0
-    out["trained_tokens"] = seq_tokens + policy_tokens
-    out["trained_flops"] = seq_tokens * run.critic.module.config.flops_per_token(
-        exp.input_ids.shape[1]
-    ) + policy_tokens * run.actor.module.config.flops_per_token(exp.input_ids.shape[1])
-    mask = exp.response_mask
-    with torch.no_grad():
-        out["explained_variance"] = float(explained_variance(exp.values, exp.returns, mask))
+    value_tokens = seq_tokens if run.critic is not None else 0.0
+    out["trained_tokens"] = value_tokens + policy_tokens
+    out["trained_flops"] = policy_tokens * run.actor.module.config.flops_per_token(exp.input_ids.shape[1])
+    if run.critic is not None:
+        out["trained_flops"] += value_tokens * run.critic.module.config.flops_per_token(exp.input_ids.shape[1])
+        with torch.no_grad():
+            out["explained_variance"] = float(explained_variance(exp.values, exp.returns, exp.response_mask))
     return out
 
 
@@ -415,16 +461,15 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
 def save(run: Run, folder_step: int) -> None:
     def save_models(folder: Path) -> None:
         save_from_engine(run.actor, run.actor.module.config, run.tokenizer, folder / "policy", distributed.rank() == 0)
-        save_value(run, folder / "value")
+        if run.critic is not None:
+            save_value(run, folder / "value")
 
     state = run.state.at_step(
         folder_step,
         run.cfg.ppo.rollout_batch_size * distributed.world_size(),
         {"kl_ctl": run.kl_ctl.state_dict(), "reward_moments": run.moments.state_dict()},
     )
-    save_checkpoint(
-        {"policy": run.actor, "value": run.critic}, run.out_dir, state, save_models, run.cfg.train.keep_last
-    )
+    save_checkpoint(engines(run.actor, run.critic), run.out_dir, state, save_models, run.cfg.train.keep_last)
 
 
 def save_value(run: Run, folder: Path) -> None:
@@ -474,7 +519,8 @@ def train(run: Run) -> dict[str, float]:
     bar.close()
     if last == p.iterations and run.state.step < p.iterations:
         save_from_engine(run.actor, run.actor.module.config, run.tokenizer, run.out_dir / "final" / "policy", rank0)
-        save_value(run, run.out_dir / "final" / "value")
+        if run.critic is not None:
+            save_value(run, run.out_dir / "final" / "value")
         if rank0:
             print(f"[ppo] wrote {run.out_dir / 'final'}")
     run.logger.close()

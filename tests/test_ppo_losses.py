@@ -226,3 +226,31 @@ def test_running_moments_equal_the_moments_of_every_batch_seen():
     restored = RunningMoments()
     restored.load_state_dict(moments.state_dict())
     assert restored.std == moments.std and RunningMoments().std == 1.0
+
+
+def test_critic_free_group_advantages_against_their_formulas():
+    from ppo.losses import group_advantages
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(12, generator=g, dtype=torch.float64)
+    k = 4
+    grpo, rloo = group_advantages(scores, k, "grpo"), group_advantages(scores, k, "rloo")
+    for i in range(12):
+        group = scores[i // k * k : i // k * k + k].tolist()
+        mean = sum(group) / k
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / (k - 1))  # unbiased, as TRL's GRPO
+        assert grpo[i].item() == pytest.approx((scores[i].item() - mean) / (std + 1e-4), abs=1e-9)
+        others = [x for j, x in enumerate(group) if j != i % k]
+        assert rloo[i].item() == pytest.approx(scores[i].item() - sum(others) / (k - 1), abs=1e-9)
+    assert abs(rloo.view(3, 4).sum(1)).max() < 1e-9  # leave-one-out advantages of a group sum to zero
+    with pytest.raises(ValueError, match="unknown"):
+        group_advantages(scores, k, "ppo")
+
+
+def test_reinforce_pp_returns_are_gae_with_no_critic_and_lambda_one():
+    """REINFORCE++ (Hu 2025): the return from each token (KL penalties and the final score, γ = 1), no baseline."""
+    rewards = torch.tensor([[0.1, -0.2, 1.5, 0.0], [-0.1, 2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
+    expected = torch.tensor([[1.4, 1.3, 1.5, 0.0], [1.9, 2.0, 0.0, 0.0]])
+    assert torch.allclose(advantages, expected, atol=1e-6)

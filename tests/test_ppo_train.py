@@ -136,3 +136,18 @@ def test_killed_ppo_run_resumes_exactly(models, tmp_path):
         full, resumed = metric(tmp_path / "full", key), metric(run_dir, key)
         assert sorted(resumed) == sorted(full) and max(full) == 12
         assert all(abs(full[s] - resumed[s]) < 1e-5 for s in range(killed_at + 1, 13)), (key, full, resumed)
+
+
+@pytest.mark.slow
+def test_grpo_raises_heldout_reward_without_a_value_model(models, tmp_path):
+    align("ppo", TINY, *models, f"out_dir={tmp_path}", "ppo.iterations=20", "ppo.advantage=grpo",
+          "ppo.critic_warmup_steps=0", "ppo.n_samples=4", "ppo.rollout_batch_size=4", "train.save_every=10")  # fmt: skip
+    reward, std = metric(tmp_path, "eval/reward_mean"), metric(tmp_path, "eval/reward_std")
+    noise = max(std[0], std[20]) / (32 * 2) ** 0.5
+    assert reward[20] - reward[0] > 5 * noise, (reward, std)
+    rows = [r for r in read_metrics(tmp_path) if "train/reward/raw" in r]
+    assert "train/policy_loss" in rows[-1] and "train/value_loss" not in rows[-1]
+    assert not (tmp_path / "final" / "value").exists()
+    checkpoint = sorted((tmp_path / "checkpoints").glob("step-*"))[-1]
+    assert (checkpoint / "hf" / "policy").exists() and not (checkpoint / "hf" / "value").exists()
+    assert (checkpoint / "state" / "policy").exists() and not (checkpoint / "state" / "value").exists()
