@@ -62,8 +62,9 @@ class DemoConfig(Section):
     sft_steps: int = 400
     pmp_epochs: float = 2.0
     rm_epochs: float = 4.0
-    ppo_iterations: int = 30
+    ppo_iterations: int = 30  # also GRPO's
     ppo_eval_every: int = 5
+    dpo_epochs: float = 1.0
     max_new_tokens: int = 32
 
     @staticmethod
@@ -87,6 +88,7 @@ class DemoConfig(Section):
             rm_epochs=1.0,
             ppo_iterations=6,
             ppo_eval_every=3,
+            dpo_epochs=0.5,
             max_new_tokens=16,
             vocab_size=400,
         )
@@ -279,6 +281,28 @@ def run_ppo(
     main(ppo_config(cfg, policy, reward, packed, world_dir, folder / "run", overrides))
 
 
+def run_dpo(cfg: DemoConfig, sft: Path, comparisons: Path, folder: Path) -> None:
+    """DPO from the SFT policy on the comparisons the annotators made (the labelling export the RM trained on)."""
+    from sft.dpo import DPOConfig, main
+
+    main(
+        DPOConfig.model_validate(
+            {
+                "model": {"init": str(sft)},
+                "data": {"train": str(comparisons), "max_len": 256},
+                "objective": {"loss": "dpo", "beta": 0.1},
+                "optim": {"lr": DPO_LR, "schedule": "cosine", "warmup_steps": 5, "weight_decay": 0.0},
+                "train": {"micro_batch_size": 16, "epochs": cfg.dpo_epochs, "log_every": 5, "seed": cfg.seed},
+                "out_dir": str(folder / "run"),
+            }
+        )
+    )
+
+
+DPO_LR = 1e-4
+GRPO = {"ppo.advantage": "grpo", "ppo.critic_warmup_steps": 0, "ppo.n_samples": 4, "ppo.rollout_batch_size": 8}
+
+
 def ppo_config(
     cfg: DemoConfig,
     policy: Path,
@@ -342,7 +366,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str],
     p = Pipeline(cfg, out, log)
     t0 = time.perf_counter()
     c = cfg.model_dump()
-    total = 10
+    total = 12
     w, tok = p.path("world"), p.path("tokenizer", "qwen.tiktoken")
     p.stage(
         1,
@@ -425,9 +449,31 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str],
         lambda f: run_ppo(cfg, sft, rm, packed, w, f),
         (run_ppo, ppo_config),
     )
-    models = {"base": base, "sft": sft, "ppo": p.path("ppo", "run", "final", "policy")}
     p.stage(
         9,
+        total,
+        "grpo",
+        {"iterations": cfg.ppo_iterations, "eval_every": cfg.ppo_eval_every, **GRPO},
+        lambda f: run_ppo(cfg, sft, rm, packed, w, f, GRPO),
+        (run_ppo, ppo_config),
+    )
+    p.stage(
+        10,
+        total,
+        "dpo",
+        {"epochs": cfg.dpo_epochs, "lr": DPO_LR},
+        lambda f: run_dpo(cfg, sft, p.path("labels", "export.jsonl"), f),
+        (run_dpo,),
+    )
+    models = {
+        "base": base,
+        "sft": sft,
+        "ppo": p.path("ppo", "run", "final", "policy"),
+        "grpo": p.path("grpo", "run", "final", "policy"),
+        "dpo": p.path("dpo", "run", "final"),
+    }
+    p.stage(
+        11,
         total,
         "eval",
         {"gold_samples": cfg.gold_samples},
@@ -446,7 +492,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str],
     }
     summary["seconds"] = {**p.timings, "total_this_run": time.perf_counter() - t0}
     write_json_atomic(p.path("summary.json"), summary, indent=1)
-    log(f"[10/{total}] report …")
+    log(f"[12/{total}] report …")
     report = write_report(p.out)
     write_labelling_help(p)
     return {"summary": summary, "report": report}
@@ -471,11 +517,18 @@ def pipeline_figures(p: Pipeline) -> dict:
             "annotators": len(agreement["annotators"]),
             "flagged": len(agreement["flagged"]),
         },
-        "ppo": {
-            "eval_reward_first": _first(p.path("ppo", "run"), "eval/reward_mean"),
-            "eval_reward_last": last(p.path("ppo", "run"), "eval/reward_mean"),
-            "eval_kl_last": last(p.path("ppo", "run"), "eval/kl"),
-            "ptx_loss_last": last(p.path("ppo", "run"), "eval/ptx_loss"),
+        **{
+            name: {
+                "eval_reward_first": _first(p.path(name, "run"), "eval/reward_mean"),
+                "eval_reward_last": last(p.path(name, "run"), "eval/reward_mean"),
+                "eval_kl_last": last(p.path(name, "run"), "eval/kl"),
+                "ptx_loss_last": last(p.path(name, "run"), "eval/ptx_loss"),
+            }
+            for name in ("ppo", "grpo")
+        },
+        "dpo": {
+            "train_accuracy_last": last(p.path("dpo", "run"), "train/accuracy"),
+            "logratio_chosen_last": last(p.path("dpo", "run"), "train/logratio_chosen"),
         },
     }
 

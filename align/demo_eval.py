@@ -60,8 +60,8 @@ def gold_of(prompts: list[dict], responses: list[list[str]]) -> list[float]:
 
 
 def evaluate(cfg: DemoConfig, models: dict[str, Path], ppo_run: Path, world_dir: Path, folder: Path) -> dict:
-    """Gold scores of each policy on held-out prompts (95% intervals), the PPO-minus-SFT difference paired by
-    prompt, gold by kind of request, and gold against the reward model over PPO's evaluations."""
+    """Gold scores of each policy on held-out prompts (95% intervals), each trained method's difference from SFT
+    paired by prompt, gold by kind of request, and gold against the reward model over PPO's evaluations."""
     prompts = [json.loads(l) for l in (world_dir / "heldout_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
     gold, samples = {}, []
     for name, path in models.items():
@@ -87,13 +87,14 @@ def evaluate(cfg: DemoConfig, models: dict[str, Path], ppo_run: Path, world_dir:
             }
             for p, rs in list(zip(prompts, responses))[:12]
         ]
-    diff = [a - b for a, b in zip(gold["ppo"]["scores"], gold["sft"]["scores"])]
     summary = {
         "gold": {name: {k: v for k, v in g.items() if k != "scores"} for name, g in gold.items()},
         "heldout_prompts": len(prompts),
         "samples_per_prompt": cfg.gold_samples,
     }
-    summary["gold"]["ppo_minus_sft"] = {"mean": float(np.mean(diff)), "ci95": interval(diff, cfg.seed)}
+    for name in [n for n in gold if n not in ("base", "sft")]:
+        diff = [a - b for a, b in zip(gold[name]["scores"], gold["sft"]["scores"])]
+        summary["gold"][f"{name}_minus_sft"] = {"mean": float(np.mean(diff)), "ci95": interval(diff, cfg.seed)}
     write_jsonl_atomic(
         folder / "gold_scores.jsonl",
         [

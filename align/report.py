@@ -97,11 +97,40 @@ def write_report(folder: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------------------ demo
 
 
+METHODS = ("ppo", "grpo", "dpo")  # what the demo trains from the SFT policy
+
+
+def methods_table(s: dict) -> str:
+    """Each method's gold score, its difference from SFT paired by prompt, KL to SFT and wall time."""
+    src, g = "summary.json", s["gold"]
+    rows = []
+    for name in [n for n in METHODS if f"{n}_minus_sft" in g]:
+        d = g[f"{name}_minus_sft"]
+        kl = s.get(name, {}).get("eval_kl_last")
+        kl_cell = num(src, f"{name}.eval_kl_last", kl) if kl is not None else "—"
+        rows.append(
+            f"<tr><td>{name}</td><td class='num'>{num(src, f'gold.{name}.mean', g[name]['mean'])}</td>"
+            f"<td class='num'>{num(src, f'gold.{name}_minus_sft.mean', d['mean'])}</td>"
+            f"<td class='num'>{num(src, f'gold.{name}_minus_sft.ci95.0', d['ci95'][0])} – "
+            f"{num(src, f'gold.{name}_minus_sft.ci95.1', d['ci95'][1])}</td>"
+            f"<td class='num'>{kl_cell}</td>"
+            f"<td class='num'>{num(src, f'seconds.{name}', s['seconds'][name])}</td></tr>"
+        )
+    return (
+        "<h2>Did the methods help?</h2><p>Each method starts from the SFT policy: PPO with a value model, GRPO "
+        "without one (group-normalised advantages over 4 responses per prompt), DPO on the annotators' "
+        "comparisons (no reward model). Differences from SFT are paired by prompt; KL is nats per response to the "
+        "SFT policy at the last evaluation (DPO samples nothing while it trains, so none is measured); wall time "
+        "is the stage's, in seconds.</p><table><tr><th>method</th><th>gold mean</th><th>minus SFT</th>"
+        "<th>95% CI</th><th>KL to SFT</th><th>seconds</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
 def demo_body(folder: Path) -> str:
     s = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     src = "summary.json"
     g = s["gold"]
-    names = [n for n in ("base", "sft", "ppo") if n in g]
+    names = [n for n in ("base", "sft", *METHODS) if n in g]
     parts = [
         f"<p class='note'>Mode: {html.escape(s.get('mode', '?'))}. Tokenizer: "
         f"{html.escape(s['tokenizer']['kind'])}, {num(src, 'tokenizer.vocab_size', s['tokenizer']['vocab_size'])} "
@@ -110,12 +139,7 @@ def demo_body(folder: Path) -> str:
         f"{num(src, 'samples_per_prompt', s['samples_per_prompt'])} sampled responses each; intervals are 95% "
         f"bootstrap intervals.</p>"
     ]
-    d = g["ppo_minus_sft"]
-    parts.append(
-        f"<h2>Did PPO help?</h2><p>PPO minus SFT gold score: <b>{num(src, 'gold.ppo_minus_sft.mean', d['mean'])}"
-        f"</b> (95% CI {num(src, 'gold.ppo_minus_sft.ci95.0', d['ci95'][0])} to "
-        f"{num(src, 'gold.ppo_minus_sft.ci95.1', d['ci95'][1])}), paired by prompt.</p>"
-    )
+    parts.append(methods_table(s))
     kinds = sorted(g[names[0]]["by_kind"])
     rows = "".join(
         f"<tr><td>{n}</td><td class='num'>{num(src, f'gold.{n}.mean', g[n]['mean'])}</td>"

@@ -8,11 +8,13 @@ from pydantic import Field
 
 from align.core.config import Section
 from align.core.sections import DeepSpeedSection, LoopConfig, OptimConfig
+from ppo.rewards import RewardSource
 
 
 class PPOModels(Section):
     policy: str  # the SFT checkpoint: initial policy and the frozen reference
     reward: str  # a reward-model folder (`align rm train`)
+    reward_weight: float = 1.0  # its weight in the reward, beside ppo.extra_rewards
     value: str | None = None  # a reward-model folder to start the value model from; default: `reward`
     offload_frozen: bool = False  # keep the reference and reward models on the CPU between uses (GPU memory)
 
@@ -56,6 +58,7 @@ class PPOSection(Section):
     # gae: PPO with a value model; grpo, rloo: sequence advantages from the other responses to the same prompt
     # (n_samples >= 2); reinforce_pp: token returns whitened over the batch. The last three build no value model.
     advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    extra_rewards: list[RewardSource] = []  # functions and remote servers added to the reward (ppo/rewards.py)
     critic_warmup_steps: int = Field(0, ge=0)
     max_nan_steps: int = Field(3, ge=1)
     sample_every: int = Field(10, ge=1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,6 +61,7 @@ from ppo.losses import (
     value_loss,
 )
 from ppo.models import ValueModel, frozen_dtype, make_rollout_engine, resident, sync_rollout_weights
+from ppo.rewards import extra_rewards, make_scorer
 from rm.model import load_reward_model, save_reward_state
 
 
@@ -87,6 +88,7 @@ class Run:
     out_dir: Path
     nan_streak: int = 0
     throughput: Throughput | None = None
+    scorers: list = field(default_factory=list)  # (RewardSource, scorer) of ppo.extra_rewards
 
 
 def setup(cfg: PPOConfig) -> Run:
@@ -118,6 +120,7 @@ def setup(cfg: PPOConfig) -> Run:
     for module in (ref_policy, reward_model):
         module.requires_grad_(False)
 
+    scorers = [(source, make_scorer(source)) for source in p.extra_rewards]  # a bad target stops here
     prompts = read_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_len)
     eval_prompts = (
         read_prompts(cfg.data.eval_prompts, tokenizer, cfg.data.max_prompt_len) if cfg.data.eval_prompts else []
@@ -175,6 +178,7 @@ def setup(cfg: PPOConfig) -> Run:
         logger,
         out_dir,
         throughput=throughput,
+        scorers=scorers,
     )
 
 
@@ -222,8 +226,7 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     run.actor.train()
     messages = [m for _, m, _ in rows for _ in range(p.n_samples)]
     texts = [response_text(run.tokenizer, r) for r in rollouts]
-    with resident(run.reward_model, offload) as reward_model:
-        raw = reward_scores(reward_model, run.rm_tokenizer, messages, texts, mb, 4096).to(dev)
+    raw, by_source = total_reward(run, messages, texts)
 
     n, mean, var = (float(m) for m in masked_moments(raw, torch.ones_like(raw), distributed.all_reduce))
     run.moments.update(n, mean, var * (n - 1))  # this batch's count, mean and sum of squared deviations
@@ -248,6 +251,7 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
             "ended": ended.sum(),
             "rows": len(raw),
             "engine_diff": masked_sum((old_logprobs - engine_logprobs.to(dev)).abs(), mask),
+            **{f"source/{k}": v.sum() for k, v in by_source.items()},
         }
     )
     n_rows, n_tokens = sums["rows"], sums["tokens"]
@@ -262,9 +266,30 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
         "time/rollout_s": t1 - t0,
         "time/experience_s": t2 - t1,
         "rollout_tokens_per_s": tokens_per_second(n_tokens, t1 - t0),
+        **{f"reward/{k}": sums[f"source/{k}"] / n_rows for k in by_source},
     }  # response tokens, all ranks
     samples = [{"prompt": m, "response": t, "reward": float(r)} for m, t, r in zip(messages, texts, raw)]
     return exp, metrics, samples
+
+
+def total_reward(run: Run, messages: list, texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The reward of each response (B,): models.reward_weight x the reward model's score plus each extra source's
+    weight x its score; and, with extra sources, each source's unweighted scores by name (the reward model's as
+    `model`)."""
+    dev, cfg = distributed.device(), run.cfg
+    with resident(run.reward_model, cfg.models.offload_frozen) as reward_model:
+        model_scores = reward_scores(
+            reward_model, run.rm_tokenizer, messages, texts, cfg.train.micro_batch_size, 4096
+        ).to(dev)
+    total = cfg.models.reward_weight * model_scores
+    if not run.scorers:
+        return total, {}
+    by_source = {"model": model_scores}
+    for name, scores in extra_rewards(run.scorers, messages, texts).items():
+        by_source[name] = torch.tensor(scores, device=dev, dtype=total.dtype)
+    for source, _ in run.scorers:
+        total = total + source.weight * by_source[source.label()]
+    return total, by_source
 
 
 def estimate_advantages(p, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
@@ -425,8 +450,7 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         rollouts = run.rollout.generate(prompt_list, sampling)
         messages = [m for _, m, _ in mine for _ in range(p.eval_samples)]
         texts = [response_text(run.tokenizer, r) for r in rollouts]
-        with resident(run.reward_model, run.cfg.models.offload_frozen) as reward_model:
-            raw = reward_scores(reward_model, run.rm_tokenizer, messages, texts, run.cfg.train.micro_batch_size, 4096)
+        raw = total_reward(run, messages, texts)[0]
         ids, att, mask, _ = build_sequences(prompt_list, rollouts, run.tokenizer.pad_id)
         ids, att, mask = ids.to(distributed.device()), att.to(distributed.device()), mask.to(distributed.device())
         run.actor.eval()

@@ -82,13 +82,17 @@ def quick_demo(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_reports(quick_demo):
     out, stdout, seconds = quick_demo
-    for i, stage in enumerate(["world", "tokenizer", "pretrain", "sft", "rm_pmp", "labels", "rm", "ppo", "eval"], 1):
-        assert f"[{i}/10] {stage}" in stdout
+    stages = ["world", "tokenizer", "pretrain", "sft", "rm_pmp", "labels", "rm", "ppo", "grpo", "dpo", "eval"]
+    for i, stage in enumerate(stages, 1):
+        assert f"[{i}/12] {stage}" in stdout
     summary = json.loads((out / "summary.json").read_text())
-    for name in ("base", "sft", "ppo"):
+    for name in ("base", "sft", "ppo", "grpo", "dpo"):
         assert 0 <= summary["gold"][name]["mean"] <= 1
-    diff = summary["gold"]["ppo_minus_sft"]
-    assert len(diff["ci95"]) == 2 and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
+    for name in ("ppo", "grpo", "dpo"):
+        diff = summary["gold"][f"{name}_minus_sft"]
+        assert len(diff["ci95"]) == 2 and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
+    assert not (out / "grpo" / "run" / "final" / "value").exists()  # critic-free
+    assert "Did the methods help?" in (out / "report.html").read_text()
     assert summary["tokenizer"]["vocab_size"] == DemoConfig.quick().vocab_size
     assert "report.html" in stdout and "align label serve --demo" in stdout
     # the labelling stage went through the app: a database with the annotations, an export the RM read
@@ -131,7 +135,7 @@ def test_rerun_reuses_finished_stages_and_report_command(quick_demo, tmp_path):
     out, _, _ = quick_demo
     t0 = time.perf_counter()
     run = align("demo", "--quick", "--out", str(out))
-    assert run.stdout.count(": reused") == 9
+    assert run.stdout.count(": reused") == 11
     assert time.perf_counter() - t0 < 60
     (out / "report.html").unlink()
     align("report", str(out))

@@ -140,13 +140,20 @@ def test_killed_ppo_run_resumes_exactly(models, tmp_path):
 
 @pytest.mark.slow
 def test_grpo_raises_heldout_reward_without_a_value_model(models, tmp_path):
+    """GRPO with an extra reward function beside the reward model (a small bonus for "!"), logged per source."""
+    bonus = tmp_path / "bonus.py"
+    bonus.write_text("def bang(prompts, responses):\n    return [float('!' in r) for r in responses]\n")
+    extra = f'ppo.extra_rewards=[{{kind: function, target: "{bonus}:bang", weight: 0.5}}]'
     align("ppo", TINY, *models, f"out_dir={tmp_path}", "ppo.iterations=20", "ppo.advantage=grpo",
-          "ppo.critic_warmup_steps=0", "ppo.n_samples=4", "ppo.rollout_batch_size=4", "train.save_every=10")  # fmt: skip
+          "ppo.critic_warmup_steps=0", "ppo.n_samples=4", "ppo.rollout_batch_size=4", "train.save_every=10",
+          extra)  # fmt: skip
     reward, std = metric(tmp_path, "eval/reward_mean"), metric(tmp_path, "eval/reward_std")
     noise = max(std[0], std[20]) / (32 * 2) ** 0.5
     assert reward[20] - reward[0] > 5 * noise, (reward, std)
     rows = [r for r in read_metrics(tmp_path) if "train/reward/raw" in r]
     assert "train/policy_loss" in rows[-1] and "train/value_loss" not in rows[-1]
+    for row in rows:  # the total is the model's score plus half the bonus
+        assert row["train/reward/raw"] == pytest.approx(row["train/reward/model"] + 0.5 * row["train/reward/bang"])
     assert not (tmp_path / "final" / "value").exists()
     checkpoint = sorted((tmp_path / "checkpoints").glob("step-*"))[-1]
     assert (checkpoint / "hf" / "policy").exists() and not (checkpoint / "hf" / "value").exists()
