@@ -154,7 +154,7 @@ def test_reports_render_in_chromium(quick_demo):
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto((out / "report.html").as_uri())
-        assert "Did PPO help?" in page.inner_text("h2")
+        assert "Did the methods help?" in page.inner_text("h2")
         images = page.query_selector_all("img.fig")
         assert len(images) >= 3 and all(page.evaluate("(i) => i.naturalWidth", img) > 100 for img in images)
         page.screenshot(path=str(SHOTS / "demo_report.png"), full_page=True)
