@@ -127,9 +127,25 @@ def make_scorer(source: RewardSource) -> Scorer:
             raise RewardSourceError(f"reward source {source.target!r}: an http source needs an http(s) URL")
         return http_scorer(source)
     fn = load_function(source.target)
-    return lambda prompts, responses: checked(
-        fn(prompts, responses), len(responses), f"reward function {source.target}"
-    )
+
+    def score(prompts: Sequence[list[dict]], responses: Sequence[str]) -> list[float]:
+        try:
+            scores = fn(prompts, responses)
+        except Exception as e:  # the user's code: name it, keep the cause
+            raise RewardSourceError(f"reward function {source.target} failed: {type(e).__name__}: {e}") from e
+        return checked(scores, len(responses), f"reward function {source.target}")
+
+    return score
+
+
+def make_scorers(sources: Sequence[RewardSource]) -> list[tuple[RewardSource, Scorer]]:
+    """Every source's scorer (a bad target stops here, before training); names must be distinct and not `model`
+    (the reward model's name in the metrics)."""
+    labels = [s.label() for s in sources]
+    clashes = sorted({n for n in labels if labels.count(n) > 1 or n == "model"})
+    if clashes:
+        raise RewardSourceError(f"ppo.extra_rewards: give distinct names (`name:`); clashing: {', '.join(clashes)}")
+    return [(source, make_scorer(source)) for source in sources]
 
 
 def extra_rewards(

@@ -61,7 +61,7 @@ from ppo.losses import (
     value_loss,
 )
 from ppo.models import ValueModel, frozen_dtype, make_rollout_engine, resident, sync_rollout_weights
-from ppo.rewards import extra_rewards, make_scorer
+from ppo.rewards import extra_rewards, make_scorers
 from rm.model import load_reward_model, save_reward_state
 
 
@@ -120,7 +120,7 @@ def setup(cfg: PPOConfig) -> Run:
     for module in (ref_policy, reward_model):
         module.requires_grad_(False)
 
-    scorers = [(source, make_scorer(source)) for source in p.extra_rewards]  # a bad target stops here
+    scorers = make_scorers(p.extra_rewards)
     prompts = read_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_len)
     eval_prompts = (
         read_prompts(cfg.data.eval_prompts, tokenizer, cfg.data.max_prompt_len) if cfg.data.eval_prompts else []

@@ -93,9 +93,10 @@ class DataReport:
         return out + "".join(f"; {n} left out ({reason})" for reason, n in (self.left_out or {}).items())
 
 
-def unpaired_examples(path: str, on_error: str) -> list[tuple[list[dict], str, bool]]:
-    """TRL's unpaired layout (`prompt`, `completion`, `label`) → (prompt messages, completion, desirable)."""
-    out = []
+def unpaired_examples(path: str, on_error: str) -> tuple[list[tuple[list[dict], str, bool]], int]:
+    """TRL's unpaired layout (`prompt`, `completion`, `label`) → [(prompt messages, completion, desirable)], and
+    the number of malformed records left out (on_error=skip; raise stops at the first)."""
+    out, skipped = [], 0
     for where, record in iter_records(path):
         try:
             completion = record["completion"]
@@ -107,16 +108,25 @@ def unpaired_examples(path: str, on_error: str) -> list[tuple[list[dict], str, b
         except (DataError, KeyError) as e:
             if on_error == "raise":
                 raise DataError(str(e) if isinstance(e, DataError) else f"{where}: missing field {e}") from None
-    return out
+            skipped += 1
+    return out, skipped
+
+
+def mismatched_partner(examples: list[tuple], i: int) -> int:
+    """The next example (cyclically) whose prompt differs from example i's: its completion is KTO's mismatched
+    completion for i (paired data and unpaired files often hold several completions of one prompt in a row)."""
+    n = len(examples)
+    return next(((i + k) % n for k in range(1, n) if examples[(i + k) % n][0] != examples[i][0]), (i + 1) % n)
 
 
 def load_rows(path: str, loss: Loss, tokenizer: QwenTokenizer, max_len: int, on_error: str):
     """Training rows, each {"seqs": [(ids, labels), (ids, labels)], "desirable": bool, "index": i}: chosen and
-    rejected for paired losses; for KTO, an example and the next example's completion under this prompt."""
+    rejected for paired losses; for KTO, an example and another prompt's completion under this prompt."""
     report = DataReport()
     first = next(iter_records(path), (None, {}))[1]
     if loss == "kto" and "completion" in first and "label" in first:
-        examples = unpaired_examples(path, on_error)
+        examples, malformed = unpaired_examples(path, on_error)
+        report.left_out = {"malformed": malformed} if malformed else {}
     else:
         pairs, pair_report = load_pairs(path, binarize=False, on_error=on_error)
         report.left_out = dict(pair_report.skipped)
@@ -127,7 +137,7 @@ def load_rows(path: str, loss: Loss, tokenizer: QwenTokenizer, max_len: int, on_
     rows = []
     for i, (prompt, a, b) in enumerate(examples):
         if loss == "kto":
-            mismatched = examples[(i + 1) % len(examples)][1]
+            mismatched = examples[mismatched_partner(examples, i)][1]
             seqs, desirable = (
                 [response_sequence(prompt, a, tokenizer), response_sequence(prompt, mismatched, tokenizer)],
                 b,

@@ -117,3 +117,29 @@ def test_zero3_two_processes_follow_single_process(tmp_path, pairs):
     assert sorted(one) == sorted(two) == list(range(1, 7))
     assert max(abs(one[s]["train/loss"] - two[s]["train/loss"]) for s in one) < 1e-5
     assert (tmp_path / "two" / "final" / "model.safetensors").exists()
+
+
+def test_kto_rows_pair_each_completion_with_another_prompts_and_count_malformed_records(tmp_path, pairs):
+    from base_model import QwenTokenizer
+    from sft.dpo import load_rows, mismatched_partner
+
+    assert [mismatched_partner([("p", "a"), ("p", "b"), ("q", "c"), ("q", "d")], i) for i in range(4)] == [2, 2, 0, 0]
+    assert mismatched_partner([("p", "a"), ("p", "b")], 0) == 1  # one prompt only: nothing else to pair with
+    tok = QwenTokenizer.from_bytes()
+    rows, _ = load_rows(str(pairs), "kto", tok, 256, "skip")  # paired data: chosen and rejected of a prompt in a row
+    head = "<|im_start|>assistant\n"
+    for row in rows:
+        own, mismatched = (tok.decode(ids).rpartition(head) for ids, _ in row["seqs"])
+        assert own[0] == mismatched[0]  # the mismatched completion is shown under this row's prompt ...
+    first, second = (tok.decode(r["seqs"][1][0]).rpartition(head)[2] for r in rows[:2])
+    own_replies = {tok.decode(r["seqs"][0][0]).rpartition(head)[2] for r in rows[:2]}  # chosen and rejected of pair 0
+    assert first not in own_replies and second not in own_replies  # ... and is not a reply to this prompt
+    unpaired = tmp_path / "u.jsonl"
+    unpaired.write_text(
+        '{"prompt": "a", "completion": "x", "label": true}\n{"prompt": "b", "completion": "y", "label": "yes"}\n'
+        '{"prompt": "c", "completion": "z", "label": false}\n'
+    )
+    rows, report = load_rows(str(unpaired), "kto", tok, 256, "skip")
+    assert len(rows) == 2 and report.left_out == {"malformed": 1} and "1 left out (malformed)" in report.summary()
+    with pytest.raises(Exception, match="u.jsonl:2: 'completion' must be text and 'label' true or false"):
+        load_rows(str(unpaired), "kto", tok, 256, "raise")

@@ -6,7 +6,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ppo.rewards import RewardSource, RewardSourceError, extra_rewards, http_scorer, load_function, make_scorer
+from ppo.rewards import (
+    RewardSource,
+    RewardSourceError,
+    extra_rewards,
+    http_scorer,
+    load_function,
+    make_scorer,
+    make_scorers,
+)
 
 PROMPTS = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
 RESPONSES = ["a", "bb", "ccc", "dddd", "eeeee"]
@@ -88,11 +96,15 @@ def test_function_sources_by_module_or_file(tmp_path):
     path = tmp_path / "verify.py"
     path.write_text("def exact(prompts, responses):\n    return [float(r == 'ccc') for r in responses]\n")
     by_file = RewardSource(kind="function", target=f"{path}:exact", weight=2.0)
-    by_module = RewardSource(kind="function", target="math:fsum", name="sum")  # wrong arity: a clear error
+    by_module = RewardSource(kind="function", target="math:fsum", name="sum")  # wrong arity: named in the error
     scores = extra_rewards([(by_file, make_scorer(by_file))], PROMPTS, RESPONSES)
     assert scores == {"exact": [0.0, 0.0, 1.0, 0.0, 0.0]}
-    with pytest.raises(TypeError):
+    with pytest.raises(RewardSourceError, match="reward function math:fsum failed: TypeError"):
         make_scorer(by_module)(PROMPTS, RESPONSES)
+    with pytest.raises(RewardSourceError, match="clashing: exact"):
+        make_scorers([by_file, RewardSource(kind="function", target=f"{path}:exact")])
+    with pytest.raises(RewardSourceError, match="clashing: model"):
+        make_scorers([RewardSource(kind="function", target=f"{path}:exact", name="model")])
     assert load_function("json:dumps") is json.dumps
     for bad, message in (("nope", "expected 'module:function'"), (f"{tmp_path}/missing.py:f", "cannot be loaded"),
                          ("json:nothing_here", "cannot be loaded")):  # fmt: skip
