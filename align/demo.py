@@ -342,6 +342,7 @@ def ppo_config(
         },
         "policy_optim": {"lr": 5e-5, "schedule": "constant", "weight_decay": 0.0},
         "value_optim": {"lr": 1e-3, "schedule": "constant", "weight_decay": 0.0},
+        "eval": {"judges": [{"kind": "function", "target": "align.world.demo:gold_judge", "name": "gold"}]},
         "train": {
             "micro_batch_size": 16,
             "eval_every": cfg.ppo_eval_every,

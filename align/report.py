@@ -1,4 +1,4 @@
-"""`align report DIR`: the HTML report of a demo run or a sweep, built from its metrics files alone.
+"""`align report DIR`: the HTML report of a demo run, a sweep or any training run, built from its files alone.
 
 Every number in the page is written by `num()`, which tags it with the file and key it came from
 (`data-src`, `data-key`), so a test can check each one against its source.
@@ -30,8 +30,8 @@ pre { white-space: pre-wrap; margin: 0; }"""
 def fmt(value) -> str:
     if value is None:
         return "n/a"
-    if isinstance(value, bool):
-        return str(value)
+    if isinstance(value, (bool, str)):
+        return html.escape(str(value))
     if isinstance(value, int):
         return str(value)
     return f"{value:.4g}"
@@ -55,15 +55,16 @@ def flatten(obj, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def figure(fig, save_as: Path | None = None) -> str:
-    """The figure as an inline <img>; also written to `save_as` (a PNG) when given."""
+def figure(fig, save_as: Path | None = None, alt: str = "") -> str:
+    """The figure as an inline <img> (with `alt` text); also written to `save_as` (a PNG) when given."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     if save_as is not None:
         save_as.parent.mkdir(parents=True, exist_ok=True)
         save_as.write_bytes(buf.getvalue())
-    return f'<img class="fig" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img class="fig" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -83,8 +84,13 @@ def write_report(folder: str | Path) -> Path:
     elif (folder / "summary.json").exists():
         body = demo_body(folder)
         title = f"Demo run {folder.name}"
+    elif (folder / "metrics.jsonl").exists():
+        body = run_body(folder)
+        title = f"Run {folder.name}"
     else:
-        raise FileNotFoundError(f"{folder}: neither a demo folder (summary.json) nor a sweep folder (sweep.json)")
+        raise FileNotFoundError(
+            f"{folder}: not a demo folder (summary.json), a sweep folder (sweep.json) or a run folder (metrics.jsonl)"
+        )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
@@ -253,6 +259,102 @@ def training_curves(folder: Path) -> str:
     return "<h2>Training curves</h2>" + figure(fig) if any_plotted else ""
 
 
+# ------------------------------------------------------------------------------------------------- any run
+
+
+def run_gold(folder: Path, rows: list[dict]) -> tuple[str | None, int]:
+    """The run's gold judge (`eval.gold` of its config, else its first judge, else None) and its
+    `eval.hacking_window`."""
+    import yaml
+
+    from align.eval.judges import EvalSection
+
+    cfg_path = folder / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    section = EvalSection.model_validate((cfg or {}).get("eval") or {})
+    if section.gold_name():
+        return section.gold_name(), section.hacking_window
+    keys = sorted({k for r in rows for k in r if k.startswith("eval/judge/") and k.count("/") == 2})
+    return (keys[0].split("/")[-1] if keys else None), section.hacking_window
+
+
+def run_body(folder: Path) -> str:
+    """Any training run: its last evaluation, proxy against gold over the evaluations (with the reward-hacking
+    check), KL–reward and KL–gold curves, and its training curves."""
+    from align.eval.judges import hacking_warning
+
+    rows = read_metrics(folder)
+    src = "metrics.jsonl"
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    parts = [f"<p>{len(rows)} metric rows, {len(evals)} evaluations.</p>"]
+    if evals:
+        last = evals[-1]
+        keys = sorted(k for k in last if k.startswith("eval/"))
+        parts.append(
+            f"<h2>Last evaluation (step {num(src, 'step', last['step'])})</h2><table><tr><th>metric</th>"
+            "<th>value</th></tr>"
+            + "".join(f"<tr><td>{html.escape(k)}</td><td class='num'>{num(src, k, last[k])}</td></tr>" for k in keys)
+            + "</table>"
+        )
+    gold, window = run_gold(folder, rows)
+    gkey = f"eval/judge/{gold}" if gold else None
+    curve = [r for r in evals if "eval/reward_mean" in r and gkey in r] if gkey else []
+    if curve:
+        steps, proxy, golds = ([r[k] for r in curve] for k in ("step", "eval/reward_mean", gkey))
+        flagged = [r["step"] for r in curve if r.get("eval/hacking_warning")]
+        warning = hacking_warning(steps, proxy, golds, window)
+        if flagged or warning:
+            parts.append(
+                "<p class='warn' style='background:#fff3cd;padding:6px;border:1px solid #e0c060'><b>Reward "
+                f"hacking?</b> {html.escape(warning or '')} Flagged during training at steps "
+                f"{', '.join(map(str, flagged)) or 'none'}.</p>"
+            )
+        else:
+            parts.append(f"<p>No reward hacking flagged: the proxy and the gold judge <b>{html.escape(gold)}</b> "
+                         "did not part over any evaluations in a row.</p>")  # fmt: skip
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.plot(steps, proxy, "o-", color="#c05621")
+        ax.set_xlabel("step")
+        ax.set_ylabel("reward (proxy)", color="#c05621")
+        ax2 = ax.twinx()
+        ax2.plot(steps, golds, "s-", color="#2b6cb0")
+        ax2.set_ylabel(f"judge {gold} (gold)", color="#2b6cb0")
+        ax.set_title("Proxy vs gold (where they part, the reward is hacked)", fontsize=9)
+        plots = [figure(fig, folder / "figures" / "proxy_vs_gold.png")]
+        if all("eval/kl" in r for r in curve):
+            fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+            for ax, ys, label, colour in ((axes[0], proxy, "reward (proxy)", "#c05621"),
+                                          (axes[1], golds, f"judge {gold} (gold)", "#2b6cb0")):  # fmt: skip
+                kls = [r["eval/kl"] for r in curve]
+                ax.plot(kls, ys, "o-", color=colour)
+                for x, y, st in zip(kls, ys, steps):
+                    ax.annotate(str(st), (x, y), fontsize=7)
+                ax.set_xlabel("KL to the initial policy (nats / response)")
+                ax.set_ylabel(label)
+            axes[0].set_title("KL–reward", fontsize=9)
+            axes[1].set_title("KL–gold", fontsize=9)
+            fig.tight_layout()
+            plots.append(figure(fig, folder / "figures" / "kl_frontiers.png"))
+        parts.append("<h2>Proxy and gold</h2>" + "".join(plots))
+    elif evals:
+        parts.append(
+            "<p class='note'>No judge in this run's evaluations: add <code>eval.judges</code> to its config to see "
+            "its gold curve beside the proxy.</p>"
+        )
+    train_keys = [k for k in ("train/loss", "train/reward/raw", "train/kl", "train/accuracy", "train/policy_loss",
+                              "train/value_loss") if any(k in r for r in rows)]  # fmt: skip
+    if train_keys:
+        fig, axes = plt.subplots(1, len(train_keys), figsize=(3.3 * len(train_keys), 2.8), squeeze=False)
+        for ax, key in zip(axes[0], train_keys):
+            xs, ys = _series(rows, key)
+            ax.plot(xs, ys, color="#2b6cb0")
+            ax.set_title(key, fontsize=9)
+            ax.tick_params(labelsize=7)
+        fig.tight_layout()
+        parts.append("<h2>Training curves</h2>" + figure(fig))
+    return "".join(parts)
+
+
 # ----------------------------------------------------------------------------------------------------- sweeps
 
 
@@ -260,59 +362,67 @@ def sweep_body(folder: Path) -> str:
     spec = json.loads((folder / "sweep.json").read_text(encoding="utf-8"))
     results = _jsonl(folder / "results.jsonl")
     src = "results.jsonl"
-    params = spec["parameters"]
-    metric = spec["rank_by"]
+    params, metric = spec["parameters"], spec["metric"]
+    better = "higher" if spec["direction"] == "maximize" else "lower"
     parts = [
-        f"<p>{len(results)} finished runs of {spec['n_runs']}; ranked by <b>{html.escape(metric)}</b> "
-        f"(higher is better).</p>"
+        f"<p>{spec['stage']} sweep: {len(results)} finished trials of {spec['n_trials']}; ranked by "
+        f"<b>{html.escape(metric)}</b> ({better} is better) at each trial's last evaluation, with a bootstrap 95% "
+        "interval over the evaluation's answers where the run wrote them.</p>"
     ]
-    cols = ["rank", "run"] + params + ["gold", "reward", "kl", "ptx_loss"]
+    cols = ["rank", "run", "method", *params, "value", "ci95", "reward", "gold", "kl", "seconds"]
+    heads = [metric if c == "value" else "95% CI" if c == "ci95" else c for c in cols]
+
+    def cell(i: int, r: dict, c: str) -> str:
+        if c in ("run", "method"):
+            return f"<td>{html.escape(str(r.get(c)))}</td>"
+        if c == "ci95":
+            ci = r.get("ci95")
+            return (
+                "<td class='num'>"
+                + (f"{num(src, f'{i}.ci95.0', ci[0])} – {num(src, f'{i}.ci95.1', ci[1])}" if ci else "n/a")
+                + "</td>"
+            )
+        return f"<td class='num'>{num(src, f'{i}.{c}', r.get(c))}</td>"
+
     parts.append(
         "<table><tr>"
-        + "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        + "".join(f"<th>{html.escape(h)}</th>" for h in heads)
         + "</tr>"
-        + "".join(
-            "<tr>"
-            + "".join(
-                f"<td class='num'>{num(src, f'{i}.{c}', r.get(c))}</td>"
-                if c != "run"
-                else f"<td>{html.escape(r['run'])}</td>"
-                for c in cols
-            )
-            + "</tr>"
-            for i, r in enumerate(results)
-        )
+        + "".join("<tr>" + "".join(cell(i, r, c) for c in cols) + "</tr>" for i, r in enumerate(results))
         + "</table>"
     )
-    if results:
+    plots = []
+    methods = sorted({r["method"] for r in results})
+    colours = dict(zip(methods, ["#c05621", "#2b6cb0", "#2f855a", "#6b46c1", "#b7791f", "#4a5568"] * 3))
+    for ykey, ylabel in (("reward", "reward (proxy)"), ("gold", "gold judge")):
+        pts = [r for r in results if r.get("kl") is not None and r.get(ykey) is not None]
+        if not pts:
+            continue
         fig, ax = plt.subplots(figsize=(4.6, 3.4))
-        xs, ys = [r["kl"] for r in results], [r["reward"] for r in results]
-        ax.scatter(xs, ys, color="#c05621")
-        front = pareto(list(zip(xs, ys)))
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#c05621", alpha=0.6)
-        for r in results:
-            ax.annotate(r["run"], (r["kl"], r["reward"]), fontsize=6)
-        ax.set_xlabel("final KL (nats / response)")
-        ax.set_ylabel("final reward-model score")
-        ax.set_title("KL–reward frontier", fontsize=9)
-        plots = [figure(fig)]
-        fig, ax = plt.subplots(figsize=(4.2, 3.4))
-        ax.scatter([r["reward"] for r in results], [r["gold"] for r in results], color="#2b6cb0")
-        for r in results:
-            ax.annotate(r["run"], (r["reward"], r["gold"]), fontsize=6)
-        ax.set_xlabel("reward-model score (proxy)")
-        ax.set_ylabel("gold score")
-        ax.set_title("Gold versus proxy", fontsize=9)
-        plots.append(figure(fig))
+        for m in methods:
+            mine = [r for r in pts if r["method"] == m]
+            ax.scatter([r["kl"] for r in mine], [r[ykey] for r in mine], color=colours[m], label=m)
+        front = pareto([(r["kl"], r[ykey]) for r in pts])
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#555", alpha=0.6)
+        for r in pts:
+            ax.annotate(r["run"].replace("trial-", "#"), (r["kl"], r[ykey]), fontsize=6)
+        ax.set_xlabel("KL to the initial policy (nats / response)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.set_title(f"KL–{ykey} frontier across methods", fontsize=9)
+        plots.append(figure(fig, alt=f"KL–{ykey} frontier across methods"))
+    curves = [(r["run"], read_metrics(folder / r["run"] / "run")) for r in results]
+    curves = [(name, _series(rows, metric)) for name, rows in curves if (folder / name / "run").exists()]
+    if any(xs for _, (xs, _) in curves):
         fig, ax = plt.subplots(figsize=(5, 3.4))
-        for r in results:
-            curve = _jsonl(folder / r["run"] / "gold_vs_reward.jsonl")
-            ax.plot([c["step"] for c in curve], [c["gold"] for c in curve], "o-", label=r["run"], markersize=3)
-        ax.set_xlabel("PPO iteration")
-        ax.set_ylabel("gold score (eval prompts)")
+        for name, (xs, ys) in curves:
+            ax.plot(xs, ys, "o-", label=name, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
         ax.legend(fontsize=6)
-        ax.set_title("Per-run curves", fontsize=9)
-        plots.append(figure(fig))
+        ax.set_title("Per-trial curves", fontsize=9)
+        plots.append(figure(fig, alt=f"{metric} of each trial over its steps"))
+    if plots:
         parts.append("<h2>Plots</h2>" + "".join(plots))
     return "".join(parts)
 

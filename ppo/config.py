@@ -8,6 +8,7 @@ from pydantic import Field
 
 from align.core.config import Section
 from align.core.sections import DeepSpeedSection, LoopConfig, OptimConfig
+from align.eval.judges import EvalSection
 from ppo.rewards import RewardSource
 
 
@@ -73,6 +74,7 @@ class PPOConfig(Section):
     value_optim: OptimConfig = OptimConfig(lr=5e-6, schedule="constant", weight_decay=0.0)
     policy_deepspeed: DeepSpeedSection = DeepSpeedSection()
     value_deepspeed: DeepSpeedSection = DeepSpeedSection()
+    eval: EvalSection = EvalSection()  # judges of the held-out answers at every evaluation (align/eval/judges.py)
     train: LoopConfig = LoopConfig()  # micro_batch_size, seed, save_every, eval_every, log_every, keep_last
     out_dir: str = "runs/ppo"
     resume: bool | str = False

@@ -15,6 +15,7 @@ import torch
 from align.core import distributed
 from align.core.chatml import render
 from align.core.records import DataError, as_messages, iter_records
+from base_model.atomic import write_text_atomic
 from ppo.losses import logprobs_from_logits
 from ppo.rollout.engine import Rollout
 
@@ -130,15 +131,36 @@ def read_prompts(path: str, tokenizer, max_len: int) -> list[tuple[int, list[dic
 
 
 def write_eval_samples(
-    out_dir: Path, step: int, messages: list, texts: list[str], rewards: list[float], kls: list[float]
+    out_dir: Path,
+    step: int,
+    messages: list,
+    texts: list[str],
+    rewards: list[float],
+    kls: list[float],
+    judged: dict[str, list] | None = None,
 ) -> None:
-    """Every held-out response with its reward and KL, so an outside judge (a gold scorer, people) can score the
-    policy at each evaluation; one file per rank."""
+    """Every held-out response with its reward, KL and judges' scores, so an outside judge (a gold scorer, people)
+    can score the policy at each evaluation too; one file per rank."""
     name = "eval_samples.jsonl" if distributed.world_size() == 1 else f"eval_samples.rank{distributed.rank()}.jsonl"
+    judged = judged or {}
     with (out_dir / name).open("a", encoding="utf-8") as f:
-        for m, t, r, k in zip(messages, texts, rewards, kls):
+        for i, (m, t, r, k) in enumerate(zip(messages, texts, rewards, kls)):
             row = {"step": step, "prompt": m, "response": t, "reward": r, "kl": k}
+            if judged:
+                row["judges"] = {judge: scores[i] for judge, scores in judged.items()}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def truncate_eval_samples(out_dir: Path, step: int) -> None:
+    """Drop the eval samples logged after `step` (a resumed run evaluates those steps again)."""
+    name = "eval_samples.jsonl" if distributed.world_size() == 1 else f"eval_samples.rank{distributed.rank()}.jsonl"
+    path = out_dir / name
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = [l for l in lines if l.strip() and json.loads(l)["step"] <= step]
+    if len(keep) != len(lines):
+        write_text_atomic(path, "".join(keep))
 
 
 class RunningMoments:

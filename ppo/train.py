@@ -27,10 +27,12 @@ from align.core.batching import MicroBatches
 from align.core.checkpointing import TrainingState, open_run, save_checkpoint
 from align.core.engine import TrainEngine
 from align.core.losses import count_targets, normalised_loss
-from align.core.metrics import MetricsLogger, Throughput, tokens_per_second
+from align.core.metrics import MetricsLogger, Throughput, read_metrics, tokens_per_second
 from align.core.modeling import save_from_engine
 from align.core.records import DataError
+from align.eval.judges import Judges, hacking_warning, judge_metrics
 from base_model import QwenTokenizer, load_pretrained
+from base_model.atomic import write_json_atomic
 from base_model.generate import SamplingParams
 from base_model.pretrain.packing import PackedDataset, split_rows
 from ppo.config import PPOConfig
@@ -43,6 +45,7 @@ from ppo.experience import (
     reward_scores,
     sequence_logprobs,
     sequence_values,
+    truncate_eval_samples,
     write_eval_samples,
 )
 from ppo.kl_control import AdaptiveKLController, FixedKLController
@@ -89,6 +92,8 @@ class Run:
     nan_streak: int = 0
     throughput: Throughput | None = None
     scorers: list = field(default_factory=list)  # (RewardSource, scorer) of ppo.extra_rewards
+    judges: Judges | None = None  # eval.judges
+    eval_history: list = field(default_factory=list)  # (step, proxy, gold) of every evaluation with a gold judge
 
 
 def setup(cfg: PPOConfig) -> Run:
@@ -120,7 +125,10 @@ def setup(cfg: PPOConfig) -> Run:
     for module in (ref_policy, reward_model):
         module.requires_grad_(False)
 
-    scorers = make_scorers(p.extra_rewards)
+    scorers = make_scorers(p.extra_rewards, device=home, dtype=frozen)
+    judges = Judges(cfg.eval, device=home, dtype=frozen)
+    if judges and not cfg.data.eval_prompts:
+        raise DataError("eval.judges score the answers to data.eval_prompts: set data.eval_prompts")
     prompts = read_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_len)
     eval_prompts = (
         read_prompts(cfg.data.eval_prompts, tokenizer, cfg.data.max_prompt_len) if cfg.data.eval_prompts else []
@@ -151,6 +159,7 @@ def setup(cfg: PPOConfig) -> Run:
     fresh = TrainingState.start(p.iterations, cfg.train.micro_batch_size, accum, cfg.train.seed)
     state, logger = open_run(cfg, out_dir, engines(actor, critic), "ppo", fresh)
     if state.step:
+        truncate_eval_samples(out_dir, state.step)
         kl_ctl.load_state_dict(state.extra["kl_ctl"])
         moments.load_state_dict(state.extra["reward_moments"])
     rollout = make_rollout_engine(cfg, actor, tokenizer)
@@ -179,6 +188,8 @@ def setup(cfg: PPOConfig) -> Run:
         out_dir,
         throughput=throughput,
         scorers=scorers,
+        judges=judges,
+        eval_history=gold_history(out_dir, cfg.eval.gold_name()) if state.step else [],
     )
 
 
@@ -461,8 +472,14 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         kl_each = (kl_estimate(lp, ref, "k1") * mask).sum(-1)  # (B,) nats per response
         n, mean, var = (float(m) for m in masked_moments(raw, torch.ones_like(raw), distributed.all_reduce))
         kl = distributed.all_reduce_sum([float(kl_each.sum())])[0]
-        write_eval_samples(run.out_dir, step, messages, texts, raw.tolist(), kl_each.tolist())
+        judged = {}
+        if run.judges:
+            references = reference_answers(run, step, mine, prompt_list, texts) if run.judges.needs_references else None
+            judged, counts = run.judges.score(messages, texts, references)
+            out.update(judge_metrics(distributed.all_reduce_sums(counts)))
+        write_eval_samples(run.out_dir, step, messages, texts, raw.tolist(), kl_each.tolist(), judged)
         out.update({"reward_mean": mean, "reward_std": math.sqrt(var), "kl": kl / n})
+        watch_for_hacking(run, step, out)
     if run.ptx is not None and run.ptx_eval:
         run.actor.eval()
         mine = run.ptx_eval[distributed.rank() :: distributed.world_size()]
@@ -480,6 +497,50 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         total, n = distributed.all_reduce_sum([loss_sum, targets])
         out["ptx_loss"] = total / max(n, 1)
     return out
+
+
+def reference_answers(run: Run, step: int, mine: list, prompt_list: list, texts: list[str]) -> list[str]:
+    """The SFT policy's answers to this rank's eval prompts (the llm judge's baseline), sampled with the
+    evaluation's seeds: at step 0 the policy's own answers, later the frozen reference's; cached in the run folder."""
+    rank = "" if distributed.world_size() == 1 else f".rank{distributed.rank()}"
+    path = run.out_dir / f"judge_references{rank}.json"
+    if path.exists():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if len(cached) == len(texts):
+            return cached
+    if step == 0:
+        answers = list(texts)
+    else:
+        from ppo.rollout.native import NativeEngine
+
+        with resident(run.ref_policy, run.cfg.models.offload_frozen) as ref_policy:
+            engine = NativeEngine.sharing(ref_policy, run.tokenizer.pad_id)
+            rollouts = engine.generate(prompt_list, sampling_for(run, mine, -1, run.cfg.ppo.eval_samples))
+        answers = [response_text(run.tokenizer, r) for r in rollouts]
+    write_json_atomic(path, answers)
+    return answers
+
+
+def gold_history(out_dir: Path, gold: str | None) -> list[tuple[int, float, float]]:
+    """(step, proxy reward, gold) of the evaluations already in the run's metrics (for a resumed run)."""
+    if gold is None or not (out_dir / "metrics.jsonl").exists():
+        return []
+    key = f"eval/judge/{gold}"
+    return [(r["step"], r["eval/reward_mean"], r[key]) for r in read_metrics(out_dir) if key in r]
+
+
+def watch_for_hacking(run: Run, step: int, out: dict[str, float]) -> None:
+    """Record this evaluation's proxy and gold; warn (and log `hacking_warning`) when the proxy has risen while
+    the gold fell over the last `eval.hacking_window` evaluations."""
+    gold = run.cfg.eval.gold_name()
+    if gold is None or f"judge/{gold}" not in out:
+        return
+    run.eval_history = [h for h in run.eval_history if h[0] < step] + [(step, out["reward_mean"], out[f"judge/{gold}"])]
+    steps, proxy, golds = zip(*run.eval_history)
+    warning = hacking_warning(list(steps), list(proxy), list(golds), run.cfg.eval.hacking_window)
+    out["hacking_warning"] = float(warning is not None)
+    if warning and distributed.rank() == 0:
+        print(f"[ppo] step {step}: {warning}", flush=True)
 
 
 def save(run: Run, folder_step: int) -> None:

@@ -48,6 +48,7 @@ class DPOData(Section):
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     max_len: int = Field(1024, ge=8)  # prompt + response; longer rows are left out and counted
     on_error: Literal["raise", "skip"] = "skip"
+    packing: bool = False  # a micro-batch's sequences packed into rows of max_len tokens (no padding computed)
 
 
 class Objective(Section):
@@ -178,12 +179,64 @@ class Run:
     throughput: Throughput
 
 
-def sequence_pair_logps(engine: TrainEngine, rows: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy's summed response log-probabilities (B, 2) and response token counts (B, 2) of rows."""
-    batch = {k: v.to(distributed.device(), non_blocking=True) for k, v in collate_rows(rows, pad_id).items()}
-    logits = engine.forward(batch["input_ids"]).logits  # (2B, L, V)
-    logps, tokens = sequence_logps(logits, batch["labels"])  # (2B,), (2B,)
+def pack_sequences(seqs: list[tuple[list[int], list[int]]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Sequences packed greedily, in order, into rows of at most `width` tokens with restarting position ids;
+    `segments` gives each token's sequence index (-1 on padding)."""
+    rows: list[list[int]] = [[]]
+    for i, (ids, _) in enumerate(seqs):
+        if rows[-1] and sum(len(seqs[j][0]) for j in rows[-1]) + len(ids) > width:
+            rows.append([])
+        rows[-1].append(i)
+    length = max(sum(len(seqs[j][0]) for j in row) for row in rows)
+    out = {k: torch.full((len(rows), length), fill, dtype=torch.long) for k, fill in
+           (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("position_ids", 0), ("segments", -1))}  # fmt: skip
+    for r, row in enumerate(rows):
+        at = 0
+        for j in row:
+            ids, labels = seqs[j]
+            n = len(ids)
+            out["input_ids"][r, at : at + n] = torch.tensor(ids)
+            out["labels"][r, at : at + n] = torch.tensor(labels)
+            out["position_ids"][r, at : at + n] = torch.arange(n)
+            out["segments"][r, at : at + n] = j
+            at += n
+        out["position_ids"][r, at:] = torch.arange(length - at)  # padding: a dummy document of its own
+    return out
+
+
+def segment_logps(logits: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor, n: int):
+    """`sequence_logps` for packed rows: sums per sequence (by `segments`) → (n,), (n,)."""
+    shifted, seg = labels[:, 1:], segments[:, 1:]
+    mask = (shifted != IGNORE_INDEX) & (seg >= 0)
+    token_logps = -torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), shifted.clamp(min=0), reduction="none"
+    )
+    index = seg.clamp(min=0).reshape(-1)
+    logps = torch.zeros(n, device=logits.device).index_add(0, index, (token_logps * mask).reshape(-1))
+    tokens = torch.zeros(n, device=logits.device, dtype=torch.long).index_add(0, index, mask.reshape(-1).long())
+    return logps, tokens
+
+
+def sequence_pair_logps(
+    engine: TrainEngine, rows: list[dict], pad_id: int, pack_to: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's summed response log-probabilities (B, 2) and response token counts (B, 2) of rows; with
+    `pack_to`, the 2B sequences run packed into rows of that many tokens."""
+    dev = distributed.device()
+    if pack_to:
+        seqs = [r["seqs"][0] for r in rows] + [r["seqs"][1] for r in rows]
+        batch = {k: v.to(dev, non_blocking=True) for k, v in pack_sequences(seqs, pack_to, pad_id).items()}
+        logits = engine.forward(batch["input_ids"], position_ids=batch["position_ids"]).logits
+        logps, tokens = segment_logps(logits, batch["labels"], batch["segments"], len(seqs))
+    else:
+        batch = {k: v.to(dev, non_blocking=True) for k, v in collate_rows(rows, pad_id).items()}
+        logits = engine.forward(batch["input_ids"]).logits  # (2B, L, V)
+        logps, tokens = sequence_logps(logits, batch["labels"])  # (2B,), (2B,)
     return logps.view(2, -1).T, tokens.view(2, -1).T
+
+
+def pack_to(cfg: DPOConfig) -> int | None:
+    return cfg.data.max_len if cfg.data.packing else None
 
 
 def reference_logps(engine: TrainEngine, rows: list[dict], cfg: DPOConfig, pad_id: int, cache: Path) -> torch.Tensor:
@@ -199,7 +252,7 @@ def reference_logps(engine: TrainEngine, rows: list[dict], cfg: DPOConfig, pad_i
     step = cfg.train.micro_batch_size
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), step), disable=distributed.rank() != 0, desc="reference log-probs"):
-            out[i : i + step] = sequence_pair_logps(engine, rows[i : i + step], pad_id)[0].float().cpu()
+            out[i : i + step] = sequence_pair_logps(engine, rows[i : i + step], pad_id, pack_to(cfg))[0].float().cpu()
     engine.train()
     if distributed.rank() == 0:
         with atomic_path(cache) as tmp:
@@ -242,7 +295,7 @@ def setup(cfg: DPOConfig) -> Run:
 def row_losses(run: Run, rows: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-row losses (B,) of the configured objective, and per-row sums for the metrics."""
     obj = run.cfg.objective
-    logps, tokens = sequence_pair_logps(run.engine, rows, run.tokenizer.pad_id)  # (B, 2) each
+    logps, tokens = sequence_pair_logps(run.engine, rows, run.tokenizer.pad_id, pack_to(run.cfg))  # (B, 2) each
     ref = run.ref_logps[[r["index"] for r in rows]].to(logps.device)  # (B, 2)
     a, b, ra, rb, ta, tb = logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], tokens[:, 0], tokens[:, 1]
     if obj.loss == "kto":

@@ -1,4 +1,6 @@
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,46 @@ def kill_after_first_checkpoint(args, run_dir, env, timeout=600):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return int(_json.loads(latest.read_text())["checkpoint"].split("-")[1])
+
+
+class FakeJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible judge that prefers the answer with more "!"; `bias` makes it answer A on ties and
+    on every call whose prompt contains "always-a"; `broken` returns prose with no verdict."""
+
+    calls: list = []
+    mode = "fair"
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeJudge.calls.append((self.path, body, self.headers.get("Authorization")))
+        text = body["messages"][-1]["content"]
+        a = text.split("[Answer A]\n", 1)[1].split("\n\n[Answer B]", 1)[0]
+        b = text.split("[Answer B]\n", 1)[1].split("\n\nExplain", 1)[0]
+        if FakeJudge.mode == "broken":
+            verdict = None
+        elif FakeJudge.mode == "position-biased":
+            verdict = "[[A]]"
+        else:
+            verdict = "[[A]]" if a.count("!") > b.count("!") else "[[B]]" if b.count("!") > a.count("!") else "[[C]]"
+        content = f"Reasoning... [[B]] maybe.\n{verdict}" if verdict else "I cannot decide."
+        answer = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+        if FakeJudge.mode == "not-chat":
+            answer = {"result": verdict}
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def judge_endpoint():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeJudge.calls, FakeJudge.mode = [], "fair"
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()

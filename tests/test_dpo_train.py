@@ -143,3 +143,42 @@ def test_kto_rows_pair_each_completion_with_another_prompts_and_count_malformed_
     assert len(rows) == 2 and report.left_out == {"malformed": 1} and "1 left out (malformed)" in report.summary()
     with pytest.raises(Exception, match="u.jsonl:2: 'completion' must be text and 'label' true or false"):
         load_rows(str(unpaired), "kto", tok, 256, "raise")
+
+
+def test_packed_pairs_give_the_log_probabilities_of_padded_ones():
+    """Packing a micro-batch's sequences into rows (restarting positions, per-document attention) changes no
+    sequence's log-probability or token count."""
+    import random
+
+    import torch
+
+    from base_model import QwenForCausalLM
+    from conftest import tiny_config
+    from sft.dpo import pack_sequences, sequence_pair_logps
+
+    torch.manual_seed(0)
+    model = QwenForCausalLM(tiny_config()).eval()
+    rng = random.Random(0)
+
+    def seq():
+        n, prompt = rng.randint(6, 40), rng.randint(2, 5)
+        ids = [rng.randrange(1, 300) for _ in range(n)]
+        return ids, [-100] * prompt + ids[prompt:]
+
+    rows = [{"seqs": [seq(), seq()]} for _ in range(5)]
+    with torch.no_grad():
+        padded = sequence_pair_logps(model, rows, 0)
+        packed = sequence_pair_logps(model, rows, 0, pack_to=64)
+    assert torch.allclose(padded[0], packed[0], atol=1e-4) and torch.equal(padded[1], packed[1])
+    batch = pack_sequences([s for r in rows for s in r["seqs"]], 64, 0)
+    assert batch["input_ids"].shape[0] < 10 and batch["input_ids"].shape[1] <= 64  # fewer, fuller rows
+
+
+def test_dpo_with_packing_follows_dpo_without(tmp_path, pairs):
+    common = [f"data.train={pairs}", "train.max_steps=6", "train.log_every=1", "train.save_every=0"]
+    run_in_process(f"out_dir={tmp_path / 'padded'}", *common)
+    run_in_process(f"out_dir={tmp_path / 'packed'}", "data.packing=true", *common)
+    padded, packed = train_metrics(tmp_path / "padded"), train_metrics(tmp_path / "packed")
+    for step in range(1, 7):
+        for key in ("train/loss", "train/reward_margin", "train/logps_chosen"):
+            assert packed[step][key] == pytest.approx(padded[step][key], rel=1e-3, abs=1e-4), (step, key)

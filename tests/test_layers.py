@@ -60,7 +60,14 @@ def test_every_top_level_module_is_listed():
     """Each module of `align` is either the shared core or one of the top modules the checks above know."""
     found = {f"align.{p.stem}" for p in (ROOT / "align").glob("*.py") if p.stem != "__init__"}
     found |= {f"align.{p.name}" for p in (ROOT / "align").iterdir() if (p / "__init__.py").exists()}
-    assert found - {"align.core"} == set(TOP), found ^ set(TOP)
+    assert found - {"align.core", "align.eval"} == set(TOP), found ^ set(TOP)
+
+
+def test_evaluation_imports_no_trainer():
+    """`align/eval` is what trainers call at their evaluation steps: it may score with reward models (`rm.model`,
+    PPO's reward-source scorers) but imports no trainer and nothing of the top."""
+    allowed = ("base_model", "align.core", "align.eval", "rm.model", "rm.data", "ppo.rewards", "ppo.experience")
+    assert not _check("align/eval", allowed), _check("align/eval", allowed)
 
 
 def test_labelling_app_imports_no_training_stage():

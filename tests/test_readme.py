@@ -26,8 +26,10 @@ import pytest
 from conftest import ROOT
 
 ELSEWHERE = {  # command -> the test that runs it
-    "align sweep configs/sweeps/tiny.yaml": "tests/test_demo.py::test_sweep_runs_ranks_and_resumes_after_a_kill",
-    "align sweep configs/sweeps/tiny.yaml out_dir=runs/s2 parallel=2": "the same test (one sweep file, run twice)",
+    "align sweep configs/sweeps/tiny.yaml": "tests/test_demo.py::test_sweep_on_the_demo_world_ranks_by_gold",
+    "align sweep configs/sweeps/tiny.yaml out_dir=runs/s2 parallel=2": "the same test (parallel=2)",
+    "align sweep configs/sweeps/ppo-methods.yaml": "tests/test_ppo_train.py::test_sweep_over_a_ppo_config_runs_in_"
+    "parallel_and_resumes_after_a_kill (a PPO config made in the test, 4 trials)",
 }
 SMALL = [  # (as the README shows it, as run here)
     ("--base cl100k_base --corpus zh.jsonl --vocab-size 160000", "--base bytes --corpus zh.jsonl --vocab-size 700"),

@@ -49,12 +49,19 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("sweep", help="grid or random search over PPO settings on the demo world (resumable)")
+    p = sub.add_parser(
+        "sweep",
+        help="grid, random or Bayesian (Optuna) search over any stage's config keys: parallel, one trial per GPU, "
+        "resumable after a kill, ranked report",
+    )
     p.add_argument("config", type=Path)
     p.add_argument("overrides", nargs="*", help="key=value overrides of the sweep file (e.g. out_dir=runs/s2)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="the HTML report of a demo or sweep folder, from its metrics files")
+    p = sub.add_parser(
+        "report",
+        help="the HTML report of a demo, sweep or run folder (proxy against gold, KL frontiers), from its files",
+    )
     p.add_argument("dir", type=Path)
     p.set_defaults(func=cmd_report)
 

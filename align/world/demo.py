@@ -159,6 +159,11 @@ def gold_score(prompt, response: str) -> float | None:
     return None
 
 
+def gold_judge(prompts: list, responses: list[str]) -> list[float | None]:
+    """The gold scorer as an `eval.judges` function (`align.world.demo:gold_judge`)."""
+    return [gold_score(p, r) for p, r in zip(prompts, responses)]
+
+
 # --------------------------------------------------------------------------------------------- the data sets
 
 
