@@ -298,43 +298,50 @@ def run_body(folder: Path) -> str:
         )
     gold, window = run_gold(folder, rows)
     gkey = f"eval/judge/{gold}" if gold else None
-    curve = [r for r in evals if "eval/reward_mean" in r and gkey in r] if gkey else []
+    curve = [r for r in evals if gkey in r] if gkey else []
+    has_proxy = bool(curve) and all("eval/reward_mean" in r for r in curve)
     if curve:
-        steps, proxy, golds = ([r[k] for r in curve] for k in ("step", "eval/reward_mean", gkey))
-        flagged = [r["step"] for r in curve if r.get("eval/hacking_warning")]
-        warning = hacking_warning(steps, proxy, golds, window)
-        if flagged or warning:
-            parts.append(
-                "<p class='warn' style='background:#fff3cd;padding:6px;border:1px solid #e0c060'><b>Reward "
-                f"hacking?</b> {html.escape(warning or '')} Flagged during training at steps "
-                f"{', '.join(map(str, flagged)) or 'none'}.</p>"
-            )
-        else:
-            parts.append(f"<p>No reward hacking flagged: the proxy and the gold judge <b>{html.escape(gold)}</b> "
-                         "did not part over any evaluations in a row.</p>")  # fmt: skip
+        steps, golds = [r["step"] for r in curve], [r[gkey] for r in curve]
+        proxy = [r["eval/reward_mean"] for r in curve] if has_proxy else []
+        plots = []
+        if has_proxy:
+            flagged = [r["step"] for r in curve if r.get("eval/hacking_warning")]
+            warning = hacking_warning(steps, proxy, golds, window)
+            if flagged or warning:
+                parts.append(
+                    "<p class='warn' style='background:#fff3cd;padding:6px;border:1px solid #e0c060'><b>Reward "
+                    f"hacking?</b> {html.escape(warning or '')} Flagged during training at steps "
+                    f"{', '.join(map(str, flagged)) or 'none'}.</p>"
+                )
+            else:
+                parts.append(f"<p>No reward hacking flagged: the proxy and the gold judge <b>{html.escape(gold)}</b> "
+                             "did not part over any evaluations in a row.</p>")  # fmt: skip
         fig, ax = plt.subplots(figsize=(5, 3))
-        ax.plot(steps, proxy, "o-", color="#c05621")
         ax.set_xlabel("step")
-        ax.set_ylabel("reward (proxy)", color="#c05621")
-        ax2 = ax.twinx()
-        ax2.plot(steps, golds, "s-", color="#2b6cb0")
-        ax2.set_ylabel(f"judge {gold} (gold)", color="#2b6cb0")
-        ax.set_title("Proxy vs gold (where they part, the reward is hacked)", fontsize=9)
-        plots = [figure(fig, folder / "figures" / "proxy_vs_gold.png")]
+        if has_proxy:
+            ax.plot(steps, proxy, "o-", color="#c05621")
+            ax.set_ylabel("reward (proxy)", color="#c05621")
+            ax = ax.twinx()
+        ax.plot(steps, golds, "s-", color="#2b6cb0")
+        ax.set_ylabel(f"judge {gold} (gold)", color="#2b6cb0")
+        title = "Proxy vs gold (where they part, the reward is hacked)" if has_proxy else "Gold judge over training"
+        ax.set_title(title, fontsize=9)
+        plots.append(figure(fig, folder / "figures" / "proxy_vs_gold.png", alt=title))
         if all("eval/kl" in r for r in curve):
-            fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-            for ax, ys, label, colour in ((axes[0], proxy, "reward (proxy)", "#c05621"),
-                                          (axes[1], golds, f"judge {gold} (gold)", "#2b6cb0")):  # fmt: skip
-                kls = [r["eval/kl"] for r in curve]
+            panels = ([(proxy, "reward (proxy)", "#c05621", "KL–reward")] if has_proxy else []) + [
+                (golds, f"judge {gold} (gold)", "#2b6cb0", "KL–gold")
+            ]
+            fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+            kls = [r["eval/kl"] for r in curve]
+            for ax, (ys, label, colour, title) in zip(axes[0], panels):
                 ax.plot(kls, ys, "o-", color=colour)
                 for x, y, st in zip(kls, ys, steps):
                     ax.annotate(str(st), (x, y), fontsize=7)
                 ax.set_xlabel("KL to the initial policy (nats / response)")
                 ax.set_ylabel(label)
-            axes[0].set_title("KL–reward", fontsize=9)
-            axes[1].set_title("KL–gold", fontsize=9)
+                ax.set_title(title, fontsize=9)
             fig.tight_layout()
-            plots.append(figure(fig, folder / "figures" / "kl_frontiers.png"))
+            plots.append(figure(fig, folder / "figures" / "kl_frontiers.png", alt=" and ".join(p[3] for p in panels)))
         parts.append("<h2>Proxy and gold</h2>" + "".join(plots))
     elif evals:
         parts.append(

@@ -6,16 +6,16 @@ Position t of a (N, T) tensor refers to the token at t + 1 of the sequence, pred
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from align.core import distributed
-from align.core.chatml import render
-from align.core.records import DataError, as_messages, iter_records
-from base_model.atomic import write_text_atomic
+from align.eval.generation import (  # noqa: F401  (PPO's prompt readers and eval-sample files)
+    prompt_ids,
+    read_prompts,
+    truncate_eval_samples,
+    write_eval_samples,
+)
 from ppo.losses import logprobs_from_logits
 from ppo.rollout.engine import Rollout
 
@@ -101,66 +101,6 @@ def reward_scores(
         batch = {k: v.to(device) for k, v in collate_sequences(seqs, rm_tokenizer.pad_id).items()}
         scores.append(reward_model(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).rewards.float())
     return torch.cat(scores)
-
-
-def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
-    return render(messages, tokenizer, add_generation_prompt=True)
-
-
-def read_prompts(path: str, tokenizer, max_len: int) -> list[tuple[int, list[dict], list[int]]]:
-    """(index, messages, prompt ids) per row; a trailing assistant message in `messages` is dropped."""
-    out = []
-    for where, rec in iter_records(path):
-        if "prompt" in rec:
-            msgs = as_messages(rec["prompt"], where)
-        elif "messages" in rec:
-            msgs = (
-                rec["messages"][:-1]
-                if rec["messages"] and rec["messages"][-1].get("role") == "assistant"
-                else rec["messages"]
-            )
-        else:
-            raise DataError(f"{where}: expected a 'prompt' or 'messages' field")
-        ids = prompt_ids(msgs, tokenizer)
-        if len(ids) > max_len:
-            raise DataError(f"{where}: prompt of {len(ids)} tokens is longer than data.max_prompt_len={max_len}")
-        out.append((len(out), msgs, ids))
-    if not out:
-        raise DataError(f"{path}: no prompts")
-    return out
-
-
-def write_eval_samples(
-    out_dir: Path,
-    step: int,
-    messages: list,
-    texts: list[str],
-    rewards: list[float],
-    kls: list[float],
-    judged: dict[str, list] | None = None,
-) -> None:
-    """Every held-out response with its reward, KL and judges' scores, so an outside judge (a gold scorer, people)
-    can score the policy at each evaluation too; one file per rank."""
-    name = "eval_samples.jsonl" if distributed.world_size() == 1 else f"eval_samples.rank{distributed.rank()}.jsonl"
-    judged = judged or {}
-    with (out_dir / name).open("a", encoding="utf-8") as f:
-        for i, (m, t, r, k) in enumerate(zip(messages, texts, rewards, kls)):
-            row = {"step": step, "prompt": m, "response": t, "reward": r, "kl": k}
-            if judged:
-                row["judges"] = {judge: scores[i] for judge, scores in judged.items()}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def truncate_eval_samples(out_dir: Path, step: int) -> None:
-    """Drop the eval samples logged after `step` (a resumed run evaluates those steps again)."""
-    name = "eval_samples.jsonl" if distributed.world_size() == 1 else f"eval_samples.rank{distributed.rank()}.jsonl"
-    path = out_dir / name
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    keep = [l for l in lines if l.strip() and json.loads(l)["step"] <= step]
-    if len(keep) != len(lines):
-        write_text_atomic(path, "".join(keep))
 
 
 class RunningMoments:

@@ -11,10 +11,12 @@ and cached in `out_dir/ref_logps.pt`, so no reference model is held in memory. R
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -33,8 +35,10 @@ from align.core.metrics import MetricsLogger, Throughput
 from align.core.modeling import build_model, save_from_engine
 from align.core.records import DataError, as_messages, iter_records
 from align.core.sections import DeepSpeedSection, LoopConfig, ModelSource, OptimConfig
+from align.eval import generation
+from align.eval.judges import EvalSection, Judges, judge_metrics
 from base_model import QwenTokenizer
-from base_model.atomic import atomic_path
+from base_model.atomic import atomic_path, write_json_atomic
 from rm.data import load_pairs
 from sft.data import collate
 from sft.preference_losses import dpo_loss, ipo_loss, kto_loss, kto_reference_point, simpo_loss
@@ -49,6 +53,17 @@ class DPOData(Section):
     max_len: int = Field(1024, ge=8)  # prompt + response; longer rows are left out and counted
     on_error: Literal["raise", "skip"] = "skip"
     packing: bool = False  # a micro-batch's sequences packed into rows of max_len tokens (no padding computed)
+    eval_prompts: str | None = None  # held-out prompts: sampled at each evaluation, scored by eval.judges, KL
+    max_prompt_len: int = Field(1024, ge=8)
+
+
+class EvalGeneration(Section):
+    """How the answers to data.eval_prompts are sampled (the same seeds at every evaluation)."""
+
+    samples: int = Field(1, ge=1)  # answers per prompt
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = 1.0
+    top_p: float = 0.9
 
 
 class Objective(Section):
@@ -67,6 +82,8 @@ class DPOConfig(Section):
     optim: OptimConfig = OptimConfig()
     train: LoopConfig = LoopConfig()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
+    eval: EvalSection = EvalSection()  # judges of the answers to data.eval_prompts (align/eval/judges.py)
+    eval_generation: EvalGeneration = EvalGeneration()
     out_dir: str = "runs/dpo"
     resume: bool | str = False
 
@@ -177,6 +194,9 @@ class Run:
     logger: MetricsLogger
     out_dir: Path
     throughput: Throughput
+    eval_prompts: list = field(default_factory=list)  # (index, messages, ids) of data.eval_prompts
+    reference: torch.nn.Module | None = None  # a frozen copy of the initial policy: the KL of eval answers
+    judges: Judges | None = None
 
 
 def pack_sequences(seqs: list[tuple[list[int], list[int]]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -279,6 +299,13 @@ def setup(cfg: DPOConfig) -> Run:
     batches = MicroBatches(rows, loop.micro_batch_size, distributed.rank(), distributed.world_size(), loop.seed)
     total_steps = loop.max_steps or math.ceil(loop.epochs * max(batches.per_epoch // loop.grad_accum, 1))
     throughput = Throughput.measured(model.config.flops_per_token(d.max_len), loop.peak_tflops, cfg.deepspeed.bf16)
+    judges = Judges(cfg.eval, device=distributed.device())
+    if judges and not d.eval_prompts:
+        raise DataError("eval.judges score the answers to data.eval_prompts: set data.eval_prompts")
+    eval_prompts, reference = [], None
+    if d.eval_prompts:
+        eval_prompts = generation.read_prompts(d.eval_prompts, tokenizer, d.max_prompt_len)
+        reference = copy.deepcopy(model).eval().requires_grad_(False)  # before DeepSpeed shards the model
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
     ref = torch.zeros(len(rows) + len(eval_rows), 2)
     if loss != "simpo":  # SimPO needs no reference
@@ -286,7 +313,12 @@ def setup(cfg: DPOConfig) -> Run:
         ref = reference_logps(engine, rows + eval_rows, cfg, tokenizer.pad_id, out_dir / "ref_logps.pt")
     fresh = TrainingState.start(total_steps, loop.micro_batch_size, loop.grad_accum, loop.seed)
     state, logger = open_run(cfg, out_dir, {"model": engine}, "dpo", fresh)
-    return Run(cfg, engine, tokenizer, batches, eval_rows, ref, total_steps, state, logger, out_dir, throughput)
+    if state.step:
+        generation.truncate_eval_samples(out_dir, state.step)
+    return Run(
+        cfg, engine, tokenizer, batches, eval_rows, ref, total_steps, state, logger, out_dir, throughput,
+        eval_prompts, reference, judges,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------ loss
@@ -358,10 +390,12 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     return {**averaged(totals, global_rows), "tokens": totals["tokens"], **(stats or {})}
 
 
-def evaluate(run: Run) -> dict[str, float]:
-    """The objective's loss and metrics on the held-out rows (every rank evaluates all of them)."""
+def evaluate(run: Run, step: int) -> dict[str, float]:
+    """The objective's loss and metrics on the held-out rows (every rank evaluates all of them), and the judges
+    and KL of answers sampled for data.eval_prompts."""
+    out = judge_answers(run, step) if run.eval_prompts else {}
     if not run.eval_rows:
-        return {}
+        return out
     run.engine.eval()
     sums: dict[str, float] = {}
     with torch.no_grad():
@@ -370,7 +404,42 @@ def evaluate(run: Run) -> dict[str, float]:
             for k, v in {"loss": losses.sum(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     run.engine.train()
-    return averaged(sums, len(run.eval_rows))
+    return {**averaged(sums, len(run.eval_rows)), **out}
+
+
+@torch.no_grad()
+def judge_answers(run: Run, step: int) -> dict[str, float]:
+    """Sample answers to this rank's share of data.eval_prompts (fixed seeds), measure their KL to the initial
+    policy, score them with the judges; eval samples written as PPO writes them."""
+    g, rank, world = run.cfg.eval_generation, distributed.rank(), distributed.world_size()
+    mine = run.eval_prompts[rank::world]
+    run.engine.eval()
+    model = generation.whole_model(run.engine)  # every rank together under ZeRO-3
+    params = generation.sampling(mine, g.samples, run.cfg.train.seed, g.max_new_tokens, g.temperature, g.top_p,
+                                 run.tokenizer)  # fmt: skip
+    texts, answers = generation.sample_answers(model, run.tokenizer, mine, params, g.samples)
+    micro, pad = run.cfg.train.micro_batch_size, run.tokenizer.pad_id
+    kl_each = generation.answer_logps(model, mine, answers, g.samples, pad, micro) - generation.answer_logps(
+        run.reference, mine, answers, g.samples, pad, micro
+    )
+    run.engine.train()
+    messages = [m for _, m, _ in mine for _ in range(g.samples)]
+    judged, counts = {}, {}
+    if run.judges:
+        references = None
+        if run.judges.needs_references:
+            path = run.out_dir / (f"judge_references.rank{rank}.json" if world > 1 else "judge_references.json")
+            if path.exists():
+                references = json.loads(path.read_text(encoding="utf-8"))
+            else:  # the initial policy's answers: this evaluation's at step 0, else sampled from the reference
+                references = texts if step == 0 else generation.sample_answers(
+                    run.reference, run.tokenizer, mine, params, g.samples)[0]  # fmt: skip
+                write_json_atomic(path, references)
+        judged, counts = run.judges.score(messages, texts, references)
+    sums = distributed.all_reduce_sums({**counts, "kl": float(kl_each.sum()), "answers": float(len(texts))})
+    generation.write_eval_samples(run.out_dir, step, messages, texts, None, kl_each.tolist(), judged)
+    return {**judge_metrics({k: v for k, v in sums.items() if k not in ("kl", "answers")}),
+            "kl": sums["kl"] / max(sums["answers"], 1)}  # fmt: skip
 
 
 def train(run: Run) -> dict[str, float]:
@@ -380,6 +449,9 @@ def train(run: Run) -> dict[str, float]:
     bar = tqdm(total=run.total_steps, initial=run.state.step, disable=not rank0, desc="dpo", unit="step")
     run.engine.train()
     metrics: dict[str, float] = {}
+    last_eval: tuple[int, dict] = (-1, {})
+    if run.state.step == 0 and loop.eval_every and run.eval_prompts:  # the initial policy: the judges' baseline
+        run.logger.log(0, evaluate(run, 0), prefix="eval/")
     for step in range(run.state.step, last_step):
         t0 = time.perf_counter()
         metrics = train_step(run, step)
@@ -388,15 +460,17 @@ def train(run: Run) -> dict[str, float]:
         if done % loop.log_every == 0 or done == last_step:
             run.logger.log(done, metrics, prefix="train/")
         if loop.eval_every and done % loop.eval_every == 0:
-            run.logger.log(done, evaluate(run), prefix="eval/")
+            last_eval = (done, evaluate(run, done))
+            run.logger.log(done, last_eval[1], prefix="eval/")
         if (loop.save_every and done % loop.save_every == 0) or done == last_step:
             save(run, done)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('accuracy', float('nan')):.2f}")
         bar.update(1)
     bar.close()
     if last_step == run.total_steps and run.state.step < run.total_steps:
-        final_eval = evaluate(run)
-        run.logger.log(run.total_steps, final_eval, prefix="eval/")
+        final_eval = last_eval[1] if last_eval[0] == run.total_steps else evaluate(run, run.total_steps)
+        if last_eval[0] != run.total_steps:
+            run.logger.log(run.total_steps, final_eval, prefix="eval/")
         metrics.update({f"eval_{k}": v for k, v in final_eval.items()})
         save_from_engine(run.engine, run.engine.module.config, run.tokenizer, run.out_dir / "final", rank0)
         if rank0:

@@ -92,8 +92,17 @@ def test_killed_dpo_run_resumes_exactly_with_the_cached_reference(tmp_path, pair
 @pytest.mark.slow
 def test_zero3_two_processes_follow_single_process(tmp_path, pairs):
     """Same global batch (4 x 1 process vs 2 x 2 processes under ZeRO-3): losses agree to 1e-5 (measured: equal
-    to 6 decimals), the reference cache included."""
-    common = [f"data.train={pairs}", "train.max_steps=6", "train.log_every=1", "train.save_every=0"]
+    to 6 decimals), the reference cache included; the judged answers to eval prompts (sampled from weights gathered
+    from the shards, each rank its share) score the same."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join((ROOT / "examples" / "data" / "ppo_eval_prompts.jsonl").read_text().splitlines(True)[:6])
+    )
+    judge = tmp_path / "judge.py"
+    judge.write_text("def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    common = [f"data.train={pairs}", "train.max_steps=6", "train.log_every=1", "train.save_every=0",
+              f"data.eval_prompts={prompts}", f'eval.judges=[{{kind: function, target: "{judge}:length"}}]',
+              "train.eval_every=3", "eval_generation.max_new_tokens=8"]  # fmt: skip
     align("dpo", TINY, f"out_dir={tmp_path / 'one'}", *common)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli"]
     out = subprocess.run(
@@ -117,6 +126,13 @@ def test_zero3_two_processes_follow_single_process(tmp_path, pairs):
     assert sorted(one) == sorted(two) == list(range(1, 7))
     assert max(abs(one[s]["train/loss"] - two[s]["train/loss"]) for s in one) < 1e-5
     assert (tmp_path / "two" / "final" / "model.safetensors").exists()
+    judged = [{r["step"]: r for r in read_metrics(tmp_path / d) if "eval/judge/length" in r} for d in ("one", "two")]
+    assert sorted(judged[0]) == sorted(judged[1]) == [0, 3, 6]
+    for step in (0, 3, 6):
+        for key in ("eval/judge/length", "eval/kl"):
+            assert judged[1][step][key] == pytest.approx(judged[0][step][key], rel=1e-3, abs=1e-3), (step, key)
+    ranks = [(tmp_path / "two" / f"eval_samples.rank{r}.jsonl").read_text().splitlines() for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3 * 3  # 3 of the 6 prompts each, at 3 evaluations
 
 
 def test_kto_rows_pair_each_completion_with_another_prompts_and_count_malformed_records(tmp_path, pairs):
@@ -182,3 +198,35 @@ def test_dpo_with_packing_follows_dpo_without(tmp_path, pairs):
     for step in range(1, 7):
         for key in ("train/loss", "train/reward_margin", "train/logps_chosen"):
             assert packed[step][key] == pytest.approx(padded[step][key], rel=1e-3, abs=1e-4), (step, key)
+
+
+def test_judges_score_sampled_answers_at_every_evaluation(tmp_path, pairs, judge_endpoint):
+    """DPO with data.eval_prompts: answers sampled (fixed seeds) at step 0 and every evaluation, their KL to the
+    initial policy, a function judge and an LLM judge against the initial policy's answers."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join((ROOT / "examples" / "data" / "ppo_eval_prompts.jsonl").read_text().splitlines(True)[:6])
+    )
+    judge = tmp_path / "judge.py"
+    judge.write_text("def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    judges = (f'eval.judges=[{{kind: function, target: "{judge}:length", name: gold}}, '
+              f'{{kind: llm, target: "{judge_endpoint}", name: pairwise}}]')  # fmt: skip
+    run_in_process(f"out_dir={tmp_path / 'run'}", f"data.train={pairs}", f"data.eval_prompts={prompts}", judges,
+                   "eval_generation.samples=2", "eval_generation.max_new_tokens=12", "train.max_steps=20",
+                   "train.eval_every=10", "train.save_every=0")  # fmt: skip
+    evals = {r["step"]: r for r in read_metrics(tmp_path / "run") if "eval/judge/gold" in r}
+    assert sorted(evals) == [0, 10, 20]  # the final evaluation is not repeated
+    samples = [json.loads(l) for l in (tmp_path / "run" / "eval_samples.jsonl").read_text().splitlines()]
+    for step, row in evals.items():
+        mine = [s for s in samples if s["step"] == step]
+        assert len(mine) == 12 and all("reward" not in s for s in mine)
+        assert row["eval/judge/gold"] == pytest.approx(sum(len(s["response"]) for s in mine) / 12)
+        assert row["eval/kl"] == pytest.approx(sum(s["kl"] for s in mine) / 12)
+    assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4) and evals[0]["eval/judge/pairwise"] == 0.5
+    assert evals[20]["eval/kl"] > 0.01  # the policy moved away from the initial one
+    references = json.loads((tmp_path / "run" / "judge_references.json").read_text())
+    assert references == [s["response"] for s in samples if s["step"] == 0]
+    from align.report import write_report
+
+    page = write_report(tmp_path / "run").read_text()  # a run with a gold judge and no proxy reward
+    assert 'alt="Gold judge over training"' in page and 'alt="KL–gold"' in page and "Reward hacking" not in page

@@ -1,0 +1,107 @@
+"""`align sweep` pieces that need no training run: stage and metric defaults, search spaces (lists, ranges, log
+scale), one trial per GPU, trial configs validated before anything runs, and a sweep folder kept to one sweep.
+The whole loop (parallel trials, kill, resume, ranking) runs in `test_ppo_train.py`; the demo sweep in
+`test_demo.py`."""
+
+import pytest
+import yaml
+
+from align.core.config import ConfigError
+from align.sweep import (
+    SweepConfig,
+    default_metric,
+    distributions,
+    gpu_slots,
+    open_study,
+    read_yaml,
+    run_sweep,
+    trial_config,
+)
+from conftest import ROOT
+
+
+def sweep(**kw) -> SweepConfig:
+    return SweepConfig.model_validate({"base": str(ROOT / "configs" / "ppo" / "tiny.yaml"), **kw})
+
+
+def test_stage_and_metric_follow_the_base_config():
+    cfg = sweep(parameters={"ppo.kl_coef": [0.1]})
+    base = read_yaml(cfg.base)
+    assert cfg.stage_name() == "ppo" and default_metric(cfg, base) == ("eval/reward_mean", "maximize")
+    base["eval"] = {"judges": [{"kind": "function", "target": "x.py:f", "name": "gold"}]}
+    assert default_metric(cfg, base) == ("eval/judge/gold", "maximize")
+    dpo = SweepConfig.model_validate({"base": str(ROOT / "configs/dpo/tiny.yaml"), "parameters": {"lr": [1e-3]}})
+    assert dpo.stage_name() == "dpo" and default_metric(dpo, {}) == ("eval/loss", "minimize")
+    own = SweepConfig.model_validate({"base": "mine.yaml", "parameters": {"lr": [1e-3]}})
+    with pytest.raises(ConfigError, match="set `stage`"):
+        own.stage_name()
+
+
+def test_search_spaces_and_samplers(tmp_path):
+    cfg = sweep(method="tpe", n_trials=6, parameters={
+        "ppo.advantage": ["gae", "grpo"],
+        "policy_optim.lr": {"low": 1e-5, "high": 1e-3, "log": True},
+        "ppo.n_samples": {"low": 2, "high": 6, "int": True, "step": 2},
+    })  # fmt: skip
+    dists = distributions(cfg)
+    study = open_study(cfg, tmp_path, "maximize")
+    for _ in range(6):
+        trial = study.ask(dists)
+        p = trial.params
+        assert p["ppo.advantage"] in ("gae", "grpo") and 1e-5 <= p["policy_optim.lr"] <= 1e-3
+        assert p["ppo.n_samples"] in (2, 4, 6)
+        study.tell(trial, p["policy_optim.lr"])
+    assert dists["policy_optim.lr"].log and cfg.grid_size() is None
+    with pytest.raises(ConfigError, match="grid takes lists"):
+        open_study(cfg.model_copy(update={"method": "grid"}), tmp_path / "g", "maximize")
+    grid = sweep(parameters={"ppo.kl_coef": [0.1, 0.2], "lr": [1e-4, 1e-3, 1e-2]})
+    (tmp_path / "grid").mkdir()
+    study = open_study(grid, tmp_path / "grid", "maximize")
+    seen = set()
+    for _ in range(6):  # the grid, each point once, asked and told outside study.optimize
+        trial = study.ask(distributions(grid))
+        seen.add((trial.params["ppo.kl_coef"], trial.params["lr"]))
+        study.tell(trial, 0.0)
+    assert len(seen) == 6 == grid.grid_size()
+
+
+def test_one_trial_per_gpu():
+    assert gpu_slots(sweep(parameters={"lr": [1]}, parallel=3)) == [None, None, None]
+    assert gpu_slots(sweep(parameters={"lr": [1]}, gpus=[0, 3])) == ["0", "3"]  # CUDA_VISIBLE_DEVICES per slot
+
+
+def test_trial_configs_are_validated_before_anything_runs(tmp_path):
+    cfg = sweep(parameters={"lr": [1e-4]}, fixed={"ppo.iterations": 3})
+    config = trial_config(cfg, read_yaml(cfg.base), {"lr": 1e-4}, tmp_path / "trial-000")
+    assert config.policy_optim.lr == 1e-4 and config.ppo.iterations == 3 and config.resume is True
+    assert config.out_dir == str(tmp_path / "trial-000" / "run")
+    with pytest.raises(ConfigError, match="trial-001"):
+        trial_config(cfg, read_yaml(cfg.base), {"ppo.no_such_key": 1}, tmp_path / "trial-001")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump({"base": cfg.base, "parameters": {"ppo.kl_coef": ["high"]}, "out_dir": str(tmp_path)})
+    )
+    with pytest.raises(ConfigError, match="kl_coef"):
+        run_sweep(bad, log=lambda *_: None)
+
+
+def test_a_sweep_folder_holds_one_sweep(tmp_path):
+    first = tmp_path / "first.yaml"
+    out = tmp_path / "out"
+    spec = {"base": str(ROOT / "configs/ppo/tiny.yaml"), "parameters": {"ppo.kl_coef": [0.1]}, "n_trials": 1,
+            "out_dir": str(out), "fixed": {"models.policy": str(tmp_path / "missing")}}  # fmt: skip
+    first.write_text(yaml.safe_dump(spec))
+    logs = []
+    run_sweep(first, log=logs.append)  # the trial fails (no policy there) and is recorded as failed
+    assert any("trial-000 failed (exit 2)" in l for l in logs) and "missing" in (out / "trial-000/log.txt").read_text()
+    import optuna
+
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{out / 'study.db'}")
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL]
+    logs.clear()
+    run_sweep(first, log=logs.append)  # not run again
+    assert "1 already finished, 0 to resume" in logs[0] and not any("started" in l for l in logs)
+    spec["parameters"] = {"ppo.ptx_coef": [0.1]}
+    first.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="holds a sweep with other parameters"):
+        run_sweep(first, log=lambda *_: None)
