@@ -38,6 +38,9 @@ class PPOSection(Section):
     top_k: int = 0
     engine: Literal["native", "vllm"] = "native"
     vllm_gpu_memory_utilization: float = 0.4
+    sync_bucket_mb: float = Field(256.0, gt=0)  # weights sent to a private engine copy per call (and gathered)
+    sync_check_every: int = Field(1, ge=0)  # syncs between checks of the engine against the policy (0: never)
+    sync_check_tolerance: float = Field(0.05, gt=0)  # mean |Δ log p| over the probe sequence (bf16 engines)
     ppo_epochs: int = Field(1, ge=1)
     mini_batch_size: int = Field(8, ge=1)  # rollouts per optimizer step, per rank
     clip_range: float = 0.2

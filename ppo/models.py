@@ -35,21 +35,56 @@ def make_rollout_engine(cfg, actor: TrainEngine, tokenizer: QwenTokenizer):
         from ppo.rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(
-            cfg.models.policy, seed=cfg.train.seed, gpu_memory_utilization=cfg.ppo.vllm_gpu_memory_utilization
+            cfg.models.policy,
+            seed=cfg.train.seed,
+            gpu_memory_utilization=cfg.ppo.vllm_gpu_memory_utilization,
+            bucket_mb=cfg.ppo.sync_bucket_mb,
         )
     from ppo.rollout.native import NativeEngine
 
     if actor.zero_stage < 3:  # whole weights on every rank: sample from the policy itself, no second copy
         return NativeEngine.sharing(actor.module, tokenizer.pad_id)
     engine = NativeEngine(actor.module.config, tokenizer.pad_id, distributed.device(), frozen_dtype(cfg))
-    engine.load_weights(actor.gathered_parameters(to_cpu=False))  # ZeRO-3 shards, one parameter at a time
+    engine.load_weights(actor.gathered_parameters(to_cpu=False, bucket_bytes=bucket_bytes(cfg)))
     return engine
 
 
-def sync_rollout_weights(rollout, actor: TrainEngine) -> None:
-    """After the policy's update: the engine samples from the new weights (nothing to send when it shares them)."""
-    if not getattr(rollout, "shares_weights", False):
-        rollout.load_weights(actor.gathered_parameters(to_cpu=False))
+def bucket_bytes(cfg) -> int:
+    return int(cfg.ppo.sync_bucket_mb * 2**20)
+
+
+def sync_rollout_weights(rollout, actor: TrainEngine, bucket: int = 0) -> bool:
+    """After the policy's update: the engine samples from the new weights (nothing to send when it shares them);
+    ZeRO-3 shards are gathered once per bucket of about `bucket` bytes. Returns whether anything was sent."""
+    if getattr(rollout, "shares_weights", False):
+        return False
+    rollout.load_weights(actor.gathered_parameters(to_cpu=False, bucket_bytes=bucket))
+    return True
+
+
+class SyncCheckError(RuntimeError):
+    pass
+
+
+@torch.no_grad()
+def check_sync(rollout, actor: TrainEngine, probe: list[int], tolerance: float, step: int) -> float:
+    """Mean |log p| difference between the engine and the trained policy over a fixed probe sequence; a wrong
+    weight sync stops the run here instead of training on another model's samples. Every rank calls it."""
+    from ppo.losses import logprobs_from_logits
+
+    ids = torch.tensor([probe], device=distributed.device())
+    actor.eval()
+    policy = logprobs_from_logits(actor.forward(ids).logits[:, :-1].float(), ids[:, 1:])[0].cpu()
+    actor.train()
+    engine = torch.tensor(rollout.prompt_logprobs(probe), dtype=policy.dtype)
+    diff = float((engine - policy).abs().mean())
+    if not diff <= tolerance:
+        raise SyncCheckError(
+            f"weight sync check failed after step {step}: the rollout engine's log-probabilities of the probe "
+            f"sequence differ from the trained policy's by {diff:.4f} on average (tolerance "
+            f"ppo.sync_check_tolerance={tolerance}); the engine is not sampling from the policy being trained"
+        )
+    return diff
 
 
 def frozen_dtype(cfg) -> torch.dtype:

@@ -63,7 +63,15 @@ from ppo.losses import (
     policy_loss,
     value_loss,
 )
-from ppo.models import ValueModel, frozen_dtype, make_rollout_engine, resident, sync_rollout_weights
+from ppo.models import (
+    ValueModel,
+    bucket_bytes,
+    check_sync,
+    frozen_dtype,
+    make_rollout_engine,
+    resident,
+    sync_rollout_weights,
+)
 from ppo.rewards import extra_rewards, make_scorers
 from rm.model import load_reward_model, save_reward_state
 
@@ -90,6 +98,7 @@ class Run:
     logger: MetricsLogger
     out_dir: Path
     nan_streak: int = 0
+    syncs: int = 0  # weight syncs to the rollout engine in this process
     throughput: Throughput | None = None
     scorers: list = field(default_factory=list)  # (RewardSource, scorer) of ppo.extra_rewards
     judges: Judges | None = None  # eval.judges
@@ -165,7 +174,7 @@ def setup(cfg: PPOConfig) -> Run:
     rollout = make_rollout_engine(cfg, actor, tokenizer)
     throughput = Throughput.measured(0.0, cfg.train.peak_tflops, cfg.policy_deepspeed.bf16)  # FLOPs per update
     if state.step and cfg.ppo.engine == "vllm":
-        rollout.load_weights(actor.gathered_parameters(to_cpu=False))
+        rollout.load_weights(actor.gathered_parameters(to_cpu=False, bucket_bytes=bucket_bytes(cfg)))
     return Run(
         cfg,
         actor,
@@ -543,6 +552,26 @@ def watch_for_hacking(run: Run, step: int, out: dict[str, float]) -> None:
         print(f"[ppo] step {step}: {warning}", flush=True)
 
 
+def probe_sequence(run: Run) -> list[int]:
+    """A fixed sequence the engine and the policy both score after a sync: the first prompt and a reply."""
+    reply = run.tokenizer.encode("A fixed reply that checks the rollout engine holds the policy's weights.")
+    return (run.prompts[0][2] + reply)[-256:]
+
+
+def sync_weights(run: Run, step: int) -> dict[str, float]:
+    """Send the updated policy to the rollout engine (when it keeps its own copy), time it, and every
+    `ppo.sync_check_every` syncs check the engine against the policy on the probe sequence."""
+    p = run.cfg.ppo
+    t0 = time.perf_counter()
+    if not sync_rollout_weights(run.rollout, run.actor, bucket_bytes(run.cfg)):
+        return {}
+    out = {"time/weight_sync_s": time.perf_counter() - t0}
+    run.syncs += 1
+    if p.sync_check_every and run.syncs % p.sync_check_every == 0:
+        out["sync_logprob_diff"] = check_sync(run.rollout, run.actor, probe_sequence(run), p.sync_check_tolerance, step)
+    return out
+
+
 def save(run: Run, folder_step: int) -> None:
     def save_models(folder: Path) -> None:
         save_from_engine(run.actor, run.actor.module.config, run.tokenizer, folder / "policy", distributed.rank() == 0)
@@ -582,13 +611,13 @@ def train(run: Run) -> dict[str, float]:
         if hasattr(run.rollout, "sleep"):  # vLLM frees its GPU memory (weights, KV cache) while the policy trains
             run.rollout.sleep()
         metrics.update(ppo_update(run, exp, step, train_actor))
-        sync_rollout_weights(run.rollout, run.actor)  # wakes a sleeping vLLM engine
+        done = step + 1
+        metrics.update(sync_weights(run, done))  # wakes a sleeping vLLM engine's weights
         metrics["time/train_s"] = time.perf_counter() - t0
         rate = run.throughput(metrics["trained_tokens"], metrics["time/train_s"], metrics.pop("trained_flops"))
         metrics.update({"train_tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"]})
         run.kl_ctl.update(metrics["kl"], p.rollout_batch_size * p.n_samples * distributed.world_size())
         metrics["policy_updated"] = float(train_actor)
-        done = step + 1
         if done % loop.log_every == 0 or done == last:
             run.logger.log(done, metrics, prefix="train/")
         if rank0 and (done % p.sample_every == 0 or done == 1):

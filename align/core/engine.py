@@ -128,14 +128,27 @@ class TrainEngine:
         norm = local_norm if local_norm is not None else self.engine.get_global_grad_norm()
         return {"lr": lr, "grad_norm": float(norm) if norm is not None else float("nan")}
 
-    def gathered_parameters(self, to_cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full parameters one at a time (ZeRO-3 shards gathered per parameter), copied to the CPU or kept on the
-        training device (`to_cpu=False`, for a rollout engine on the same GPU). Every rank must iterate."""
+    def gathered_parameters(self, to_cpu: bool = True, bucket_bytes: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full parameters, copied to the CPU or kept on the training device (`to_cpu=False`, for a rollout engine
+        on the same GPU). ZeRO-3 shards are gathered one parameter at a time, or with `bucket_bytes` once per
+        bucket of parameters of about that many bytes (fewer collectives). Every rank must iterate."""
         import deepspeed
 
-        for name, p in self.module.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                yield name, p.detach().to("cpu", copy=True) if to_cpu else p.detach().clone()
+        def full_bytes(p: torch.Tensor) -> int:
+            return getattr(p, "ds_numel", p.numel()) * p.element_size()
+
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        params = list(self.module.named_parameters())
+        for i, (name, p) in enumerate(params):
+            bucket.append((name, p))
+            size += full_bytes(p)
+            if size < bucket_bytes and i + 1 < len(params):
+                continue
+            with deepspeed.zero.GatheredParameters([t for _, t in bucket], modifier_rank=None):
+                copies = [(n, t.detach().to("cpu", copy=True) if to_cpu else t.detach().clone()) for n, t in bucket]
+            yield from copies
+            bucket, size = [], 0
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full state dict (all ranks call; all get it)."""
