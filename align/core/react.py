@@ -10,7 +10,9 @@ template saved with every checkpoint (`base_model.hf_tokenizer.CHAT_TEMPLATE`) p
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from base_model.hf_tokenizer import REACT_INSTRUCTION, TOOL_DESC  # one text for render and the chat template
 
@@ -66,3 +68,83 @@ def assistant_text(message: dict, where: str = "message") -> str:
     parts = [message["content"]] if message["content"] else []
     parts += [call_text(c, f"{where}.tool_calls[{i}]") for i, c in enumerate(calls)]
     return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------- reading model output
+
+_LABEL = re.compile(r"^[ \t]*(thought|action input|action|final answer|observation)[ \t]*[:：][ \t]*", re.I | re.M)
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.S)
+
+
+@dataclass
+class ReActStep:
+    """One parsed assistant step: a tool call (`action`, `arguments`), a `final_answer`, or an `error` to feed back
+    to the model as its next observation (unknown tool, invalid JSON, missing arguments)."""
+
+    thought: str = ""
+    action: str | None = None
+    arguments: dict | None = None
+    final_answer: str | None = None
+    error: str | None = None
+
+    def tool_call(self, call_id: str = "call_0") -> dict:
+        """The call in OpenAI's `tool_calls` form."""
+        arguments = json.dumps(self.arguments or {}, ensure_ascii=False)
+        return {"id": call_id, "type": "function", "function": {"name": self.action, "arguments": arguments}}
+
+    def message(self) -> dict:
+        """The step as an OpenAI assistant message: the thought (or final answer) as content, the call as
+        `tool_calls`."""
+        if self.action and not self.error:
+            return {"role": "assistant", "content": self.thought or None, "tool_calls": [self.tool_call()]}
+        return {"role": "assistant", "content": self.final_answer if self.final_answer is not None else self.thought}
+
+
+def parse_react(text: str, tools: Sequence[object]) -> ReActStep:
+    """Read a model's ReAct step. Tolerant of the usual deviations (label case and spacing, a full-width colon,
+    the input on the next line or in a ```json fence, a quoted or back-ticked tool name, text the model wrote past
+    its own `Observation:`); strict about what would run: an unknown tool, Action Input that is not a JSON object,
+    or missing required arguments give `error` (fed back as the observation) instead of a call. Text with neither
+    an action nor a final answer is the final answer."""
+    functions = {f["name"]: f for f in (tool_function(t, f"tools[{i}]") for i, t in enumerate(tools))}
+    fields: list[tuple[str, str]] = []
+    marks = list(_LABEL.finditer(text))
+    for i, m in enumerate(marks):
+        label = m.group(1).lower()
+        if label == "observation":  # the model went on past its stop: what follows is not its own
+            break
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        fields.append((label, text[m.end() : end].strip()))
+    if not marks:
+        return ReActStep(final_answer=text.strip())
+    first = {}
+    for label, value in fields:
+        first.setdefault(label, value)
+    order = [label for label, _ in fields]
+    thought = first.get("thought", text[: marks[0].start()].strip())
+    if "final answer" in first and ("action" not in first or order.index("final answer") < order.index("action")):
+        return ReActStep(thought=thought, final_answer=first["final answer"])
+    if "action" not in first:
+        return ReActStep(thought=thought, final_answer=thought)
+    name = first["action"].strip().rstrip(".").strip().strip("`'\"").strip()
+    step = ReActStep(thought=thought, action=name)
+    if name not in functions:
+        step.error = f"unknown tool {name!r}; the tools are: {', '.join(functions) or 'none'}"
+        return step
+    raw = first.get("action input", "").strip()
+    if fence := _FENCE.match(raw):
+        raw = fence.group(1).strip()
+    try:
+        arguments = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        step.error = f"Action Input for {name} is not valid JSON ({e.msg} at character {e.pos}): {raw[:200]}"
+        return step
+    if not isinstance(arguments, dict):
+        step.error = f"Action Input for {name} must be a JSON object, got {type(arguments).__name__}"
+        return step
+    missing = [k for k in functions[name].get("parameters", {}).get("required", []) if k not in arguments]
+    if missing:
+        step.error = f"Action Input for {name} lacks the required argument(s): {', '.join(missing)}"
+        return step
+    step.arguments = arguments
+    return step
