@@ -110,10 +110,10 @@ def test_every_number_in_the_report_comes_from_the_metrics_files(quick_demo):
     check_report_numbers(out)
 
 
-def check_report_numbers(folder: Path) -> int:
+def check_report_numbers(folder: Path, minimum: int = 20) -> int:
     page = (folder / "report.html").read_text(encoding="utf-8")
     tags = re.findall(r'data-src="([^"]+)" data-key="([^"]+)">([^<]*)<', page)
-    assert len(tags) > 20
+    assert len(tags) > minimum
     sources: dict[str, dict] = {}
     for src, key, text in tags:
         if src not in sources:
@@ -163,8 +163,9 @@ def test_reports_render_in_chromium(quick_demo):
 
 @pytest.mark.slow
 def test_sweep_on_the_demo_world_ranks_by_gold(quick_demo, tmp_path):
-    """The README's demo sweep, two trials at a time: ranked by the world's gold judge, which the demo's PPO
-    config runs at every evaluation. (Kill and resume: `test_ppo_train.py`'s sweep over a PPO config.)"""
+    """The README's demo sweep, two of its four grid points at once (n_trials=2, to keep the suite short): ranked
+    by the world's gold judge, which the demo's PPO config runs at every evaluation. (All four, kill and resume:
+    `test_ppo_train.py`'s sweep over a PPO config.)"""
     demo_dir, _, _ = quick_demo
     sweep_dir = tmp_path / "sweep"
     run = align(
@@ -173,14 +174,16 @@ def test_sweep_on_the_demo_world_ranks_by_gold(quick_demo, tmp_path):
         f"out_dir={sweep_dir}",
         f"demo.out={demo_dir}",
         "parallel=2",
+        "n_trials=2",
         timeout=900,
     )
     assert "ranked by eval/judge/gold (maximize)" in run.stdout
     results = [json.loads(l) for l in (sweep_dir / "results.jsonl").read_text().splitlines()]
-    assert len(results) == 4 and [r["rank"] for r in results] == [1, 2, 3, 4]
+    assert len(results) == 2 and [r["rank"] for r in results] == [1, 2]
     golds = [r["value"] for r in results]
     assert golds == sorted(golds, reverse=True) and golds == [r["gold"] for r in results]
-    assert {r["ppo.kl_coef"] for r in results} == {0.02, 0.2}
+    grid = {(r["ppo.kl_coef"], r["ppo.ptx_coef"]) for r in results}
+    assert len(grid) == 2 and grid <= {(k, p) for k in (0.02, 0.2) for p in (0.0, 0.5)}
     for r in results:
         cfg = (sweep_dir / r["run"] / "config.yaml").read_text()
         assert f"kl_coef: {r['ppo.kl_coef']}" in cfg and "align.world.demo:gold_judge" in cfg
@@ -191,7 +194,7 @@ def test_sweep_on_the_demo_world_ranks_by_gold(quick_demo, tmp_path):
             / sum(s["judges"]["gold"] is not None for s in last)
         )
     assert (sweep_dir / "results.csv").exists() and (sweep_dir / "results.md").exists()
-    check_report_numbers(sweep_dir)
+    assert check_report_numbers(sweep_dir, minimum=10) == 2 * 10  # every number of both rows, from its source
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
