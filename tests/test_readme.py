@@ -28,6 +28,9 @@ from conftest import ROOT
 ELSEWHERE = {  # command -> the test that runs it
     "align sweep configs/sweeps/tiny.yaml": "tests/test_demo.py::test_sweep_on_the_demo_world_ranks_by_gold",
     "align sweep configs/sweeps/tiny.yaml out_dir=runs/s2 parallel=2": "the same test (parallel=2)",
+    "align eval gsm8k --model runs/ppo-tiny/final/policy --data gsm8k_test.jsonl --out runs/eval-gsm8k": "tests/test_eval_harness.py (real GSM8K rows; a checkpoint and an endpoint)",
+    "align eval math --endpoint http://localhost:8000/v1 --endpoint-model Qwen-7B-Chat --data math_test.jsonl "
+    "--out runs/eval-math --samples 4": "tests/test_eval_harness.py (an endpoint; MATH's layout)",
     "align sweep configs/sweeps/ppo-methods.yaml": "tests/test_ppo_train.py::test_sweep_over_a_ppo_config_runs_in_"
     "parallel_and_resumes_after_a_kill (a PPO config made in the test, 4 trials)",
 }

@@ -1,0 +1,38 @@
+"""`align eval BENCH`: argument parsing only; the handler calls `align.eval.harness.evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from align.eval.harness import evaluate
+
+    evaluate(
+        args.bench,
+        str(args.data),
+        args.out,
+        model=str(args.model) if args.model else None,
+        endpoint=args.endpoint,
+        endpoint_model=args.endpoint_model,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        limit=args.limit,
+    )
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="maths benchmarks (gsm8k | math) on a checkpoint or an OpenAI-compatible endpoint")
+    p.add_argument("bench", choices=["gsm8k", "math"])
+    p.add_argument("--data", type=Path, required=True, help="the benchmark's rows (GSM8K or MATH layout, JSONL)")
+    p.add_argument("--out", type=Path, required=True, help="results.jsonl, summary.json, report.html (resumable)")
+    p.add_argument("--model", type=Path, default=None, help="a checkpoint folder (our native engine)")
+    p.add_argument("--endpoint", default=None, help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    p.add_argument("--endpoint-model", default="default", help="the model name sent to the endpoint")
+    p.add_argument("--samples", type=int, default=1, help="answers per item (more than 1: sampled, pass@k)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="the first N items only")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,219 @@
+"""`align eval gsm8k|math --data FILE --out DIR (--model DIR | --endpoint URL)`: maths benchmarks on a checkpoint
+(our native engine) or on any OpenAI-compatible endpoint.
+
+Items come from the benchmark's own layout — GSM8K `{"question", "answer": "… #### 72"}`, MATH `{"problem",
+"solution": "… \\boxed{…}"}` — or `{"question" | "prompt", "answer"}`. Each is asked as a user turn with an
+instruction for the final answer; answers are read and compared by `align/eval/answers.py`. With `--samples k > 1`
+answers are sampled (temperature 0.8, top-p 0.95) and pass@1..k are reported with the unbiased estimator; with one
+sample decoding is greedy.
+
+Writes `results.jsonl` (one row per item, appended batch by batch, so an interrupted run resumes where it stopped),
+`summary.json` (accuracy with a 95% Wilson interval, pass@k) and `report.html` (every item with its outcome).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from align.core.records import DataError, iter_records
+from align.eval.answers import gsm8k_answer, last_boxed, math_equal, pass_at_k
+from base_model.atomic import write_json_atomic, write_text_atomic
+
+INSTRUCTION = {
+    "gsm8k": 'Please reason step by step, and end with "The answer is N." where N is the final number.',
+    "math": "Please reason step by step, and put your final answer within \\boxed{}.",
+}
+
+
+def read_items(path: str, bench: str) -> list[dict]:
+    """{"id", "question", "reference"} per row, the reference reduced to its final answer."""
+    items = []
+    for where, row in iter_records(path):
+        question = row.get("question") or row.get("problem") or row.get("prompt")
+        solution = row.get("answer", row.get("solution"))
+        if not isinstance(question, str) or solution is None:
+            raise DataError(f"{where}: expected 'question' (or 'problem', 'prompt') and 'answer' (or 'solution')")
+        solution = str(solution)
+        reference = gsm8k_answer(solution) if bench == "gsm8k" else (last_boxed(solution) or solution.strip())
+        if reference is None:
+            raise DataError(f"{where}: no final answer in {solution[-80:]!r}")
+        item_id = str(row.get("id", row.get("unique_id", len(items))))
+        items.append({"id": item_id, "question": question, "reference": reference})
+    if not items:
+        raise DataError(f"{path}: no items")
+    return items
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:
+    if n == 0:
+        return [0.0, 0.0]
+    p = correct / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)]
+
+
+class NativeAnswerer:
+    """Answers from a checkpoint with our own batched sampler (on CUDA when there is one)."""
+
+    def __init__(self, model_dir: str, max_new_tokens: int, samples: int, seed: int = 0) -> None:
+        import torch
+
+        from base_model import QwenTokenizer, load_pretrained
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = load_pretrained(model_dir, dtype=dtype, device=self.device).eval()
+        self.tokenizer = QwenTokenizer.from_file(model_dir)
+        self.max_new_tokens, self.samples, self.seed = max_new_tokens, samples, seed
+
+    def __call__(self, batch: list[list[dict]], ids: list[str]) -> list[list[str]]:
+        from align.core.chatml import render
+        from base_model.generate import SamplingParams, generate
+
+        k = self.samples
+        prompts = [render(m, self.tokenizer, add_generation_prompt=True) for m in batch for _ in range(k)]
+        params = SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=0.8 if k > 1 else 0.0,
+            top_p=0.95 if k > 1 else 1.0,
+            stop_token_ids=(self.tokenizer.im_end_id, self.tokenizer.eod_id),
+            row_seeds=[hash((self.seed, i, j)) % 2**62 for i in ids for j in range(k)],
+            vocab_limit=len(self.tokenizer),
+        )
+        out = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_id)
+        texts = [self.tokenizer.decode(t[:-1] if r == "stop" else t) for t, r in zip(out.token_ids, out.finish_reasons)]
+        return [texts[i * k : (i + 1) * k] for i in range(len(batch))]
+
+
+class EndpointAnswerer:
+    """Answers from an OpenAI-compatible `/chat/completions` (one request per sample, several in flight)."""
+
+    def __init__(self, url: str, model: str, max_new_tokens: int, samples: int, timeout_s: float = 120.0) -> None:
+        from ppo.rewards import ScorerSource
+
+        self.url = url.rstrip("/") + "/chat/completions"
+        self.model, self.max_new_tokens, self.samples = model, max_new_tokens, samples
+        self.source = ScorerSource(kind="http", target=url, timeout_s=timeout_s)
+
+    def __call__(self, batch: list[list[dict]], ids: list[str]) -> list[list[str]]:
+        import httpx
+
+        from ppo.rewards import RewardSourceError, post_json
+
+        k = self.samples
+        sampled = k > 1
+
+        def ask(job: tuple[int, int]) -> str:
+            i, j = job
+            body = {"model": self.model, "messages": batch[i], "max_tokens": self.max_new_tokens,
+                    "temperature": 0.8 if sampled else 0.0, **({"top_p": 0.95, "seed": j} if sampled else {})}  # fmt: skip
+            data = post_json(client, self.url, body, self.source, f"endpoint {self.url} (item {ids[i]})")
+            try:
+                return data["choices"][0]["message"]["content"] or ""
+            except (KeyError, IndexError, TypeError):
+                raise RewardSourceError(f"endpoint {self.url}: not a chat completion: {str(data)[:200]}") from None
+
+        with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(ask, [(i, j) for i in range(len(batch)) for j in range(k)]))
+        return [texts[i * k : (i + 1) * k] for i in range(len(batch))]
+
+
+def evaluate(
+    bench: str,
+    data: str,
+    out: str | Path,
+    model: str | None = None,
+    endpoint: str | None = None,
+    endpoint_model: str = "default",
+    samples: int = 1,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    limit: int | None = None,
+    log=print,
+) -> dict:
+    if bench not in INSTRUCTION:
+        raise DataError(f"unknown benchmark {bench!r}; one of: {', '.join(INSTRUCTION)}")
+    if (model is None) == (endpoint is None):
+        raise DataError("give exactly one of --model DIR and --endpoint URL")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = read_items(data, bench)[:limit]
+    results_path = out / "results.jsonl"
+    done = {}
+    if results_path.exists():
+        for line in results_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["id"]] = row
+    todo = [it for it in items if it["id"] not in done]
+    log(f"[eval] {bench}: {len(items)} items, {len(items) - len(todo)} already answered, {len(todo)} to answer")
+    if todo:
+        answer = (
+            NativeAnswerer(model, max_new_tokens, samples)
+            if model
+            else EndpointAnswerer(endpoint, endpoint_model, max_new_tokens, samples)
+        )
+        read = gsm8k_answer if bench == "gsm8k" else last_boxed
+        bar = tqdm(total=len(todo), desc=f"eval {bench}", unit="item")
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            messages = [[{"role": "user", "content": f"{it['question']}\n{INSTRUCTION[bench]}"}] for it in chunk]
+            answers = answer(messages, [it["id"] for it in chunk])
+            with results_path.open("a", encoding="utf-8") as f:
+                for it, texts in zip(chunk, answers):
+                    predicted = [read(t) for t in texts]
+                    correct = [math_equal(p, it["reference"]) for p in predicted]
+                    row = {**it, "responses": texts, "predicted": predicted, "correct": correct}
+                    done[it["id"]] = row
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            bar.update(len(chunk))
+        bar.close()
+    rows = [done[it["id"]] for it in items]
+    n = len(rows)
+    first = sum(r["correct"][0] for r in rows)
+    k_max = min(len(r["correct"]) for r in rows)
+    summary = {
+        "benchmark": bench,
+        "data": str(data),
+        "source": model or endpoint,
+        "items": n,
+        "samples": k_max,
+        "accuracy": first / n,
+        "accuracy_ci95": wilson(first, n),
+        "pass_at_k": {
+            str(k): sum(pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in rows) / n
+            for k in sorted({1, k_max} | ({5, 10} & set(range(1, k_max + 1))))
+        },
+    }
+    write_json_atomic(out / "summary.json", summary)
+    write_text_atomic(out / "report.html", report(summary, rows))
+    lo, hi = summary["accuracy_ci95"]
+    log(f"[eval] {bench}: accuracy {summary['accuracy']:.4f} ({first}/{n}), 95% CI [{lo:.4f}, {hi:.4f}]; {out}")
+    return summary
+
+
+def report(summary: dict, rows: list[dict]) -> str:
+    head = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in summary.items()
+    )
+    body = "".join(
+        f"<tr><td>{html.escape(r['id'])}</td><td>{'✔' if r['correct'][0] else '✘'}</td>"
+        f"<td>{html.escape(r['reference'])}</td><td>{html.escape(str(r['predicted'][0]))}</td>"
+        f"<td><details><summary>{html.escape(r['question'][:120])}</summary><pre>"
+        f"{html.escape(r['responses'][0])}</pre></details></td></tr>"
+        for r in rows
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>align eval</title><style>body{font-family:"
+        "system-ui,sans-serif;max-width:1100px;margin:2em auto}td,th{border:1px solid #ccc;padding:3px 8px}"
+        "table{border-collapse:collapse}pre{white-space:pre-wrap}</style></head><body>"
+        f"<h1>{html.escape(summary['benchmark'])}</h1><table>{head}</table><h2>Items</h2><table><tr><th>id</th>"
+        f"<th>right</th><th>reference</th><th>answer</th><th>question and response</th></tr>{body}</table>"
+        "</body></html>"
+    )
