@@ -94,15 +94,41 @@ def kill_after_first_checkpoint(args, run_dir, env, timeout=600):
     return int(_json.loads(latest.read_text())["checkpoint"].split("-")[1])
 
 
-class FakeJudge(BaseHTTPRequestHandler):
+class ChatServer(BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible chat server for tests: subclasses answer `reply(body) -> dict`."""
+
+    def reply(self, body: dict) -> dict:
+        raise NotImplementedError
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        data = json.dumps(self.reply(body)).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve(handler: type):
+    """Start `handler` on a free local port; yields its /v1 base URL (for fixtures)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+class FakeJudge(ChatServer):
     """An OpenAI-compatible judge that prefers the answer with more "!"; `bias` makes it answer A on ties and
     on every call whose prompt contains "always-a"; `broken` returns prose with no verdict."""
 
     calls: list = []
     mode = "fair"
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    def reply(self, body: dict) -> dict:
         FakeJudge.calls.append((self.path, body, self.headers.get("Authorization")))
         text = body["messages"][-1]["content"]
         a = text.split("[Answer A]\n", 1)[1].split("\n\n[Answer B]", 1)[0]
@@ -117,21 +143,10 @@ class FakeJudge(BaseHTTPRequestHandler):
         answer = {"choices": [{"message": {"role": "assistant", "content": content}}]}
         if FakeJudge.mode == "not-chat":
             answer = {"result": verdict}
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        return answer
 
 
 @pytest.fixture
 def judge_endpoint():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     FakeJudge.calls, FakeJudge.mode = [], "fair"
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
+    yield from serve(FakeJudge)

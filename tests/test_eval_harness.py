@@ -5,25 +5,22 @@ through the native engine."""
 import json
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from align.core.records import DataError
 from align.eval.harness import evaluate, read_items, wilson
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, ChatServer, serve
 
 GSM8K = FIXTURES / "public_rows" / "gsm8k_train_rows.jsonl"
 
 
-class Student(BaseHTTPRequestHandler):
+class Student(ChatServer):
     """Right about Natalia's clips (72), wrong about Weng (12) except when sampling with seed 1."""
 
     asked: list = []
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    def reply(self, body: dict) -> dict:
         Student.asked.append(body)
         question = body["messages"][-1]["content"]
         if "Natalia" in question:
@@ -32,24 +29,13 @@ class Student(BaseHTTPRequestHandler):
             text = "Half of 3/2 is \\boxed{\\dfrac{3}{4}}."
         else:
             text = "She earned 10 dollars. The answer is 10." if body.get("seed") == 1 else "The answer is 12."
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        return {"choices": [{"message": {"role": "assistant", "content": text}}]}
 
 
 @pytest.fixture
 def endpoint():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Student)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     Student.asked = []
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
+    yield from serve(Student)
 
 
 def test_gsm8k_on_an_endpoint_scores_resumes_and_reports(endpoint, tmp_path):
