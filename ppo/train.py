@@ -30,6 +30,7 @@ from align.core.losses import count_targets, normalised_loss
 from align.core.metrics import MetricsLogger, Throughput, read_metrics, tokens_per_second
 from align.core.modeling import save_from_engine
 from align.core.records import DataError
+from align.eval.harness import benchmark_counts, benchmark_metrics, benchmark_prompts
 from align.eval.judges import Judges, hacking_warning, judge_metrics
 from base_model import QwenTokenizer, load_pretrained
 from base_model.atomic import write_json_atomic
@@ -103,6 +104,7 @@ class Run:
     scorers: list = field(default_factory=list)  # (RewardSource, scorer) of ppo.extra_rewards
     judges: Judges | None = None  # eval.judges
     eval_history: list = field(default_factory=list)  # (step, proxy, gold) of every evaluation with a gold judge
+    bench_prompts: list = field(default_factory=list)  # (benchmark, item, prompt ids) of eval.benchmarks
 
 
 def setup(cfg: PPOConfig) -> Run:
@@ -199,6 +201,7 @@ def setup(cfg: PPOConfig) -> Run:
         scorers=scorers,
         judges=judges,
         eval_history=gold_history(out_dir, cfg.eval.gold_name()) if state.step else [],
+        bench_prompts=benchmark_prompts(cfg.eval.benchmarks, tokenizer),
     )
 
 
@@ -489,6 +492,19 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         write_eval_samples(run.out_dir, step, messages, texts, raw.tolist(), kl_each.tolist(), judged)
         out.update({"reward_mean": mean, "reward_std": math.sqrt(var), "kl": kl / n})
         watch_for_hacking(run, step, out)
+    if run.bench_prompts:  # greedy answers from the rollout engine (the current policy), each rank its share
+        mine = run.bench_prompts[distributed.rank() :: distributed.world_size()]
+        sampling = SamplingParams(
+            max_new_tokens=max(b.max_new_tokens for b in run.cfg.eval.benchmarks),
+            temperature=0.0,
+            stop_token_ids=(run.tokenizer.im_end_id, run.tokenizer.eod_id),
+            vocab_limit=len(run.tokenizer),
+        )
+        rollouts = run.rollout.generate([ids for _, _, ids in mine], sampling) if mine else []
+        counts = benchmark_counts(mine, [response_text(run.tokenizer, r) for r in rollouts])
+        names = {b.name for b in run.cfg.eval.benchmarks}
+        counts = {f"{n}/{k}": counts.get(f"{n}/{k}", 0.0) for n in names for k in ("right", "n")}  # same keys
+        out.update(benchmark_metrics(distributed.all_reduce_sums(counts)))
     if run.ptx is not None and run.ptx_eval:
         run.actor.eval()
         mine = run.ptx_eval[distributed.rank() :: distributed.world_size()]

@@ -36,6 +36,7 @@ from align.core.modeling import build_model, save_from_engine
 from align.core.records import DataError, as_messages, iter_records
 from align.core.sections import DeepSpeedSection, LoopConfig, ModelSource, OptimConfig
 from align.eval import generation
+from align.eval.harness import benchmark_counts, benchmark_metrics, benchmark_prompts
 from align.eval.judges import EvalSection, Judges, judge_metrics
 from base_model import QwenTokenizer
 from base_model.atomic import atomic_path, write_json_atomic
@@ -197,6 +198,7 @@ class Run:
     eval_prompts: list = field(default_factory=list)  # (index, messages, ids) of data.eval_prompts
     reference: torch.nn.Module | None = None  # a frozen copy of the initial policy: the KL of eval answers
     judges: Judges | None = None
+    bench_prompts: list = field(default_factory=list)  # (benchmark, item, prompt ids) of eval.benchmarks
 
 
 def pack_sequences(seqs: list[tuple[list[int], list[int]]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -317,7 +319,7 @@ def setup(cfg: DPOConfig) -> Run:
         generation.truncate_eval_samples(out_dir, state.step)
     return Run(
         cfg, engine, tokenizer, batches, eval_rows, ref, total_steps, state, logger, out_dir, throughput,
-        eval_prompts, reference, judges,
+        eval_prompts, reference, judges, benchmark_prompts(cfg.eval.benchmarks, tokenizer),
     )  # fmt: skip
 
 
@@ -394,6 +396,8 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     """The objective's loss and metrics on the held-out rows (every rank evaluates all of them), and the judges
     and KL of answers sampled for data.eval_prompts."""
     out = judge_answers(run, step) if run.eval_prompts else {}
+    if run.bench_prompts:
+        out.update(benchmark_scores(run))
     if not run.eval_rows:
         return out
     run.engine.eval()
@@ -405,6 +409,26 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
                 sums[k] = sums.get(k, 0.0) + float(v)
     run.engine.train()
     return {**averaged(sums, len(run.eval_rows)), **out}
+
+
+@torch.no_grad()
+def benchmark_scores(run: Run) -> dict[str, float]:
+    """Greedy answers to eval.benchmarks, each rank its share (from gathered weights under ZeRO-3)."""
+    from base_model.generate import SamplingParams, generate
+
+    mine = run.bench_prompts[distributed.rank() :: distributed.world_size()]
+    run.engine.eval()
+    model = generation.whole_model(run.engine)
+    tok = run.tokenizer
+    params = SamplingParams(max_new_tokens=max(b.max_new_tokens for b in run.cfg.eval.benchmarks), temperature=0.0,
+                            stop_token_ids=(tok.im_end_id, tok.eod_id), vocab_limit=len(tok))  # fmt: skip
+    out = generate(model, [ids for _, _, ids in mine], params, pad_id=tok.pad_id) if mine else None
+    run.engine.train()
+    texts = [tok.decode(t[:-1] if r == "stop" else t) for t, r in zip(out.token_ids, out.finish_reasons)] if out else []
+    counts = benchmark_counts(mine, texts)
+    names = {b.name for b in run.cfg.eval.benchmarks}
+    counts = {f"{n}/{k}": counts.get(f"{n}/{k}", 0.0) for n in names for k in ("right", "n")}
+    return benchmark_metrics(distributed.all_reduce_sums(counts))
 
 
 @torch.no_grad()
@@ -450,7 +474,7 @@ def train(run: Run) -> dict[str, float]:
     run.engine.train()
     metrics: dict[str, float] = {}
     last_eval: tuple[int, dict] = (-1, {})
-    if run.state.step == 0 and loop.eval_every and run.eval_prompts:  # the initial policy: the judges' baseline
+    if run.state.step == 0 and loop.eval_every and (run.eval_prompts or run.bench_prompts):  # the baseline
         run.logger.log(0, evaluate(run, 0), prefix="eval/")
     for step in range(run.state.step, last_step):
         t0 = time.perf_counter()

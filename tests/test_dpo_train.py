@@ -211,11 +211,14 @@ def test_judges_score_sampled_answers_at_every_evaluation(tmp_path, pairs, judge
     judge.write_text("def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
     judges = (f'eval.judges=[{{kind: function, target: "{judge}:length", name: gold}}, '
               f'{{kind: llm, target: "{judge_endpoint}", name: pairwise}}]')  # fmt: skip
-    run_in_process(f"out_dir={tmp_path / 'run'}", f"data.train={pairs}", f"data.eval_prompts={prompts}", judges,
+    gsm8k = ROOT / "tests" / "fixtures" / "public_rows" / "gsm8k_train_rows.jsonl"
+    bench = f'eval.benchmarks=[{{name: gsm8k, data: "{gsm8k}", max_new_tokens: 6}}]'
+    run_in_process(f"out_dir={tmp_path / 'run'}", f"data.train={pairs}", f"data.eval_prompts={prompts}", judges, bench,
                    "eval_generation.samples=2", "eval_generation.max_new_tokens=12", "train.max_steps=20",
                    "train.eval_every=10", "train.save_every=0")  # fmt: skip
     evals = {r["step"]: r for r in read_metrics(tmp_path / "run") if "eval/judge/gold" in r}
     assert sorted(evals) == [0, 10, 20]  # the final evaluation is not repeated
+    assert all(evals[s]["eval/bench/gsm8k"] in (0.0, 0.5, 1.0) for s in evals)  # 2 real GSM8K items, greedy
     samples = [json.loads(l) for l in (tmp_path / "run" / "eval_samples.jsonl").read_text().splitlines()]
     for step, row in evals.items():
         mine = [s for s in samples if s["step"] == step]

@@ -249,15 +249,20 @@ def test_ppo_with_vllm_sleeps_syncs_in_buckets_checks_the_sync_and_stops_on_a_wr
     monkeypatch.setitem(sys.modules, "vllm", module)
     FakeVLLM.started.clear()
 
+    gsm8k = ROOT / "tests" / "fixtures" / "public_rows" / "gsm8k_train_rows.jsonl"
+
     def run(out, *extra):
         overrides = [f"models.policy={tmp_path / 'policy'}", f"models.reward={tmp_path / 'rm'}", "data.ptx=null",
                      "data.eval_prompts=null", "ppo.engine=vllm", "ppo.iterations=2", "ppo.max_new_tokens=8",
                      "train.eval_every=0", "train.save_every=0", "train.peak_tflops=1", f"out_dir={tmp_path / out}",
-                     "ppo.sync_bucket_mb=0.05", *extra]  # fmt: skip
+                     "ppo.sync_bucket_mb=0.05", f'eval.benchmarks=[{{name: gsm8k, data: "{gsm8k}", max_new_tokens: 4}}]',
+                     *extra]  # fmt: skip
         return main(load_config(PPOConfig, ROOT / "configs" / "ppo" / "tiny.yaml", overrides))
 
-    run("good")
+    run("good", "train.eval_every=1")
     rows = [json.loads(l) for l in (tmp_path / "good" / "metrics.jsonl").read_text().splitlines()]
+    bench = [r["eval/bench/gsm8k"] for r in rows if "eval/bench/gsm8k" in r]  # steps 0, 1, 2, from the engine
+    assert len(bench) == 3 and all(b in (0.0, 0.5, 1.0) for b in bench)
     train = [r for r in rows if "train/kl" in r]
     assert all(r["train/time/weight_sync_s"] > 0 and r["train/sync_logprob_diff"] < 1e-4 for r in train)
     calls = FakeVLLM.started[-1].calls

@@ -18,9 +18,12 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
+from pydantic import Field
 from tqdm import tqdm
 
+from align.core.config import Section
 from align.core.records import DataError, iter_records
 from align.eval.answers import gsm8k_answer, last_boxed, math_equal, pass_at_k
 from base_model.atomic import write_json_atomic, write_text_atomic
@@ -48,6 +51,42 @@ def read_items(path: str, bench: str) -> list[dict]:
     if not items:
         raise DataError(f"{path}: no items")
     return items
+
+
+class BenchmarkConfig(Section):
+    """A benchmark run at every evaluation of a training run (`eval.benchmarks`): greedy answers to its first
+    `limit` items, logged as `eval/bench/<name>` (the share answered right), so the alignment tax shows."""
+
+    name: Literal["gsm8k", "math"]
+    data: str
+    limit: int | None = Field(100, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+
+
+def benchmark_prompts(benchmarks, tokenizer) -> list[tuple[str, list[dict], list[int]]]:
+    """(benchmark name, item, prompt ids) of every benchmark's items, in order."""
+    from align.core.chatml import render
+
+    out = []
+    for b in benchmarks:
+        for it in read_items(b.data, b.name)[: b.limit]:
+            messages = [{"role": "user", "content": f"{it['question']}\n{INSTRUCTION[b.name]}"}]
+            out.append((b.name, it, render(messages, tokenizer, add_generation_prompt=True)))
+    return out
+
+
+def benchmark_counts(prompts: list, texts: list[str]) -> dict[str, float]:
+    """`<name>/right` and `<name>/n` for this rank's answers (sum them over ranks, then `benchmark_metrics`)."""
+    counts: dict[str, float] = {}
+    for (name, item, _), text in zip(prompts, texts):
+        read = gsm8k_answer if name == "gsm8k" else last_boxed
+        counts[f"{name}/right"] = counts.get(f"{name}/right", 0.0) + float(math_equal(read(text), item["reference"]))
+        counts[f"{name}/n"] = counts.get(f"{name}/n", 0.0) + 1.0
+    return counts
+
+
+def benchmark_metrics(counts: dict[str, float]) -> dict[str, float]:
+    return {f"bench/{k[:-2]}": counts[k[:-2] + "/right"] / v for k, v in counts.items() if k.endswith("/n") and v}
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:

@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import Field
 
 from align.core.config import Section
+from align.eval.harness import BenchmarkConfig
 from ppo.rewards import RewardSourceError, ScorerSource, make_scorer, post_json
 
 
@@ -40,6 +41,7 @@ class JudgeConfig(ScorerSource):
 
 class EvalSection(Section):
     judges: list[JudgeConfig] = []
+    benchmarks: list[BenchmarkConfig] = []  # maths benchmarks at every evaluation (align/eval/harness.py)
     gold: str | None = None  # the judge plotted as gold against the proxy reward; default: the first judge
     hacking_window: int = Field(3, ge=2)  # evaluations: the proxy rising while the gold falls over them → warning
 
