@@ -209,6 +209,52 @@ def open_study(cfg: SweepConfig, out: Path, direction: str):
     )
 
 
+def suggest(trial, name: str, dist) -> None:
+    """Draw one parameter of `trial` from its distribution (Optuna's public suggest calls)."""
+    import optuna.distributions as d
+
+    if isinstance(dist, d.CategoricalDistribution):
+        trial.suggest_categorical(name, dist.choices)
+    elif isinstance(dist, d.IntDistribution):
+        trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    else:
+        trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def abandoned(t) -> bool:
+    return bool(t.user_attrs.get("abandoned"))
+
+
+def interrupted_trials(study, dists: dict, out: Path) -> list[tuple[int, dict]]:
+    """The trials an earlier sweep process left RUNNING: those with a result are recorded; the others are resumed
+    (their runs continue from their checkpoints). A trial the kill caught inside `ask`, before all its parameters
+    were drawn, gets the rest drawn now; if that cannot be done it is marked failed and `abandoned` (not counted)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    queue: list[tuple[int, dict]] = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        folder = out / trial_name(t.number)
+        if (folder / "result.json").exists():
+            study.tell(t.number, json.loads((folder / "result.json").read_text())["value"])
+            continue
+        params = dict(t.params)
+        if set(params) != set(dists):
+            trial = optuna.trial.Trial(study, t._trial_id)
+            try:
+                for name, dist in dists.items():
+                    if name not in params:
+                        suggest(trial, name, dist)
+            except Exception:  # the sampler cannot finish this trial: leave it out of the count
+                trial.set_user_attr("abandoned", True)
+                study.tell(t.number, state=TrialState.FAIL)
+                continue
+            params = dict(trial.params)
+        wait_for_orphan(folder)
+        queue.append((t.number, params))
+    return queue
+
+
 def trial_name(number: int) -> str:
     return f"trial-{number:03d}"
 
@@ -376,16 +422,8 @@ def run_sweep(path: str | Path, overrides: list[str] = (), log=print) -> Path:
     study = open_study(cfg, out, direction)
     dists = distributions(cfg)
 
-    # trials an earlier sweep process left running: finished ones are recorded, the others resume
-    queue: list[tuple[int, dict]] = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        folder = out / trial_name(t.number)
-        if (folder / "result.json").exists():
-            study.tell(t.number, json.loads((folder / "result.json").read_text())["value"])
-        else:
-            wait_for_orphan(folder)
-            queue.append((t.number, dict(t.params)))
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    queue = interrupted_trials(study, dists, out)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not abandoned(t)]
     log(
         f"[sweep] {stage}: {n_trials} trials ({cfg.method}), {len(done)} already finished, {len(queue)} to resume; "
         f"ranked by {metric} ({direction})"
@@ -395,7 +433,7 @@ def run_sweep(path: str | Path, overrides: list[str] = (), log=print) -> Path:
     active: dict[int, tuple[subprocess.Popen, float, str | None, dict, object]] = {}
     failed = 0
     while True:
-        while free and (queue or len(study.get_trials(deepcopy=False)) < n_trials):
+        while free and (queue or sum(not abandoned(t) for t in study.get_trials(deepcopy=False)) < n_trials):
             if queue:
                 number, params = queue.pop(0)
                 verb = "resumed"

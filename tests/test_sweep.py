@@ -105,3 +105,26 @@ def test_a_sweep_folder_holds_one_sweep(tmp_path):
     first.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="holds a sweep with other parameters"):
         run_sweep(first, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("method", ["grid", "tpe"])
+def test_a_trial_killed_inside_ask_gets_its_parameters_on_resume(tmp_path, method):
+    """A kill between Optuna creating a trial and drawing its parameters leaves a RUNNING trial with some or none;
+    the restarted sweep draws the rest, so it resumes with a whole configuration."""
+    from optuna.trial import Trial
+
+    from align.sweep import interrupted_trials
+
+    cfg = sweep(method=method, n_trials=4, parameters={"ppo.advantage": ["gae", "grpo"], "ppo.kl_coef": [0.05, 0.5]})
+    dists = distributions(cfg)
+    study = open_study(cfg, tmp_path, "maximize")
+    first = study.ask(dists)  # a whole trial, running
+    cut = Trial(study, study._storage.create_new_trial(study._study_id))  # created, then the process died
+    if method == "grid":
+        study.sampler.before_trial(study, study._storage.get_trial(cut._trial_id))  # grid point assigned
+        cut.suggest_categorical("ppo.advantage", ["gae", "grpo"])  # one of two drawn
+    queue = interrupted_trials(study, dists, tmp_path)
+    assert [n for n, _ in queue] == [first.number, cut.number]
+    assert all(set(params) == set(dists) for _, params in queue)
+    if method == "grid":  # two distinct grid points
+        assert len({tuple(sorted(p.items())) for _, p in queue}) == 2
