@@ -10,12 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from align.eval.generation import (  # noqa: F401  (PPO's prompt readers and eval-sample files)
-    prompt_ids,
-    read_prompts,
-    truncate_eval_samples,
-    write_eval_samples,
-)
 from ppo.losses import logprobs_from_logits
 from ppo.rollout.engine import Rollout
 

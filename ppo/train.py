@@ -30,6 +30,7 @@ from align.core.losses import count_targets, normalised_loss
 from align.core.metrics import MetricsLogger, Throughput, read_metrics, tokens_per_second
 from align.core.modeling import save_from_engine
 from align.core.records import DataError
+from align.eval.generation import read_prompts, truncate_eval_samples, write_eval_samples
 from align.eval.harness import benchmark_counts, benchmark_metrics, benchmark_prompts
 from align.eval.judges import Judges, hacking_warning, judge_metrics
 from base_model import QwenTokenizer, load_pretrained
@@ -41,13 +42,10 @@ from ppo.experience import (
     Experience,
     RunningMoments,
     build_sequences,
-    read_prompts,
     response_text,
     reward_scores,
     sequence_logprobs,
     sequence_values,
-    truncate_eval_samples,
-    write_eval_samples,
 )
 from ppo.kl_control import AdaptiveKLController, FixedKLController
 from ppo.losses import (

@@ -148,8 +148,8 @@ def test_ppo_with_ptx_on_cuda(data, policy_and_reward, tmp_path, zero, bf16):
     assert max(r["step"] for r in rows) == 2
 
 
-def test_ppo_with_offloaded_frozen_models_on_cuda(data, policy_and_reward, tmp_path):
-    d = policy_and_reward
+def bf16_ppo_without_ptx(d, out, *extra: str) -> None:
+    """Two PPO iterations of the tiny config in bf16 with no ptx and no evaluation, plus `extra` overrides."""
     align(
         "ppo",
         str(CONFIGS / "ppo/tiny.yaml"),
@@ -157,13 +157,17 @@ def test_ppo_with_offloaded_frozen_models_on_cuda(data, policy_and_reward, tmp_p
         f"models.reward={d / 'rm' / 'final'}",
         "data.ptx=null",
         "ppo.iterations=2",
-        "models.offload_frozen=true",
         "policy_deepspeed.bf16=true",
         "value_deepspeed.bf16=true",
         "train.eval_every=0",
         "train.save_every=0",
-        f"out_dir={tmp_path}",
+        f"out_dir={out}",
+        *extra,
     )
+
+
+def test_ppo_with_offloaded_frozen_models_on_cuda(data, policy_and_reward, tmp_path):
+    bf16_ppo_without_ptx(policy_and_reward, tmp_path, "models.offload_frozen=true")
     finite_metrics(tmp_path, "train/reward/raw", "train/kl")
 
 
@@ -171,23 +175,8 @@ def test_ppo_with_vllm_rollouts_on_cuda(data, policy_and_reward, tmp_path):
     """PPO with the vLLM engine (bf16, ZeRO-0): sleeps while training, synced in buckets, each sync checked on the
     probe sequence within a bf16 tolerance."""
     pytest.importorskip("vllm", reason="vLLM is not installed (its wheel is too large for the offline GPU machine)")
-    d = policy_and_reward
-    align(
-        "ppo",
-        str(CONFIGS / "ppo/tiny.yaml"),
-        f"models.policy={d / 'sft' / 'final'}",
-        f"models.reward={d / 'rm' / 'final'}",
-        "data.ptx=null",
-        "ppo.engine=vllm",
-        "ppo.vllm_gpu_memory_utilization=0.2",
-        "ppo.iterations=2",
-        "ppo.critic_warmup_steps=0",
-        "policy_deepspeed.bf16=true",
-        "value_deepspeed.bf16=true",
-        "train.eval_every=0",
-        "train.save_every=0",
-        f"out_dir={tmp_path}",
-    )
+    bf16_ppo_without_ptx(policy_and_reward, tmp_path, "ppo.engine=vllm", "ppo.vllm_gpu_memory_utilization=0.2",
+                         "ppo.critic_warmup_steps=0")  # fmt: skip
     rows = finite_metrics(
         tmp_path, "train/reward/raw", "train/kl", "train/time/weight_sync_s", "train/sync_logprob_diff"
     )

@@ -211,7 +211,8 @@ def test_vllm_version_is_checked_at_start_up(tmp_path):
 
 def test_vllm_adapter_times_out_and_then_refuses_calls(tmp_path):
     _engines(tmp_path)
-    engine = VLLMEngine(tmp_path / "model", vllm_module=FakeVLLM, timeout_s=0.2)
+    engine = VLLMEngine(tmp_path / "model", vllm_module=FakeVLLM)
+    engine.timeout_s = 0.2  # after start-up, whose model load may itself take longer on a busy machine
     engine.llm.generate = lambda *a, **k: threading.Event().wait(5)
     with pytest.raises(VLLMTimeout, match="generating rollouts within 0 s"):
         engine.generate([[1]], SamplingParams(max_new_tokens=1))
