@@ -36,7 +36,7 @@ from align.core.modeling import build_model, save_from_engine
 from align.core.records import DataError, as_messages, iter_records
 from align.core.sections import DeepSpeedSection, LoopConfig, ModelSource, OptimConfig
 from align.eval import generation
-from align.eval.harness import benchmark_counts, benchmark_metrics, benchmark_prompts
+from align.eval.harness import benchmark_prompts
 from align.eval.judges import EvalSection, Judges, judge_metrics
 from base_model import QwenTokenizer
 from base_model.atomic import atomic_path, write_json_atomic
@@ -397,7 +397,7 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     and KL of answers sampled for data.eval_prompts."""
     out = judge_answers(run, step) if run.eval_prompts else {}
     if run.bench_prompts:
-        out.update(benchmark_scores(run))
+        out.update(generation.benchmark_scores(run.engine, run.tokenizer, run.bench_prompts, run.cfg.eval.benchmarks))
     if not run.eval_rows:
         return out
     run.engine.eval()
@@ -409,26 +409,6 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
                 sums[k] = sums.get(k, 0.0) + float(v)
     run.engine.train()
     return {**averaged(sums, len(run.eval_rows)), **out}
-
-
-@torch.no_grad()
-def benchmark_scores(run: Run) -> dict[str, float]:
-    """Greedy answers to eval.benchmarks, each rank its share (from gathered weights under ZeRO-3)."""
-    from base_model.generate import SamplingParams, generate
-
-    mine = run.bench_prompts[distributed.rank() :: distributed.world_size()]
-    run.engine.eval()
-    model = generation.whole_model(run.engine)
-    tok = run.tokenizer
-    params = SamplingParams(max_new_tokens=max(b.max_new_tokens for b in run.cfg.eval.benchmarks), temperature=0.0,
-                            stop_token_ids=(tok.im_end_id, tok.eod_id), vocab_limit=len(tok))  # fmt: skip
-    out = generate(model, [ids for _, _, ids in mine], params, pad_id=tok.pad_id) if mine else None
-    run.engine.train()
-    texts = [tok.decode(t[:-1] if r == "stop" else t) for t, r in zip(out.token_ids, out.finish_reasons)] if out else []
-    counts = benchmark_counts(mine, texts)
-    names = {b.name for b in run.cfg.eval.benchmarks}
-    counts = {f"{n}/{k}": counts.get(f"{n}/{k}", 0.0) for n in names for k in ("right", "n")}
-    return benchmark_metrics(distributed.all_reduce_sums(counts))
 
 
 @torch.no_grad()

@@ -118,3 +118,63 @@ def test_resume_with_other_settings_stops_naming_the_difference(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "cannot resume" in out.stderr and "total_steps 4 in the checkpoint, 8 now" in out.stderr
     assert "micro_batch_size 2 in the checkpoint, 1 now" in out.stderr
+
+
+def write_two_stage_config(tmp_path, out_dir):
+    """The tiny recipe in two stages (general chat, then the same data with another rate and the Qwen mask), with
+    GSM8K and MBPP rows answered at every evaluation."""
+    import yaml
+
+    cfg = yaml.safe_load(open(TINY))
+    cfg.update(out_dir=str(out_dir))
+    cfg["data"]["train"] = str(ROOT / "examples/data/sft_tiny.jsonl")
+    cfg["train"].update(max_steps=8, save_every=4, log_every=1, eval_every=4)
+    cfg["eval"] = {"benchmarks": [
+        {"name": "gsm8k", "data": str(ROOT / "tests/fixtures/public_rows/gsm8k_train_rows.jsonl"), "max_new_tokens": 8},
+        {"name": "mbpp", "data": str(ROOT / "tests/fixtures/public_rows/mbpp_rows.jsonl"), "max_new_tokens": 8},
+    ]}  # fmt: skip
+    cfg["stages"] = [
+        {"name": "general", "optim": {"lr": 3.0e-3}},
+        {"name": "code", "data": {"mask_mode": "qwen"}, "optim": {"lr": 1.0e-3, "warmup_steps": 2}, "train": {"max_steps": 30, "save_every": 10}},
+    ]  # fmt: skip
+    path = tmp_path / f"{out_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_two_stage_run_killed_in_its_second_stage_resumes_exactly(tmp_path):
+    full_cfg = write_two_stage_config(tmp_path, tmp_path / "full")
+    align("sft", full_cfg)
+    stage1, stage2 = tmp_path / "full/stages/1-general", tmp_path / "full/stages/2-code"
+    assert sorted(losses(stage1)) == list(range(1, 9)) and sorted(losses(stage2)) == list(range(1, 31))
+    import yaml
+
+    resolved = yaml.safe_load((stage2 / "config.yaml").read_text())
+    assert resolved["model"]["init"] == str(stage1 / "final") and resolved["data"]["mask_mode"] == "qwen"
+    assert resolved["optim"]["lr"] == 1.0e-3 and resolved["train"]["save_every"] == 10
+    assert (tmp_path / "full/final/model.safetensors").exists()  # links to the last stage's weights
+    bench = [r for r in read_metrics(stage1) if "eval/bench/gsm8k" in r]
+    assert [r["step"] for r in bench] == [0, 4, 8] and all("eval/bench/mbpp" in r for r in bench)
+
+    killed_cfg = write_two_stage_config(tmp_path, tmp_path / "killed")
+    killed_at = kill_after_first_checkpoint(["sft", killed_cfg], tmp_path / "killed/stages/2-code", ENV)
+    assert 10 <= killed_at < 30
+    stage1_rows = len(read_metrics(tmp_path / "killed/stages/1-general"))
+    out = align("sft", killed_cfg, "resume=true")
+    assert "stage 1/2 'general': done, skipped" in out.stdout
+    assert len(read_metrics(tmp_path / "killed/stages/1-general")) == stage1_rows  # not run again
+    full, resumed = losses(stage2), losses(tmp_path / "killed/stages/2-code")
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(1, 31):
+        assert abs(full[step] - resumed[step]) < 1e-6, (step, full[step], resumed[step])
+
+
+def test_a_bad_stage_is_named_before_anything_runs(tmp_path):
+    from align.core.config import ConfigError, load_config
+    from sft.train import SFTConfig, stage_configs
+
+    cfg = load_config(SFTConfig, TINY, [f"out_dir={tmp_path}"])
+    cfg.stages = [SFTConfig.model_fields["stages"].annotation.__args__[0](name="a", optim={"lr": "fast"})]
+    with pytest.raises(ConfigError, match=r"stages\[0\] \(a\).*optim.lr"):
+        stage_configs(cfg)

@@ -11,7 +11,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     evaluate(
         args.bench,
-        str(args.data),
+        str(args.data) if args.data else None,
         args.out,
         model=str(args.model) if args.model else None,
         endpoint=args.endpoint,
@@ -20,13 +20,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         limit=args.limit,
+        reference_answers=args.reference_answers,
+        timeout_s=args.timeout,
     )
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="maths benchmarks (gsm8k | math) on a checkpoint or an OpenAI-compatible endpoint")
-    p.add_argument("bench", choices=["gsm8k", "math"])
-    p.add_argument("--data", type=Path, required=True, help="the benchmark's rows (GSM8K or MATH layout, JSONL)")
+    from align.eval.harness import BENCHMARKS
+
+    p = sub.add_parser(
+        "eval", help="maths and code benchmarks (gsm8k | math | humaneval | mbpp) on a checkpoint or an endpoint"
+    )
+    p.add_argument("bench", choices=BENCHMARKS)
+    p.add_argument(
+        "--data", type=Path, default=None, help="the benchmark's rows, JSONL in its layout (HumanEval: the package's)"
+    )
     p.add_argument("--out", type=Path, required=True, help="results.jsonl, summary.json, report.html (resumable)")
     p.add_argument("--model", type=Path, default=None, help="a checkpoint folder (our native engine)")
     p.add_argument("--endpoint", default=None, help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
@@ -35,4 +43,10 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="the first N items only")
+    p.add_argument("--timeout", type=float, default=10.0, help="CPU seconds per program (code benchmarks)")
+    p.add_argument(
+        "--reference-answers",
+        action="store_true",
+        help="score the benchmark's own solutions (a check of the harness: all should be right)",
+    )
     p.set_defaults(func=cmd_eval)

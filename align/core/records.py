@@ -25,17 +25,27 @@ def iter_records(path: str | Path, on_bad_line: Callable[[str], None] | None = N
         yield from _iter_datasets(path)
     elif path.suffix == ".parquet":
         yield from _iter_parquet(path)
-    elif path.suffix in (".jsonl", ".json"):
+    elif path.suffix in (".jsonl", ".json") or path.suffixes[-2:] in ([".jsonl", ".gz"], [".json", ".gz"]):
         yield from _iter_json(path, on_bad_line)
     else:
-        raise DataError(f"{path}: unknown format (expected .jsonl, .json, .parquet or a datasets folder)")
+        raise DataError(
+            f"{path}: unknown format (expected .jsonl, .json (either may be gzipped), .parquet or a datasets folder)"
+        )
 
 
 def _iter_json(path: Path, on_bad_line: Callable[[str], None] | None) -> Iterator[tuple[str, dict]]:
-    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".gz":
+        import gzip
+
+        try:
+            text = gzip.decompress(path.read_bytes()).decode("utf-8")
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: not a readable gzip file ({e})") from None
+    else:
+        text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise DataError(f"{path}: file is empty")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if ".json" in path.suffixes[-2:] and ".jsonl" not in path.suffixes[-2:] and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:

@@ -137,3 +137,28 @@ def truncate_eval_samples(out_dir: Path, step: int) -> None:
     keep = [l for l in lines if l.strip() and json.loads(l)["step"] <= step]
     if len(keep) != len(lines):
         write_text_atomic(path, "".join(keep))
+
+
+@torch.no_grad()
+def benchmark_scores(engine, tokenizer, bench_prompts: list, benchmarks: list) -> dict[str, float]:
+    """Greedy answers to `eval.benchmarks` from the engine's current weights (gathered from the shards under
+    ZeRO-3), each rank its share of `bench_prompts` (`align.eval.harness.benchmark_prompts`); the share answered
+    right per benchmark, summed over ranks."""
+    from align.eval.harness import benchmark_counts, benchmark_metrics
+
+    mine = bench_prompts[distributed.rank() :: distributed.world_size()]
+    engine.eval()
+    model = whole_model(engine)
+    params = SamplingParams(max_new_tokens=max(b.max_new_tokens for b in benchmarks), temperature=0.0,
+                            stop_token_ids=(tokenizer.im_end_id, tokenizer.eod_id), vocab_limit=len(tokenizer))  # fmt: skip
+    out = generate(model, [ids for _, _, ids in mine], params, pad_id=tokenizer.pad_id) if mine else None
+    engine.train()
+    texts = (
+        [tokenizer.decode(t[:-1] if r == "stop" else t) for t, r in zip(out.token_ids, out.finish_reasons)]
+        if out
+        else []
+    )
+    counts = benchmark_counts(mine, texts)
+    names = {b.name for b in benchmarks}
+    counts = {f"{n}/{k}": counts.get(f"{n}/{k}", 0.0) for n in names for k in ("right", "n")}
+    return benchmark_metrics(distributed.all_reduce_sums(counts))

