@@ -79,7 +79,7 @@ def test_extract_code(text, code):
 def test_mbpp_real_rows(tmp_path):
     items = read_items(str(MBPP), "mbpp")
     assert [it["id"] for it in items] == ["11", "12"] and items[0]["entry_point"] == "remove_Occ"
-    assert "assert remove_Occ(\"hello\",\"l\") == \"heo\"" in items[0]["question"]
+    assert 'assert remove_Occ("hello","l") == "heo"' in items[0]["question"]
     assert evaluate("mbpp", str(MBPP), tmp_path / "ref", reference_answers=True, **quiet)["accuracy"] == 1.0
 
     def answers(batch, ids):  # right for the matrix, wrong for the characters

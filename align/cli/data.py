@@ -8,11 +8,33 @@ from pathlib import Path
 
 def cmd_data_pack(args: argparse.Namespace) -> None:
     from base_model import QwenTokenizer
-    from base_model.pretrain.packing import pack
+    from base_model.pretrain.packing import pack, pack_mix
 
-    index = pack(
-        args.input, args.output, QwenTokenizer.load(args.tokenizer), args.seq_len, args.text_field, str(args.tokenizer)
-    )
+    tokenizer = QwenTokenizer.load(args.tokenizer)
+    if args.mix:
+        from tqdm import tqdm
+
+        sources = []
+        for item in args.mix:
+            path, sep, weight = item.rpartition(":")
+            try:
+                sources.append((path, float(weight)))
+            except ValueError:
+                raise SystemExit(f"error: --mix {item!r}: expected FILE:WEIGHT, e.g. code.jsonl:0.9") from None
+            if not sep:
+                raise SystemExit(f"error: --mix {item!r}: expected FILE:WEIGHT, e.g. code.jsonl:0.9")
+        with tqdm(desc="tokenise", unit="doc") as bar:
+            index = pack_mix(sources, args.output, tokenizer, args.seq_len, args.text_field, str(args.tokenizer),
+                             args.tokens, args.decontaminate_against, args.ngram, args.seed, bar.update)  # fmt: skip
+        for s in index["mix"]:
+            print(
+                f"  {s['source']}: weight {s['weight']:.3f}, share {s['share']:.4f} ({s['tokens_packed']} tokens, "
+                f"{s['passes']} pass(es)), {s['contaminated_dropped']} contaminated documents dropped"
+            )
+    elif args.input:
+        index = pack(args.input, args.output, tokenizer, args.seq_len, args.text_field, str(args.tokenizer))
+    else:
+        raise SystemExit("error: align data pack needs --input FILE … or --mix FILE:WEIGHT …")
     print(
         f"packed {index['n_docs']} documents ({index['n_tokens']} tokens) into {index['n_rows']} rows of "
         f"{index['seq_len']} at {args.output}"
@@ -34,6 +56,7 @@ def cmd_data_dedup(args: argparse.Namespace) -> None:
             args.num_perm,
             report_path=report_path,
             progress=lambda n: bar.update(n - bar.n),
+            code=args.code,
         )
     print(
         f"{report.documents} documents: kept {report.kept}, dropped {report.exact_dropped} exact and "
@@ -42,6 +65,17 @@ def cmd_data_dedup(args: argparse.Namespace) -> None:
 
 
 def cmd_data_filter(args: argparse.Namespace) -> None:
+    if args.classifier:
+        from base_model.pretrain.classifier import classify_documents
+
+        counts = classify_documents(
+            args.input, args.output, args.classifier, args.min_score, args.max_score, args.text_field, args.rejected
+        )
+        print(
+            f"kept {counts['kept']} documents; dropped {counts['below_min_score']} below --min-score and "
+            f"{counts['above_max_score']} above --max-score"
+        )
+        return
     from align.core.config import load_config
     from base_model.pretrain.quality import QualityRules, filter_documents
 
@@ -56,6 +90,22 @@ def cmd_data_filter(args: argparse.Namespace) -> None:
     kept = counts.pop("kept", 0)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1]))
     print(f"kept {kept} documents; dropped {sum(counts.values())}" + (f" ({reasons})" if reasons else ""))
+
+
+def cmd_data_train_classifier(args: argparse.Namespace) -> None:
+    from base_model.pretrain.classifier import train_classifier
+
+    card = train_classifier(args.positive, args.negative, args.out, args.text_field, args.heldout, args.seed)
+    h = card["heldout"]
+    print(
+        f"trained on {card['documents']['positive']} positive and {card['documents']['negative']} negative documents; "
+        f"held out {h['documents']}: precision {h['precision']:.3f}, recall {h['recall']:.3f}, F1 {h['f1']:.3f}, "
+        f"ROC AUC {h['roc_auc']:.3f} at 0.5"
+    )
+    print("threshold  precision  recall")
+    for row in h["at_thresholds"]:
+        print(f"{row['threshold']:>9.1f}  {row['precision']:>9.3f}  {row['recall']:>6.3f}")
+    print(f"wrote {args.out} and {args.out}.json")
 
 
 def cmd_data_decontaminate(args: argparse.Namespace) -> None:
@@ -216,13 +266,26 @@ def _add_data_commands(data_sub) -> None:
     q.set_defaults(func=cmd_data_inspect)
     q = data_sub.add_parser("dedup", help="exact and MinHash-LSH near-duplicate removal")
     q.add_argument("--input", nargs="+", required=True, type=Path)
+    q.add_argument(
+        "--code", action="store_true", help="source files: shingles of code tokens, comments and layout ignored"
+    )
     q.add_argument("--output", required=True, type=Path, help=".jsonl or .parquet")
     q.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
     q.add_argument("--text-field", default="text")
     q.add_argument("--num-perm", type=int, default=128)
     q.add_argument("--report", type=Path, default=None, help="clusters removed (default: beside the output)")
     q.set_defaults(func=cmd_data_dedup)
-    q = data_sub.add_parser("filter", help="Gopher-style rules and reference-model perplexity")
+    q = data_sub.add_parser(
+        "train-classifier", help="a linear quality (or offensive-content) classifier over hashed n-grams"
+    )
+    q.add_argument("--positive", nargs="+", required=True, type=Path, help="documents of the class to score high")
+    q.add_argument("--negative", nargs="+", required=True, type=Path, help="documents of the other class")
+    q.add_argument("--out", required=True, type=Path, help="the model (joblib), with OUT.json: held-out figures")
+    q.add_argument("--heldout", type=float, default=0.2, help="share of each class held out for the figures")
+    q.add_argument("--text-field", default="text")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_data_train_classifier)
+    q = data_sub.add_parser("filter", help="Gopher-style rules and reference-model perplexity, or a classifier")
     q.add_argument("--input", nargs="+", required=True, type=Path)
     q.add_argument("--output", required=True, type=Path)
     q.add_argument("--rejected", type=Path, default=None, help="also write dropped documents with their scores")
@@ -230,6 +293,9 @@ def _add_data_commands(data_sub) -> None:
     q.add_argument("--model", type=Path, default=None, help="reference model for perplexity")
     q.add_argument("--banned-words", type=Path, default=None, help="one word or phrase per line")
     q.add_argument("--text-field", default="text")
+    q.add_argument("--classifier", type=Path, default=None, help="a model from `align data train-classifier`")
+    q.add_argument("--min-score", type=float, default=None, help="--classifier: keep documents scoring at least X")
+    q.add_argument("--max-score", type=float, default=None, help="--classifier: keep documents scoring at most X")
     q.add_argument("overrides", nargs="*", help="rule overrides, e.g. min_words=20 max_perplexity=500")
     q.set_defaults(func=cmd_data_filter)
     q = data_sub.add_parser("decontaminate", help="drop documents sharing an n-gram with evaluation items")
@@ -243,11 +309,29 @@ def _add_data_commands(data_sub) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="pretraining data: pack | dedup | filter | decontaminate")
-    data_sub = p.add_subparsers(dest="data_command", metavar="inspect|pack|dedup|filter|decontaminate")
+    p = sub.add_parser("data", help="pretraining data: pack | dedup | filter | train-classifier | decontaminate")
+    data_sub = p.add_subparsers(
+        dest="data_command", metavar="inspect|convert|pack|dedup|filter|train-classifier|decontaminate"
+    )
     data_sub.required = True
     q = data_sub.add_parser("pack", help="tokenise and pack documents into fixed-length rows")
-    q.add_argument("--input", nargs="+", required=True, type=Path, help="JSONL or Parquet files")
+    q.add_argument("--input", nargs="+", type=Path, help="JSONL or Parquet files, packed in order")
+    q.add_argument(
+        "--mix",
+        nargs="+",
+        metavar="FILE:WEIGHT",
+        help="sources mixed by their weight's share of the tokens (instruction rows with 'messages' as ChatML)",
+    )
+    q.add_argument("--tokens", type=int, default=None, help="--mix: total tokens (default: no source repeated)")
+    q.add_argument(
+        "--decontaminate-against",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="--mix: drop documents sharing an n-gram with these benchmark files (HumanEval's .jsonl.gz works)",
+    )
+    q.add_argument("--ngram", type=int, default=13)
+    q.add_argument("--seed", type=int, default=0)
     q.add_argument("--output", required=True, type=Path, help="packed folder")
     q.add_argument("--tokenizer", default="cl100k_base", help="'cl100k_base', 'bytes', a ranks file or checkpoint")
     q.add_argument("--seq-len", type=int, default=2048)

@@ -18,6 +18,11 @@ from base_model.atomic import write_json_atomic, write_jsonl_atomic
 _TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)
 
 
+# the fields of evaluation items: generic ones, GSM8K, MATH, HumanEval and MBPP
+FIELDS = ("text", "question", "prompt", "answer", "input", "output", "problem", "solution", "canonical_solution",
+          "code", "test_list")  # fmt: skip
+
+
 def units(text: str) -> list[str]:
     return _TOKEN.findall(unicodedata.normalize("NFKC", text).lower())
 
@@ -41,7 +46,7 @@ def _eval_text(record: dict, fields: tuple[str, ...]) -> str:
 def build_index(
     eval_files: list[str | Path],
     n: int,
-    fields: tuple[str, ...] = ("text", "question", "prompt", "answer", "input", "output"),
+    fields: tuple[str, ...] = FIELDS,
 ) -> dict[bytes, str]:
     """n-gram key → the evaluation item (`file:line`) it came from."""
     index: dict[bytes, str] = {}

@@ -2,7 +2,9 @@
 
 Exact duplicates by a hash of the normalised text; near duplicates by MinHash (datasketch) and LSH banding at a
 Jaccard threshold. Shingles are word 5-grams for space-separated text and character 5-grams for text that is
-mostly CJK. Memory stays bounded on corpora larger than RAM: documents stream through once to compute signatures
+mostly CJK; with `code=True`, 5-grams of code tokens (identifiers, numbers, strings, operators) with comments and
+layout dropped, so copies of a file that differ in formatting, comments or licence headers across repositories are
+found (and exact duplicates are judged on those tokens too). Memory stays bounded on corpora larger than RAM: documents stream through once to compute signatures
 (kept in a memory-mapped file) and band keys (written to bucket shards on disk); each shard is then grouped on its
 own; a second stream writes the kept documents. A report names, for every cluster, the document kept, those
 dropped and why.
@@ -53,6 +55,27 @@ def shingles(text: str, n: int = 5) -> set[bytes]:
     return {joiner.join(units[i : i + n]).encode() for i in range(len(units) - n + 1)}
 
 
+# one pass, strings before comments (so "a//b" stays a string) and comments before operators
+_CODE = re.compile(
+    r"(?P<s>\"(?:\\.|[^\"\\\n])*\"|'(?:\\.|[^'\\\n])*')"
+    r"|(?P<c>/\*.*?\*/|//[^\n]*|#[^\n]*)"
+    r"|(?P<t>[A-Za-z_$][\w$]*|\d[\w.]*|==|!=|<=|>=|->|=>|&&|\|\||::|\+=|-=|\S)",
+    re.S,
+)
+
+
+def code_tokens(text: str) -> list[str]:
+    """The tokens of source code in any C-, Python- or shell-like language, comments dropped."""
+    return [m.group() for m in _CODE.finditer(text) if m.lastgroup != "c"]
+
+
+def code_shingles(text: str, n: int = 5) -> set[bytes]:
+    toks = code_tokens(text)
+    if len(toks) <= n:
+        return {"\x1f".join(toks).encode()}
+    return {"\x1f".join(toks[i : i + n]).encode() for i in range(len(toks) - n + 1)}
+
+
 @dataclass
 class DedupReport:
     documents: int
@@ -89,12 +112,13 @@ def dedup(
     n_shards: int = 64,
     report_path: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
+    code: bool = False,
 ) -> DedupReport:
     output = Path(output)
     bands, rows = _optimal_param(threshold, num_perm, 0.5, 0.5)
     work = Path(tempfile.mkdtemp(prefix="dedup-"))
     try:
-        n, exact_of, sig_path = _signatures(inputs, text_field, num_perm, bands, rows, n_shards, work, progress)
+        n, exact_of, sig_path = _signatures(inputs, text_field, num_perm, bands, rows, n_shards, work, progress, code)
         sigs = np.memmap(sig_path, dtype=np.uint32, mode="r", shape=(n, num_perm))
         uf = _UnionFind(n)
         for doc, first in exact_of.items():
@@ -119,7 +143,7 @@ def dedup(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _signatures(inputs, text_field, num_perm, bands, rows, n_shards, work: Path, progress):
+def _signatures(inputs, text_field, num_perm, bands, rows, n_shards, work: Path, progress, code: bool = False):
     """Stream documents once: exact hashes, MinHash signatures to a file, band keys to bucket shards."""
     seen_exact: dict[bytes, int] = {}
     exact_of: dict[int, int] = {}
@@ -128,13 +152,14 @@ def _signatures(inputs, text_field, num_perm, bands, rows, n_shards, work: Path,
     n = 0
     with sig_path.open("wb") as sig_file:
         for where, record, text in iter_documents(inputs, text_field):
-            digest = hashlib.blake2b(normalise(text).encode(), digest_size=16).digest()
+            key = "\x1f".join(code_tokens(text)) if code else normalise(text)
+            digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
             if digest in seen_exact:
                 exact_of[n] = seen_exact[digest]
             else:
                 seen_exact[digest] = n
             m = MinHash(num_perm=num_perm, seed=1)
-            m.update_batch(list(shingles(text)))
+            m.update_batch(list(code_shingles(text) if code else shingles(text)))
             hv = m.hashvalues.astype(np.uint32)
             hv.tofile(sig_file)
             for b in range(bands):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from align.core.losses import IGNORE_INDEX
-from align.core.records import DataError, iter_documents
+from align.core.records import DataError, iter_documents, iter_records
 from base_model.atomic import atomic_folder, write_json_atomic
 
 INDEX, TOKENS = "index.json", "tokens.bin"
@@ -119,3 +119,125 @@ def split_rows(n_rows: int, eval_rows: int, seed: int) -> tuple[list[int], list[
     order = list(range(n_rows))
     random.Random(seed).shuffle(order)
     return sorted(order[eval_rows:]), sorted(order[:eval_rows])
+
+
+def _document_ids(record: dict, where: str, tokenizer, text_field: str) -> list[int]:
+    """A document's ids: its text field, or (instruction data) its `messages` rendered as ChatML."""
+    text = record.get(text_field)
+    if isinstance(text, str):
+        return tokenizer.encode(text)
+    if isinstance(record.get("messages"), list):
+        from align.core.chatml import render
+        from align.core.records import as_messages
+
+        return render(as_messages(record["messages"], where, "messages"), tokenizer)
+    raise DataError(f"{where}: field '{text_field}' (or 'messages') is missing or not a string")
+
+
+def pack_mix(
+    sources: list[tuple[str | Path, float]],
+    out_dir: str | Path,
+    tokenizer,
+    seq_len: int,
+    text_field: str = "text",
+    tokenizer_name: str = "",
+    total_tokens: int | None = None,
+    decontaminate_against: list[str | Path] | None = None,
+    ngram: int = 13,
+    seed: int = 0,
+    progress=None,
+) -> dict:
+    """Pack several sources so that each makes up its weight's share of the tokens (e.g. code 0.9, instruction data
+    0.1). `total_tokens` (default: as many as the sources give without repeating any) sets the size; a source
+    smaller than its share is repeated, in a new shuffled order each pass, and the index says how many passes each
+    took. Documents are interleaved by deficit (the source furthest below its share comes next), so every prefix
+    of the output keeps the proportions to within one document. With `decontaminate_against`, documents sharing an
+    `ngram`-gram with an evaluation item are dropped first (counted per source)."""
+    from base_model.pretrain.decontam import build_index, ngram_keys
+
+    if not sources:
+        raise DataError("--mix: no sources")
+    weights = np.array([float(w) for _, w in sources])
+    if (weights <= 0).any():
+        raise DataError(f"--mix: weights must be positive, got {[w for _, w in sources]}")
+    weights = weights / weights.sum()
+    index_keys = build_index(decontaminate_against, ngram) if decontaminate_against else None
+    eod = tokenizer.eod_id
+    docs: list[list[np.ndarray]] = []
+    stats = []
+    for path, _ in sources:
+        kept, dropped = [], 0
+        for where, record in iter_records(path):
+            text = record.get(text_field) if isinstance(record.get(text_field), str) else None
+            if index_keys is not None:
+                check = (
+                    text
+                    if text is not None
+                    else " ".join(str(m.get("content", "")) for m in record.get("messages") or [])
+                )
+                if any(k in index_keys for k in ngram_keys(check, ngram)):
+                    dropped += 1
+                    continue
+            kept.append(np.asarray(_document_ids(record, where, tokenizer, text_field) + [eod], dtype=np.uint32))
+            if progress:
+                progress(1)
+        if not kept:
+            raise DataError(f"{path}: no documents left" + (f" ({dropped} contaminated)" if dropped else ""))
+        docs.append(kept)
+        stats.append({"source": str(path), "documents": len(kept), "tokens": int(sum(len(d) for d in kept)),
+                      "contaminated_dropped": dropped})  # fmt: skip
+    available = np.array([s["tokens"] for s in stats], dtype=np.float64)
+    total = int(total_tokens) if total_tokens else int((available / weights).min())
+    targets = weights * total
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(len(d)) for d in docs]
+    cursor = [0] * len(docs)
+    passes = [1] * len(docs)
+    taken = np.zeros(len(docs))
+    out_dir = Path(out_dir)
+    n_docs = n_tokens = n_rows = 0
+    with atomic_folder(out_dir) as tmp:
+        with (tmp / TOKENS).open("wb") as f:
+            buffer: list[np.ndarray] = []
+            buffered = 0
+            while True:
+                deficit = targets - taken
+                i = int(np.argmax(deficit / weights))
+                if deficit[i] <= 0:
+                    break
+                if cursor[i] == len(docs[i]):  # this source is used up: another pass in a new order
+                    orders[i], cursor[i] = rng.permutation(len(docs[i])), 0
+                    passes[i] += 1
+                doc = docs[i][orders[i][cursor[i]]]
+                cursor[i] += 1
+                taken[i] += len(doc)
+                n_docs += 1
+                n_tokens += len(doc)
+                buffer.append(doc)
+                buffered += len(doc)
+                if buffered >= seq_len:
+                    flat = np.concatenate(buffer)
+                    full = len(flat) // seq_len
+                    flat[: full * seq_len].tofile(f)
+                    n_rows += full
+                    buffer, buffered = [flat[full * seq_len :]], len(flat) - full * seq_len
+            if buffered:
+                flat = np.concatenate(buffer)
+                np.concatenate([flat, np.full(seq_len - len(flat), eod, dtype=np.uint32)]).tofile(f)
+                n_rows += 1
+        for s, t, w, p in zip(stats, taken, weights, passes):
+            s.update(weight=float(w), tokens_packed=int(t), share=float(t / max(n_tokens, 1)), passes=p)
+        index = {
+            "seq_len": seq_len,
+            "n_rows": n_rows,
+            "n_docs": n_docs,
+            "n_tokens": n_tokens,
+            "eod_id": eod,
+            "dtype": "uint32",
+            "tokenizer": tokenizer_name,
+            "sources": [str(p) for p, _ in sources],
+            "mix": stats,
+            "decontaminated_against": [str(p) for p in decontaminate_against or []],
+        }
+        write_json_atomic(tmp / INDEX, index)
+    return index
