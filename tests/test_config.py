@@ -85,3 +85,21 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 def test_unmapped_config_folder_is_an_error(tmp_path):
     with pytest.raises(KeyError):
         config_type_for(ROOT / "configs" / "nonexistent" / "x.yaml")
+
+
+def test_every_stage_of_a_shipped_multi_stage_config_validates():
+    from sft.train import SFTConfig, stage_configs
+
+    staged = [p for p in SHIPPED if p.parent.name == "sft" and "stages:" in p.read_text()]
+    assert staged, "a shipped multi-stage SFT config"
+    for path in staged:
+        stages = stage_configs(load_config(SFTConfig, path))
+        assert len(stages) >= 2 and stages[1].model.init.endswith("final")
+
+
+def test_a_benchmark_other_than_humaneval_needs_its_data():
+    from align.eval.harness import BenchmarkConfig
+
+    assert BenchmarkConfig(name="humaneval").data is None
+    with pytest.raises(ValueError, match="needs `data`"):
+        BenchmarkConfig(name="mbpp")

@@ -31,6 +31,12 @@ ELSEWHERE = {  # command -> the test that runs it
     "align eval gsm8k --model runs/ppo-tiny/final/policy --data gsm8k_test.jsonl --out runs/eval-gsm8k": "tests/test_eval_harness.py (real GSM8K rows; a checkpoint and an endpoint)",
     "align eval math --endpoint http://localhost:8000/v1 --endpoint-model Qwen-7B-Chat --data math_test.jsonl "
     "--out runs/eval-math --samples 4": "tests/test_eval_harness.py (an endpoint; MATH's layout)",
+    "align eval humaneval --model runs/sft-tiny/final --out runs/eval-humaneval --samples 10": "tests/test_eval_code.py"
+    "::test_a_tiny_checkpoint_answers_all_164_problems (greedy; sampling as in tests/test_eval_harness.py)",
+    "align eval mbpp --endpoint http://localhost:8000/v1 --data mbpp_test.jsonl --out runs/eval-mbpp": "tests/test_eval_"
+    "code.py::test_mbpp_real_rows (real MBPP rows; endpoints as in tests/test_eval_harness.py)",
+    "align eval humaneval --reference-answers --out runs/eval-humaneval-check": "tests/test_eval_code.py::test_"
+    "humaneval_canonical_solutions_all_pass",
     "align sweep configs/sweeps/ppo-methods.yaml": "tests/test_ppo_train.py::test_sweep_over_a_ppo_config_runs_in_"
     "parallel_and_resumes_after_a_kill (a PPO config made in the test, 4 trials)",
 }
@@ -93,6 +99,13 @@ def make_inputs(folder: Path) -> None:
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
 
     jsonl("raw.jsonl", rows)
+    jsonl("code.jsonl", [{"text": f"def f{i}(x):\n    # v{i}\n    return x * {i} + {i * i}\n"} for i in range(20)]
+          + [{"text": "# Copyright 2020\ndef f3(x):\n  return x * 3 + 9\n"}])  # fmt: skip
+    jsonl("instructions.jsonl", [{"messages": [{"role": "user", "content": f"Sum {i} and {i}."},
+                                               {"role": "assistant", "content": str(2 * i)}]} for i in range(10)])  # fmt: skip
+    jsonl("good.jsonl", [{"text": d} for d in docs])
+    jsonl("junk.jsonl", [{"text": " ".join(rng.choice(["buy", "now", "free", "click", "$$$"]) for _ in range(30))}
+                         for _ in range(30)])  # fmt: skip
     jsonl("eval/bench.jsonl", [{"text": docs[3]}])  # a leaked evaluation item: decontamination drops it
     jsonl("zh.jsonl", [{"text": "今天天气很好，我们去公园散步。" * (i % 5 + 1)} for i in range(40)])
     jsonl(

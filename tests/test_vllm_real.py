@@ -95,3 +95,37 @@ def test_the_calls_the_adapter_makes_match_vllm():
     from vllm.v1.engine import FinishReason
 
     assert [str(r) for r in FinishReason] == ["stop", "length", "abort", "error", "repetition"]
+
+
+def test_align_eval_answers_through_vllm_with_its_real_sampling_params(tmp_path):
+    """`align eval --engine vllm`: the in-process answerer builds vLLM's real SamplingParams (greedy for one sample,
+    seeded sampling for several), sends our token ids and decodes what comes back with our tokenizer. The engine
+    itself cannot start here, so a stand-in `LLM` records the call and answers."""
+    from types import SimpleNamespace
+
+    from align.eval.harness import EngineAnswerer, evaluate
+    from base_model import QwenTokenizer
+
+    tok = QwenTokenizer.from_bytes()
+    tok.save(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"vocab_size": len(tok) + 10}))
+    calls = []
+
+    class RecordingLLM:
+        def generate(self, prompts, sampling_params, use_tqdm):
+            calls.append((prompts, sampling_params))
+            answer = tok.encode("The answer is 72.") + [tok.im_end_id]
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=answer, logprobs=[{t: SimpleNamespace(
+                logprob=0.0)} for t in answer], finish_reason="stop")]) for _ in prompts]  # fmt: skip
+
+    answerer = EngineAnswerer.vllm(str(tmp_path / "model"), 32, samples=2, llm=RecordingLLM(), vllm_module=vllm)
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    gsm8k.write_text(json.dumps({"question": "48 + 24?", "answer": "48 + 24 = 72\n#### 72"}) + "\n")
+    summary = evaluate("gsm8k", str(gsm8k), tmp_path / "out", answerer=answerer, samples=2, log=lambda *_: 0)
+    assert summary["accuracy"] == 1.0 and summary["samples"] == 2
+    prompts, params = calls[0]
+    assert all(isinstance(p, vllm.SamplingParams) for p in params) and len(params) == len(prompts) == 2
+    assert prompts[0]["prompt_token_ids"][:1] == [tok.im_start_id]
+    assert {p.temperature for p in params} == {0.8} and len({p.seed for p in params}) == 2
+    assert params[0].stop_token_ids == [tok.im_end_id, tok.eod_id] and params[0].max_tokens == 32
+    assert min(params[0].logit_bias) == len(tok)  # the padded ids cannot be sampled

@@ -22,6 +22,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         limit=args.limit,
         reference_answers=args.reference_answers,
         timeout_s=args.timeout,
+        engine=args.engine,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 
@@ -37,6 +39,13 @@ def register(sub) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="results.jsonl, summary.json, report.html (resumable)")
     p.add_argument("--model", type=Path, default=None, help="a checkpoint folder (our native engine)")
+    p.add_argument(
+        "--engine",
+        choices=("native", "vllm"),
+        default="native",
+        help="--model: our batched sampler, or vLLM in this process (needs CUDA and the [gpu] extra)",
+    )
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs per model")
     p.add_argument("--endpoint", default=None, help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     p.add_argument("--endpoint-model", default="default", help="the model name sent to the endpoint")
     p.add_argument("--samples", type=int, default=1, help="answers per item (more than 1: sampled, pass@k)")

