@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from align.core.react import call_text, parse_react
+from align.core.react import call_text, parse_react, react_prompt
+from conftest import FIXTURES
 
 TOOLS = [
     {"type": "function", "function": {"name": "calculator", "description": "Evaluates arithmetic.",
@@ -64,3 +65,31 @@ def test_what_would_run_is_checked_strictly(text, error):
 def test_a_tool_without_required_arguments_takes_an_empty_input():
     step = parse_react("Thought: look it up\nAction: search\nAction Input:", TOOLS)
     assert step.action == "search" and step.arguments == {} and step.error is None
+
+
+REACT_REF = FIXTURES / "qwen_react"
+
+
+def test_the_react_prompt_is_qwens_reference_text():
+    """Qwen's own example (examples/react_prompt.md, recorded with its source in tests/fixtures/qwen_react): the
+    prompt for its query and tools, and the prompt after its model's step and the tool's result."""
+    example = json.loads((REACT_REF / "react_prompt_example.json").read_text())
+    reference = (REACT_REF / "react_prompt_reference.txt").read_text()
+    prompt = react_prompt(example["query"], example["tools"])
+    assert prompt == reference
+    step = 'Thought: 我应该使用通义万相API来生成一张五彩斑斓的黑的图片。\nAction: image_gen\nAction Input: {"query": "五彩斑斓的黑"}'
+    parsed = parse_react(step, [{"name": "image_gen", "parameters": {"type": "object"}}])
+    assert (parsed.action, parsed.arguments) == ("image_gen", {"query": "五彩斑斓的黑"})
+    second = (REACT_REF / "react_prompt_second_step_reference.txt").read_text()
+    observation = second[len(prompt + "\n" + step + "\nObservation: ") :]
+    assert prompt + "\n" + step + "\nObservation: " + observation == second and observation.startswith('{"status_code"')
+
+
+def test_openai_functions_become_qwen_plugins():
+    tool = {"type": "function", "function": {"name": "calculator", "description": "Evaluates arithmetic.",
+            "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}}  # fmt: skip
+    prompt = react_prompt("What is 2+3?", [tool])
+    assert prompt.startswith("Answer the following questions as best you can. You have access to the following tools:")
+    assert "calculator: Call this tool to interact with the calculator API. What is the calculator API useful for? " \
+        "Evaluates arithmetic. Parameters: {\"type\": \"object\"" in prompt  # fmt: skip
+    assert prompt.endswith("Question: What is 2+3?") and "should be one of [calculator]" in prompt

@@ -70,6 +70,44 @@ def assistant_text(message: dict, where: str = "message") -> str:
     return "\n".join(parts)
 
 
+# ------------------------------------------------------------------------------ Qwen's text-completion ReAct prompt
+
+# Qwen's `examples/react_prompt.md`, verbatim: the prompt a tool-using agent sends as one user turn.
+REACT_TOOL_DESC = (
+    "{name_for_model}: Call this tool to interact with the {name_for_human} API. What is the {name_for_human} API "
+    "useful for? {description_for_model} Parameters: {parameters} Format the arguments as a JSON object."
+)
+REACT_PROMPT = REACT_INSTRUCTION + "\n\nQuestion: {query}"
+
+
+def qwen_plugin(tool: object, where: str = "tool") -> dict:
+    """A tool in Qwen's plugin form (`name_for_model`, `name_for_human`, `description_for_model`, `parameters`),
+    from that form or from an OpenAI function (name, description, JSON-schema parameters)."""
+    if isinstance(tool, dict) and "name_for_model" in tool:
+        return {"name_for_human": tool.get("name_for_human", tool["name_for_model"]), **tool}
+    f = tool_function(tool, where)
+    return {"name_for_model": f["name"], "name_for_human": f["name"], "description_for_model": f.get("description", ""),
+            "parameters": f.get("parameters", {})}  # fmt: skip
+
+
+def react_prompt(query: str, tools: Sequence[object]) -> str:
+    """Qwen's ReAct prompt for `query` (its `react_prompt.md`, character for character): the tool descriptions,
+    the format, and `Question: {query}`. The model continues it with `Thought:`/`Action:`/`Action Input:` and is
+    stopped at `Observation:`; the caller appends `Observation: {result}` and asks again."""
+    plugins = [qwen_plugin(t, f"tools[{i}]") for i, t in enumerate(tools)]
+    descs = [
+        REACT_TOOL_DESC.format(
+            name_for_model=p["name_for_model"],
+            name_for_human=p["name_for_human"],
+            description_for_model=p["description_for_model"],
+            parameters=json.dumps(p["parameters"], ensure_ascii=False),
+        )
+        for p in plugins
+    ]
+    names = ",".join(p["name_for_model"] for p in plugins)
+    return REACT_PROMPT.format(tool_descs="\n\n".join(descs), tool_names=names, query=query)
+
+
 # ------------------------------------------------------------------------------------------- reading model output
 
 _LABEL = re.compile(r"^[ \t]*(thought|action input|action|final answer|observation)[ \t]*[:：][ \t]*", re.I | re.M)
