@@ -7,6 +7,7 @@ what PPO needs as the behaviour policy's logprob.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ class SamplingParams:
     seed: int | None = None
     row_seeds: list[int] | None = None  # one generator per prompt: samples then do not depend on the batch
     vocab_limit: int | None = None  # ids at or past this (embedding padding beyond the tokenizer) are never chosen
+    stop_strings: tuple[str, ...] = ()  # end a row at the token that completes one of these (needs `decode`)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class GenerationOutput:
     logprobs: list[list[float]]  # one per new token
     finish_reasons: list[str]  # "stop" or "length"
     step_logits: list[torch.Tensor] = field(default_factory=list)  # (B, V) per step, when asked for
+    stop_strings: list[str | None] = field(default_factory=list)  # the stop string that ended each row, if one did
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
@@ -154,14 +157,22 @@ def generate(
     pad_id: int = 0,
     return_logits: bool = False,
     decode: str = "auto",
+    detokenize: Callable[[list[int]], str] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> GenerationOutput:
     """Sample continuations of `prompts` (lists of token ids).
 
     `decode` chooses how tokens after the first are computed: "dynamic" (the cache grows by one key per step; the
     reference, and the CPU's default), "static" (fixed-shape steps over a preallocated cache), "graph" (static
-    steps replayed from a CUDA graph; CUDA's default) — all give the same tokens and logprobs."""
+    steps replayed from a CUDA graph; CUDA's default) — all give the same tokens and logprobs.
+
+    `sampling.stop_strings` end a row at the token whose text completes one of them (that token is the row's last;
+    `detokenize(ids) -> text` reads the text). `on_token(row, token_id)` is called with every new token of every
+    unfinished row as it is chosen (streaming). Both read the tokens on the host every step."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+    if sampling.stop_strings and detokenize is None:
+        raise ValueError("stop_strings need `detokenize` (the tokenizer's decode) to read the text")
     was_training = model.training
     model.eval()
     device = model.device
@@ -192,6 +203,12 @@ def generate(
     stopped = torch.zeros(b, dtype=torch.bool, device=device)
     step_logits: list[torch.Tensor] = []
     check_every = 8 if device.type == "cuda" else 1  # a finished-check is a host synchronisation
+    per_token = bool(sampling.stop_strings) or on_token is not None
+    if per_token:
+        check_every = 1
+    longest_stop = max((len(x.encode()) for x in sampling.stop_strings), default=0)
+    new_tokens: list[list[int]] = [[] for _ in range(b)]
+    stop_string: list[str | None] = [None] * b
     decoder = None
     next_ids = input_ids[:, -1]  # (B,) the token each step feeds in; the first step feeds the whole prompt
 
@@ -230,6 +247,21 @@ def generate(
             out_ids[:, step] = next_ids
             out_logprobs[:, step] = logprobs
             hit = torch.isin(next_ids, stop) & ~finished
+            if per_token:
+                chosen, done = next_ids.tolist(), finished.tolist()
+                for i in range(b):
+                    if done[i]:
+                        continue
+                    new_tokens[i].append(chosen[i])
+                    if on_token is not None:
+                        on_token(i, chosen[i])
+                    if sampling.stop_strings and not bool(hit[i]):
+                        # a token holds at least one byte: the last longest+1 tokens hold any string just completed
+                        tail = detokenize(new_tokens[i][-(longest_stop + 1) :])
+                        found = next((x for x in sampling.stop_strings if x in tail), None)
+                        if found is not None:
+                            stop_string[i] = found
+                            hit[i] = True
             stopped |= hit
             finished |= hit
             steps = step + 1
@@ -245,9 +277,11 @@ def generate(
     for i in range(b):
         ids = all_ids[i]
         n = len(ids)
-        if all_stopped[i]:
+        if all_stopped[i] and stop_string[i] is not None:
+            n = len(new_tokens[i])
+        elif all_stopped[i]:
             n = next(j for j, t in enumerate(ids) if t in stop_set) + 1
         token_ids.append(ids[:n])
         logprobs_out.append(all_logprobs[i][:n])
         reasons.append("stop" if all_stopped[i] else "length")
-    return GenerationOutput(token_ids, logprobs_out, reasons, step_logits)
+    return GenerationOutput(token_ids, logprobs_out, reasons, step_logits, stop_string)

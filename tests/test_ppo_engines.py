@@ -31,7 +31,8 @@ class FakeVLLM:
 
     class SamplingParams:
         def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=16, stop_token_ids=None,
-                     logprobs=None, prompt_logprobs=None, seed=None, detokenize=True, logit_bias=None):  # fmt: skip
+                     logprobs=None, prompt_logprobs=None, seed=None, detokenize=True, logit_bias=None, stop=None,
+                     include_stop_str_in_output=False):  # fmt: skip
             self.__dict__.update(locals())
             del self.__dict__["self"]
 

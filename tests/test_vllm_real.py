@@ -129,3 +129,12 @@ def test_align_eval_answers_through_vllm_with_its_real_sampling_params(tmp_path)
     assert {p.temperature for p in params} == {0.8} and len({p.seed for p in params}) == 2
     assert params[0].stop_token_ids == [tok.im_end_id, tok.eod_id] and params[0].max_tokens == 32
     assert min(params[0].logit_bias) == len(tok)  # the padded ids cannot be sampled
+
+
+def test_stop_strings_reach_vllm_as_its_stop_parameter(engine):
+    """A ReAct step stops at `Observation:`: vLLM matches stop strings on text, so they turn detokenizing on."""
+    params = engine.sampling_params(SamplingParams(max_new_tokens=64, stop_strings=("Observation:",)), 1)[0]
+    assert isinstance(params, vllm.SamplingParams)
+    assert params.stop == ["Observation:"] and params.detokenize and not params.include_stop_str_in_output
+    plain = engine.sampling_params(SamplingParams(max_new_tokens=64), 1)[0]
+    assert not plain.stop and not plain.detokenize

@@ -33,6 +33,7 @@ class NativeEngine:
             model.tie_weights()
         self.model = model
         self.pad_id = pad_id
+        self.detokenize = None  # set to the tokenizer's decode to sample with stop strings
         self._params = dict(self.model.named_parameters())
 
     @classmethod
@@ -40,8 +41,10 @@ class NativeEngine:
         """An engine that samples from `model` itself: the training policy's current weights, always."""
         return cls(model.config, pad_id, model=model)
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
-        out = generate(self.model, prompt_ids, sampling, pad_id=self.pad_id)
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, on_token=None) -> list[Rollout]:
+        """`sampling.stop_strings` need `self.detokenize` (the tokenizer's decode); `on_token(row, id)` streams."""
+        out = generate(self.model, prompt_ids, sampling, pad_id=self.pad_id, detokenize=self.detokenize,
+                       on_token=on_token)  # fmt: skip
         return [Rollout(t, lp, r) for t, lp, r in zip(out.token_ids, out.logprobs, out.finish_reasons)]
 
     @torch.no_grad()

@@ -184,7 +184,10 @@ class VLLMEngine:
                 stop_token_ids=list(sampling.stop_token_ids),
                 logprobs=0,
                 seed=seed,
-                detokenize=False,
+                # stop strings are matched on text: vLLM must detokenize (an engine started with its tokenizer)
+                detokenize=bool(sampling.stop_strings),
+                stop=list(sampling.stop_strings) or None,
+                include_stop_str_in_output=False,
                 logit_bias=bias,
             )
             for seed in seeds
