@@ -18,6 +18,8 @@ TOP = (
     "align.inspect_data",
     "align.world",
     "align.config_types",
+    "align.tools",
+    "align.serve",
 )
 STAGES = ("sft", "rm", "ppo", "labeling_ui", "base_model.pretrain")
 
@@ -66,8 +68,18 @@ def test_every_top_level_module_is_listed():
 def test_evaluation_imports_no_trainer():
     """`align/eval` is what trainers call at their evaluation steps: it may score with reward models (`rm.model`,
     PPO's reward-source scorers) but imports no trainer and nothing of the top."""
-    allowed = ("base_model", "align.core", "align.eval", "rm.model", "rm.data", "ppo.rewards", "ppo.experience")
+    allowed = ("base_model", "align.core", "align.eval", "rm.model", "rm.data", "ppo.rewards", "ppo.experience",
+               "ppo.rollout")  # fmt: skip  # the rollout engines (ours, vLLM) answer benchmarks
     assert not _check("align/eval", allowed), _check("align/eval", allowed)
+
+
+def test_tools_and_server_import_no_training_stage():
+    """The tool runtime, the code interpreter, the agent adapter and the server sit over `base_model`'s generation."""
+    allowed = ("base_model", "align.core", "align.tools", "align.serve")
+    bad = _check("align/tools", allowed)
+    if (ROOT / "align" / "serve.py").exists():
+        bad += [b for b in _check("align", allowed) if b.startswith("align/serve.py")]
+    assert not bad, bad
 
 
 def test_labelling_app_imports_no_training_stage():

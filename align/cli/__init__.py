@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from align.cli import data, evaluate, label, model, runs, stages
+from align.cli import data, evaluate, label, model, runs, stages, tools
 from align.core.config import ConfigError
 
-GROUPS = (model, stages, data, label, runs, evaluate)
+GROUPS = (model, stages, data, label, runs, evaluate, tools)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -263,8 +263,9 @@ def _enter(spec: dict) -> dict:
         applied["pids_cgroup"] = _join_pids_cgroup(spec["processes"] + 2)
     pid = os.fork()
     if pid:  # the launcher: the init of the new PID namespace is its child; its end ends the namespace
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda *_: (os.kill(pid, signal.SIGKILL), os._exit(137)))
+        signal.signal(signal.SIGINT, lambda *_: os.kill(pid, signal.SIGINT))  # an interrupt, for the code to handle
         _, status = os.waitpid(pid, 0)
         os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
     _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -317,6 +318,47 @@ def _probe() -> None:
         os._exit(0)
 
 
+def sandbox_env(work: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(work),
+        "TMPDIR": str(work),
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0",
+        "MPLBACKEND": "Agg",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        **(extra or {}),
+    }
+
+
+def give_to_sandbox(work: Path) -> None:
+    """Where the code will run as nobody (root with a world-readable interpreter), its directory must be its own."""
+    if os.geteuid() == 0 and _readable_by_nobody(sys.executable):
+        for p in [work, *work.rglob("*")]:
+            os.chown(p, NOBODY, NOBODY)
+
+
+def start_process(
+    argv: list[str], limits: Limits, work: Path, env: dict[str, str] | None = None, **popen
+) -> subprocess.Popen:
+    """Start `python -I ARGV` in the sandbox, in `work`, through the launcher (see the module docstring). The caller
+    waits for it; killing its process group (it leads a new session) ends everything it started."""
+    give_to_sandbox(work)
+    env = env or sandbox_env(work)
+    spec = {**asdict(limits), "workdir": str(work), "read_only": _read_only_paths(), "env": env}
+    spec["argv"], spec["require"] = list(argv), list(limits.require)
+    return subprocess.Popen(
+        [sys.executable, "-I", __file__, "--launch", json.dumps(spec)],
+        stdin=popen.pop("stdin", subprocess.DEVNULL),
+        start_new_session=True,
+        cwd=str(work),
+        env=env,
+        **popen,
+    )
+
+
 def run_python(
     code: str,
     limits: Limits | None = None,
@@ -344,33 +386,9 @@ def run_python(
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content.encode() if isinstance(content, str) else content)
         (work / "main.py").write_text(code, encoding="utf-8")
-        if os.geteuid() == 0 and _readable_by_nobody(sys.executable):  # the code runs as nobody: its directory too
-            for p in [work, *work.rglob("*")]:
-                os.chown(p, NOBODY, NOBODY)
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(work),
-            "TMPDIR": str(work),
-            "LANG": "C.UTF-8",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONHASHSEED": "0",
-            "MPLBACKEND": "Agg",
-            "OPENBLAS_NUM_THREADS": "1",
-            "OMP_NUM_THREADS": "1",
-        }
-        spec = {**asdict(limits), "workdir": str(work), "read_only": _read_only_paths(), "env": env}
-        spec["argv"], spec["require"] = ["main.py"], list(limits.require)
         start = time.monotonic()
         with open(logs / "out", "wb") as out, open(logs / "err", "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", __file__, "--launch", json.dumps(spec)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-                cwd=str(work),
-                env=env,
-            )
+            proc = start_process(["main.py"], limits, work, stdout=out, stderr=err)
             timed_out = False
             try:
                 proc.wait(timeout=limits.wall_s)

@@ -168,18 +168,14 @@ class EngineAnswerer:
     ) -> EngineAnswerer:
         """vLLM's `LLM` on this machine's GPUs (its default executor; `llm` replaces it in tests)."""
         from base_model import QwenTokenizer
-        from ppo.rollout.vllm_engine import VLLMEngine, check_version
+        from ppo.rollout.vllm_engine import VLLMEngine
 
-        if vllm_module is None:
-            try:
-                import vllm as vllm_module
-            except ImportError as e:
-                raise DataError("--engine vllm needs vLLM (pip install '.[gpu]'), on a machine with CUDA") from e
-        check_version(getattr(vllm_module, "__version__", "unknown"))
-        if llm is None:
-            llm = vllm_module.LLM(model=str(model_dir), seed=seed, tensor_parallel_size=tensor_parallel_size,
-                                  gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True)  # fmt: skip
-        engine = VLLMEngine(model_dir, seed=seed, llm=llm, vllm_module=vllm_module)
+        try:
+            engine = VLLMEngine.for_inference(
+                model_dir, seed, tensor_parallel_size, gpu_memory_utilization, llm=llm, vllm_module=vllm_module
+            )
+        except RuntimeError as e:
+            raise DataError(f"--engine vllm: {e}") from None
         return cls(engine, QwenTokenizer.from_file(model_dir), max_new_tokens, samples, seed)
 
     def sampling(self, ids: list[str]):

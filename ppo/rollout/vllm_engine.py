@@ -118,6 +118,29 @@ class VLLMEngine:
             )  # fmt: skip
         )
 
+    @classmethod
+    def for_inference(
+        cls,
+        model_dir: str | Path,
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        llm=None,
+        vllm_module=None,
+    ) -> VLLMEngine:
+        """An engine for evaluation or serving, not colocated with training: vLLM's own executor over this machine's
+        GPUs (`tensor_parallel_size` of them), no weight syncs. Prompts go in as token ids (no tokenizer in vLLM)."""
+        if vllm_module is None:
+            try:
+                import vllm as vllm_module
+            except ImportError as e:
+                raise RuntimeError("vLLM is not installed: pip install '.[gpu]' on a machine with CUDA") from e
+        check_version(getattr(vllm_module, "__version__", "unknown"))
+        if llm is None:
+            llm = vllm_module.LLM(model=str(model_dir), seed=seed, tensor_parallel_size=tensor_parallel_size,
+                                  gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True)  # fmt: skip
+        return cls(model_dir, seed=seed, llm=llm, vllm_module=vllm_module)
+
     @staticmethod
     def engine_kwargs(
         model_dir, seed: int, gpu_memory_utilization: float, tensor_parallel_size: int, enable_sleep_mode: bool
