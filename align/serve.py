@@ -165,7 +165,7 @@ def create_app(llm: LocalModel):
     from fastapi.responses import JSONResponse, StreamingResponse
 
     from align.core.chatml import render
-    from align.core.react import ToolFormatError, parse_react, tool_function
+    from align.core.react import ToolFormatError, parse_react, text_before_action, tool_function
 
     app = FastAPI(title="align serve", docs_url=None, redoc_url=None)
 
@@ -250,7 +250,7 @@ def create_app(llm: LocalModel):
         if tools:
             step = parse_react(done.text, tools)
             if step.action and not step.error:
-                message = {"role": "assistant", "content": step.thought or None,
+                message = {"role": "assistant", "content": text_before_action(done.text) or None,
                            "tool_calls": [step.tool_call(f"call_{uuid.uuid4().hex[:12]}")]}  # fmt: skip
                 finish = "tool_calls"
             elif step.error:

@@ -95,14 +95,18 @@ def test_tool_calls_go_out_as_tool_calls_and_come_back_as_observations():
     assert first.choices[0].finish_reason == "tool_calls" and call.function.name == "calculator"
     assert (
         call.function.arguments == '{"expression": "12*7"}'
-        and first.choices[0].message.content == "I should compute it."
+        and first.choices[0].message.content == "Thought: I should compute it."
     )
     assert "calculator: Call this tool" in llm.prompts[0] and "Observation:" in llm.stops[0]
     messages += [first.choices[0].message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": "84"}]  # fmt: skip
     second = client.chat.completions.create(model="scripted", messages=messages, tools=[CALC])
     assert second.choices[0].message.content == "84" and second.choices[0].finish_reason == "stop"
-    assert 'Action Input: {"expression": "12*7"}\nObservation: 84' in llm.prompts[1]  # the result, as Qwen writes it
+    # the step comes back as the model wrote it, then the result, as Qwen writes it
+    assert (
+        'Thought: I should compute it.\nAction: calculator\nAction Input: {"expression": "12*7"}\nObservation: 84'
+        in llm.prompts[1]
+    )
 
 
 def test_bad_requests_get_400_with_a_message(tiny):

@@ -12,6 +12,55 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(str(args.model), args.host, args.port, args.name)
 
 
+def cmd_agent(args: argparse.Namespace) -> None:
+    import json
+    import tempfile
+
+    from align.core.records import DataError, iter_records
+    from align.tools.agent import Agent, EndpointBackend, LocalBackend, run_questions
+    from align.tools.builtin import builtin_tools
+
+    if (args.model is None) == (args.endpoint is None):
+        raise DataError("give one of --model DIR and --endpoint URL")
+    if (args.question is None) == (args.questions is None):
+        raise DataError("give one of --question TEXT and --questions FILE")
+    if args.model is not None:
+        from align.serve import LocalModel
+
+        backend = LocalBackend(LocalModel.load(str(args.model)), args.temperature, args.max_tokens)
+    else:
+        from base_model import QwenTokenizer
+
+        if args.tokenizer is None:
+            raise DataError("--endpoint needs --tokenizer (a checkpoint folder or ranks file) to write the prompt")
+        backend = EndpointBackend(args.endpoint, QwenTokenizer.load(args.tokenizer), args.endpoint_model,
+                                  args.temperature, args.max_tokens)  # fmt: skip
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="align-agent-"))
+    tools = builtin_tools([t for t in args.tools.split(",") if t], workdir, args.tool_timeout)
+    agent = Agent(backend, tools, args.max_steps, args.system)
+    if args.question is not None:
+        questions = [{"question": args.question}]
+    else:
+        questions = []
+        for where, row in iter_records(args.questions):
+            q = row.get("question") or row.get("prompt")
+            if not isinstance(q, str):
+                raise DataError(f"{where}: expected a 'question' (or 'prompt') string")
+            questions.append({"question": q, "answer": row.get("answer")})
+    try:
+        runs = run_questions(agent, questions, args.transcript)
+    finally:
+        agent.close()
+    if args.question is not None:
+        run = runs[0]
+        for c in run.tool_calls:
+            print(
+                f"Action: {c['name']} {json.dumps(c['arguments'], ensure_ascii=False)}\nObservation: {c['observation']}"
+            )
+        print(f"Final Answer: {run.answer}" if run.answer is not None else f"(no answer: {run.stopped_by})")
+    print(f"[agent] files in {workdir}" + (f"; transcript: {args.transcript}" if args.transcript else ""))
+
+
 def register(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible server (chat with tools, completions, streaming)")
     p.add_argument("--model", type=Path, required=True, help="a checkpoint folder")
@@ -19,3 +68,20 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default=None, help="the model name it answers to (default: the folder's name)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("agent", help="the ReAct tool loop: calculator, python (sandboxed), files")
+    p.add_argument("--model", type=Path, default=None, help="a checkpoint folder (our sampler)")
+    p.add_argument("--endpoint", default=None, help="an OpenAI-compatible base URL (its /completions is used)")
+    p.add_argument("--endpoint-model", default="default")
+    p.add_argument("--tokenizer", default=None, help="--endpoint: the model's tokenizer (checkpoint or ranks file)")
+    p.add_argument("--tools", default="calculator,python,files", help="comma-separated: calculator, python, files")
+    p.add_argument("--question", default=None, help="one question, answered on the terminal")
+    p.add_argument("--questions", type=Path, default=None, help="JSONL of {question, answer?}: run them all")
+    p.add_argument("--transcript", type=Path, default=None, help="append each run as an SFT-ready JSON line")
+    p.add_argument("--workdir", type=Path, default=None, help="the files and python tools' directory")
+    p.add_argument("--max-steps", type=int, default=8)
+    p.add_argument("--tool-timeout", type=float, default=30.0, help="seconds per python cell")
+    p.add_argument("--max-tokens", type=int, default=256, help="per step")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--system", default=None, help="a system message")
+    p.set_defaults(func=cmd_agent)

@@ -138,6 +138,16 @@ class ReActStep:
         return {"role": "assistant", "content": self.final_answer if self.final_answer is not None else self.thought}
 
 
+_ACTION = re.compile(r"^[ \t]*action[ \t]*[:：]", re.I | re.M)
+
+
+def text_before_action(text: str) -> str:
+    """The step's text before its `Action:` line (its `Thought: …`, label included), as the model wrote it: the
+    content of the assistant message that carries the call, so rendering the message gives the model's text back."""
+    m = _ACTION.search(text)
+    return (text[: m.start()] if m else text).rstrip()
+
+
 def parse_react(text: str, tools: Sequence[object]) -> ReActStep:
     """Read a model's ReAct step. Tolerant of the usual deviations (label case and spacing, a full-width colon,
     the input on the next line or in a ```json fence, a quoted or back-ticked tool name, text the model wrote past
