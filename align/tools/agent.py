@@ -35,8 +35,8 @@ class LocalBackend:
         self.llm, self.temperature, self.max_tokens = llm, temperature, max_tokens
         self.tokenizer = llm.tokenizer
 
-    def continue_text(self, prompt_ids: list[int]) -> str:
-        return self.llm.complete(prompt_ids, self.max_tokens, self.temperature, 1.0, stop=(STOP,)).text
+    def continue_text(self, prompt_ids: list[int], stop: tuple[str, ...] = (STOP,)) -> str:
+        return self.llm.complete(prompt_ids, self.max_tokens, self.temperature, 1.0, stop=tuple(stop)).text
 
 
 class EndpointBackend:
@@ -47,16 +47,18 @@ class EndpointBackend:
         self.url, self.tokenizer, self.model = url.rstrip("/") + "/completions", tokenizer, model
         self.temperature, self.max_tokens, self.timeout_s = temperature, max_tokens, timeout_s
 
-    def continue_text(self, prompt_ids: list[int]) -> str:
+    def continue_text(self, prompt_ids: list[int], stop: tuple[str, ...] = (STOP,)) -> str:
         import httpx
 
         body = {"model": self.model, "prompt": self.tokenizer.decode(prompt_ids), "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "stop": [STOP, "<|im_end|>", "<|endoftext|>"]}  # fmt: skip
+                "temperature": self.temperature, "stop": [*stop, "<|im_end|>", "<|endoftext|>"]}  # fmt: skip
         r = httpx.post(self.url, json=body, timeout=self.timeout_s)
         if r.status_code != 200:
             raise RuntimeError(f"{self.url}: HTTP {r.status_code}: {r.text[:300]}")
         text = r.json()["choices"][0]["text"]
-        return text.split(STOP)[0]
+        for s in stop:  # a server that returns the stop string (or text past it) is cut here
+            text = text.split(s)[0]
+        return text
 
 
 @dataclass
