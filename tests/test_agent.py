@@ -12,8 +12,8 @@ import pytest
 from align.core.chatml import render
 from align.tools.agent import Agent, EndpointBackend, LocalBackend, run_questions, run_tool
 from align.tools.builtin import Tool, ToolError, builtin_tools, calculator, evaluate_arithmetic
-from base_model import QwenTokenizer
-from conftest import ROOT
+from base_model import QwenForCausalLM, QwenTokenizer
+from conftest import ROOT, tiny_config
 
 
 @pytest.mark.parametrize(
@@ -157,3 +157,12 @@ def test_align_agent_on_the_command_line(tiny_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "align.cli", "agent", "--model", str(tiny_dir), "--tools", "shell",
                           "--question", "x"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode != 0 and "unknown tools" in bad.stderr
+
+
+def test_a_full_context_ends_the_run():
+    from align.serve import LocalModel
+
+    tok = QwenTokenizer.from_bytes()
+    model = QwenForCausalLM(tiny_config(vocab_size=(len(tok) + 127) // 128 * 128, max_position_embeddings=256))
+    run = Agent(LocalBackend(LocalModel(model.eval(), tok), max_tokens=64), [calculator()]).run("What is 2+3?")
+    assert run.stopped_by == "context_full" and run.steps == 0

@@ -37,6 +37,10 @@ ELSEWHERE = {  # command -> the test that runs it
     "code.py::test_mbpp_real_rows (real MBPP rows; endpoints as in tests/test_eval_harness.py)",
     "align eval humaneval --reference-answers --out runs/eval-humaneval-check": "tests/test_eval_code.py::test_"
     "humaneval_canonical_solutions_all_pass",
+    "align serve --model runs/sft-tiny/final --port 8000": "tests/test_serve.py (the openai client against the server)",
+    "align agent --endpoint http://localhost:8000/v1 --tokenizer runs/sft-tiny/final --questions questions.jsonl "
+    "--transcript runs/agent.jsonl": "tests/test_agent.py::test_a_tiny_checkpoint_runs_the_loop_locally_and_through_"
+    "align_serve and ::test_align_agent_on_the_command_line",
     "align sweep configs/sweeps/ppo-methods.yaml": "tests/test_ppo_train.py::test_sweep_over_a_ppo_config_runs_in_"
     "parallel_and_resumes_after_a_kill (a PPO config made in the test, 4 trials)",
 }

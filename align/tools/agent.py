@@ -28,6 +28,10 @@ from align.tools.builtin import Tool, ToolError
 STOP = "Observation:"
 
 
+class ContextFull(RuntimeError):
+    """The conversation has reached the model's context: the run ends (`stopped_by: context_full`)."""
+
+
 class LocalBackend:
     """Our sampler on a checkpoint (`align.serve.LocalModel`)."""
 
@@ -36,7 +40,10 @@ class LocalBackend:
         self.tokenizer = llm.tokenizer
 
     def continue_text(self, prompt_ids: list[int], stop: tuple[str, ...] = (STOP,)) -> str:
-        return self.llm.complete(prompt_ids, self.max_tokens, self.temperature, 1.0, stop=tuple(stop)).text
+        room = self.llm.model.config.max_position_embeddings - len(prompt_ids)
+        if room < 1:
+            raise ContextFull(f"{len(prompt_ids)} tokens fill the model's context")
+        return self.llm.complete(prompt_ids, min(self.max_tokens, room), self.temperature, 1.0, stop=tuple(stop)).text
 
 
 class EndpointBackend:
@@ -65,7 +72,7 @@ class EndpointBackend:
 class AgentRun:
     question: str
     answer: str | None
-    stopped_by: str  # final_answer | max_steps | no_answer
+    stopped_by: str  # final_answer | max_steps | no_answer | context_full
     steps: int
     tool_calls: list[dict] = field(default_factory=list)  # {"name", "arguments", "observation", "error"}
     messages: list[dict] = field(default_factory=list)  # the conversation in OpenAI's form (an SFT example)
@@ -126,7 +133,10 @@ class Agent:
         messages = list(head)
         calls: list[dict] = []
         for step in range(1, self.max_steps + 1):
-            text = self.backend.continue_text(prompt + tok.encode(scratch))
+            try:
+                text = self.backend.continue_text(prompt + tok.encode(scratch))
+            except ContextFull:
+                return AgentRun(question, None, "context_full", step - 1, calls, messages)
             parsed = parse_react(text, self.specs)
             if parsed.action is None and parsed.error is None:
                 answer = parsed.final_answer
