@@ -39,11 +39,14 @@ class LocalBackend:
         self.llm, self.temperature, self.max_tokens = llm, temperature, max_tokens
         self.tokenizer = llm.tokenizer
 
-    def continue_text(self, prompt_ids: list[int], stop: tuple[str, ...] = (STOP,)) -> str:
+    def continue_text(
+        self, prompt_ids: list[int], stop: tuple[str, ...] = (STOP,), max_tokens: int | None = None
+    ) -> str:
         room = self.llm.model.config.max_position_embeddings - len(prompt_ids)
         if room < 1:
             raise ContextFull(f"{len(prompt_ids)} tokens fill the model's context")
-        return self.llm.complete(prompt_ids, min(self.max_tokens, room), self.temperature, 1.0, stop=tuple(stop)).text
+        tokens = min(max_tokens or self.max_tokens, room)
+        return self.llm.complete(prompt_ids, tokens, self.temperature, 1.0, stop=tuple(stop)).text
 
 
 class EndpointBackend:
@@ -54,10 +57,12 @@ class EndpointBackend:
         self.url, self.tokenizer, self.model = url.rstrip("/") + "/completions", tokenizer, model
         self.temperature, self.max_tokens, self.timeout_s = temperature, max_tokens, timeout_s
 
-    def continue_text(self, prompt_ids: list[int], stop: tuple[str, ...] = (STOP,)) -> str:
+    def continue_text(
+        self, prompt_ids: list[int], stop: tuple[str, ...] = (STOP,), max_tokens: int | None = None
+    ) -> str:
         import httpx
 
-        body = {"model": self.model, "prompt": self.tokenizer.decode(prompt_ids), "max_tokens": self.max_tokens,
+        body = {"model": self.model, "prompt": self.tokenizer.decode(prompt_ids), "max_tokens": max_tokens or self.max_tokens,
                 "temperature": self.temperature, "stop": [*stop, "<|im_end|>", "<|endoftext|>"]}  # fmt: skip
         r = httpx.post(self.url, json=body, timeout=self.timeout_s)
         if r.status_code != 200:
@@ -93,6 +98,12 @@ def arguments_as_written(text: str, arguments: dict) -> str:
         except json.JSONDecodeError:
             pass
     return json.dumps(arguments, ensure_ascii=False)
+
+
+def text_completer(backend):
+    """`complete(prompt_text, stops, max_tokens) -> text` over a backend (for Self-Instruct's raw prompts)."""
+    return lambda prompt, stops, max_tokens: backend.continue_text(backend.tokenizer.encode(prompt), tuple(stops),
+                                                                   max_tokens)  # fmt: skip
 
 
 def run_tool(tool: Tool, arguments: dict) -> tuple[str, bool]:
