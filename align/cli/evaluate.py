@@ -9,6 +9,10 @@ from pathlib import Path
 def cmd_eval(args: argparse.Namespace) -> None:
     from align.eval.harness import evaluate
 
+    if args.bench == "tools":
+        return cmd_eval_tools(args)
+    if args.bench == "code":
+        return cmd_eval_code(args)
     evaluate(
         args.bench,
         str(args.data) if args.data else None,
@@ -27,13 +31,58 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_eval_tools(args: argparse.Namespace) -> None:
+    from align.core.records import DataError
+    from align.eval.harness import EngineAnswerer
+    from align.eval.tool_use import endpoint_step_answerer, evaluate_tools, read_tool_items, step_answerer
+
+    if args.data is None:
+        raise DataError("align eval tools needs --data: rows of question, tools and expected call")
+    if (args.model is None) == (args.endpoint is None):
+        raise DataError("give exactly one of --model DIR and --endpoint URL")
+    items = read_tool_items(str(args.data))[: args.limit]
+    if args.model is not None:
+        answer = step_answerer(EngineAnswerer.native(str(args.model), args.max_new_tokens, 1))
+    else:
+        from base_model import QwenTokenizer
+
+        if args.tokenizer is None:
+            raise DataError("--endpoint needs --tokenizer to write the prompt")
+        answer = endpoint_step_answerer(args.endpoint, QwenTokenizer.load(args.tokenizer), args.endpoint_model,
+                                        args.max_new_tokens)  # fmt: skip
+    evaluate_tools(items, args.out, answer, args.batch_size)
+
+
+def cmd_eval_code(args: argparse.Namespace) -> None:
+    from align.core.records import DataError
+    from align.tools.agent import EndpointBackend, LocalBackend
+    from align.tools.code_eval import evaluate_code, read_code_tasks
+
+    if args.data is None:
+        raise DataError("align eval code needs --data: rows of question, files, answer and expected files")
+    if (args.model is None) == (args.endpoint is None):
+        raise DataError("give exactly one of --model DIR and --endpoint URL")
+    if args.model is not None:
+        from align.serve import LocalModel
+
+        backend = LocalBackend(LocalModel.load(str(args.model)), max_tokens=args.max_new_tokens)
+    else:
+        from base_model import QwenTokenizer
+
+        if args.tokenizer is None:
+            raise DataError("--endpoint needs --tokenizer to write the prompt")
+        backend = EndpointBackend(args.endpoint, QwenTokenizer.load(args.tokenizer), args.endpoint_model,
+                                  max_tokens=args.max_new_tokens)  # fmt: skip
+    evaluate_code(read_code_tasks(str(args.data))[: args.limit], args.out, backend, timeout_s=args.timeout * 3)
+
+
 def register(sub) -> None:
     from align.eval.harness import BENCHMARKS
 
     p = sub.add_parser(
-        "eval", help="maths and code benchmarks (gsm8k | math | humaneval | mbpp) on a checkpoint or an endpoint"
+        "eval", help="benchmarks (gsm8k | math | humaneval | mbpp) and tool use (tools) on a checkpoint or an endpoint"
     )
-    p.add_argument("bench", choices=BENCHMARKS)
+    p.add_argument("bench", choices=(*BENCHMARKS, "tools", "code"))
     p.add_argument(
         "--data", type=Path, default=None, help="the benchmark's rows, JSONL in its layout (HumanEval: the package's)"
     )
@@ -48,6 +97,7 @@ def register(sub) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs per model")
     p.add_argument("--endpoint", default=None, help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     p.add_argument("--endpoint-model", default="default", help="the model name sent to the endpoint")
+    p.add_argument("--tokenizer", default=None, help="tools with --endpoint: the model's tokenizer")
     p.add_argument("--samples", type=int, default=1, help="answers per item (more than 1: sampled, pass@k)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)

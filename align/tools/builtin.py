@@ -106,7 +106,10 @@ def python(workdir: Path, timeout_s: float = 30.0) -> Tool:
             raise ToolError("'code' must be Python source")
         if "ci" not in session:
             session["ci"] = CodeInterpreter(workdir=workdir)
-        return session["ci"].execute(code, timeout_s=timeout_s).observation()
+        result = session["ci"].execute(code, timeout_s=timeout_s)
+        if result.status != "ok":  # the call failed (an exception, a timeout, a restart): the run records it so
+            raise ToolError(result.observation())
+        return result.observation()
 
     def close() -> None:
         if "ci" in session:
