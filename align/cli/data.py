@@ -189,6 +189,23 @@ def _rows(path) -> list[tuple[str, dict]]:
     return list(iter_records(path))
 
 
+def cmd_tags_raw(args: argparse.Namespace) -> None:
+    import json
+
+    from tqdm import tqdm
+
+    from rm.tags.raw import checkpoint_asker, endpoint_asker, raw_tags
+
+    ask_one = endpoint_asker(args.endpoint, args.endpoint_model) if args.endpoint else None
+    ask_batch = checkpoint_asker(str(args.model)) if args.model else None
+    with tqdm(desc="tags raw", unit="prompt") as bar:
+        report = raw_tags(str(args.input), args.out, ask_one, ask_batch, args.offline, args.retries, args.batch_size,
+                          progress=bar.update)  # fmt: skip
+    print(json.dumps({k: v for k, v in report.items() if k != "failures"}))
+    print(f"{report['tagged']} of {report['prompts']} prompts tagged ({report['distinct_tags']} distinct tags), "
+          f"{report['failed']} failed; {args.out} and {args.out}.report.json")  # fmt: skip
+
+
 def cmd_tags_build(args: argparse.Namespace) -> None:
     from base_model.atomic import write_json_atomic, write_rows_atomic
     from rm.tags.builder import build
@@ -407,9 +424,19 @@ def register(sub) -> None:
     q.add_argument("--text-field", default="text")
     q.set_defaults(func=cmd_tokenizer_extend)
 
-    p = sub.add_parser("tags", help="tag taxonomy: build | assign | sample | audit")
-    tags_sub = p.add_subparsers(dest="tags_command", metavar="build|assign|sample|audit")
+    p = sub.add_parser("tags", help="tag taxonomy: raw | build | assign | sample | audit")
+    tags_sub = p.add_subparsers(dest="tags_command", metavar="raw|build|assign|sample|audit")
     tags_sub.required = True
+    q = tags_sub.add_parser("raw", help="open-set tags with explanations (InsTag's prompt), or offline keyphrases")
+    q.add_argument("--input", required=True, type=Path, help="prompts (prompt, messages, text or instruction)")
+    q.add_argument("--out", required=True, type=Path, help="raw_tags.jsonl (appended: resumable) + OUT.report.json")
+    q.add_argument("--endpoint", default=None, help="an OpenAI-compatible base URL")
+    q.add_argument("--endpoint-model", default="default")
+    q.add_argument("--model", type=Path, default=None, help="a checkpoint folder (our sampler)")
+    q.add_argument("--offline", action="store_true", help="no model: TF-IDF keyphrases of each prompt as its tags")
+    q.add_argument("--retries", type=int, default=2, help="asks again when an answer has no valid tag")
+    q.add_argument("--batch-size", type=int, default=16)
+    q.set_defaults(func=cmd_tags_raw)
     q = tags_sub.add_parser("build", help="open-set raw tags -> a taxonomy (InsTag's four steps)")
     q.add_argument("--input", type=Path, required=True, help="JSONL/Parquet rows with a list of raw tags")
     q.add_argument("--out", type=Path, required=True, help="folder for taxonomy.yaml, merges.jsonl, mapping.json")
