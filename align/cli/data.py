@@ -214,12 +214,29 @@ def cmd_tags_build(args: argparse.Namespace) -> None:
     raw = [[str(t) for t in (r.get(args.tags_field) or [])] for _, r in rows]
     result = build(raw, args.alpha, args.eps, args.min_confidence, args.min_support)
     args.out.mkdir(parents=True, exist_ok=True)
-    result.taxonomy.save(args.out / "taxonomy.yaml")
+    taxonomy = result.taxonomy
+    if args.hierarchy or args.safety:
+        from collections import Counter
+
+        from rm.tags.hierarchy import add_hierarchy
+        from rm.tags.taxonomy import Taxonomy
+
+        counts = Counter(result.mapping[t] for tags in raw for t in tags if t in result.mapping)
+        safety = Taxonomy.load(args.safety) if args.safety else None
+        taxonomy, placements = add_hierarchy(taxonomy, counts, safety, args.safety_threshold, args.category_distance,
+                                             args.domain_distance)  # fmt: skip
+        write_rows_atomic(args.out / "placements.jsonl", placements)
+    taxonomy.save(args.out / "taxonomy.yaml")
     write_rows_atomic(args.out / "merges.jsonl", result.merges)
     write_json_atomic(args.out / "mapping.json", result.mapping)
     print(
         f"{len(result.mapping)} raw tags (after dropping {len(result.dropped)} seen fewer than {args.alpha} times) "
         f"-> {len(result.taxonomy)} tags; {len(result.merges)} merges in {args.out / 'merges.jsonl'}"
+        + (
+            f"; hierarchy of {len(taxonomy)} nodes, placements in {args.out / 'placements.jsonl'}"
+            if args.hierarchy or args.safety
+            else ""
+        )  # fmt: skip
     )
 
 
@@ -441,10 +458,15 @@ def register(sub) -> None:
     q.add_argument("--input", type=Path, required=True, help="JSONL/Parquet rows with a list of raw tags")
     q.add_argument("--out", type=Path, required=True, help="folder for taxonomy.yaml, merges.jsonl, mapping.json")
     q.add_argument("--tags-field", default="tags")
-    q.add_argument("--alpha", type=int, default=2, help="drop raw tags seen fewer times")
+    q.add_argument("--alpha", type=int, default=20, help="drop raw tags seen fewer times (InsTag: 20)")
     q.add_argument("--eps", type=float, default=0.3, help="DBSCAN cosine distance for semantic merges")
     q.add_argument("--min-confidence", type=float, default=0.95, help="FP-Growth confidence, both directions")
     q.add_argument("--min-support", type=float, default=0.001)
+    q.add_argument("--hierarchy", action="store_true", help="cluster the tags into categories and domains")
+    q.add_argument("--safety", type=Path, default=None, help="harm categories (taxonomy file) seeding a safety subtree")
+    q.add_argument("--safety-threshold", type=float, default=0.5, help="cosine similarity to a harm category")
+    q.add_argument("--category-distance", type=float, default=0.75, help="cosine distance within a category")
+    q.add_argument("--domain-distance", type=float, default=0.85, help="cosine distance within a domain")
     q.set_defaults(func=cmd_tags_build)
     q = tags_sub.add_parser("assign", help="tag rows onto a taxonomy")
     q.add_argument("--input", type=Path, required=True)

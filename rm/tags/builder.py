@@ -1,6 +1,7 @@
 """From open-set raw tags to a taxonomy, following InsTag's four steps: `align tags build`.
 
-1. frequency filter: drop raw tags seen fewer than `alpha` times;
+1. frequency filter: drop raw tags seen fewer than `alpha` times (InsTag's 20 by default), all the spellings that
+   step 2 makes one tag counted together;
 2. rule aggregation: tags equal after lower-casing, dropping punctuation and stemming each word are one tag;
 3. semantic aggregation: MiniLM embeddings clustered with DBSCAN (cosine distance `eps`);
 4. association aggregation: FP-Growth rules A -> B and B -> A both above `min_confidence` merge B into A.
@@ -66,7 +67,7 @@ class _Groups:
 
 def build(
     raw: list[list[str]],
-    alpha: int = 2,
+    alpha: int = 20,  # InsTag's frequency threshold
     eps: float = 0.3,
     min_confidence: float = 0.95,
     min_support: float = 0.001,
@@ -75,8 +76,12 @@ def build(
 ) -> BuildResult:
     """`raw` holds the open-set tags of each query."""
     counts = Counter(t.strip() for tags in raw for t in tags if t.strip())
-    kept = Counter({t: c for t, c in counts.items() if c >= alpha})
-    dropped = {t: c for t, c in counts.items() if c < alpha}
+    # the frequency of a tag is that of all its spellings (the same after step 2's normalisation)
+    key_counts: Counter = Counter()
+    for t, c in counts.items():
+        key_counts[rule_key(t)] += c
+    kept = Counter({t: c for t, c in counts.items() if key_counts[rule_key(t)] >= alpha})
+    dropped = {t: c for t, c in counts.items() if key_counts[rule_key(t)] < alpha}
     groups = _Groups(kept)
     merges: list[dict] = []
 
