@@ -41,6 +41,9 @@ ELSEWHERE = {  # command -> the test that runs it
     "align agent --endpoint http://localhost:8000/v1 --tokenizer runs/sft-tiny/final --questions questions.jsonl "
     "--transcript runs/agent.jsonl": "tests/test_agent.py::test_a_tiny_checkpoint_runs_the_loop_locally_and_through_"
     "align_serve and ::test_align_agent_on_the_command_line",
+    "align eval tools --model runs/sft-tiny/final --data tool_items.jsonl --out runs/eval-tools": "tests/test_eval_tools"
+    ".py (scripted steps with known figures; the command on a tiny checkpoint)",
+    "align eval code --model runs/sft-tiny/final --data code_tasks.jsonl --out runs/eval-code": "tests/test_eval_tools.py",
     "align sweep configs/sweeps/ppo-methods.yaml": "tests/test_ppo_train.py::test_sweep_over_a_ppo_config_runs_in_"
     "parallel_and_resumes_after_a_kill (a PPO config made in the test, 4 trials)",
 }
