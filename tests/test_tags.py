@@ -5,16 +5,18 @@ import http.server
 import itertools
 import json
 import random
+import re
 import threading
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from align.core.records import write_jsonl_atomic
 from conftest import ROOT
-from rm.tags.audit import audit
+from rm.tags.audit import audit, compare
 from rm.tags.builder import build
 from rm.tags.sampler import complexity_first, max_min_ratio, sample, tag_matrix, zipf_pool
 from rm.tags.tagger import assign
@@ -278,3 +280,33 @@ def test_audit_report_renders_in_chromium(audited, tmp_path):
         page.screenshot(path=str(shot / "tags_audit.png"), full_page=True)
         browser.close()
     assert (shot / "tags_audit.png").stat().st_size > 10000
+
+
+def test_audit_compares_two_samples_and_two_taxonomy_versions(audited, tmp_path):
+    """Before and after: a skewed sample against a balanced one (coverage and balance fall), and the same sample
+    read in a second taxonomy version where two tags were merged (fewer distinct tags, nothing unknown); the report
+    draws the safety subtree with its counts."""
+    d, _ = audited
+    skewed = [{"id": i, "tags": ["math/arithmetic"] if i % 10 else ["safety/violence"]} for i in range(120)]
+    write_jsonl_atomic(tmp_path / "skewed.jsonl", skewed)
+    result = compare(d / "sample.jsonl", tmp_path / "skewed.jsonl", tmp_path / "cmp", taxonomy=Taxonomy.load(DEMO))
+    fig = {f["figure"]: f for f in result["figures"]}
+    assert fig["coverage"]["after"] < fig["coverage"]["before"] and fig["entropy"]["change"] < 0
+    assert result["tags"][0]["tag"] == "math/arithmetic" and result["tags"][0]["share_change"] > 0
+    page = (tmp_path / "cmp" / "comparison.html").read_text()
+    assert 'id="comparison"' in page and (tmp_path / "cmp" / "after" / "report.html").exists()
+    # version 2 merges units into arithmetic (the old id stays an alias) and renames illegal activity
+    doc = yaml.safe_load(DEMO.read_text())
+    v2 = [t for t in doc["tags"] if t["id"] not in ("math/units", "safety/illegal")]
+    for t in v2:
+        if t["id"] == "math/arithmetic":
+            t["aliases"] = [*t.get("aliases", []), "math/units", "unit conversion"]
+    v2.append({"id": "safety/crime", "parent": "safety", "aliases": ["safety/illegal", "crime"]})
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump({"tags": v2}))
+    result = compare(d / "sample.jsonl", None, tmp_path / "v", Taxonomy.load(DEMO), Taxonomy.load(tmp_path / "v2.yaml"))
+    fig = {f["figure"]: f for f in result["figures"]}
+    assert fig["distinct_tags"]["after"] == fig["distinct_tags"]["before"] - 1
+    assert "tags unknown to the other taxonomy" not in fig
+    tree = (tmp_path / "v" / "before" / "report.html").read_text()
+    assert "id='safety-tree'" in tree and "data-tag='safety/violence'" in tree
+    assert re.search(r"data-tag='safety'><b>Safety</b> <span class='n'>(\d+)</span>", tree)

@@ -282,8 +282,16 @@ def cmd_tags_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_tags_audit(args: argparse.Namespace) -> None:
-    from rm.tags.audit import audit
+    from rm.tags.audit import audit, compare
     from rm.tags.taxonomy import Taxonomy
+
+    if args.compare or args.compare_taxonomy:
+        result = compare(args.dataset, args.compare, args.out, Taxonomy.load(args.taxonomy) if args.taxonomy else None,
+                         Taxonomy.load(args.compare_taxonomy) if args.compare_taxonomy else None, args.k)  # fmt: skip
+        for f in result["figures"]:
+            print(f"{f['figure']:<36} {f['before']!s:>12} {f['after']!s:>12}  {f['change']}")
+        print(f"report: {args.out / 'comparison.html'}")
+        return
 
     result = audit(
         args.dataset, args.out, args.against, Taxonomy.load(args.taxonomy) if args.taxonomy else None, args.k
@@ -495,4 +503,8 @@ def register(sub) -> None:
     q.add_argument("--taxonomy", type=Path, default=None)
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--k", type=int, default=5, help="flag tags with fewer examples")
+    q.add_argument("--compare", type=Path, default=None, help="another sample: figures before and after, per tag")
+    q.add_argument(
+        "--compare-taxonomy", type=Path, default=None, help="the same sample read in another taxonomy version"
+    )
     q.set_defaults(func=cmd_tags_audit)

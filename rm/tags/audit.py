@@ -53,8 +53,86 @@ def _rows(path) -> list[dict]:
     return [row for _, row in iter_records(path)]
 
 
-def audit(
+def remap(rows: list[dict], taxonomy: Taxonomy) -> tuple[list[dict], Counter]:
+    """The rows with their tags read in another taxonomy version (ids, names and aliases; a merged tag resolves to
+    the tag it was merged into when the new version lists it as an alias); the tags it does not know, counted."""
+    unknown: Counter = Counter()
+    out = []
+    for r in rows:
+        tags = []
+        for t in r.get("tags") or []:
+            resolved = taxonomy.resolve(t)
+            if resolved is None:
+                unknown[t] += 1
+            else:
+                tags.append(resolved)
+        out.append({**r, "tags": tags})
+    return out, unknown
+
+
+def compare(
     dataset: str | Path,
+    other: str | Path | None,
+    out_dir: str | Path,
+    taxonomy: Taxonomy | None = None,
+    other_taxonomy: Taxonomy | None = None,
+    k: int = 5,
+) -> dict:
+    """Two samples (`other`), or one sample read in two taxonomy versions (`other_taxonomy`), side by side: each
+    one's figures, and per tag the share before and after. Writes `comparison.csv` and `comparison.html`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    before = audit(dataset, out_dir / "before", taxonomy=taxonomy, k=k)
+    rows = _rows(other if other is not None else dataset)
+    unknown: Counter = Counter()
+    if other_taxonomy is not None:
+        rows, unknown = remap(rows, other_taxonomy)
+    after = audit(rows, out_dir / "after", taxonomy=other_taxonomy or taxonomy, k=k)
+    keys = ["rows", "distinct_tags", "reference_tags", "coverage", "entropy", "gini", "tags_under_k", "safety_tags",
+            "safety_coverage", "max_min_ratio"]  # fmt: skip
+    figures = [{"figure": key, "before": before["figures"][key], "after": after["figures"][key],
+                "change": _change(before["figures"][key], after["figures"][key])} for key in keys]  # fmt: skip
+    if unknown:
+        figures.append({"figure": "tags unknown to the other taxonomy", "before": 0, "after": sum(unknown.values()),
+                        "change": ", ".join(t for t, _ in unknown.most_common(10))})  # fmt: skip
+    b = {r["tag"]: r for r in before["tags"]}
+    a = {r["tag"]: r for r in after["tags"]}
+    per_tag = [{"tag": t, "before_count": b.get(t, {}).get("count", 0), "after_count": a.get(t, {}).get("count", 0),
+                "before_share": b.get(t, {}).get("share", 0.0), "after_share": a.get(t, {}).get("share", 0.0)}
+               for t in sorted(set(a) | set(b))]  # fmt: skip
+    for r in per_tag:
+        r["share_change"] = r["after_share"] - r["before_share"]
+    per_tag.sort(key=lambda r: -abs(r["share_change"]))
+    _write_csv(out_dir / "comparison.csv", figures)
+    _write_csv(out_dir / "comparison_tags.csv", per_tag)
+    fig_rows = "".join(f"<tr><td>{html.escape(str(f['figure']))}</td><td class='v'>{_fmt(f['before'])}</td>"
+                       f"<td class='v'>{_fmt(f['after'])}</td><td class='v'>{_fmt(f['change'])}</td></tr>" for f in figures)  # fmt: skip
+    tag_rows = "".join(f"<tr><td>{html.escape(r['tag'])}</td><td class='v'>{r['before_count']}</td>"
+                       f"<td class='v'>{r['after_count']}</td><td class='v'>{_fmt(r['share_change'])}</td></tr>"
+                       for r in per_tag[:500])  # fmt: skip
+    (out_dir / "comparison.html").write_text(
+        f"""<!doctype html><html><head><meta charset="utf-8"><title>Tag audit: comparison</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:2px 6px}}td.v{{text-align:right}}</style></head><body>
+<h1>Before and after</h1><p>Before: <a href="before/report.html">{html.escape(str(dataset))}</a>; after:
+<a href="after/report.html">{html.escape(str(other or dataset))}</a>{" read in the other taxonomy" if other_taxonomy else ""}.</p>
+<table id="comparison"><tr><th>figure</th><th>before</th><th>after</th><th>change</th></tr>{fig_rows}</table>
+<h2>Tags whose share changed most</h2><table id="tag-changes"><tr><th>tag</th><th>before</th><th>after</th>
+<th>share change</th></tr>{tag_rows}</table></body></html>""",
+        encoding="utf-8",
+    )
+    return {"figures": figures, "tags": per_tag, "before": before, "after": after}
+
+
+def _change(before, after):
+    try:
+        return after - before
+    except TypeError:
+        return ""
+
+
+def audit(
+    dataset: str | Path | list[dict],
     out_dir: str | Path,
     against: str | Path | None = None,
     taxonomy: Taxonomy | None = None,
@@ -63,7 +141,7 @@ def audit(
 ) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = _rows(dataset)
+    rows = dataset if isinstance(dataset, list) else _rows(dataset)
     counts = Counter(t for r in rows for t in set(r.get("tags") or []))
     original = Counter(t for r in _rows(against) for t in set(r.get("tags") or [])) if against else None
     if taxonomy is not None:
@@ -145,8 +223,26 @@ def audit(
 
     _write_csv(out_dir / "figures.csv", [{"figure": k, "value": v} for k, v in figures.items()])
     _write_csv(out_dir / "tags.csv", table)
-    _write_html(out_dir / "report.html", figures, table, original is not None)
+    tree = _safety_tree(taxonomy, counts, safety_root) if taxonomy is not None and safety_root in taxonomy else ""
+    _write_html(out_dir / "report.html", figures, table, original is not None, tree)
     return {"figures": figures, "tags": table}
+
+
+def _safety_tree(taxonomy: Taxonomy, counts: Counter, root: str) -> str:
+    """The safety subtree as nested lists: each node with its own examples and its subtree's."""
+
+    def total(node: str) -> int:
+        return counts[node] + sum(total(c) for c in taxonomy.children[node])
+
+    def item(node: str) -> str:
+        kids = sorted(taxonomy.children[node], key=lambda c: (-total(c), c))
+        inner = f"<ul>{''.join(item(c) for c in kids)}</ul>" if kids else ""
+        name = taxonomy.tags[node].name
+        mark = " class='empty'" if total(node) == 0 else ""
+        return (f"<li{mark} data-tag='{html.escape(node)}'><b>{html.escape(name)}</b> "
+                f"<span class='n'>{total(node)}</span>{f' ({counts[node]} here)' if kids and counts[node] else ''}{inner}</li>")  # fmt: skip
+
+    return f"<h2>Safety subtree</h2><ul id='safety-tree'>{item(root)}</ul>"
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -184,7 +280,7 @@ def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else html.escape(str(v))
 
 
-def _write_html(path: Path, figures: dict, table: list[dict], has_original: bool) -> None:
+def _write_html(path: Path, figures: dict, table: list[dict], has_original: bool, tree: str = "") -> None:
     keys = list(dict.fromkeys(k for r in table for k in r))
     fig_rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td class='v' data-figure='{html.escape(k)}'>{_fmt(v)}</td></tr>"
@@ -195,9 +291,10 @@ def _write_html(path: Path, figures: dict, table: list[dict], has_original: bool
     path.write_text(
         f"""<!doctype html><html><head><meta charset="utf-8"><title>Tag audit</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:2px 6px}}td.v{{text-align:right}}</style></head><body>
+td,th{{border:1px solid #ccc;padding:2px 6px}}td.v{{text-align:right}}li.empty{{color:#b00}}
+#safety-tree .n{{background:#eef;padding:0 4px;border-radius:3px}}</style></head><body>
 <h1>Tag audit</h1><table id="figures">{fig_rows}</table>
-<img src="data:image/png;base64,{_plot(table, has_original)}" alt="tag distribution">
+<img src="data:image/png;base64,{_plot(table, has_original)}" alt="tag distribution">{tree}
 <h2>Per tag</h2><p>{len(table)} tags{" (first 2000 shown; all in tags.csv)" if len(table) > 2000 else ""}</p>
 <table id="tags"><tr>{head}</tr>{body}</table></body></html>""",
         encoding="utf-8",
