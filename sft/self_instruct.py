@@ -163,6 +163,15 @@ def as_messages(instruction: str, instance: dict) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": instance["output"]}]
 
 
+def _resume(out: str | Path) -> tuple[Path, Path, list[dict], dict]:
+    """The rows already kept in `out` and the report beside it: a run goes on from where one stopped."""
+    out = Path(out)
+    report_path = out.with_name(out.name + ".report.json")
+    rows = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines() if l.strip()] if out.exists() else []
+    report = json.loads(report_path.read_text()) if report_path.exists() and rows else {"generated": 0, "dropped": {}}
+    return out, report_path, rows, report
+
+
 def self_instruct(
     complete: Callable[[str, tuple[str, ...], int], str],
     seed_tasks: list[dict],
@@ -174,10 +183,7 @@ def self_instruct(
 ) -> dict:
     """Generate until `out` holds `n` instructions (or `max_rounds` prompts were sent). `complete(prompt, stops,
     max_tokens) -> text` is the model. Returns the report (also written beside `out`)."""
-    out = Path(out)
-    report_path = out.with_name(out.name + ".report.json")
-    rows = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines() if l.strip()] if out.exists() else []
-    report = json.loads(report_path.read_text()) if report_path.exists() and rows else {"generated": 0, "dropped": {}}
+    out, report_path, rows, report = _resume(out)
     dropped = Counter(report["dropped"])
     rng = random.Random(seed + len(rows))
     seeds = [t["instruction"] for t in seed_tasks]
@@ -236,10 +242,7 @@ def tool_use_self_instruct(
 ) -> dict:
     """Questions that need the agent's tools, generated from seed questions, each run through the agent; kept only
     when every tool call parsed and executed and the run ended in a final answer. `out` gets the transcripts."""
-    out = Path(out)
-    report_path = out.with_name(out.name + ".report.json")
-    rows = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines() if l.strip()] if out.exists() else []
-    report = json.loads(report_path.read_text()) if report_path.exists() and rows else {"generated": 0, "dropped": {}}
+    out, report_path, rows, report = _resume(out)
     dropped = Counter(report["dropped"])
     rng = random.Random(seed + len(rows))
     names = ", ".join(t.name for t in agent.tools)

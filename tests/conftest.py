@@ -150,3 +150,15 @@ class FakeJudge(ChatServer):
 def judge_endpoint():
     FakeJudge.calls, FakeJudge.mode = [], "fair"
     yield from serve(FakeJudge)
+
+
+def init_tiny_model(folder) -> str:
+    """`align init-model` on the tiny config with a byte vocabulary into `folder` (a fresh, untrained checkpoint)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "align.cli", "init-model", str(ROOT / "configs/model/tiny.yaml"),
+                          "--tokenizer", "bytes", "--fit-vocab", "--out", str(folder)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return str(folder)

@@ -13,7 +13,7 @@ from align.core.chatml import render
 from align.tools.agent import Agent, EndpointBackend, LocalBackend, run_questions, run_tool
 from align.tools.builtin import Tool, ToolError, builtin_tools, calculator, evaluate_arithmetic
 from base_model import QwenForCausalLM, QwenTokenizer
-from conftest import ROOT, tiny_config
+from conftest import ROOT, init_tiny_model, tiny_config
 
 
 @pytest.mark.parametrize(
@@ -118,10 +118,7 @@ def test_python_and_files_share_a_sandboxed_directory(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    out = subprocess.run([sys.executable, "-m", "align.cli", "init-model", str(ROOT / "configs/model/tiny.yaml"),
-                          "--tokenizer", "bytes", "--fit-vocab", "--out", str(folder)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
+    init_tiny_model(folder)
     return folder
 
 

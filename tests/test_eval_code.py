@@ -11,7 +11,7 @@ import pytest
 from align.core.records import DataError
 from align.eval.code import extract_code, program, read_code_items
 from align.eval.harness import evaluate, read_items
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, init_tiny_model
 
 MBPP = FIXTURES / "public_rows" / "mbpp_rows.jsonl"
 quiet = {"log": lambda *_: None}
@@ -110,10 +110,7 @@ def test_bad_code_rows_name_the_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_tiny_checkpoint_answers_all_164_problems(tmp_path):
-    init = subprocess.run([sys.executable, "-m", "align.cli", "init-model", str(ROOT / "configs/model/tiny.yaml"),
-                           "--tokenizer", "bytes", "--fit-vocab", "--out", str(tmp_path / "model")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert init.returncode == 0, init.stderr[-2000:]
+    init_tiny_model(tmp_path / "model")
     run = subprocess.run([sys.executable, "-m", "align.cli", "eval", "humaneval", "--model", str(tmp_path / "model"),
                           "--out", str(tmp_path / "eval"), "--max-new-tokens", "16", "--batch-size", "41"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip

@@ -11,7 +11,7 @@ import pytest
 from align.eval.tool_use import evaluate_tools, read_tool_items
 from align.tools.code_eval import evaluate_code, read_code_tasks
 from base_model import QwenTokenizer
-from conftest import ROOT
+from conftest import ROOT, init_tiny_model
 
 CALC = {"type": "function", "function": {"name": "calculator", "description": "Evaluates arithmetic.",
         "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}  # fmt: skip
@@ -88,10 +88,7 @@ def test_code_interpreter_figures(tmp_path):
 
 @pytest.mark.slow
 def test_both_commands_on_a_tiny_checkpoint(tmp_path):
-    init = subprocess.run([sys.executable, "-m", "align.cli", "init-model", str(ROOT / "configs/model/tiny.yaml"),
-                           "--tokenizer", "bytes", "--fit-vocab", "--out", str(tmp_path / "m")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert init.returncode == 0, init.stderr[-2000:]
+    init_tiny_model(tmp_path / "m")
     write_tool_items(tmp_path / "tools.jsonl")
     run = subprocess.run([sys.executable, "-m", "align.cli", "eval", "tools", "--model", str(tmp_path / "m"), "--data",
                           str(tmp_path / "tools.jsonl"), "--out", str(tmp_path / "t"), "--max-new-tokens", "16"],

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, init_tiny_model
 from sft.self_instruct import (
     encode_prompt,
     heuristic_reason,
@@ -89,10 +89,7 @@ def test_prompt_and_parsing_helpers():
 
 def test_twenty_seed_tasks_on_a_tiny_checkpoint(tmp_path):
     assert len(read_seed_tasks(str(SEEDS))) == 20
-    init = subprocess.run([sys.executable, "-m", "align.cli", "init-model", str(ROOT / "configs/model/tiny.yaml"),
-                           "--tokenizer", "bytes", "--fit-vocab", "--out", str(tmp_path / "m")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert init.returncode == 0, init.stderr[-2000:]
+    init_tiny_model(tmp_path / "m")
     run = subprocess.run([sys.executable, "-m", "align.cli", "data", "self-instruct", "--model", str(tmp_path / "m"),
                           "--seed-tasks", str(SEEDS), "--n", "5", "--out", str(tmp_path / "si.jsonl"),
                           "--max-rounds", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import FIXTURES, ROOT, ChatServer, serve
+from conftest import FIXTURES, ROOT, ChatServer, init_tiny_model, serve
 from rm.tags.raw import TAG_PROMPT, keyphrase_tags, parse_tag_answer, raw_tags
 
 ANSWERS = [json.loads(l) for l in (FIXTURES / "instag_answers.jsonl").read_text().splitlines()]
@@ -79,10 +79,7 @@ def test_offline_keyphrases_and_the_build_that_follows(tmp_path):
 
 @pytest.mark.slow
 def test_a_checkpoint_tags_end_to_end(tmp_path):
-    init = subprocess.run([sys.executable, "-m", "align.cli", "init-model", str(ROOT / "configs/model/tiny.yaml"),
-                           "--tokenizer", "bytes", "--fit-vocab", "--out", str(tmp_path / "m")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert init.returncode == 0
+    init_tiny_model(tmp_path / "m")
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "What is 2+2?"}) + "\n")
     out = subprocess.run([sys.executable, "-m", "align.cli", "tags", "raw", "--input", str(path), "--out",

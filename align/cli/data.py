@@ -114,23 +114,11 @@ def cmd_data_self_instruct(args: argparse.Namespace) -> None:
 
     from tqdm import tqdm
 
-    from align.core.records import DataError
-    from align.tools.agent import Agent, EndpointBackend, LocalBackend, text_completer
+    from align.cli.tools import backend_from_args
+    from align.tools.agent import Agent, text_completer
     from sft.self_instruct import read_seed_tasks, self_instruct, tool_use_self_instruct
 
-    if (args.model is None) == (args.endpoint is None):
-        raise DataError("give one of --model DIR and --endpoint URL")
-    if args.model is not None:
-        from align.serve import LocalModel
-
-        backend = LocalBackend(LocalModel.load(str(args.model)), args.temperature)
-    else:
-        from base_model import QwenTokenizer
-
-        if args.tokenizer is None:
-            raise DataError("--endpoint needs --tokenizer (a checkpoint folder or ranks file)")
-        backend = EndpointBackend(args.endpoint, QwenTokenizer.load(args.tokenizer), args.endpoint_model,
-                                  args.temperature)  # fmt: skip
+    backend = backend_from_args(args)
     complete = text_completer(backend)
     seeds = read_seed_tasks(str(args.seed_tasks))
     if args.tools:

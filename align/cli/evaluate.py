@@ -54,25 +54,13 @@ def cmd_eval_tools(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_code(args: argparse.Namespace) -> None:
+    from align.cli.tools import backend_from_args
     from align.core.records import DataError
-    from align.tools.agent import EndpointBackend, LocalBackend
     from align.tools.code_eval import evaluate_code, read_code_tasks
 
     if args.data is None:
         raise DataError("align eval code needs --data: rows of question, files, answer and expected files")
-    if (args.model is None) == (args.endpoint is None):
-        raise DataError("give exactly one of --model DIR and --endpoint URL")
-    if args.model is not None:
-        from align.serve import LocalModel
-
-        backend = LocalBackend(LocalModel.load(str(args.model)), max_tokens=args.max_new_tokens)
-    else:
-        from base_model import QwenTokenizer
-
-        if args.tokenizer is None:
-            raise DataError("--endpoint needs --tokenizer to write the prompt")
-        backend = EndpointBackend(args.endpoint, QwenTokenizer.load(args.tokenizer), args.endpoint_model,
-                                  max_tokens=args.max_new_tokens)  # fmt: skip
+    backend = backend_from_args(args, args.max_new_tokens)
     evaluate_code(read_code_tasks(str(args.data))[: args.limit], args.out, backend, timeout_s=args.timeout * 3)
 
 

@@ -12,29 +12,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(str(args.model), args.host, args.port, args.name)
 
 
+def backend_from_args(args: argparse.Namespace, max_tokens: int = 256):
+    """A text backend for the agent loop (`align.tools.agent`) from `--model DIR` or `--endpoint URL --tokenizer`."""
+    from align.core.records import DataError
+    from align.tools.agent import EndpointBackend, LocalBackend
+
+    if (args.model is None) == (args.endpoint is None):
+        raise DataError("give exactly one of --model DIR and --endpoint URL")
+    temperature = getattr(args, "temperature", 0.0)
+    if args.model is not None:
+        from align.serve import LocalModel
+
+        return LocalBackend(LocalModel.load(str(args.model)), temperature, max_tokens)
+    from base_model import QwenTokenizer
+
+    if args.tokenizer is None:
+        raise DataError("--endpoint needs --tokenizer (a checkpoint folder or ranks file) to write the prompt")
+    return EndpointBackend(args.endpoint, QwenTokenizer.load(args.tokenizer), args.endpoint_model, temperature,
+                           max_tokens)  # fmt: skip
+
+
 def cmd_agent(args: argparse.Namespace) -> None:
     import json
     import tempfile
 
     from align.core.records import DataError, iter_records
-    from align.tools.agent import Agent, EndpointBackend, LocalBackend, run_questions
+    from align.tools.agent import Agent, run_questions
     from align.tools.builtin import builtin_tools
 
-    if (args.model is None) == (args.endpoint is None):
-        raise DataError("give one of --model DIR and --endpoint URL")
-    if (args.question is None) == (args.questions is None):
-        raise DataError("give one of --question TEXT and --questions FILE")
-    if args.model is not None:
-        from align.serve import LocalModel
-
-        backend = LocalBackend(LocalModel.load(str(args.model)), args.temperature, args.max_tokens)
-    else:
-        from base_model import QwenTokenizer
-
-        if args.tokenizer is None:
-            raise DataError("--endpoint needs --tokenizer (a checkpoint folder or ranks file) to write the prompt")
-        backend = EndpointBackend(args.endpoint, QwenTokenizer.load(args.tokenizer), args.endpoint_model,
-                                  args.temperature, args.max_tokens)  # fmt: skip
+    backend = backend_from_args(args, args.max_tokens)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="align-agent-"))
     tools = builtin_tools([t for t in args.tools.split(",") if t], workdir, args.tool_timeout)
     agent = Agent(backend, tools, args.max_steps, args.system)

@@ -279,12 +279,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     items = read_items(data, bench)[:limit]
     results_path = out / "results.jsonl"
-    done = {}
-    if results_path.exists():
-        for line in results_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["id"]] = row
+    done = load_results(results_path)
     todo = [it for it in items if it["id"] not in done]
     log(f"[eval] {bench}: {len(items)} items, {len(items) - len(todo)} already answered, {len(todo)} to answer")
     if todo:
@@ -339,10 +334,33 @@ def evaluate(
     return summary
 
 
-def report(summary: dict, rows: list[dict]) -> str:
+def load_results(path: Path) -> dict[str, dict]:
+    """The rows already written to a resumable `results.jsonl`, by id."""
+    done: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["id"]] = row
+    return done
+
+
+def html_page(title: str, summary: dict, columns: list[str], body: str) -> str:
+    """An evaluation's report: its summary figures, then one table row per item."""
     head = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in summary.items()
     )
+    cols = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>body{{font-family:"
+        "system-ui,sans-serif;max-width:1100px;margin:2em auto}td,th{border:1px solid #ccc;padding:3px 8px}"
+        "table{border-collapse:collapse}pre{white-space:pre-wrap}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><table>{head}</table><h2>Items</h2><table><tr>{cols}</tr>{body}</table>"
+        "</body></html>"
+    )
+
+
+def report(summary: dict, rows: list[dict]) -> str:
     body = "".join(
         f"<tr><td>{html.escape(r['id'])}</td><td>{'✔' if r['correct'][0] else '✘'}</td>"
         f"<td><pre>{html.escape(r['reference'][:600])}</pre></td><td><pre>{html.escape(str(r['predicted'][0])[:600])}"
@@ -351,11 +369,6 @@ def report(summary: dict, rows: list[dict]) -> str:
         f"{html.escape(r['responses'][0])}</pre></details></td></tr>"
         for r in rows
     )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>align eval</title><style>body{font-family:"
-        "system-ui,sans-serif;max-width:1100px;margin:2em auto}td,th{border:1px solid #ccc;padding:3px 8px}"
-        "table{border-collapse:collapse}pre{white-space:pre-wrap}</style></head><body>"
-        f"<h1>{html.escape(summary['benchmark'])}</h1><table>{head}</table><h2>Items</h2><table><tr><th>id</th>"
-        f"<th>right</th><th>reference</th><th>answer</th><th>question and response</th></tr>{body}</table>"
-        "</body></html>"
+    return html_page(
+        summary["benchmark"], summary, ["id", "right", "reference", "answer", "question and response"], body
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from align.core.react import parse_react
 from align.core.records import DataError, as_messages, iter_records
-from align.eval.harness import wilson
+from align.eval.harness import html_page, load_results, wilson
 from base_model.atomic import write_json_atomic, write_text_atomic
 
 
@@ -75,12 +75,7 @@ def evaluate_tools(items: list[dict], out: str | Path, answer, batch_size: int =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = {}
-    if results.exists():
-        for line in results.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["id"]] = row
+    done = load_results(results)
     todo = [it for it in items if it["id"] not in done]
     log(f"[eval] tools: {len(items)} items, {len(todo)} to answer")
     for start in range(0, len(todo), batch_size):
@@ -115,22 +110,13 @@ def evaluate_tools(items: list[dict], out: str | Path, answer, batch_size: int =
 
 
 def report(summary: dict, rows: list[dict]) -> str:
-    head = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in summary.items()
-    )
     body = "".join(
         f"<tr><td>{html.escape(r['id'])}</td><td>{html.escape(r['question'][:200])}</td>"
         f"<td>{html.escape(json.dumps(r['expected'], ensure_ascii=False))}</td><td>{html.escape(str(r['called']))}</td>"
         f"<td><pre>{html.escape(r['response'][:600])}</pre></td></tr>"
         for r in rows
     )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>align eval tools</title><style>body{font-family:"
-        "system-ui,sans-serif;max-width:1100px;margin:2em auto}td,th{border:1px solid #ccc;padding:3px 8px}"
-        "table{border-collapse:collapse}pre{white-space:pre-wrap}</style></head><body><h1>Tool use</h1>"
-        f"<table>{head}</table><h2>Items</h2><table><tr><th>id</th><th>question</th><th>expected</th><th>called</th>"
-        f"<th>step</th></tr>{body}</table></body></html>"
-    )
+    return html_page("Tool use", summary, ["id", "question", "expected", "called", "step"], body)
 
 
 def step_answerer(engine_answerer):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from align.core.records import DataError, iter_records
 from align.eval.answers import math_equal
-from align.eval.harness import wilson
+from align.eval.harness import load_results, wilson
 from align.tools.agent import Agent, transcript_row
 from align.tools.builtin import python
 from base_model.atomic import write_json_atomic
@@ -59,12 +59,7 @@ def evaluate_code(tasks: list[dict], out: str | Path, backend, max_steps: int = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = {}
-    if results.exists():
-        for line in results.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["id"]] = row
+    done = load_results(results)
     for task in [t for t in tasks if t["id"] not in done]:
         work = Path(tempfile.mkdtemp(prefix="align-eval-code-"))
         for name, text in task["files"].items():

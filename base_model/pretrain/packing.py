@@ -56,18 +56,14 @@ def pack(
                 n_rows += 1
         if n_docs == 0:
             raise DataError(f"{', '.join(map(str, inputs))}: no documents")
-        index = {
-            "seq_len": seq_len,
-            "n_rows": n_rows,
-            "n_docs": n_docs,
-            "n_tokens": n_tokens,
-            "eod_id": eod,
-            "dtype": "uint32",
-            "tokenizer": tokenizer_name,
-            "sources": [str(p) for p in inputs],
-        }
+        index = _index(seq_len, n_rows, n_docs, n_tokens, eod, tokenizer_name, inputs)
         write_json_atomic(tmp / INDEX, index)
     return index
+
+
+def _index(seq_len, n_rows, n_docs, n_tokens, eod, tokenizer_name, inputs) -> dict:
+    return {"seq_len": seq_len, "n_rows": n_rows, "n_docs": n_docs, "n_tokens": n_tokens, "eod_id": eod,
+            "dtype": "uint32", "tokenizer": tokenizer_name, "sources": [str(p) for p in inputs]}  # fmt: skip
 
 
 def positions_and_labels(row: np.ndarray, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -227,17 +223,7 @@ def pack_mix(
                 n_rows += 1
         for s, t, w, p in zip(stats, taken, weights, passes):
             s.update(weight=float(w), tokens_packed=int(t), share=float(t / max(n_tokens, 1)), passes=p)
-        index = {
-            "seq_len": seq_len,
-            "n_rows": n_rows,
-            "n_docs": n_docs,
-            "n_tokens": n_tokens,
-            "eod_id": eod,
-            "dtype": "uint32",
-            "tokenizer": tokenizer_name,
-            "sources": [str(p) for p, _ in sources],
-            "mix": stats,
-            "decontaminated_against": [str(p) for p in decontaminate_against or []],
-        }
+        index = _index(seq_len, n_rows, n_docs, n_tokens, eod, tokenizer_name, [p for p, _ in sources])
+        index.update(mix=stats, decontaminated_against=[str(p) for p in decontaminate_against or []])
         write_json_atomic(tmp / INDEX, index)
     return index
