@@ -182,7 +182,8 @@ def self_instruct(
     max_rounds: int | None = None,
 ) -> dict:
     """Generate until `out` holds `n` instructions (or `max_rounds` prompts were sent). `complete(prompt, stops,
-    max_tokens) -> text` is the model. Returns the report (also written beside `out`)."""
+    max_tokens) -> text` is the model (None: the prompt does not fit its context). Returns the report (also
+    written beside `out`)."""
     out, report_path, rows, report = _resume(out)
     dropped = Counter(report["dropped"])
     rng = random.Random(seed + len(rows))
@@ -195,7 +196,7 @@ def self_instruct(
         context = rng.sample(seeds, min(6 if machine else 8, len(seeds)))
         context += rng.sample(machine, min(2, len(machine)))
         text = complete(encode_prompt(context), ("Task 17", "\n\n\n"), 512)
-        for instruction in read_instructions(len(context), text):
+        for instruction in read_instructions(len(context), text or ""):
             report["generated"] += 1
             reason = heuristic_reason(instruction)
             if reason is None:
@@ -203,12 +204,13 @@ def self_instruct(
                 if score >= ROUGE_THRESHOLD:
                     reason = "similar to a kept instruction (ROUGE-L >= 0.7)"
             if reason is None:
-                answer = complete(CLASSIFY_PROMPT.format(instruction=instruction), ("\n",), 4).strip().lower()
-                classification = answer.startswith("yes")
+                answer = complete(CLASSIFY_PROMPT.format(instruction=instruction), ("\n",), 4)
+                classification = (answer or "").strip().lower().startswith("yes")
                 template = OUTPUT_FIRST if classification else INPUT_FIRST
                 body = complete(template.format(instruction=instruction), ("Task:", "\n\n\n"), 350)
-                instances = parse_instances(body, classification)
-                if not instances:
+                if answer is None or body is None:
+                    reason = "too long for the model's context"
+                elif not (instances := parse_instances(body, classification)):
                     reason = "no instance"
             if reason is not None:
                 dropped[reason] += 1
@@ -253,7 +255,7 @@ def tool_use_self_instruct(
         context = rng.sample(seed_questions, min(6, len(seed_questions)))
         prompt = f"Come up with a series of questions that need these tools to answer: {names}.\n"
         prompt += "\n".join(f"Question {i}: {q}" for i, q in enumerate(context, 1)) + f"\nQuestion {len(context) + 1}:"
-        text = complete(prompt, ("Question 17", "\n\n\n"), 256)
+        text = complete(prompt, ("Question 17", "\n\n\n"), 256) or ""
         pieces = re.split(r"\n\s*Question \d+\s*[:.]", "\n" + text)
         for question in [re.sub(r"\s+", " ", p).strip() for p in pieces if p.strip()]:
             report["generated"] += 1

@@ -101,9 +101,16 @@ def arguments_as_written(text: str, arguments: dict) -> str:
 
 
 def text_completer(backend):
-    """`complete(prompt_text, stops, max_tokens) -> text` over a backend (for Self-Instruct's raw prompts)."""
-    return lambda prompt, stops, max_tokens: backend.continue_text(backend.tokenizer.encode(prompt), tuple(stops),
-                                                                   max_tokens)  # fmt: skip
+    """`complete(prompt_text, stops, max_tokens) -> text`, or None when the prompt fills the model's context (for
+    Self-Instruct's raw prompts)."""
+
+    def complete(prompt: str, stops, max_tokens: int) -> str | None:
+        try:
+            return backend.continue_text(backend.tokenizer.encode(prompt), tuple(stops), max_tokens)
+        except ContextFull:
+            return None
+
+    return complete
 
 
 def run_tool(tool: Tool, arguments: dict) -> tuple[str, bool]:
