@@ -11,7 +11,7 @@ from collections import Counter
 
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, ChatServer, serve
 from rm.tags.taxonomy import Taxonomy
 
 FAMILIES = {
@@ -81,3 +81,30 @@ def test_planted_families_and_safety_topics(tmp_path):
     assert safety_placements and all(p["evidence"].startswith("cosine ") for p in safety_placements)
     doc = yaml.safe_load((tmp_path / "tax" / "taxonomy.yaml").read_text())
     assert any(t["id"].startswith("domain/") for t in doc["tags"]) and len(taxonomy.subtree("safety")) > 19
+
+
+class Namer(ChatServer):
+    """Names a group after the words its tags share most; answers prose for one group, to test the fallback."""
+
+    def reply(self, body):
+        tags = [l[2:] for l in body["messages"][-1]["content"].splitlines() if l.startswith("- ")]
+        words = Counter(w for t in tags for w in t.lower().split() if len(w) > 3)
+        name = words.most_common(1)[0][0].title() if words else "Misc"
+        if "paris" in " ".join(tags):
+            name = "Here is a long explanation of what I think these tags have in common, at length."
+        return {"choices": [{"message": {"role": "assistant", "content": f'"{name}"'}}]}
+
+
+def test_an_llm_names_the_categories():
+    from rm.tags.hierarchy import add_hierarchy, llm_namer
+    from rm.tags.taxonomy import Tag
+
+    tags = [Tag(t, t) for f in ("cooking", "travel") for t in FAMILIES[f]]
+    gen = serve(Namer)
+    url = next(gen)
+    taxonomy, _ = add_hierarchy(Taxonomy(tags), namer=llm_namer(url))
+    next(gen, None)
+    names = {t.name for t in taxonomy.tags.values() if t.id.startswith("category/")}
+    assert "Cooking (category)" in names or "Recipes (category)" in names, names
+    travel = taxonomy.tags[taxonomy.tags["visiting paris"].parent].name
+    assert travel.endswith("(category)") and "explanation" not in travel  # prose falls back to a member's name

@@ -206,13 +206,14 @@ def cmd_tags_build(args: argparse.Namespace) -> None:
     if args.hierarchy or args.safety:
         from collections import Counter
 
-        from rm.tags.hierarchy import add_hierarchy
+        from rm.tags.hierarchy import add_hierarchy, llm_namer
         from rm.tags.taxonomy import Taxonomy
 
         counts = Counter(result.mapping[t] for tags in raw for t in tags if t in result.mapping)
         safety = Taxonomy.load(args.safety) if args.safety else None
+        namer = llm_namer(args.name_endpoint, args.endpoint_model) if args.name_endpoint else None
         taxonomy, placements = add_hierarchy(taxonomy, counts, safety, args.safety_threshold, args.category_distance,
-                                             args.domain_distance)  # fmt: skip
+                                             args.domain_distance, namer)  # fmt: skip
         write_rows_atomic(args.out / "placements.jsonl", placements)
     taxonomy.save(args.out / "taxonomy.yaml")
     write_rows_atomic(args.out / "merges.jsonl", result.merges)
@@ -463,6 +464,8 @@ def register(sub) -> None:
     q.add_argument("--safety-threshold", type=float, default=0.5, help="cosine similarity to a harm category")
     q.add_argument("--category-distance", type=float, default=0.75, help="cosine distance within a category")
     q.add_argument("--domain-distance", type=float, default=0.85, help="cosine distance within a domain")
+    q.add_argument("--name-endpoint", default=None, help="name categories and domains with an LLM at this base URL")
+    q.add_argument("--endpoint-model", default="default")
     q.set_defaults(func=cmd_tags_build)
     q = tags_sub.add_parser("assign", help="tag rows onto a taxonomy")
     q.add_argument("--input", type=Path, required=True)

@@ -40,6 +40,27 @@ def _medoid(names: list[str], vectors: np.ndarray) -> str:
     return names[int(sims.sum(1).argmax())]
 
 
+def llm_namer(url: str, model: str = "default", timeout_s: float = 60.0) -> Callable[[list[str]], str]:
+    """Names a group of tags by asking an OpenAI-compatible chat endpoint; falls back to the first member when the
+    answer is empty or too long to be a name."""
+    import httpx
+
+    def name(members: list[str]) -> str:
+        listing = "\n".join(f"- {m}" for m in members[:30])
+        body = {"model": model, "temperature": 0.0, "max_tokens": 16, "messages": [
+            {"role": "user", "content": "Give a short name (at most four words) for the category that holds these "
+                                        f"tags. Answer with the name only.\n{listing}"}]}  # fmt: skip
+        try:
+            r = httpx.post(url.rstrip("/") + "/chat/completions", json=body, timeout=timeout_s)
+            text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else ""
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+            text = ""
+        text = re.sub(r"\s+", " ", (text or "").strip().strip("\"'.*`")).strip()
+        return text if 0 < len(text.split()) <= 6 and len(text) <= 60 else members[0]
+
+    return name
+
+
 def add_hierarchy(
     taxonomy: Taxonomy,
     counts: dict[str, int] | None = None,
@@ -84,14 +105,20 @@ def add_hierarchy(
             members = [k for k in range(len(rest)) if labels[k] == label]
             member_names = [names[rest[k]] for k in members]
             title = namer(member_names) if namer else _medoid(member_names, rest_vectors[members])
+            if any(title == c[1] for c in categories):  # two groups named alike stay apart
+                title = f"{title} {label}"
             categories.append((f"category/{_slug(title)}-{label}", title, members))
         centroids = np.stack([rest_vectors[m].mean(0) for _, _, m in categories])
         centroids /= np.linalg.norm(centroids, axis=1, keepdims=True) + 1e-12
         domain_labels = _clusters(centroids, domain_distance)
+        domain_titles: list[str] = []
         for label in sorted(set(domain_labels.tolist())):
             cats = [c for c, d in zip(categories, domain_labels) if d == label]
             titles = [c[1] for c in cats]
             title = namer(titles) if namer else _medoid(titles, centroids[[categories.index(c) for c in cats]])
+            if title in domain_titles:
+                title = f"{title} {label}"
+            domain_titles.append(title)
             domain_id = f"domain/{_slug(title)}-{label}"
             out_tags.append(Tag(domain_id, f"{title} (domain)"))
             for cat_id, cat_title, members in cats:
