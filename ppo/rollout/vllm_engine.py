@@ -57,6 +57,17 @@ def check_version(version: str) -> None:
         )
 
 
+def load_vllm(vllm_module=None):
+    """The `vllm` module (or the one given, in tests), checked to be a supported version."""
+    if vllm_module is None:
+        try:
+            import vllm as vllm_module
+        except ImportError as e:
+            raise RuntimeError("vLLM is not installed: pip install '.[gpu]' on a machine with CUDA") from e
+    check_version(getattr(vllm_module, "__version__", "unknown"))
+    return vllm_module
+
+
 class WorkerExtension:
     """Mixed into vLLM's GPU worker (`worker_extension_cls`)."""
 
@@ -93,9 +104,7 @@ class VLLMEngine:
         llm=None,
         vllm_module=None,
     ) -> None:
-        if vllm_module is None:
-            import vllm as vllm_module
-        check_version(getattr(vllm_module, "__version__", "unknown"))
+        vllm_module = load_vllm(vllm_module)
         self.vllm = vllm_module
         self.timeout_s = timeout_s
         self.bucket_bytes = int(bucket_mb * 2**20)
@@ -130,12 +139,7 @@ class VLLMEngine:
     ) -> VLLMEngine:
         """An engine for evaluation or serving, not colocated with training: vLLM's own executor over this machine's
         GPUs (`tensor_parallel_size` of them), no weight syncs. Prompts go in as token ids (no tokenizer in vLLM)."""
-        if vllm_module is None:
-            try:
-                import vllm as vllm_module
-            except ImportError as e:
-                raise RuntimeError("vLLM is not installed: pip install '.[gpu]' on a machine with CUDA") from e
-        check_version(getattr(vllm_module, "__version__", "unknown"))
+        vllm_module = load_vllm(vllm_module)
         if llm is None:
             llm = vllm_module.LLM(model=str(model_dir), seed=seed, tensor_parallel_size=tensor_parallel_size,
                                   gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True)  # fmt: skip
