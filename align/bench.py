@@ -5,7 +5,8 @@ several repetitions, and reports medians and the ratio ours / peer (higher is be
 `{"suite", "metric", "ours", "peer", "ratio", "unit"}`; `peer` and `ratio` are null where nothing comparable
 exists (for example the machine's own matmul peak).
 
-Suites: peak, model, generate, sft (against TRL's SFTTrainer), ppo, tags, label (the labelling API under load).
+Suites: peak, model, generate, sft (against TRL's SFTTrainer), ppo, tags, label (the labelling API under load),
+taxonomy (`align tags build` on a million queries; minutes, so not in the default run).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("peak", "model", "generate", "sft", "ppo", "tags", "label")
+SUITES = ("peak", "model", "generate", "sft", "ppo", "tags", "label", "taxonomy")
+DEFAULT_SUITES = SUITES[:-1]
 
 
 def _median_time(fn: Callable[[], None], reps: int, warmup: int = 1) -> float:
@@ -217,6 +219,47 @@ def tags(reps: int = 3) -> list[dict]:
     return out
 
 
+def taxonomy(prompts: int = 1_000_000, concepts: int = 6600, rare: int = 4000) -> list[dict]:
+    """`align tags build --hierarchy --safety` as a user runs it, on a million queries' raw tags (about 30,000
+    distinct: planted concepts in several spellings and a paraphrase, and rare tags; `align/world/tag_corpus.py`),
+    cold and then with the embeddings cached; and how many planted concepts came out as one tag each. No peer: no
+    other tool builds an InsTag taxonomy."""
+    import subprocess
+    import sys
+    import tempfile
+    from collections import Counter
+
+    from align.core.records import write_jsonl_atomic
+    from align.world.tag_corpus import raw_tag_corpus, spellings
+
+    raw, planted = raw_tag_corpus(prompts, concepts, rare, seed=0)
+    distinct = len(Counter(t for r in raw for t in r))
+    out = [row("taxonomy", "raw_tags_distinct", distinct, None, "tags")]
+    safety = Path(__file__).resolve().parent.parent / "configs" / "taxonomy" / "safety-pku.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        write_jsonl_atomic(Path(tmp) / "raw.jsonl", [{"tags": r} for r in raw])
+        del raw
+        for run_name in ("cold", "cached"):
+            cmd = [sys.executable, "-m", "align.cli", "tags", "build", "--input", str(Path(tmp) / "raw.jsonl"),
+                   "--out", str(Path(tmp) / "tax"), "--hierarchy", "--safety", str(safety)]  # fmt: skip
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            seconds = time.perf_counter() - t0
+            if done.returncode != 0:
+                raise RuntimeError(f"align tags build failed: {done.stderr[-2000:]}")
+            print("\n".join(l for l in done.stdout.splitlines() if l.startswith("[tags build]")), flush=True)
+            out.append(row("taxonomy", f"build_1M_{run_name}_seconds", seconds, None, "s"))
+        mapping = json.loads((Path(tmp) / "tax" / "mapping.json").read_text())
+        leaves = len(set(mapping.values()))
+        whole = 0
+        for a, b in planted:
+            names = {mapping.get(t) for t in [*spellings(a, b), f"{b} of {a}"]} - {None}
+            whole += len(names) == 1
+    out.append(row("taxonomy", "tags_built", leaves, None, "tags"))
+    out.append(row("taxonomy", "planted_concepts_as_one_tag", whole / len(planted), None, "fraction"))
+    return out
+
+
 def ppo(reps: int = 1) -> list[dict]:
     """Seconds per PPO iteration of the tiny recipe, split into rollout, experience and training."""
     import subprocess
@@ -393,7 +436,7 @@ def run(suites: list[str], device: str = "cpu", json_out: str | None = None) -> 
         raise ConfigError(f"unknown suite(s) {', '.join(unknown)}; available: {', '.join(SUITES)}")
     rows: list[dict] = []
     peak_rows = None
-    for suite in suites or list(SUITES):
+    for suite in suites or list(DEFAULT_SUITES):
         t0 = time.perf_counter()
         if device.startswith("cuda") and suite in GPU_SUITES:
             from align import bench_gpu
@@ -410,7 +453,7 @@ def run(suites: list[str], device: str = "cpu", json_out: str | None = None) -> 
         else:
             from align.bench_label import label
 
-            new = {"tags": tags, "sft": sft, "label": label, "ppo": ppo}[suite]()
+            new = {"tags": tags, "sft": sft, "label": label, "ppo": ppo, "taxonomy": taxonomy}[suite]()
         rows += new
         _print(suite, new, t0)
         if json_out:  # after every suite: a run stopped at a time limit keeps what it measured

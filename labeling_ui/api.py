@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import OperationalError
 
 from align.core.records import ComparisonRecord, DataError, as_messages
+from labeling_ui import taxonomy_api
 from labeling_ui.agreement import project_report
 from labeling_ui.auth import LoginThrottle, check_login
 from labeling_ui.export import comparison_record
@@ -383,6 +384,8 @@ def create_app(
     @app.get("/api/projects/{name}/members")
     def list_members(name: str, user: User = Depends(role("admin"))):
         return {"members": store.members(checked_name(name))}
+
+    taxonomy_api.add_routes(app, store, role)
 
     @app.get("/api/audit", response_class=PlainTextResponse)
     def audit_log(user: User = Depends(role("admin"))):

@@ -143,6 +143,35 @@ class Annotation(Base):
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # from lease to submission
 
 
+class TaxonomyWorkspace(Base):
+    """A built taxonomy under review: what the build recorded beside it (merges with their evidence, placements,
+    example prompts and counts per raw tag), fixed at import; its tags live in `taxonomy_versions`."""
+
+    __tablename__ = "taxonomies"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created: Mapped[dt.datetime] = mapped_column(DateTime)
+    merges: Mapped[list] = mapped_column(JSON, default=list)
+    placements: Mapped[list] = mapped_column(JSON, default=list)
+    examples: Mapped[dict] = mapped_column(JSON, default=dict)  # raw tag -> a few prompts tagged with it
+    counts: Mapped[dict] = mapped_column(JSON, default=dict)  # raw tag -> prompts tagged with it
+
+
+class TaxonomyVersion(Base):
+    """Every state of a taxonomy: version 1 as imported, then one per reviewer edit (who, when, what)."""
+
+    __tablename__ = "taxonomy_versions"
+    __table_args__ = (UniqueConstraint("taxonomy_id", "version"),)  # two edits from the same version: one wins
+    id: Mapped[int] = mapped_column(primary_key=True)
+    taxonomy_id: Mapped[int] = mapped_column(ForeignKey("taxonomies.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    created: Mapped[dt.datetime] = mapped_column(DateTime)
+    author: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    tags: Mapped[list] = mapped_column(JSON)  # the taxonomy file's `tags` list
+
+
 class SchemaVersion(Base):
     __tablename__ = "schema_version"
     version: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -50,6 +50,7 @@ from labeling_ui.schema import (
     User,
     task_from_row,
 )
+from labeling_ui.taxonomies import Taxonomies
 
 
 class WouldWait(Exception):
@@ -75,8 +76,9 @@ class _SlotTaken(Exception):
 IMPORT_CHUNK = 500  # tasks per transaction of an import: other writers get the lock in between
 
 
-class Store(Accounts):
-    """The labelling database: tasks, leases and annotations here, accounts in `Accounts`."""
+class Store(Accounts, Taxonomies):
+    """The labelling database: tasks, leases and annotations here, accounts in `Accounts`, taxonomies under review
+    in `Taxonomies`."""
 
     def __init__(self, url: str = "sqlite:///labels.db", lease_seconds: int = 600, session_hours: float = 12) -> None:
         if url.startswith("postgresql://"):

@@ -1,4 +1,5 @@
-"""The web page (Gradio, mounted on the FastAPI app): annotators rank responses, reviewers audit agreement.
+"""The web page (Gradio, mounted on the FastAPI app): annotators rank responses, reviewers audit agreement and
+review taxonomies (`taxonomy_web.py`).
 
 Login is Gradio's form checked against the store's scrypt hashes; every handler looks the user up again and checks
 the role, so hiding the reviewer tab is a convenience, not the protection. Keyboard: number keys give the next
@@ -12,7 +13,7 @@ import time
 import gradio as gr
 from fastapi import FastAPI
 
-from labeling_ui import render
+from labeling_ui import render, taxonomy_web
 from labeling_ui.agreement import project_report
 from labeling_ui.api import create_app, readable
 from labeling_ui.auth import LoginThrottle, check_login
@@ -153,12 +154,15 @@ def build_ui(store: Store, tags: list[str] | None = None, logged_in_at: dict[str
         projects = store.projects(user)
         project = projects[0] if projects else None
         is_reviewer = user.role in ("reviewer", "admin")
+        taxonomies = [t["name"] for t in store.taxonomies()] if is_reviewer else []
         return (
             gr.update(choices=projects, value=project),
             f"Logged in as **{user.name}** ({user.role})",
             gr.update(visible=is_reviewer),
             gr.update(choices=projects, value=project),
             render.markdown(store.guidelines(project)) if project else "",
+            gr.update(visible=is_reviewer),
+            gr.update(choices=taxonomies, value=taxonomies[0] if taxonomies else None),
         )
 
     def review(project, request: gr.Request):
@@ -256,10 +260,14 @@ def build_ui(store: Store, tags: list[str] | None = None, logged_in_at: dict[str
             )
             gr.Markdown("#### Tag balance of the labelled items")
             audit = gr.Dataframe(headers=["tag", "items", "share"], elem_id="audit")
+        with gr.Tab("Taxonomy", visible=False) as taxonomy_tab:
+            taxonomy_name = taxonomy_web.build(store, user_of)
 
         page = [task_id, chat, responses, progress, ranks, strength, chosen_tags, status]
         cleared = [all_bad, unsafe, rationale]
-        ui.load(on_load, None, [project, who, review_tab, review_project, guidelines]).then(show, [project], page)
+        ui.load(
+            on_load, None, [project, who, review_tab, review_project, guidelines, taxonomy_tab, taxonomy_name]
+        ).then(show, [project], page)
         project.change(show, [project], page).then(
             lambda p: render.markdown(store.guidelines(p)) if p else "", [project], [guidelines]
         )

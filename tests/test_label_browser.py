@@ -12,6 +12,7 @@ from align.bench_label import LabelServer
 from labeling_ui.auth import hash_password
 from labeling_ui.schema import Annotation, User
 from labeling_ui.store import Store
+from rm.tags.taxonomy import Tag, Taxonomy
 
 SHOTS = Path(__file__).parent / "screenshots"
 EVIL = 'Sure. <script>window.pwned = true</script> <img src=x onerror="window.pwned = true">'
@@ -37,6 +38,17 @@ def server(tmp_path_factory):
     store.add_members("demo", ["alice", "bob", "rita"])
     taxonomy = tmp / "taxonomy.yaml"
     taxonomy.write_text(json.dumps({"tags": [{"id": "code"}, {"id": "math"}, {"id": "safety"}]}))
+    built = Taxonomy([Tag("programming", "Programming"),
+                      Tag("python programming", "python programming", "programming",
+                          ["Python Programming", "python programs", "python coding"]),
+                      Tag("cooking", "cooking", None, ["<b>baking</b>"])], "built")  # fmt: skip
+    merges = [{"step": "rule", "into": "python programming", "merged": ["python programs"], "evidence": "stems"},
+              {"step": "semantic", "into": "python programming", "merged": ["python coding"],
+               "evidence": "MiniLM embeddings within cosine distance 0.3 (DBSCAN)"}]  # fmt: skip
+    examples = {"python coding": ["Write a <script>window.pwned = true</script> loop in Python"],
+                "python programming": ["How do I read a file in Python?"]}  # fmt: skip
+    counts = {"python programming": 30, "python coding": 12, "python programs": 4, "cooking": 9}
+    store.import_taxonomy("instag", built, merges, [], examples, counts)
     srv = LabelServer(db, tmp / "server.log", taxonomy).start()
     yield srv, store
     srv.stop()
@@ -131,6 +143,52 @@ def test_reviewer_sees_agreement(server, browser):
     page.wait_for_function("document.querySelector('#agreement').innerText.includes('Kendall')", timeout=20000)
     page.screenshot(path=str(SHOTS / "label_review.png"), full_page=True)
     assert "ranked items" in page.inner_text("#agreement")
+    page.close()
+
+
+@pytest.mark.slow
+def test_reviewer_reviews_the_taxonomy(server, browser):
+    """Search, inspect (example prompts and merge evidence shown as text), rename, undo a merge, see the versions
+    with their author, export the file; an annotator has no Taxonomy tab."""
+    srv, store = server
+    page = login(browser, srv.url, "rita", "rita-secret")
+    page.get_by_role("tab", name="Taxonomy").click()
+    page.wait_for_function("document.querySelector('#taxonomy-status').innerText.includes('Version 1')", timeout=30000)
+    page.fill("#tag-search textarea, #tag-search input", "python")
+    page.click("#tag-search-btn")
+    page.wait_for_function("document.querySelector('#taxonomy-status').innerText.includes('1 tag(s)')", timeout=20000)
+    page.locator("#tag-table").get_by_text("python programming", exact=True).locator("visible=true").first.click()
+    page.wait_for_function("(document.querySelector('#tag-details') || {innerText: ''}).innerText.includes('Merges')",
+                           timeout=20000)  # fmt: skip
+    details = page.inner_text("#tag-details")
+    assert "<script>window.pwned = true</script>" in details and page.evaluate("window.pwned") is None
+    assert "DBSCAN" in details and "python coding (12)" in details
+    page.fill("#new-name textarea, #new-name input", "Python")
+    page.click("#rename")
+    page.wait_for_function("document.querySelector('#taxonomy-status').innerText.includes('version 2')", timeout=20000)
+    page.click("#merge input")
+    page.get_by_text("#1: python coding").locator("visible=true").first.click()
+    page.click("#undo-merge")
+    page.wait_for_function("document.querySelector('#taxonomy-status').innerText.includes('version 3')", timeout=20000)
+    page.wait_for_function("document.querySelector('#tax-versions').innerText.includes('undo_merge')", timeout=20000)
+    page.screenshot(path=str(SHOTS / "label_taxonomy.png"), full_page=True)
+    assert page.inner_text("#tax-versions").count("rita") == 2
+    version, tax = store.taxonomy_version("instag")
+    assert (
+        version == 3
+        and tax.tags["python programming"].name == "Python"
+        and tax.resolve("python coding") == "python coding"
+    )
+    page.click("#tax-export")
+    page.wait_for_selector("#tax-file a", timeout=20000)
+    with page.expect_download() as download:
+        page.click("#tax-file a")
+    exported = Taxonomy.load(download.value.path().rename(download.value.path().with_suffix(".yaml")))
+    assert exported.tags["python programming"].name == "Python" and "python coding" in exported.tags
+    page.close()
+    page = login(browser, srv.url, "alice", "alice-secret")
+    page.wait_for_selector("#responses", timeout=30000)
+    assert page.query_selector("text=Taxonomy") is None or not page.get_by_role("tab", name="Taxonomy").is_visible()
     page.close()
 
 

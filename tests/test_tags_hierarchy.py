@@ -108,3 +108,29 @@ def test_an_llm_names_the_categories():
     assert "Cooking (category)" in names or "Recipes (category)" in names, names
     travel = taxonomy.tags[taxonomy.tags["visiting paris"].parent].name
     assert travel.endswith("(category)") and "explanation" not in travel  # prose falls back to a member's name
+
+
+def test_build_at_scale_recovers_planted_concepts_and_caches_embeddings(tmp_path, monkeypatch):
+    """The scale benchmark's corpus, small: every planted concept (its spellings and its paraphrase) comes out as one
+    tag, the rare tags are dropped, and a second build embeds nothing new (the cache on disk)."""
+    from align.world.tag_corpus import raw_tag_corpus, spellings
+    from rm.tags import embed as embed_module
+    from rm.tags.builder import build_folder
+
+    raw, planted = raw_tag_corpus(20_000, 150, 300, seed=1)
+    calls = []
+    real = embed_module.embed
+    monkeypatch.setattr(embed_module, "embed", lambda texts: calls.append(len(texts)) or real(texts))
+    lines = []
+    report = build_folder(raw, tmp_path / "tax", None, tmp_path / "emb.sqlite", log=lines.append)
+    mapping = json.loads((tmp_path / "tax" / "mapping.json").read_text())
+    for a, b in planted:
+        names = {mapping.get(t) for t in [*spellings(a, b), f"{b} of {a}"]} - {None}
+        assert len(names) == 1, (a, b, names)
+    assert report["tags"] == len(planted) and report["raw_dropped"] >= 250
+    assert [l.split(":")[0] for l in lines] == ["frequency", "rule", "semantic", "association"]
+    embedded = sum(calls)
+    assert embedded >= len(planted)
+    build_folder(raw, tmp_path / "tax2", None, tmp_path / "emb.sqlite")
+    assert sum(calls) == embedded  # all from the cache
+    assert (tmp_path / "tax2" / "taxonomy.yaml").read_bytes() == (tmp_path / "tax" / "taxonomy.yaml").read_bytes()

@@ -195,37 +195,31 @@ def cmd_tags_raw(args: argparse.Namespace) -> None:
 
 
 def cmd_tags_build(args: argparse.Namespace) -> None:
-    from base_model.atomic import write_json_atomic, write_rows_atomic
-    from rm.tags.builder import build
+    from rm.tags.builder import build_folder
 
     rows = _rows(args.input)
     raw = [[str(t) for t in (r.get(args.tags_field) or [])] for _, r in rows]
-    result = build(raw, args.alpha, args.eps, args.min_confidence, args.min_support)
-    args.out.mkdir(parents=True, exist_ok=True)
-    taxonomy = result.taxonomy
+    hierarchy = None
     if args.hierarchy or args.safety:
-        from collections import Counter
-
-        from rm.tags.hierarchy import add_hierarchy, llm_namer
+        from rm.tags.hierarchy import llm_namer
         from rm.tags.taxonomy import Taxonomy
 
-        counts = Counter(result.mapping[t] for tags in raw for t in tags if t in result.mapping)
-        safety = Taxonomy.load(args.safety) if args.safety else None
-        namer = llm_namer(args.name_endpoint, args.endpoint_model) if args.name_endpoint else None
-        taxonomy, placements = add_hierarchy(taxonomy, counts, safety, args.safety_threshold, args.category_distance,
-                                             args.domain_distance, namer)  # fmt: skip
-        write_rows_atomic(args.out / "placements.jsonl", placements)
-    taxonomy.save(args.out / "taxonomy.yaml")
-    write_rows_atomic(args.out / "merges.jsonl", result.merges)
-    write_json_atomic(args.out / "mapping.json", result.mapping)
+        hierarchy = {"safety": Taxonomy.load(args.safety) if args.safety else None,
+                     "safety_threshold": args.safety_threshold, "category_distance": args.category_distance,
+                     "domain_distance": args.domain_distance,
+                     "namer": llm_namer(args.name_endpoint, args.endpoint_model) if args.name_endpoint else None}  # fmt: skip
+    report = build_folder(raw, args.out, hierarchy, args.embed_cache or args.out / "embeddings.sqlite",
+                          log=lambda m: print(f"[tags build] {m}", flush=True), alpha=args.alpha, eps=args.eps,
+                          min_confidence=args.min_confidence, min_support=args.min_support)  # fmt: skip
     print(
-        f"{len(result.mapping)} raw tags (after dropping {len(result.dropped)} seen fewer than {args.alpha} times) "
-        f"-> {len(result.taxonomy)} tags; {len(result.merges)} merges in {args.out / 'merges.jsonl'}"
+        f"{report['raw_kept']} raw tags (after dropping {report['raw_dropped']} seen fewer than {args.alpha} times) "
+        f"-> {report['tags']} tags; {report['merges']} merges in {args.out / 'merges.jsonl'}"
         + (
-            f"; hierarchy of {len(taxonomy)} nodes, placements in {args.out / 'placements.jsonl'}"
-            if args.hierarchy or args.safety
+            f"; hierarchy of {report['nodes']} nodes, placements in {args.out / 'placements.jsonl'}"
+            if hierarchy
             else ""
-        )  # fmt: skip
+        )
+        + f"; {report['seconds']:.1f} s"
     )
 
 
@@ -466,6 +460,9 @@ def register(sub) -> None:
     q.add_argument("--domain-distance", type=float, default=0.85, help="cosine distance within a domain")
     q.add_argument("--name-endpoint", default=None, help="name categories and domains with an LLM at this base URL")
     q.add_argument("--endpoint-model", default="default")
+    q.add_argument(
+        "--embed-cache", type=Path, default=None, help="embeddings kept here (default OUT/embeddings.sqlite)"
+    )
     q.set_defaults(func=cmd_tags_build)
     q = tags_sub.add_parser("assign", help="tag rows onto a taxonomy")
     q.add_argument("--input", type=Path, required=True)

@@ -146,11 +146,38 @@ def cmd_label_generate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_label_taxonomy(args: argparse.Namespace) -> None:
+    """taxonomy import | export | list: taxonomies under review in the app's Taxonomy tab."""
+    from labeling_ui.store import Store
+    from labeling_ui.taxonomies import import_build
+
+    store = Store(args.db)
+    if args.taxonomy_command == "list":
+        for t in store.taxonomies():
+            print(f"{t['name']}  version {t['version']}")
+    elif args.taxonomy_command == "import":
+        import_build(store, args.name, args.build, args.prompts, args.tags_field)
+        _, tax = store.taxonomy_version(args.name)
+        print(f"imported taxonomy {args.name!r} ({len(tax)} tags) at version 1; reviewers edit it in the Taxonomy tab")
+    else:
+        from base_model.atomic import write_text_atomic
+
+        text = store.export_taxonomy(args.name, args.version)
+        write_text_atomic(args.out, text)
+        store.audit("cli", "taxonomy_export", taxonomy=args.name, version=args.version)
+        print(
+            f"wrote {args.out} ({text.splitlines()[0].lstrip('# ')}); `align tags assign --taxonomy {args.out}` reads it"
+        )
+
+
 def register(sub) -> None:
     p = sub.add_parser(
-        "label", help="labelling: serve (web page + REST API) | users | members | audit | import | generate | export"
+        "label",
+        help="labelling: serve (web page + REST API) | users | members | audit | import | generate | export | taxonomy",
     )
-    label_sub = p.add_subparsers(dest="label_command", metavar="serve|users|members|audit|import|generate|export")
+    label_sub = p.add_subparsers(
+        dest="label_command", metavar="serve|users|members|audit|import|generate|export|taxonomy"
+    )
     label_sub.required = True
     q = label_sub.add_parser("serve", help="serve the web page (/) and the JSON REST API (/api)")
     q.add_argument("--db", default="sqlite:///labels.db", help="SQLAlchemy URL (sqlite:///… or postgresql://…)")
@@ -225,6 +252,22 @@ def register(sub) -> None:
     q.add_argument("--members", default="", help="comma-separated users to add to the project (see `members`)")
     q.add_argument("--db", default="sqlite:///labels.db")
     q.set_defaults(func=cmd_label_import)
+    q = label_sub.add_parser("taxonomy", help="taxonomies under review: import | export | list")
+    tax_sub = q.add_subparsers(dest="taxonomy_command", metavar="import|export|list")
+    tax_sub.required = True
+    r = tax_sub.add_parser("import", help="an `align tags build` folder, reviewed in the Taxonomy tab")
+    r.add_argument("--name", required=True)
+    r.add_argument("--build", type=Path, required=True, help="the build folder (taxonomy.yaml, merges.jsonl, …)")
+    r.add_argument("--prompts", type=Path, default=None, help="the raw-tag rows it was built from (example prompts)")
+    r.add_argument("--tags-field", default="tags")
+    r = tax_sub.add_parser("export", help="a version as a taxonomy file (`tags assign`, `tags audit` read it)")
+    r.add_argument("--name", required=True)
+    r.add_argument("--version", type=int, default=None, help="default: the latest")
+    r.add_argument("--out", type=Path, required=True)
+    r = tax_sub.add_parser("list")
+    for r in tax_sub.choices.values():
+        r.add_argument("--db", default="sqlite:///labels.db")
+        r.set_defaults(func=cmd_label_taxonomy)
     q = label_sub.add_parser("export", help="comparison records for `align rm train`")
     q.add_argument("--project", required=True)
     q.add_argument("--out", type=Path, required=True)

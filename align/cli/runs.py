@@ -66,7 +66,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="performance side by side with the usual peers (peak, model, generate, ppo, tags)")
-    p.add_argument("suites", nargs="*", help="suites to run (default: all)")
+    p.add_argument("suites", nargs="*", help="suites to run (default: all but taxonomy, which takes minutes)")
     p.add_argument("--json", default=None, help="write the rows to this file")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_bench)

@@ -13,9 +13,13 @@ group is its most frequent member.
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import snowballstemmer
 
 from rm.tags.taxonomy import Tag, Taxonomy
@@ -55,8 +59,12 @@ class _Groups:
             out.setdefault(self.find(t), []).append(t)
         return out
 
-    def size(self, root: str) -> int:
-        return sum(self.counts[t] for t in self.parent if self.find(t) == root)
+    def sizes(self) -> Counter:
+        """Each group's frequency: the sum over its members."""
+        out: Counter = Counter()
+        for t, c in self.counts.items():
+            out[self.find(t)] += c
+        return out
 
     def merge(self, tags: list[str]) -> str:
         roots = sorted({self.find(t) for t in tags}, key=lambda r: (-self.counts[r], r))
@@ -73,21 +81,29 @@ def build(
     min_support: float = 0.001,
     semantic: bool = True,
     association: bool = True,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
+    log: Callable[[str], None] = lambda _: None,
 ) -> BuildResult:
-    """`raw` holds the open-set tags of each query."""
+    """`raw` holds the open-set tags of each query; `embed` the semantic step's embedder (MiniLM by default; an
+    `EmbeddingCache` keeps its vectors on disk); `log` hears each step's outcome and time."""
+    t0 = time.perf_counter()
     counts = Counter(t.strip() for tags in raw for t in tags if t.strip())
+    keys = {t: rule_key(t) for t in counts}
     # the frequency of a tag is that of all its spellings (the same after step 2's normalisation)
     key_counts: Counter = Counter()
     for t, c in counts.items():
-        key_counts[rule_key(t)] += c
-    kept = Counter({t: c for t, c in counts.items() if key_counts[rule_key(t)] >= alpha})
-    dropped = {t: c for t, c in counts.items() if key_counts[rule_key(t)] < alpha}
+        key_counts[keys[t]] += c
+    kept = Counter({t: c for t, c in counts.items() if key_counts[keys[t]] >= alpha})
+    dropped = {t: c for t, c in counts.items() if key_counts[keys[t]] < alpha}
+    log(f"frequency: {len(counts)} raw tags, {len(dropped)} seen fewer than {alpha} times dropped "
+        f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
     groups = _Groups(kept)
     merges: list[dict] = []
 
+    t0 = time.perf_counter()
     by_key: dict[str, list[str]] = {}
     for t in kept:
-        by_key.setdefault(rule_key(t), []).append(t)
+        by_key.setdefault(keys[t], []).append(t)
     for key, tags in sorted(by_key.items()):
         if len(tags) > 1:
             into = groups.merge(tags)
@@ -100,24 +116,33 @@ def build(
                 }
             )
 
-    if semantic and len(groups.members()) > 1:
-        _semantic(groups, eps, merges)
+    log(f"rule: {len(kept)} tags → {len(by_key)} ({time.perf_counter() - t0:.1f} s)")
+    if semantic and len(by_key) > 1:
+        t0, before = time.perf_counter(), len(merges)
+        _semantic(groups, eps, merges, embed)
+        log(f"semantic: {len(merges) - before} clusters merged → {len(groups.members())} tags "
+            f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
     if association:
+        t0, before = time.perf_counter(), len(merges)
         _association(raw, groups, min_confidence, min_support, merges)
+        log(f"association: {len(merges) - before} pairs merged → {len(groups.members())} tags "
+            f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
 
     members = groups.members()
+    sizes = groups.sizes()
     mapping = {t: root for root, ts in members.items() for t in ts}
     tags = [
         Tag(root, root, None, sorted(t for t in ts if t != root))
-        for root, ts in sorted(members.items(), key=lambda x: (-groups.size(x[0]), x[0]))
+        for root, ts in sorted(members.items(), key=lambda x: (-sizes[x[0]], x[0]))
     ]
     return BuildResult(Taxonomy(tags, "<built>"), mapping, merges, dropped)
 
 
-def _semantic(groups: _Groups, eps: float, merges: list[dict]) -> None:
+def _semantic(groups: _Groups, eps: float, merges: list[dict], embed=None) -> None:
     from sklearn.cluster import DBSCAN
 
-    from rm.tags.embed import embed
+    if embed is None:
+        from rm.tags.embed import embed
 
     roots = sorted(groups.members())
     vectors = embed(roots)
@@ -146,8 +171,15 @@ def _association(
     baskets = [b for b in baskets if b]
     if len(baskets) < 2:
         return
+    # a tag below the support threshold is in no frequent itemset: only the others are encoded, as a sparse matrix
+    # (a million queries over thousands of tags would not fit in memory dense)
+    n_min = min_support * len(baskets)
+    frequent_tags = {t for t, c in Counter(t for b in baskets for t in b).items() if c >= n_min}
+    baskets = [[t for t in b if t in frequent_tags] for b in baskets]
+    if len(frequent_tags) < 2:
+        return
     enc = TransactionEncoder()
-    frame = pd.DataFrame(enc.fit(baskets).transform(baskets), columns=enc.columns_)
+    frame = pd.DataFrame.sparse.from_spmatrix(enc.fit(baskets).transform(baskets, sparse=True), columns=enc.columns_)
     frequent = fpgrowth(frame, min_support=min_support, use_colnames=True, max_len=2)
     if frequent.empty or (frequent["itemsets"].map(len) == 2).sum() == 0:
         return
@@ -168,3 +200,45 @@ def _association(
                     "evidence": f"FP-Growth: confidence {conf:.2f} and {pairs[(b, a)]:.2f} both ways",
                 }
             )
+
+
+def build_folder(
+    raw: list[list[str]],
+    out: Path,
+    hierarchy: dict | None = None,
+    embed_cache: Path | None = None,
+    log: Callable[[str], None] = lambda _: None,
+    **options,
+) -> dict:
+    """`align tags build`: `build(raw, **options)`, then (given `hierarchy`, the options of `add_hierarchy`) the
+    categories, domains and safety subtree; writes taxonomy.yaml, merges.jsonl, mapping.json (and placements.jsonl)
+    in `out`, embeddings cached in `embed_cache`. Returns what it did, with timings."""
+    from base_model.atomic import write_json_atomic, write_rows_atomic
+    from rm.tags.embed import EmbeddingCache
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = EmbeddingCache(embed_cache) if embed_cache is not None else None
+    try:
+        result = build(raw, embed=cache, log=log, **options)
+        taxonomy = result.taxonomy
+        report = {"raw_kept": len(result.mapping), "raw_dropped": len(result.dropped), "tags": len(taxonomy),
+                  "merges": len(result.merges)}  # fmt: skip
+        if hierarchy is not None:
+            from rm.tags.hierarchy import add_hierarchy
+
+            t0 = time.perf_counter()
+            counts = Counter(result.mapping[t] for tags in raw for t in tags if t in result.mapping)
+            taxonomy, placements = add_hierarchy(taxonomy, counts, embed=cache, **hierarchy)
+            write_rows_atomic(out / "placements.jsonl", placements)
+            report["nodes"] = len(taxonomy)
+            log(f"hierarchy: {len(taxonomy)} nodes ({time.perf_counter() - t0:.1f} s)")
+    finally:
+        if cache is not None:
+            cache.close()
+    taxonomy.save(out / "taxonomy.yaml")
+    write_rows_atomic(out / "merges.jsonl", result.merges)
+    write_json_atomic(out / "mapping.json", result.mapping)
+    report["seconds"] = time.perf_counter() - t_start
+    return report
