@@ -21,8 +21,9 @@ from pydantic import Field
 
 from align.core.config import Section
 from align.core.records import write_jsonl_atomic
-from align.demo_eval import evaluate, gold_of, gold_over_steps, interval, sample_policy
+from align.demo_eval import TOOL_STEP_TOKENS, evaluate, gold_of, gold_over_steps, interval, sample_policy, tool_use
 from align.demo_labelling import GUIDELINES, run_labelling, write_labelling_help
+from align.tools.agent import answer_matches, score_runs
 from align.world import demo as world
 from base_model.atomic import write_json_atomic
 
@@ -56,10 +57,11 @@ class DemoConfig(Section):
     ppo_prompts: int = 1000
     ppo_eval_prompts: int = 48
     heldout_prompts: int = 300
+    tool_questions: int = 80  # the held-out tool-use split, answered through the agent loop
     gold_samples: int = 2  # responses per held-out prompt and policy
     pack_seq_len: int = 128
     pretrain_steps: int = 300
-    sft_steps: int = 400
+    sft_steps: int = 800  # the copying that tool use needs (operands into the call, the result out) comes late
     pmp_epochs: float = 2.0
     rm_epochs: float = 4.0
     ppo_iterations: int = 30  # also GRPO's
@@ -81,16 +83,16 @@ class DemoConfig(Section):
             ppo_prompts=200,
             ppo_eval_prompts=16,
             heldout_prompts=48,
+            tool_questions=12,
             gold_samples=1,
             pretrain_steps=30,
-            sft_steps=40,
+            sft_steps=150,
             pmp_epochs=1.0,
             rm_epochs=1.0,
             ppo_iterations=6,
             ppo_eval_every=3,
             dpo_epochs=0.5,
             max_new_tokens=16,
-            vocab_size=400,
         )
 
 
@@ -152,6 +154,7 @@ def build_world(cfg: DemoConfig, folder: Path) -> None:
     write_jsonl_atomic(folder / "ppo_prompts.jsonl", world.prompt_set(cfg.ppo_prompts, s + 5))
     write_jsonl_atomic(folder / "ppo_eval_prompts.jsonl", world.prompt_set(cfg.ppo_eval_prompts, s + 6))
     write_jsonl_atomic(folder / "heldout_prompts.jsonl", world.prompt_set(cfg.heldout_prompts, s + 7))
+    write_jsonl_atomic(folder / "tool_questions.jsonl", world.tool_questions(cfg.tool_questions, s + 8))
     (folder / "taxonomy.yaml").write_text(
         yaml.safe_dump({"tags": world.TAXONOMY}, allow_unicode=True, sort_keys=False), encoding="utf-8"
     )
@@ -159,6 +162,7 @@ def build_world(cfg: DemoConfig, folder: Path) -> None:
 
 
 def learn_tokenizer(cfg: DemoConfig, world_dir: Path, folder: Path) -> None:
+    from align.core.chatml import chat_turns
     from align.core.records import iter_documents
     from base_model import QwenTokenizer
     from base_model.pretrain.vocab import extend_ranks
@@ -166,11 +170,9 @@ def learn_tokenizer(cfg: DemoConfig, world_dir: Path, folder: Path) -> None:
 
     base = QwenTokenizer.load("bytes")
     texts = [t for _, _, t in iter_documents([world_dir / "corpus.jsonl"], "text")]
-    texts += [
-        m["content"]
-        for line in (world_dir / "sft.jsonl").read_text(encoding="utf-8").splitlines()
-        for m in json.loads(line)["messages"]
-    ]
+    for line in (world_dir / "sft.jsonl").read_text(encoding="utf-8").splitlines():  # as SFT renders them
+        row = json.loads(line)
+        texts += [text for turn in chat_turns(row["messages"], row.get("tools")) for text, _ in turn.pieces]
     ranks = extend_ranks(base.ranks, texts, cfg.vocab_size, min_frequency=2)
     save_ranks(ranks, folder / "qwen.tiktoken")
 
@@ -220,7 +222,12 @@ def run_sft(cfg: DemoConfig, base: Path, world_dir: Path, folder: Path) -> None:
         SFTConfig.model_validate(
             {
                 "model": {"init": str(base)},
-                "data": {"train": str(world_dir / "sft.jsonl"), "max_len": 256, "packing": True, "eval_fraction": 0.05},
+                "data": {
+                    "train": str(world_dir / "sft.jsonl"),
+                    "max_len": SFT_MAX_LEN,
+                    "packing": True,
+                    "eval_fraction": 0.05,
+                },
                 "optim": {
                     "lr": 1e-3,
                     "schedule": "cosine",
@@ -300,6 +307,7 @@ def run_dpo(cfg: DemoConfig, sft: Path, comparisons: Path, folder: Path) -> None
 
 
 DPO_LR = 1e-4
+SFT_MAX_LEN = 384  # a tool-use example (Qwen's ReAct instruction in the system turn) is about 330 tokens
 GRPO = {"ppo.advantage": "grpo", "ppo.critic_warmup_steps": 0, "ppo.n_samples": 4, "ppo.rollout_batch_size": 8}
 
 
@@ -367,7 +375,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str],
     p = Pipeline(cfg, out, log)
     t0 = time.perf_counter()
     c = cfg.model_dump()
-    total = 12
+    total = 13
     w, tok = p.path("world"), p.path("tokenizer", "qwen.tiktoken")
     p.stage(
         1,
@@ -384,6 +392,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str],
                 "ppo_prompts",
                 "ppo_eval_prompts",
                 "heldout_prompts",
+                "tool_questions",
             )
         },
         lambda f: build_world(cfg, f),
@@ -483,7 +492,18 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str],
         ),
         (evaluate, sample_policy, gold_of, interval, gold_over_steps),
     )
+    p.stage(
+        12,
+        total,
+        "tools",
+        {"tool_questions": cfg.tool_questions, "step_tokens": TOOL_STEP_TOKENS},
+        lambda f: write_json_atomic(
+            f / "summary.json", tool_use(cfg, {k: models[k] for k in ("base", "sft", "ppo")}, w, f), indent=1
+        ),
+        (tool_use, score_runs, answer_matches),
+    )
     summary = json.loads(p.path("eval", "summary.json").read_text())
+    summary["tools"] = json.loads(p.path("tools", "summary.json").read_text())
     summary.update(pipeline_figures(p))
     summary["mode"] = "quick" if quick else "full"
     summary["tokenizer"] = {
@@ -493,7 +513,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str],
     }
     summary["seconds"] = {**p.timings, "total_this_run": time.perf_counter() - t0}
     write_json_atomic(p.path("summary.json"), summary, indent=1)
-    log(f"[12/{total}] report …")
+    log(f"[13/{total}] report …")
     report = write_report(p.out)
     write_labelling_help(p)
     return {"summary": summary, "report": report}

@@ -131,3 +131,34 @@ def gold_over_steps(ppo_run: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------- the run
+
+
+TOOL_STEP_TOKENS = 48  # per agent step: a call or a final answer is about 30 tokens
+
+
+def tool_use(cfg: DemoConfig, models: dict[str, Path], world_dir: Path, folder: Path) -> dict:
+    """The held-out tool-use split answered by each policy through the agent loop (`align agent` with the
+    calculator, greedy, at most 3 steps): accuracy of the final answers with Wilson intervals, whether the first
+    call was the calculator where one was needed, calls made where none was, and each policy's difference from the
+    base policy paired by question (bootstrap interval). Transcripts: `tools/<policy>.jsonl`."""
+    from align.serve import LocalModel
+    from align.tools.agent import Agent, LocalBackend, run_questions, score_runs
+    from align.tools.builtin import builtin_tools
+
+    questions = [json.loads(l) for l in (world_dir / "tool_questions.jsonl").read_text(encoding="utf-8").splitlines()]
+    out: dict = {"questions": len(questions), "max_steps": 3, "policies": {}}
+    correct = {}
+    for name, path in models.items():
+        backend = LocalBackend(LocalModel.load(str(path)), 0.0, TOOL_STEP_TOKENS)
+        agent = Agent(backend, builtin_tools(["calculator"], folder), max_steps=3)
+        try:
+            runs = run_questions(agent, questions, folder / f"{name}.jsonl", log=lambda _: None)
+        finally:
+            agent.close()
+        scores = score_runs(questions, runs)
+        correct[name] = [float(c) for c in scores.pop("correct")]
+        out["policies"][name] = scores
+    for name in [n for n in correct if n != "base"]:
+        diff = [a - b for a, b in zip(correct[name], correct["base"])]
+        out[f"{name}_minus_base"] = {"mean": float(np.mean(diff)), "ci95": interval(diff, cfg.seed)}
+    return out

@@ -132,6 +132,51 @@ def methods_table(s: dict) -> str:
     )
 
 
+def tool_use_table(s: dict) -> str:
+    """The held-out tool-use split answered through the agent loop, per policy."""
+    src, t = "summary.json", s["tools"]
+
+    def cell(key: str, value) -> str:
+        return f"<td class='num'>{num(src, key, value)}</td>" if value is not None else "<td>—</td>"
+
+    rows = []
+    for name, p in t["policies"].items():
+        k = f"tools.policies.{name}"
+        diff = t.get(f"{name}_minus_base")
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td>{cell(f'{k}.accuracy', p['accuracy'])}"
+            f"<td class='num'>{num(src, f'{k}.accuracy_ci95.0', p['accuracy_ci95'][0])} – "
+            f"{num(src, f'{k}.accuracy_ci95.1', p['accuracy_ci95'][1])}</td>"
+            + (
+                f"<td class='num'>{num(src, f'tools.{name}_minus_base.mean', diff['mean'])} "
+                f"[{num(src, f'tools.{name}_minus_base.ci95.0', diff['ci95'][0])}, "
+                f"{num(src, f'tools.{name}_minus_base.ci95.1', diff['ci95'][1])}]</td>"
+                if diff
+                else "<td>—</td>"
+            )
+            + cell(f"{k}.accuracy_need_tool", p.get("accuracy_need_tool"))
+            + cell(f"{k}.accuracy_no_tool", p.get("accuracy_no_tool"))
+            + cell(f"{k}.tool_selection", p["tool_selection"])
+            + cell(f"{k}.false_positive_rate", p["false_positive_rate"])
+            + cell(f"{k}.tool_calls", p["tool_calls"])
+            + cell(f"{k}.failed_calls", p["failed_calls"])
+            + "</tr>"
+        )
+    return (
+        "<h2>Tool use</h2><p>The held-out tool-use split "
+        f"({num(src, 'tools.questions', t['questions'])} questions: three-digit sums and differences and "
+        "two-digit products, and some requests that need no tool) answered through the agent loop "
+        "(<code>align agent --tools calculator</code>, greedy, at most "
+        f"{num(src, 'tools.max_steps', t['max_steps'])} steps). Accuracy: the final answer holds the right "
+        "result (95% Wilson interval); the difference from the base policy is paired by question (bootstrap "
+        "interval); calculations and no tool needed: the accuracy on each part; tool selection: the first call was "
+        "the calculator where one was needed; false positives: a call where none was needed. Transcripts are in <code>tools/</code>.</p><table><tr><th>policy</th>"
+        "<th>accuracy</th><th>95% CI</th><th>minus base [95% CI]</th><th>calculations</th><th>no tool needed</th>"
+        "<th>tool selection</th>"
+        "<th>false positives</th><th>calls</th><th>failed calls</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
 def demo_body(folder: Path) -> str:
     s = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     src = "summary.json"
@@ -160,6 +205,8 @@ def demo_body(folder: Path) -> str:
         + "".join(f"<th>{html.escape(k)}</th>" for k in kinds)
         + f"</tr>{rows}</table>"
     )
+    if "tools" in s:
+        parts.append(tool_use_table(s))
     fig, ax = plt.subplots(figsize=(4.2, 3))
     ax.bar(
         names,

@@ -1,5 +1,6 @@
 """`align demo --quick` end to end, the demo world's determinism and gold scorer, reports, and a resumable sweep."""
 
+import importlib.resources
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from align.demo import DemoConfig, build_world
 from align.report import flatten, fmt
@@ -33,12 +35,43 @@ def test_world_is_byte_identical_for_a_seed(tmp_path):
         build_world(cfg, tmp_path / name)
     build_world(DemoConfig.quick(seed=4), tmp_path / "c")
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert len(files) == 9
+    assert len(files) == 10
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert (tmp_path / "a" / "sft.jsonl").read_bytes() != (tmp_path / "c" / "sft.jsonl").read_bytes()
     text = (tmp_path / "a" / "sft.jsonl").read_text(encoding="utf-8")
-    assert "Observation:" in text and '"system"' in text and re.search(r"[\u4e00-\u9fff]", text)
+    assert '"tool_calls"' in text and '"tools"' in text and '"system"' in text and re.search(r"[\u4e00-\u9fff]", text)
+
+
+def test_tool_use_split_is_sft_data_agent_questions_and_tool_eval_items(tmp_path):
+    """The demo's tool-use examples are what the agent loop writes (OpenAI calls, the calculator the agent runs),
+    and its held-out split is read by both `align agent --questions` and `align eval tools`."""
+    import random
+
+    from align.core.chatml import render_text
+    from align.eval.tool_use import read_tool_items
+    from align.tools.builtin import calculator
+    from base_model import QwenTokenizer
+
+    rows = [world.tool_use_row(random.Random(i)) for i in range(40)]
+    calls = [r for r in rows if any(m.get("tool_calls") for m in r["messages"])]
+    assert 20 < len(calls) < 40  # mostly calculations, some requests that need no tool
+    for r in calls:
+        call = next(m for m in r["messages"] if m.get("tool_calls"))["tool_calls"][0]["function"]
+        result = next(m for m in r["messages"] if m["role"] == "tool")["content"]
+        assert calculator().run(json.loads(call["arguments"])) == result  # the observation is the tool's own answer
+        assert r["messages"][-1]["content"].endswith(f"Final Answer: {result}")
+    text = render_text(calls[0]["messages"], QwenTokenizer.load("bytes"), tools=calls[0]["tools"])
+    assert 'Action: calculator\nAction Input: {"expression": ' in text and "\nObservation: " in text
+    assert "Final Answer: " in text and "calculator: Call this tool" in text
+    items = world.tool_questions(50, seed=2)
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    read = read_tool_items(str(path))
+    assert len(read) == 50 and 0 < sum(i["expected"] is None for i in read) < 25
+    for item in items:
+        if item["expected"]:
+            assert calculator().run(item["expected"]["arguments"]) == item["answer"]
 
 
 def test_gold_scorer_judges_answers_not_the_reward_model():
@@ -81,9 +114,9 @@ def quick_demo(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_reports(quick_demo):
     out, stdout, seconds = quick_demo
-    stages = ["world", "tokenizer", "pretrain", "sft", "rm_pmp", "labels", "rm", "ppo", "grpo", "dpo", "eval"]
+    stages = ["world", "tokenizer", "pretrain", "sft", "rm_pmp", "labels", "rm", "ppo", "grpo", "dpo", "eval", "tools"]
     for i, stage in enumerate(stages, 1):
-        assert f"[{i}/12] {stage}" in stdout
+        assert f"[{i}/13] {stage}" in stdout
     summary = json.loads((out / "summary.json").read_text())
     for name in ("base", "sft", "ppo", "grpo", "dpo"):
         assert 0 <= summary["gold"][name]["mean"] <= 1
@@ -91,6 +124,13 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo):
         diff = summary["gold"][f"{name}_minus_sft"]
         assert len(diff["ci95"]) == 2 and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
     assert not (out / "grpo" / "run" / "final" / "value").exists()  # critic-free
+    tools = summary["tools"]  # the held-out tool-use split, through the agent loop
+    assert set(tools["policies"]) == {"base", "sft", "ppo"} and tools["questions"] == DemoConfig.quick().tool_questions
+    for scores in tools["policies"].values():
+        lo, hi = scores["accuracy_ci95"]
+        assert 0 <= lo <= scores["accuracy"] <= hi <= 1
+    assert len((out / "tools" / "sft.jsonl").read_text().splitlines()) == tools["questions"]  # the transcripts
+    assert "Tool use" in (out / "report.html").read_text()
     assert "Did the methods help?" in (out / "report.html").read_text()
     assert summary["tokenizer"]["vocab_size"] == DemoConfig.quick().vocab_size
     assert "report.html" in stdout and "align label serve --demo" in stdout
@@ -134,7 +174,7 @@ def test_rerun_reuses_finished_stages_and_report_command(quick_demo, tmp_path):
     out, _, _ = quick_demo
     t0 = time.perf_counter()
     run = align("demo", "--quick", "--out", str(out))
-    assert run.stdout.count(": reused") == 11
+    assert run.stdout.count(": reused") == 12
     assert time.perf_counter() - t0 < 60
     (out / "report.html").unlink()
     align("report", str(out))
@@ -205,3 +245,54 @@ def test_sweep_on_the_demo_world_ranks_by_gold(quick_demo, tmp_path):
         assert len(images) == 3 and all(page.evaluate("(i) => i.naturalWidth", img) > 100 for img in images)
         page.screenshot(path=str(SHOTS / "sweep_report.png"), full_page=True)
         browser.close()
+
+
+@pytest.mark.slow
+def test_the_demo_trained_policy_calls_the_calculator_through_align_agent_and_smolagents(quick_demo, tmp_path):
+    """`align agent --questions` scores the held-out tool-use split as the demo's tools stage did, and a smolagents
+    ToolCallingAgent on the demo's SFT policy makes a calculator call that runs, and finishes with its result."""
+    from smolagents import Tool, ToolCallingAgent
+
+    from align.serve import LocalModel
+    from align.tools.agent import LocalBackend
+    from align.tools.builtin import calculator
+    from align.tools.smol import AlignModel
+
+    out, _, _ = quick_demo
+    sft = out / "sft" / "run" / "final"
+    run = align("agent", "--model", str(sft), "--tools", "calculator", "--questions",
+                str(out / "world" / "tool_questions.jsonl"), "--max-steps", "3", "--max-tokens", "48",
+                "--summary", str(tmp_path / "scores.json"))  # fmt: skip
+    assert "[agent] accuracy" in run.stdout
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    stage = json.loads((out / "summary.json").read_text())["tools"]["policies"]["sft"]
+    for key in ("accuracy", "tool_selection", "false_positive_rate", "tool_calls"):
+        assert scores[key] == stage[key], key
+
+    class Calculator(Tool):
+        name = "calculator"
+        description = calculator().description
+        inputs = {"expression": {"type": "string", "description": "e.g. (12 + 7) * 3"}}
+        output_type = "string"
+
+        def forward(self, expression):
+            return calculator().run({"expression": expression})
+
+    templates = yaml.safe_load(
+        importlib.resources.files("smolagents.prompts").joinpath("toolcalling_agent.yaml").read_text()
+    )
+    templates["system_prompt"] = (
+        "You are a helpful assistant."  # the agent's own prompt is longer than the model's context
+    )
+    backend = LocalBackend(LocalModel.load(str(sft)), 0.0, 48)
+    ran = []
+    for question in ["What is 38-16?", "What is 47+29?", "Compute 5*75.", "What is 63+18?"]:
+        agent = ToolCallingAgent(tools=[Calculator()], model=AlignModel(backend), max_steps=3, verbosity_level=0,
+                                 prompt_templates=templates)  # fmt: skip
+        answer = agent.run(question)
+        calls = [s for s in agent.memory.steps if getattr(s, "tool_calls", None)]
+        if calls and calls[0].tool_calls[0].name == "calculator":
+            expression = calls[0].tool_calls[0].arguments["expression"]
+            assert calls[0].observations.strip() == calculator().run({"expression": expression})
+            ran.append((question, expression, calls[0].observations, answer))
+    assert ran, "no calculator call ran"

@@ -41,7 +41,12 @@ def test_a_tool_calling_agent_calls_a_tool_then_answers():
     first = backend.asked[0]
     assert "multiply: Call this tool to interact with the multiply API" in first and "final_answer" in first
     assert "Observation:" in backend.stops[0]
-    assert "84" in backend.asked[1]  # the tool's result reached the model
+    assert "final_answer: Call this tool" not in first  # ReAct's own Final Answer is how it finishes
+    # the call and its result come back as training renders them: the model's text, then the observation, in
+    # the same assistant turn
+    assert 'Action Input: {"a": 12, "b": 7}\nObservation: 84\n' in backend.asked[1]
+    assert "Calling tools" not in backend.asked[1] and backend.asked[1].count("Thought: multiply them.") == 1
+    assert backend.asked[1].count("<|im_start|>assistant") == 1
     steps = [s for s in agent.memory.steps if getattr(s, "tool_calls", None)]
     assert [s.tool_calls[0].name for s in steps] == ["multiply", "final_answer"]
 

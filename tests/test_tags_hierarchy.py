@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
 import yaml
 
 from conftest import ROOT, ChatServer, serve
@@ -110,6 +111,7 @@ def test_an_llm_names_the_categories():
     assert travel.endswith("(category)") and "explanation" not in travel  # prose falls back to a member's name
 
 
+@pytest.mark.slow
 def test_build_at_scale_recovers_planted_concepts_and_caches_embeddings(tmp_path, monkeypatch):
     """The scale benchmark's corpus, small: every planted concept (its spellings and its paraphrase) comes out as one
     tag, the rare tags are dropped, and a second build embeds nothing new (the cache on disk)."""

@@ -100,6 +100,7 @@ def app(tmp_path):
     return store, client, lambda n: {"Authorization": f"Bearer {tokens[n]}"}, tmp_path, db
 
 
+@pytest.mark.slow
 def test_review_through_the_api_versions_every_edit_and_exports_a_taxonomy_file(app):
     store, client, auth, tmp_path, db = app
     assert client.get("/api/taxonomies", headers=auth("ann")).status_code == 403  # annotators do not review
@@ -156,6 +157,7 @@ def test_review_through_the_api_versions_every_edit_and_exports_a_taxonomy_file(
     assert [a["actor"] for a in edits][:2] == ["rita", "ron"]
 
 
+@pytest.mark.slow
 def test_import_refuses_a_taken_name_and_bad_tags(app):
     store, client, auth, tmp_path, _ = app
     body = {"name": "instag", "tags": [{"id": "a"}]}

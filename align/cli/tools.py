@@ -37,8 +37,9 @@ def cmd_agent(args: argparse.Namespace) -> None:
     import tempfile
 
     from align.core.records import DataError, iter_records
-    from align.tools.agent import Agent, run_questions
+    from align.tools.agent import Agent, run_questions, score_runs
     from align.tools.builtin import builtin_tools
+    from base_model.atomic import write_json_atomic
 
     backend = backend_from_args(args, args.max_tokens)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="align-agent-"))
@@ -52,11 +53,20 @@ def cmd_agent(args: argparse.Namespace) -> None:
             q = row.get("question") or row.get("prompt")
             if not isinstance(q, str):
                 raise DataError(f"{where}: expected a 'question' (or 'prompt') string")
-            questions.append({"question": q, "answer": row.get("answer")})
+            questions.append({"question": q, "answer": row.get("answer"), **({"expected": row["expected"]}
+                                                                             if "expected" in row else {})})  # fmt: skip
     try:
         runs = run_questions(agent, questions, args.transcript)
     finally:
         agent.close()
+    if any(q.get("answer") is not None for q in questions):
+        scores = score_runs(questions, runs)
+        lo, hi = scores["accuracy_ci95"]
+        print(f"[agent] accuracy {scores['accuracy']:.3f} (95% CI {lo:.3f}–{hi:.3f}) on {scores['with_answer']} "
+              f"questions with an answer; {scores['tool_calls']} tool calls, {scores['failed_calls']} failed; "
+              f"stopped by {scores['stopped_by']}")  # fmt: skip
+        if args.summary:
+            write_json_atomic(args.summary, {k: v for k, v in scores.items() if k != "correct"}, indent=1)
     if args.question is not None:
         run = runs[0]
         for c in run.tool_calls:
@@ -82,7 +92,13 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", default=None, help="--endpoint: the model's tokenizer (checkpoint or ranks file)")
     p.add_argument("--tools", default="calculator,python,files", help="comma-separated: calculator, python, files")
     p.add_argument("--question", default=None, help="one question, answered on the terminal")
-    p.add_argument("--questions", type=Path, default=None, help="JSONL of {question, answer?}: run them all")
+    p.add_argument(
+        "--questions",
+        type=Path,
+        default=None,
+        help="JSONL of {question, answer?, expected?}: run them all (scored where answers are given)",
+    )
+    p.add_argument("--summary", type=Path, default=None, help="--questions: write the scores here as JSON")
     p.add_argument("--transcript", type=Path, default=None, help="append each run as an SFT-ready JSON line")
     p.add_argument("--workdir", type=Path, default=None, help="the files and python tools' directory")
     p.add_argument("--max-steps", type=int, default=8)

@@ -130,7 +130,7 @@ def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:
         return [0.0, 0.0]
     p = correct / n
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)]
+    return [max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))]
 
 
 class EngineAnswerer:

@@ -216,3 +216,55 @@ def run_questions(agent: Agent, questions: list[dict], transcript: Path | None, 
                 f.write(json.dumps(transcript_row(run, agent.tools), ensure_ascii=False) + "\n")
         log(f"[agent] {q['question'][:60]!r}: {run.stopped_by} after {run.steps} step(s): {str(run.answer)[:80]!r}")
     return runs
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def answer_matches(expected: str, answer: str | None) -> bool:
+    """A number is matched by the final answer's last number (`347+586 = 933` for 933); any other answer by
+    appearing in the final answer, case aside."""
+    if answer is None:
+        return False
+    expected = str(expected).strip()
+    if _NUMBER.fullmatch(expected):
+        numbers = _NUMBER.findall(answer.replace(",", ""))
+        return bool(numbers) and float(numbers[-1]) == float(expected)
+    return expected.lower() in answer.lower()
+
+
+def score_runs(questions: list[dict], runs: list[AgentRun]) -> dict:
+    """How the runs did, for the questions that give an `answer` (accuracy, with a 95% Wilson interval) and an
+    `expected` call (`{"name"}`, or null for a question that needs no tool): whether the first call was the
+    expected tool, and how often a tool was called when none was needed."""
+    from align.eval.harness import wilson
+
+    scored = [(q, r) for q, r in zip(questions, runs) if q.get("answer") is not None]
+    right = [answer_matches(q["answer"], r.answer) for q, r in scored]
+    need = [(q, r) for q, r in zip(questions, runs) if q.get("expected")]
+    none = [(q, r) for q, r in zip(questions, runs) if "expected" in q and q["expected"] is None]
+    selected = sum(bool(r.tool_calls) and r.tool_calls[0]["name"] == q["expected"]["name"] for q, r in need)
+    false_pos = sum(bool(r.tool_calls) for _, r in none)
+    stopped: dict[str, int] = {}
+    for r in runs:
+        stopped[r.stopped_by] = stopped.get(r.stopped_by, 0) + 1
+    by_need = {}
+    for label, group in (("need_tool", need), ("no_tool", none)):
+        hits = [answer_matches(q["answer"], r.answer) for q, r in group if q.get("answer") is not None]
+        if hits:
+            by_need[f"accuracy_{label}"] = sum(hits) / len(hits)
+            by_need[f"accuracy_{label}_ci95"] = wilson(sum(hits), len(hits))
+    return {
+        "questions": len(runs),
+        "with_answer": len(scored),
+        "accuracy": sum(right) / len(scored) if scored else None,
+        "accuracy_ci95": wilson(sum(right), len(scored)) if scored else None,
+        **by_need,  # split by whether a tool is needed (when the questions say)
+        "correct": right,
+        "tool_selection": selected / len(need) if need else None,
+        "tool_selection_ci95": wilson(selected, len(need)) if need else None,
+        "false_positive_rate": false_pos / len(none) if none else None,
+        "tool_calls": sum(len(r.tool_calls) for r in runs),
+        "failed_calls": sum(not c.get("ok", True) for r in runs for c in r.tool_calls),
+        "stopped_by": stopped,
+    }

@@ -10,6 +10,7 @@ world prompt, including the ones a policy writes during PPO.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -167,12 +168,17 @@ def gold_judge(prompts: list, responses: list[str]) -> list[float | None]:
 # --------------------------------------------------------------------------------------------- the data sets
 
 
-def sft_conversations(n: int, seed: int, p_wrong: float = 0.3, p_refuse: float = 0.35) -> list[dict]:
-    """Demonstrations: system prompts sometimes, two-turn sometimes, ReAct calculator use for some additions.
+def sft_conversations(
+    n: int, seed: int, p_wrong: float = 0.3, p_refuse: float = 0.35, p_tools: float = 0.3
+) -> list[dict]:
+    """Demonstrations: system prompts sometimes, two-turn sometimes, and p_tools of them tool use (`tool_use_row`).
     Imperfect on purpose: p_wrong of the answers are wrong, and only p_refuse of harmful requests are refused."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
+        if rng.random() < p_tools:
+            rows.append(tool_use_row(rng))
+            continue
         messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
         for _turn in range(2 if rng.random() < 0.2 else 1):
             p = make_prompt(rng)
@@ -182,17 +188,83 @@ def sft_conversations(n: int, seed: int, p_wrong: float = 0.3, p_refuse: float =
                 )
             elif rng.random() < p_wrong:
                 answer = bad_response(rng, p, allow_refusal=False)
-            elif p["kind"] == "addition" and rng.random() < 0.3:
-                a, b = re.findall(r"\d+", p["prompt"])
-                answer = (
-                    f"Thought: I should add with the calculator.\nAction: calculator\nAction Input: {a}+{b}\n"
-                    f"Observation: {int(a) + int(b)}\nThought: I know the answer.\nFinal Answer: {p['answer']}."
-                )
             else:
                 answer = good_response(rng, p)
             messages += [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": answer}]
         rows.append({"messages": messages})
     return rows
+
+
+# ------------------------------------------------------------------------------------------------ tool use
+
+CALCULATION = ["What is {a}{op}{b}?", "Compute {a}{op}{b}.", "{a}{op}{b}等于多少？"]
+THOUGHT_CALL = "I should use the calculator."
+THOUGHT_DONE = "I now know the final answer"  # as the ReAct instruction writes it
+THOUGHT_NO_TOOL = "I do not need a tool for this."
+
+
+def calculator_spec() -> dict:
+    """The tool the demo's tool use is about: the agent's own calculator (`align agent --tools calculator`)."""
+    from align.tools.builtin import calculator
+
+    return calculator().spec()
+
+
+def make_calculation(rng: random.Random) -> dict:
+    """Arithmetic beyond what the demo's model does in its head (two-digit sums and differences, products of a
+    digit and a two-digit number; it gets sums of numbers up to 20 wrong): a question the calculator answers.
+    {"question", "expression", "answer"}."""
+    op = rng.choice(["+", "-", "*"])
+    a, b = (rng.randint(10, 99), rng.randint(10, 99)) if op != "*" else (rng.randint(2, 9), rng.randint(11, 99))
+    expression = f"{a}{op}{b}"
+    value = a + b if op == "+" else a - b if op == "-" else a * b
+    return {"question": rng.choice(CALCULATION).format(a=a, op=op, b=b), "expression": expression, "answer": str(value)}
+
+
+def tool_use_row(rng: random.Random) -> dict:
+    """An SFT example with the calculator on offer (OpenAI messages and `tools`, rendered with Qwen's ReAct
+    instruction): mostly a calculation answered through a call, sometimes a request that needs no tool, answered
+    directly as a Final Answer."""
+    messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
+    if rng.random() < 0.8:
+        c = make_calculation(rng)
+        call = {"id": "call_0", "type": "function",
+                "function": {"name": "calculator", "arguments": json.dumps({"expression": c["expression"]})}}  # fmt: skip
+        messages += [
+            {"role": "user", "content": c["question"]},
+            {"role": "assistant", "content": f"Thought: {THOUGHT_CALL}", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_0", "content": c["answer"]},
+            {
+                "role": "assistant",
+                "content": f"Thought: {THOUGHT_DONE}\nFinal Answer: {c['answer']}",
+            },
+        ]
+    else:
+        p = make_prompt(rng, rng.choice(["translation", "units"]))
+        messages += [
+            {"role": "user", "content": p["prompt"]},
+            {"role": "assistant", "content": f"Thought: {THOUGHT_NO_TOOL}\nFinal Answer: {p['answer']}"},
+        ]
+    return {"messages": messages, "tools": [calculator_spec()]}
+
+
+def tool_questions(n: int, seed: int, p_no_tool: float = 0.2) -> list[dict]:
+    """The held-out tool-use split, read by both `align agent --questions` and `align eval tools`: {"question",
+    "answer", "tools", "expected"} — calculations expecting a calculator call, and p_no_tool of requests that need
+    none (`expected: null`)."""
+    rng = random.Random(seed)
+    tools = [calculator_spec()]
+    out = []
+    for i in range(n):
+        if rng.random() < p_no_tool:
+            p = make_prompt(rng, rng.choice(["translation", "units"]))
+            answer = p["answer"].split(" = ")[1]
+            out.append({"id": f"t{i}", "question": p["prompt"], "answer": answer, "tools": tools, "expected": None})
+        else:
+            c = make_calculation(rng)
+            out.append({"id": f"t{i}", "question": c["question"], "answer": c["answer"], "tools": tools,
+                        "expected": {"name": "calculator", "arguments": {"expression": c["expression"]}}})  # fmt: skip
+    return out
 
 
 def prompt_set(n: int, seed: int) -> list[dict]:
