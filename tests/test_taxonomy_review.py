@@ -147,6 +147,14 @@ def test_review_through_the_api_versions_every_edit_and_exports_a_taxonomy_file(
     assert out.returncode == 0, out.stderr[-2000:]
     assigned = json.loads((tmp_path / "assigned.jsonl").read_text())
     assert set(assigned["tags"]) == {"python, plural", tag}
+    # and the audit: the raw rows read in version 1 and in the reviewed version 3
+    (tmp_path / "v1.yaml").write_text(client.get("/api/taxonomies/instag/export", params={"version": 1},
+                                                 headers=auth("rita")).text)  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "align.cli", "tags", "audit", str(tmp_path / "raw.jsonl"), "--taxonomy",
+                          str(tmp_path / "v1.yaml"), "--compare-taxonomy", str(tmp_path / "v3.yaml"), "--out",
+                          str(tmp_path / "audit")], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "python, plural" in (tmp_path / "audit" / "comparison.html").read_text()
     # the command line exports the same file; the audit log has every edit
     out = subprocess.run([sys.executable, "-m", "align.cli", "label", "taxonomy", "export", "--db", db, "--name",
                           "instag", "--version", "3", "--out", str(tmp_path / "cli.yaml")],
