@@ -76,7 +76,7 @@ def test_code_interpreter_figures(tmp_path):
         {"id": "plot", "question": "Make a line plot and save it as a PNG.", "expect_files": ["*.png"]},
         {"id": "div", "question": "Divide one by zero.", "answer": "1"},
     ]))  # fmt: skip
-    summary = evaluate_code(read_code_tasks(str(tasks)), tmp_path / "out", Coder(), timeout_s=20, log=lambda *_: 0)
+    summary = evaluate_code(read_code_tasks(str(tasks)), tmp_path / "out", Coder(), timeout_s=60, log=lambda *_: 0)
     assert summary["tasks"] == 3 and summary["python_calls"] == 3
     assert summary["executable_rate"] == pytest.approx(2 / 3) and summary["accuracy"] == pytest.approx(2 / 3)
     rows = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
