@@ -44,6 +44,15 @@ def examples_by_raw_tag(rows, tags_field: str = "tags", per_tag: int = EXAMPLES_
     return examples, counts
 
 
+def _undoable(tax: Taxonomy, merge: dict) -> bool:
+    """Whether undoing the merge would change this version (not undone already, not spellings it cannot hold apart)."""
+    try:
+        apply_edit(tax, "undo_merge", {"merge": 0}, [merge])
+    except TaxonomyError:
+        return False
+    return True
+
+
 class Taxonomies:
     """Methods of `Store` (which supplies `sessions`, `_write()` and `_audit`) on taxonomies under review."""
 
@@ -177,7 +186,7 @@ class Taxonomies:
         ws = self.taxonomy_workspace(name)
         t = tax.tags[tag_id]
         members = [t.id, *t.aliases]
-        merges = [{"index": i, **m} for i, m in enumerate(ws["merges"])
+        merges = [{"index": i, **m, "undoable": _undoable(tax, m)} for i, m in enumerate(ws["merges"])
                   if m.get("into") in members or any(x in members for x in m.get("merged", []))]  # fmt: skip
         return {
             "version": v,

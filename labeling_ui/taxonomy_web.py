@@ -25,7 +25,8 @@ def details_html(info: dict) -> str:
     merges = (
         "".join(
             f"<li>#{m['index']} {e(str(m.get('step')))}: {e(', '.join(map(str, m.get('merged', []))))} → "
-            f"{e(str(m.get('into')))} <span class='note'>({e(str(m.get('evidence', '')))})</span></li>"
+            f"{e(str(m.get('into')))} <span class='note'>({e(str(m.get('evidence', '')))})"
+            f"{'' if m['undoable'] else '; undone, or not undoable here'}</span></li>"
             for m in info["merges"]
         )
         or "<li>none</li>"
@@ -68,7 +69,7 @@ def build(store: Store, user_of):
         except KeyError as e:
             raise gr.Error(str(e.args[0])) from None
         merges = [(f"#{m['index']}: {', '.join(map(str, m.get('merged', [])))} → {m.get('into')}", m["index"])
-                  for m in info["merges"]]  # fmt: skip
+                  for m in info["merges"] if m["undoable"]]  # fmt: skip
         aliases = [a["raw"] for a in info["aliases"]]
         return (details_html(info), gr.update(choices=merges, value=None), gr.update(choices=aliases, value=[]),
                 info["version"])  # fmt: skip

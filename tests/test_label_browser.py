@@ -171,6 +171,7 @@ def test_reviewer_reviews_the_taxonomy(server, browser):
     page.click("#undo-merge")
     page.wait_for_function("document.querySelector('#taxonomy-status').innerText.includes('version 3')", timeout=20000)
     page.wait_for_function("document.querySelector('#tax-versions').innerText.includes('undo_merge')", timeout=20000)
+    assert "undone, or not undoable here" in page.inner_text("#tag-details")  # and no longer offered
     page.screenshot(path=str(SHOTS / "label_taxonomy.png"), full_page=True)
     assert page.inner_text("#tax-versions").count("rita") == 2
     version, tax = store.taxonomy_version("instag")
