@@ -137,9 +137,11 @@ class Taxonomies:
             current = from_rows(latest.tags, name)
             if action == "revert":
                 target = detail.get("version")
+                if not isinstance(target, int) or isinstance(target, bool):
+                    raise TaxonomyError(f"revert: field 'version' must be a version number, got {target!r:.40}")
                 row = s.scalar(select(TaxonomyVersion).where(TaxonomyVersion.taxonomy_id == ws.id,
                                                              TaxonomyVersion.version == target))  # fmt: skip
-                if row is None or isinstance(target, bool):
+                if row is None:
                     raise TaxonomyError(f"revert: no version {target!r}")
                 new = from_rows(row.tags, name)
             else:

@@ -134,6 +134,8 @@ def test_review_through_the_api_versions_every_edit_and_exports_a_taxonomy_file(
     assert not next(m for m in after["merges"] if m["index"] == merge["index"])["undoable"]  # done: not offered again
     latest = client.get("/api/taxonomies/instag/versions", headers=auth("rita")).json()["versions"]
     assert [v["author"] for v in latest[:3]] == ["cli", "rita", "ron"] and latest[1]["action"] == "rename"
+    for bad in (["1"], {"v": 1}, True, 99):  # never a 500: a version number that exists, or a 422
+        assert edit("rita", latest[-1]["version"], "revert", version=bad).status_code == 422, bad
     assert edit("rita", latest[-1]["version"], "revert", version=1).status_code == 201
 
     exported = client.get("/api/taxonomies/instag/export", params={"version": 3}, headers=auth("rita"))

@@ -23,7 +23,9 @@ from smolagents.models import (
     ChatMessageToolCallFunction,
     MessageRole,
     Model,
+    get_clean_message_list,
     get_tool_json_schema,
+    tool_role_conversions,
 )
 
 from align.core.chatml import render
@@ -40,7 +42,7 @@ class AlignModel(Model):
         self.written: dict[str, str] = {}  # call id -> the ReAct text that made the call
 
     def conversation(self, messages) -> list[dict]:
-        """smolagents' messages as training renders a tool loop: the task is the user's question (without
+        """A ToolCallingAgent's messages as training renders a tool loop: the task is the user's question (without
         smolagents' "New task:" heading), a call this model made comes back as the text it wrote (Thought, Action,
         Action Input) and its result as the observation that continues the same assistant turn; smolagents would
         send them as "Calling tools: [...]" and a user turn."""
@@ -75,8 +77,15 @@ class AlignModel(Model):
         return out
 
     def generate(self, messages, stop_sequences=None, response_format=None, tools_to_call_from=None, **kwargs):
-        conversation = self.conversation(messages)
         specs = [get_tool_json_schema(t) for t in tools_to_call_from] if tools_to_call_from else None
+        if specs:
+            conversation = self.conversation(messages)
+        else:  # CodeAgent: its code and observations as smolagents flattens them (no ReAct to rebuild)
+            clean = get_clean_message_list(messages, role_conversions=tool_role_conversions,
+                                           flatten_messages_as_text=True)  # fmt: skip
+            conversation = [{"role": str(m["role"].value if hasattr(m["role"], "value") else m["role"]),
+                             "content": m["content"] if isinstance(m["content"], str) else str(m["content"])}
+                            for m in clean]  # fmt: skip
         # ReAct ends with `Final Answer:` (read back as the final_answer tool's call below): describing final_answer
         # as a tool as well would offer the model two ways to finish, neither the one it was trained on
         described = [s for s in specs or [] if s["function"]["name"] != "final_answer"] or None
