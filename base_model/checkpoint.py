@@ -47,19 +47,8 @@ def _template_regex(template: str) -> re.Pattern:
 def qwen1_to_qwen2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        for src, dst in QWEN1_TO_QWEN2:
-            m = _template_regex(src).match(name)
-            if not m:
-                continue
-            fill = lambda t: t.replace("{i}", m.groupdict().get("i") or "")
-            if isinstance(dst, tuple):
-                for part_name, part in zip(dst, tensor.chunk(len(dst), dim=0)):
-                    out[fill(part_name)] = part.contiguous()
-            else:
-                out[fill(dst)] = tensor
-            break
-        else:
-            raise CheckpointError(f"unknown Qwen v1 tensor {name!r}")
+        for target, part, parts in _qwen1_targets(name):
+            out[target] = tensor.chunk(parts, dim=0)[part].contiguous() if parts > 1 else tensor
     return out
 
 
@@ -218,50 +207,151 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
-def read_state_dict(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder, from safetensors or .bin, sharded or not, read straight onto `device`
-    (safetensors; a .bin file goes through the CPU)."""
-    for index_name, loader in (
-        ("model.safetensors.index.json", _load_safetensors),
-        ("pytorch_model.bin.index.json", _load_bin),
-    ):
-        index_path = folder / index_name
-        if index_path.exists():
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class CheckpointTensors:
+    """The tensors of a checkpoint folder under their Qwen2 names, each read on demand straight onto a device
+    (safetensors; a .bin file is memory-mapped on the CPU). Qwen v1's fused q/k/v tensor gives each of its parts.
+    Building a sharded model reads one tensor at a time, so no device ever holds the whole checkpoint."""
+
+    def __init__(self, folder: Path, arch: str = "qwen2") -> None:
+        self.folder, self.arch = folder, arch
+        self._stored: dict[str, Path] = {}  # stored name -> file
+        self._bins: dict[Path, dict[str, torch.Tensor]] = {}
+        self._find_files()
+        # Qwen2 name -> (stored name, part, parts)
+        self._parts: dict[str, tuple[str, int, int]] = {}
+        for stored in self._stored:
+            if arch != "qwen":
+                self._parts[stored] = (stored, 0, 1)
+                continue
+            for name, part, parts in _qwen1_targets(stored):
+                self._parts[name] = (stored, part, parts)
+
+    def _find_files(self) -> None:
+        folder = self.folder
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index_path = folder / index_name
+            if not index_path.exists():
+                continue
             weight_map: dict[str, str] = _read_json(index_path).get("weight_map") or {}
             if not weight_map:
                 raise CheckpointError(f"{index_path}: empty or missing weight_map")
-            state: dict[str, torch.Tensor] = {}
             for shard in sorted(set(weight_map.values())):
-                shard_path = folder / shard
-                if not shard_path.exists():
+                if not (folder / shard).exists():
                     example = next(k for k, v in weight_map.items() if v == shard)
                     raise CheckpointError(
-                        f"{shard_path}: shard listed in {index_name} is missing (it holds {example!r})"
+                        f"{folder / shard}: shard listed in {index_name} is missing (it holds {example!r})"
                     )
-                state.update(loader(shard_path, device))
-            missing = [k for k in weight_map if k not in state]
-            if missing:
-                raise CheckpointError(f"{index_path}: tensor {missing[0]!r} is not in {weight_map[missing[0]]}")
-            return state
-    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
-        if (folder / name).exists():
-            return loader(folder / name, device)
-    raise CheckpointError(f"{folder}: no model.safetensors, pytorch_model.bin or index file found")
+                held = self._keys(folder / shard)
+                for name in [k for k, v in weight_map.items() if v == shard]:
+                    if name not in held:
+                        raise CheckpointError(f"{index_path}: tensor {name!r} is not in {shard}")
+                self._stored.update({k: folder / shard for k in held})
+            return
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (folder / name).exists():
+                self._stored = {k: folder / name for k in self._keys(folder / name)}
+                return
+        raise CheckpointError(f"{folder}: no model.safetensors, pytorch_model.bin or index file found")
+
+    def _keys(self, path: Path) -> list[str]:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    return list(f.keys())
+            except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+                raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+        return list(self._bin(path))
+
+    def _bin(self, path: Path) -> dict[str, torch.Tensor]:
+        if path not in self._bins:
+            try:
+                self._bins[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot read PyTorch weights ({e})") from None
+        return self._bins[path]
+
+    def names(self) -> list[str]:
+        return list(self._parts)
+
+    def file(self, name: str) -> Path:
+        return self._stored[self._parts[name][0]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        stored, _, parts = self._parts[name]
+        path = self._stored[stored]
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                shape = list(f.get_slice(stored).get_shape())
+        else:
+            shape = list(self._bin(path)[stored].shape)
+        shape[0] //= parts
+        return tuple(shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        stored = self._parts[name][0]
+        path = self._stored[stored]
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return _SAFETENSORS_DTYPES[f.get_slice(stored).get_dtype()]
+        return self._bin(path)[stored].dtype
+
+    def get(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        stored, part, parts = self._parts[name]
+        path = self._stored[stored]
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt", device=str(device)) as f:
+                    tensor = f.get_tensor(stored)
+            else:
+                tensor = self._bin(path)[stored].to(device)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor {stored!r} ({e})") from None
+        if parts > 1:
+            tensor = tensor.chunk(parts, dim=0)[part].contiguous()
+        return tensor.to(dtype) if dtype is not None else tensor
 
 
-def _load_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+def _qwen1_targets(name: str) -> list[tuple[str, int, int]]:
+    """The Qwen2 names a Qwen v1 tensor holds, with each one's part of its first dimension."""
+    for src, dst in QWEN1_TO_QWEN2:
+        m = _template_regex(src).match(name)
+        if not m:
+            continue
+        names = dst if isinstance(dst, tuple) else (dst,)
+        return [(n.replace("{i}", m.groupdict().get("i") or ""), k, len(names)) for k, n in enumerate(names)]
+    raise CheckpointError(f"unknown Qwen v1 tensor {name!r}")
 
 
-def _load_bin(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    try:
-        return torch.load(path, map_location=str(device), weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read PyTorch weights ({e})") from None
+def open_checkpoint(path: str | Path) -> tuple[QwenConfig, CheckpointTensors]:
+    """A checkpoint folder's config and its tensors, checked against the model the config describes (every tensor
+    present with its shape, none unexpected) without reading any tensor's data."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    config, arch = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    tensors = CheckpointTensors(folder, arch)
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    tied = config.tie_word_embeddings
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    present = set(tensors.names()) - ({"lm_head.weight"} if tied else set())
+    for name, param in expected.items():
+        if name not in present:
+            raise CheckpointError(f"{_tensor_file(folder, name, arch)}: tensor {name!r} is missing")
+        if tensors.shape(name) != tuple(param.shape):
+            raise CheckpointError(
+                f"{tensors.file(name)}: tensor {name!r} has shape {tensors.shape(name)}, "
+                f"expected {tuple(param.shape)} from config.json"
+            )
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{tensors.file(unexpected[0])}: unexpected tensor {unexpected[0]!r}")
+    return config, tensors
 
 
 def _tensor_file(folder: Path, name: str, arch: str) -> str:
@@ -292,34 +382,14 @@ def load_pretrained(
     path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> QwenForCausalLM:
     """Build a `QwenForCausalLM` from a Qwen v1 or Qwen2 checkpoint folder: on the meta device, then with the
-    checkpoint's tensors read straight onto `device` and assigned (nothing initialised, nothing built on the CPU)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: checkpoint folder not found")
-    config, arch = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
-    state = read_state_dict(folder, device)
-    if arch == "qwen":
-        state = qwen1_to_qwen2(state)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    checkpoint's tensors read straight onto `device` and assigned (nothing initialised, nothing built on the CPU).
+    Without `dtype`, the first tensor's dtype."""
+    config, tensors = open_checkpoint(path)
     with torch.device("meta"):
         model = QwenForCausalLM(config)
-    expected = {
-        k: v for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")
-    }
-    for name, param in expected.items():
-        if name not in state:
-            raise CheckpointError(f"{_tensor_file(folder, name, arch)}: tensor {name!r} is missing")
-        if tuple(state[name].shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"{_tensor_file(folder, name, arch)}: tensor {name!r} has shape {tuple(state[name].shape)}, "
-                f"expected {tuple(param.shape)} from config.json"
-            )
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise CheckpointError(f"{_tensor_file(folder, unexpected[0], arch)}: unexpected tensor {unexpected[0]!r}")
-    target = dtype or next(iter(state.values())).dtype
-    state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
+    names = [k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    target = dtype or tensors.dtype(names[0])
+    state = {k: tensors.get(k, device, target) for k in names}
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -391,20 +391,27 @@ class QwenForCausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Qwen v1 initialisation: normal(0, initializer_range); output projections scaled by 1/sqrt(2 layers).
-        Parameters are drawn in `named_parameters` order, from a generator seeded with `seed` when given."""
+        """Qwen v1 initialisation (`init_parameter`), parameters drawn in `named_parameters` order from a generator
+        seeded with `seed` when given."""
         self.tie_weights()
-        std = self.config.initializer_range
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif "layernorm" in name or name == "model.norm.weight":
-                p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.normal_(0.0, std / math.sqrt(2 * self.config.num_hidden_layers), generator=generator)
-            else:
-                p.normal_(0.0, std, generator=generator)
+            self.init_parameter(name, p, generator)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """One parameter's Qwen v1 initialisation: normal(0, initializer_range); output projections scaled by
+        1/sqrt(2 layers); norms 1, biases 0. Drawing every parameter in `named_parameters` order from one
+        generator is `reset_parameters`, whether the model is whole or materialised piece by piece."""
+        std = self.config.initializer_range
+        if name.endswith("bias"):
+            p.zero_()
+        elif "layernorm" in name or name == "model.norm.weight":
+            p.fill_(1.0)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            p.normal_(0.0, std / math.sqrt(2 * self.config.num_hidden_layers), generator=generator)
+        else:
+            p.normal_(0.0, std, generator=generator)
 
     def forward(
         self,

@@ -7,6 +7,7 @@ Saved as a Hugging Face Qwen2 folder (the language model, so the backbone loads 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from base_model import QwenForCausalLM, QwenTokenizer, load_pretrained, save_pretrained
+from base_model import QwenForCausalLM, QwenTokenizer, load_pretrained, open_checkpoint, save_pretrained
 from base_model.atomic import write_json_atomic
 
 Pooling = Literal["end_token", "last", "mean"]
@@ -134,6 +135,28 @@ def save_reward_state(
 
 def is_reward_model(path: str | Path) -> bool:
     return (Path(path) / HEAD_FILE).exists()
+
+
+def open_reward_model(path: str | Path) -> tuple[RewardModel, Callable[[str, torch.Tensor], None]]:
+    """The reward model of a folder on the meta device, with the function that fills one of its parameters (by
+    name) from the folder: for building it piece by piece, straight into ZeRO-3 partitions
+    (`align.core.engine.build_partitioned`)."""
+    path = Path(path)
+    if not is_reward_model(path):
+        raise FileNotFoundError(f"{path}: no {HEAD_FILE}; not a reward model folder")
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    config, tensors = open_checkpoint(path)
+    with torch.device("meta"):
+        model = RewardModel(QwenForCausalLM(config), cfg["pooling"], cfg["end_token_id"], cfg["mean"], cfg["std"])
+    head = load_file(str(path / HEAD_FILE))
+
+    def fill(name: str, t: torch.Tensor) -> None:
+        if name.startswith("lm."):
+            t.copy_(tensors.get(name[len("lm.") :], t.device))
+        else:
+            t.copy_(head[name[len("score.") :]])
+
+    return model, fill
 
 
 def load_reward_model(

@@ -29,7 +29,7 @@ from align.core.batching import MicroBatches, split_eval
 from align.core.chatml import render_turns
 from align.core.checkpointing import TrainingState, open_run, save_checkpoint
 from align.core.config import ConfigError, Section
-from align.core.engine import TrainEngine
+from align.core.engine import TrainEngine, is_partitioned
 from align.core.losses import IGNORE_INDEX, sequence_logps
 from align.core.metrics import MetricsLogger, Throughput
 from align.core.modeling import build_model, save_from_engine
@@ -286,7 +286,7 @@ def setup(cfg: DPOConfig) -> Run:
     distributed.init()
     rank0 = distributed.rank() == 0
     out_dir = Path(cfg.out_dir)
-    model, tokenizer = build_model(cfg.model, cfg.train.seed, distributed.device())
+    model, tokenizer = build_model(cfg.model, cfg.train.seed, distributed.device(), cfg.deepspeed)
     d, loss = cfg.data, cfg.objective.loss
     rows, report = load_rows(d.train, loss, tokenizer, d.max_len, d.on_error)
     if d.eval:
@@ -307,7 +307,11 @@ def setup(cfg: DPOConfig) -> Run:
     eval_prompts, reference = [], None
     if d.eval_prompts:
         eval_prompts = generation.read_prompts(d.eval_prompts, tokenizer, d.max_prompt_len)
-        reference = copy.deepcopy(model).eval().requires_grad_(False)  # before DeepSpeed shards the model
+        if is_partitioned(model):  # built straight into ZeRO-3 partitions: the reference is built whole
+            reference = build_model(cfg.model, cfg.train.seed, distributed.device())[0]
+        else:
+            reference = copy.deepcopy(model)  # before DeepSpeed shards the model
+        reference.eval().requires_grad_(False)
     engine = TrainEngine(model, cfg.optim, cfg.deepspeed, total_steps, loop.micro_batch_size, loop.grad_accum)
     ref = torch.zeros(len(rows) + len(eval_rows), 2)
     if loss != "simpo":  # SimPO needs no reference

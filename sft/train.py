@@ -90,7 +90,7 @@ def setup(cfg: SFTConfig) -> Run:
     distributed.init()
     rank0 = distributed.rank() == 0
     out_dir = Path(cfg.out_dir)
-    model, tokenizer = build_model(cfg.model, cfg.train.seed, distributed.device())
+    model, tokenizer = build_model(cfg.model, cfg.train.seed, distributed.device(), cfg.deepspeed)
     d = cfg.data
     examples, report = load_examples(d.train, tokenizer, d.max_len, d.mask_mode, d.truncation, d.on_error)
     if d.eval:

@@ -174,3 +174,21 @@ def test_language_model_term_is_the_mean_over_the_chosen_responses_tokens(tmp_pa
             targets += count_targets(labels)
     metrics = rm_train.train_step(run, 0)
     assert abs(metrics["lm_loss"] - loss_sum / targets) < 1e-4 * loss_sum / targets
+
+
+@pytest.mark.slow
+def test_zero3_builds_the_reward_model_in_partitions(tmp_path):
+    """Under ZeRO-3 the reward model is built straight into partitions, fresh and from a reward-model folder
+    (`init`): the losses follow the whole model's (ZeRO-0)."""
+    common = ["train.max_steps=4", "train.log_every=1", "data.eval_fraction=0"]
+    align("rm", "train", TINY, f"out_dir={tmp_path / 'whole'}", *common)
+    align("rm", "train", TINY, f"out_dir={tmp_path / 'parts'}", "deepspeed.zero_stage=3", *common)
+    whole, parts = curve(tmp_path / "whole"), curve(tmp_path / "parts")
+    assert sorted(whole) == sorted(parts) == [1, 2, 3, 4]
+    assert max(abs(whole[s] - parts[s]) for s in whole) < 1e-5
+    init = f"init={tmp_path / 'whole' / 'final'}"
+    align("rm", "train", TINY, f"out_dir={tmp_path / 'ft-whole'}", init, *common)
+    align("rm", "train", TINY, f"out_dir={tmp_path / 'ft-parts'}", init, "deepspeed.zero_stage=3", *common)
+    whole, parts = curve(tmp_path / "ft-whole"), curve(tmp_path / "ft-parts")
+    assert max(abs(whole[s] - parts[s]) for s in whole) < 1e-5
+    assert whole[1] < curve(tmp_path / "whole")[1]  # it started from the trained model, not a fresh one

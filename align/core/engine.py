@@ -9,7 +9,7 @@ learning-rate schedule. The training loops see only this class: `backward`, `ste
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from align.core.sections import DeepSpeedSection, OptimConfig
 from base_model.atomic import write_json_atomic
 
 
-def deepspeed_config(ds: DeepSpeedSection, optim: OptimConfig, micro_batch_size: int, grad_accum: int) -> dict:
+def zero_section(ds: DeepSpeedSection) -> dict:
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -30,6 +30,11 @@ def deepspeed_config(ds: DeepSpeedSection, optim: OptimConfig, micro_batch_size:
         zero["offload_param"] = {"device": "cpu"}
     if ds.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return zero
+
+
+def deepspeed_config(ds: DeepSpeedSection, optim: OptimConfig, micro_batch_size: int, grad_accum: int) -> dict:
+    zero = zero_section(ds)
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -45,12 +50,99 @@ def deepspeed_config(ds: DeepSpeedSection, optim: OptimConfig, micro_batch_size:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and norm weights (1-D tensors)."""
+    """No weight decay on biases and norm weights (1-D tensors; a ZeRO-3 partition is judged by its full shape)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether the model's parameters are already ZeRO-3 partitions (`build_partitioned`)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@torch.no_grad()
+def build_partitioned(
+    model: torch.nn.Module,
+    fill: Callable[[str, torch.Tensor], None],
+    ds: DeepSpeedSection,
+    bucket_bytes: int = 256 * 2**20,
+) -> torch.nn.Module:
+    """Materialise a model built on the meta device straight into ZeRO-3 partitions, so that no rank ever holds
+    it whole: parameters are made on the training device in `named_parameters` order, filled in fp32 by
+    `fill(name, tensor)` (an initialisation, or a checkpoint's tensor), cast to the training dtype, and handed to
+    `deepspeed.zero.Init(module=...)` about `bucket_bytes` at a time (DeepSpeed broadcasts rank 0's values, then
+    keeps each rank's partition: on the device, or on the CPU with `offload_params`). Tied parameters stay tied.
+    The peak per rank is one bucket, not the model."""
+    import deepspeed
+
+    if ds.zero_stage != 3:
+        raise ValueError(f"building a partitioned model needs deepspeed.zero_stage=3, not {ds.zero_stage}")
+    distributed.init()
+    device, dtype = distributed.device(), torch.bfloat16 if ds.bf16 else torch.float32
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, attr))
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero_section(ds), "bf16": {"enabled": ds.bf16}}
+    first: list[torch.nn.Parameter] = []
+
+    def partition(params: list[torch.nn.Parameter]) -> None:
+        if first:
+            first[0].convert_to_zero_parameters(param_list=params)
+            return
+        holder = torch.nn.Module()
+        holder.params = torch.nn.ParameterList(params)
+        deepspeed.zero.Init(module=holder, config_dict_or_path=config, mem_efficient_linear=False)
+        first.append(params[0])
+
+    bucket: list[torch.nn.Parameter] = []
+    size = 0
+    for name, p in list(model.named_parameters()):
+        if not p.is_meta:
+            raise ValueError(f"build_partitioned: parameter {name} is not on the meta device")
+        full = torch.empty(p.shape, device=device, dtype=torch.float32)
+        fill(name, full)
+        param = torch.nn.Parameter(full.to(dtype), requires_grad=p.requires_grad)
+        del full
+        for module, attr in owners[id(p)]:
+            module._parameters[attr] = param
+        bucket.append(param)
+        size += param.numel() * param.element_size()
+        if size >= bucket_bytes:
+            partition(bucket)
+            bucket, size = [], 0
+    if bucket:
+        partition(bucket)
+    return model
+
+
+def gathered_parameters(
+    module: torch.nn.Module, to_cpu: bool = True, bucket_bytes: int = 0
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full parameters, copied to the CPU or kept on the training device (`to_cpu=False`, for a rollout engine
+    on the same GPU). ZeRO-3 shards are gathered one parameter at a time, or with `bucket_bytes` once per
+    bucket of parameters of about that many bytes (fewer collectives). Every rank must iterate."""
+    import deepspeed
+
+    def full_bytes(p: torch.Tensor) -> int:
+        return getattr(p, "ds_numel", p.numel()) * p.element_size()
+
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    params = list(module.named_parameters())
+    for i, (name, p) in enumerate(params):
+        bucket.append((name, p))
+        size += full_bytes(p)
+        if size < bucket_bytes and i + 1 < len(params):
+            continue
+        with deepspeed.zero.GatheredParameters([t for _, t in bucket], modifier_rank=None):
+            copies = [(n, t.detach().to("cpu", copy=True) if to_cpu else t.detach().clone()) for n, t in bucket]
+        yield from copies
+        bucket, size = [], 0
 
 
 class TrainEngine:
@@ -68,7 +160,15 @@ class TrainEngine:
         import deepspeed
 
         distributed.init()
-        model = model.to(distributed.device())
+        if is_partitioned(model):  # built by build_partitioned: only parts added afterwards (a head) are whole
+            if ds.zero_stage != 3:
+                raise ValueError("a model built into ZeRO-3 partitions needs deepspeed.zero_stage=3")
+            dtype = torch.bfloat16 if ds.bf16 else torch.float32
+            for p in model.parameters():
+                if not hasattr(p, "ds_id"):
+                    p.data = p.data.to(distributed.device(), dtype)
+        else:
+            model = model.to(distributed.device())
         # on CUDA, torch's fused AdamW: one kernel for the whole update (not with the optimizer on the CPU)
         fused = distributed.device().type == "cuda" and not ds.offload_optimizer
         optimizer = torch.optim.AdamW(
@@ -129,26 +229,12 @@ class TrainEngine:
         return {"lr": lr, "grad_norm": float(norm) if norm is not None else float("nan")}
 
     def gathered_parameters(self, to_cpu: bool = True, bucket_bytes: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full parameters, copied to the CPU or kept on the training device (`to_cpu=False`, for a rollout engine
-        on the same GPU). ZeRO-3 shards are gathered one parameter at a time, or with `bucket_bytes` once per
-        bucket of parameters of about that many bytes (fewer collectives). Every rank must iterate."""
-        import deepspeed
-
-        def full_bytes(p: torch.Tensor) -> int:
-            return getattr(p, "ds_numel", p.numel()) * p.element_size()
-
-        bucket: list[tuple[str, torch.Tensor]] = []
-        size = 0
-        params = list(self.module.named_parameters())
-        for i, (name, p) in enumerate(params):
-            bucket.append((name, p))
-            size += full_bytes(p)
-            if size < bucket_bytes and i + 1 < len(params):
-                continue
-            with deepspeed.zero.GatheredParameters([t for _, t in bucket], modifier_rank=None):
-                copies = [(n, t.detach().to("cpu", copy=True) if to_cpu else t.detach().clone()) for n, t in bucket]
-            yield from copies
-            bucket, size = [], 0
+        """Full parameters (see `gathered_parameters`). Every rank must iterate."""
+        if self.zero_stage == 3:
+            # a parameter DeepSpeed prefetched for a module the last forward did not call (a reward model's unused
+            # LM head) is still in flight; gathering it would fail: wait for it and release every parameter first
+            self.engine.empty_partition_cache()
+        return gathered_parameters(self.module, to_cpu, bucket_bytes)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full state dict (all ranks call; all get it)."""

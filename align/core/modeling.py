@@ -6,9 +6,11 @@ from pathlib import Path
 
 import torch
 
+from align.core import distributed
 from align.core.config import ConfigError, load_config
-from align.core.sections import ModelSource
-from base_model import QwenConfig, QwenForCausalLM, QwenTokenizer, load_pretrained, save_pretrained
+from align.core.engine import build_partitioned
+from align.core.sections import DeepSpeedSection, ModelSource
+from base_model import QwenConfig, QwenForCausalLM, QwenTokenizer, load_pretrained, open_checkpoint, save_pretrained
 
 
 def load_tokenizer(source: ModelSource) -> QwenTokenizer:
@@ -19,20 +21,39 @@ def load_tokenizer(source: ModelSource) -> QwenTokenizer:
     return QwenTokenizer.from_file(Path(source.init))
 
 
+def load_partitioned(path: str | Path, ds: DeepSpeedSection) -> QwenForCausalLM:
+    """A checkpoint built straight into ZeRO-3 partitions, one tensor read at a time onto the training device."""
+    config, tensors = open_checkpoint(path)
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    return build_partitioned(model, lambda name, t: t.copy_(tensors.get(name, t.device)), ds)
+
+
 def build_model(
-    source: ModelSource, seed: int = 0, device: torch.device | str = "cpu"
+    source: ModelSource, seed: int = 0, device: torch.device | str = "cpu", deepspeed: DeepSpeedSection | None = None
 ) -> tuple[QwenForCausalLM, QwenTokenizer]:
     """The model and tokenizer named by `source`: a checkpoint read straight onto `device`, or a fresh model from a
-    config built on the meta device and initialised once, on `device`, from `seed` (fp32)."""
+    config built on the meta device and initialised once, on `device`, from `seed` (fp32). Under a ZeRO-3
+    `deepspeed` section the model is built straight into partitions (`build_partitioned`) with the same values."""
     tokenizer = load_tokenizer(source)
+    partitioned = deepspeed is not None and deepspeed.zero_stage == 3
     if source.init is not None:
-        model = load_pretrained(source.init, dtype=torch.float32, device=device)
+        if partitioned:
+            model = load_partitioned(source.init, deepspeed)
+        else:
+            model = load_pretrained(source.init, dtype=torch.float32, device=device)
     elif source.config is not None:
         config = load_config(QwenConfig, source.config)
         if source.fit_vocab:
             config.vocab_size = -(-len(tokenizer) // 128) * 128
         torch.manual_seed(seed)  # the run's other draws (dropout) start from the seed too
-        model = QwenForCausalLM(config, device=device, seed=seed)
+        if partitioned:
+            with torch.device("meta"):
+                model = QwenForCausalLM(config)
+            generator = torch.Generator(distributed.device()).manual_seed(seed)
+            build_partitioned(model, lambda name, t: model.init_parameter(name, t, generator), deepspeed)
+        else:
+            model = QwenForCausalLM(config, device=device, seed=seed)
     else:
         raise ConfigError("model: give either init (a checkpoint folder) or config (a model config YAML)")
     if len(tokenizer) > model.config.vocab_size:

@@ -64,7 +64,7 @@ def setup(cfg: PretrainConfig) -> Run:
     distributed.init()
     rank0 = distributed.rank() == 0
     out_dir = Path(cfg.out_dir)
-    model, tokenizer = build_model(cfg.model, cfg.train.seed, distributed.device())
+    model, tokenizer = build_model(cfg.model, cfg.train.seed, distributed.device(), cfg.deepspeed)
     train_data = PackedDataset(cfg.data.train)
     if int(train_data.tokens.max()) >= model.config.vocab_size:
         raise ConfigError(
