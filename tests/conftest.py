@@ -1,4 +1,5 @@
 import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -11,6 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 QWEN_REF = FIXTURES / "qwen_reference"
 QWEN_VOCAB = FIXTURES / "qwen.tiktoken"
+
+
+# Every `torchrun` a test starts (the tests' own and the README's) rendezvouses on a free port of its own
+# (`--standalone`), so two-process runs in parallel test workers never meet on the default port 29500.
+os.environ.setdefault("PET_STANDALONE", "1")
 
 
 def pytest_addoption(parser):

@@ -72,6 +72,12 @@ def test_tool_use_split_is_sft_data_agent_questions_and_tool_eval_items(tmp_path
     for item in items:
         if item["expected"]:
             assert calculator().run(item["expected"]["arguments"]) == item["answer"]
+    # the held-out calculations are never among the SFT examples' (a fixed eighth of the expressions)
+    held_out = {i["expected"]["arguments"]["expression"] for i in items if i["expected"]}
+    seen = {json.loads(next(m for m in r["messages"] if m.get("tool_calls"))["tool_calls"][0]["function"]["arguments"])
+            ["expression"] for r in (world.tool_use_row(random.Random(i)) for i in range(2000))
+            if any(m.get("tool_calls") for m in r["messages"])}  # fmt: skip
+    assert len(held_out) > 30 and len(seen) > 1000 and not held_out & seen
 
 
 def test_gold_scorer_judges_answers_not_the_reward_model():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import zlib
 
 from align.world.corpus import documents
 from align.world.preferences import DICTIONARY, forum_threads
@@ -210,13 +211,22 @@ def calculator_spec() -> dict:
     return calculator().spec()
 
 
-def make_calculation(rng: random.Random) -> dict:
+def held_out_expression(expression: str) -> bool:
+    """Whether a calculation belongs to the held-out tool-use split (an eighth of them, by a fixed hash): the SFT
+    examples never contain one, so the split measures the skill, not recall of a seen example."""
+    return zlib.crc32(expression.encode()) % 8 == 0
+
+
+def make_calculation(rng: random.Random, held_out: bool = False) -> dict:
     """Arithmetic beyond what the demo's model does in its head (two-digit sums and differences, products of a
-    digit and a two-digit number; it gets sums of numbers up to 20 wrong): a question the calculator answers.
-    {"question", "expression", "answer"}."""
-    op = rng.choice(["+", "-", "*"])
-    a, b = (rng.randint(10, 99), rng.randint(10, 99)) if op != "*" else (rng.randint(2, 9), rng.randint(11, 99))
-    expression = f"{a}{op}{b}"
+    digit and a two-digit number; it gets sums of numbers up to 20 wrong): a question the calculator answers, drawn
+    from the held-out expressions or from the others. {"question", "expression", "answer"}."""
+    while True:
+        op = rng.choice(["+", "-", "*"])
+        a, b = (rng.randint(10, 99), rng.randint(10, 99)) if op != "*" else (rng.randint(2, 9), rng.randint(11, 99))
+        expression = f"{a}{op}{b}"
+        if held_out_expression(expression) == held_out:
+            break
     value = a + b if op == "+" else a - b if op == "-" else a * b
     return {"question": rng.choice(CALCULATION).format(a=a, op=op, b=b), "expression": expression, "answer": str(value)}
 
@@ -250,8 +260,8 @@ def tool_use_row(rng: random.Random) -> dict:
 
 def tool_questions(n: int, seed: int, p_no_tool: float = 0.2) -> list[dict]:
     """The held-out tool-use split, read by both `align agent --questions` and `align eval tools`: {"question",
-    "answer", "tools", "expected"} — calculations expecting a calculator call, and p_no_tool of requests that need
-    none (`expected: null`)."""
+    "answer", "tools", "expected"} — calculations expecting a calculator call (held-out expressions, never in the
+    SFT examples), and p_no_tool of requests that need none (`expected: null`)."""
     rng = random.Random(seed)
     tools = [calculator_spec()]
     out = []
@@ -261,7 +271,7 @@ def tool_questions(n: int, seed: int, p_no_tool: float = 0.2) -> list[dict]:
             answer = p["answer"].split(" = ")[1]
             out.append({"id": f"t{i}", "question": p["prompt"], "answer": answer, "tools": tools, "expected": None})
         else:
-            c = make_calculation(rng)
+            c = make_calculation(rng, held_out=True)
             out.append({"id": f"t{i}", "question": c["question"], "answer": c["answer"], "tools": tools,
                         "expected": {"name": "calculator", "arguments": {"expression": c["expression"]}}})  # fmt: skip
     return out
