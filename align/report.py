@@ -164,8 +164,9 @@ def tool_use_table(s: dict) -> str:
         )
     return (
         "<h2>Tool use</h2><p>The held-out tool-use split "
-        f"({num(src, 'tools.questions', t['questions'])} questions: three-digit sums and differences and "
-        "two-digit products, and some requests that need no tool) answered through the agent loop "
+        f"({num(src, 'tools.questions', t['questions'])} questions: two-digit sums and differences and "
+        "products of a digit and a two-digit number, held out from the SFT examples, and some requests that need "
+        "no tool) answered through the agent loop "
         "(<code>align agent --tools calculator</code>, greedy, at most "
         f"{num(src, 'tools.max_steps', t['max_steps'])} steps). Accuracy: the final answer holds the right "
         "result (95% Wilson interval); the difference from the base policy is paired by question (bootstrap "
