@@ -15,7 +15,7 @@ QWEN_VOCAB = FIXTURES / "qwen.tiktoken"
 
 
 # Every `torchrun` a test starts (the tests' own and the README's) rendezvouses on a free port of its own
-# (`--standalone`), so two-process runs in parallel test workers never meet on the default port 29500.
+# (`--standalone`), so two-process runs of test sessions side by side never meet on the default port 29500.
 os.environ.setdefault("PET_STANDALONE", "1")
 
 

@@ -39,6 +39,8 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     for line in test_lines:
         assert line in ci, f"README test command {line!r} is not run by .ci/run"
+    # `set -e` ignores a failure inside an && chain: CI must exit on it explicitly
+    assert test_lines[-1] + " || exit 1" in ci
 
 
 def test_help_lists_commands():
