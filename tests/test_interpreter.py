@@ -8,7 +8,7 @@ import os
 import pytest
 
 from align.core.sandbox import Limits
-from align.tools.interpreter import CodeInterpreter
+from align.tools.interpreter import CodeInterpreter, InterpreterError
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,30 @@ def test_a_dead_kernel_is_replaced_and_the_model_told():
         r = ci.execute("y")
         assert r.status == "error" and "NameError" in r.observation()
         assert ci.execute("2 + 2").observation() == "4"
+
+
+def test_a_kernel_that_dies_silently_at_start_is_started_once_more(monkeypatch, tmp_path):
+    """A kernel that dies before replying and says nothing (seen once on a loaded CI machine) gets a second start;
+    one that says why it died is not started again."""
+    import align.tools.interpreter as interpreter
+
+    real, argvs = interpreter.start_process, []
+
+    def first_dies(argv, *args, **kwargs):
+        argvs.append(argv)
+        return real(["-c", "import os; os._exit(1)"] if len(argvs) == 1 else argv, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter, "start_process", first_dies)
+    with CodeInterpreter(tmp_path / "a", start_timeout_s=30) as session:
+        assert session.execute("1 + 1").observation() == "2"
+    assert len(argvs) == 2
+
+    def always_fails(argv, *args, **kwargs):
+        argvs.append(argv)
+        return real(["-c", "import sys; sys.exit('no kernel here')"], *args, **kwargs)
+
+    argvs.clear()
+    monkeypatch.setattr(interpreter, "start_process", always_fails)
+    with pytest.raises(InterpreterError, match="no kernel here"):
+        CodeInterpreter(tmp_path / "b", start_timeout_s=30)
+    assert len(argvs) == 1

@@ -94,20 +94,26 @@ class CodeInterpreter:
             "--HistoryManager.enabled=False",
             "--IPKernelApp.no_stdout=False",
         ]
-        self.proc = start_process(argv, self.limits, self.work, stdout=self.log, stderr=subprocess.STDOUT)
-        client = BlockingKernelClient()
-        client.load_connection_file(conn)
-        client.start_channels()
-        try:
-            client.wait_for_ready(timeout=self.start_timeout_s)
-        except RuntimeError as e:
-            self._kill()
-            tail = (run.parent / ".kernel.log").read_text(errors="replace")[-1500:]
-            raise InterpreterError(f"the code interpreter's kernel did not start: {e}\n{tail}") from None
+        for attempt in (1, 2):  # a kernel that dies silently at start on a loaded machine is started once more
+            self.proc = start_process(argv, self.limits, self.work, stdout=self.log, stderr=subprocess.STDOUT)
+            client = BlockingKernelClient()
+            client.load_connection_file(conn)
+            client.start_channels()
+            try:
+                client.wait_for_ready(timeout=self.start_timeout_s)
+                break
+            except RuntimeError as e:
+                client.stop_channels()
+                self._kill(keep_log=attempt == 1)
+                tail = (run.parent / ".kernel.log").read_text(errors="replace")[-1500:]
+                if attempt == 2 or tail.strip():  # a kernel that said why it died would only die again
+                    if attempt == 1:
+                        self.log.close()
+                    raise InterpreterError(f"the code interpreter's kernel did not start: {e}\n{tail}") from None
         self.client = client
         self.execute("%matplotlib inline", timeout_s=self.start_timeout_s)
 
-    def _kill(self) -> None:
+    def _kill(self, keep_log: bool = False) -> None:
         if self.client is not None:
             self.client.stop_channels()
             self.client = None
@@ -119,7 +125,7 @@ class CodeInterpreter:
             self.proc.wait()
             _remove_cgroup(self.proc.pid)
             self.proc = None
-        if getattr(self, "log", None):
+        if getattr(self, "log", None) and not keep_log:
             self.log.close()
 
     def close(self) -> None:
