@@ -268,7 +268,10 @@ class CheckpointTensors:
     def _bin(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._bins:
             try:
-                self._bins[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    self._bins[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped: read it whole
+                    self._bins[path] = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
                 raise CheckpointError(f"{path}: cannot read PyTorch weights ({e})") from None
         return self._bins[path]
@@ -295,7 +298,10 @@ class CheckpointTensors:
         path = self._stored[stored]
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
-                return _SAFETENSORS_DTYPES[f.get_slice(stored).get_dtype()]
+                stored_dtype = f.get_slice(stored).get_dtype()
+            if stored_dtype not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {stored!r} is stored as {stored_dtype}, not a float type")
+            return _SAFETENSORS_DTYPES[stored_dtype]
         return self._bin(path)[stored].dtype
 
     def get(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:

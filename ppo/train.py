@@ -25,10 +25,10 @@ from tqdm import tqdm
 from align.core import distributed
 from align.core.batching import MicroBatches
 from align.core.checkpointing import TrainingState, open_run, save_checkpoint
-from align.core.engine import TrainEngine, build_partitioned
+from align.core.engine import TrainEngine
 from align.core.losses import count_targets, normalised_loss
 from align.core.metrics import MetricsLogger, Throughput, read_metrics, tokens_per_second
-from align.core.modeling import load_partitioned, save_from_engine
+from align.core.modeling import load_trained, save_from_engine
 from align.core.records import DataError
 from align.eval.generation import read_prompts, truncate_eval_samples, write_eval_samples
 from align.eval.harness import benchmark_counts, benchmark_metrics, benchmark_prompts
@@ -72,7 +72,7 @@ from ppo.models import (
     sync_rollout_weights,
 )
 from ppo.rewards import extra_rewards, make_scorers
-from rm.model import load_reward_model, open_reward_model, save_reward_state
+from rm.model import load_reward_model, load_trained_reward_model, save_reward_state
 
 
 @dataclass
@@ -111,10 +111,7 @@ def setup(cfg: PPOConfig) -> Run:
     torch.manual_seed(cfg.train.seed)
     dev, frozen = distributed.device(), frozen_dtype(cfg)
     home = torch.device("cpu") if cfg.models.offload_frozen else dev  # where the frozen models wait
-    if cfg.policy_deepspeed.zero_stage == 3:  # the trained models straight into partitions: never whole on a rank
-        policy = load_partitioned(cfg.models.policy, cfg.policy_deepspeed).train()
-    else:
-        policy = load_pretrained(cfg.models.policy, dtype=torch.float32, device=dev).train()
+    policy = load_trained(cfg.models.policy, cfg.policy_deepspeed, dev).train()  # ZeRO-3: never whole on a rank
     tokenizer = QwenTokenizer.from_file(cfg.models.policy)
     ref_policy = load_pretrained(cfg.models.policy, dtype=frozen, device=home).eval()
     reward_model = load_reward_model(cfg.models.reward, dtype=frozen, device=home).eval()
@@ -128,11 +125,7 @@ def setup(cfg: PPOConfig) -> Run:
     value_model = None
     if not critic_free:
         value_source = cfg.models.value or cfg.models.reward
-        if cfg.value_deepspeed.zero_stage == 3:
-            rm, fill = open_reward_model(value_source)
-            value_model = ValueModel(build_partitioned(rm, fill, cfg.value_deepspeed).train())
-        else:
-            value_model = ValueModel(load_reward_model(value_source, device=dev).train())
+        value_model = ValueModel(load_trained_reward_model(value_source, cfg.value_deepspeed, dev))
     elif distributed.rank() == 0:
         n_params = sum(t.numel() for t in reward_model.parameters())
         print(

@@ -159,6 +159,17 @@ def open_reward_model(path: str | Path) -> tuple[RewardModel, Callable[[str, tor
     return model, fill
 
 
+def load_trained_reward_model(path: str | Path, ds, device: torch.device | str) -> RewardModel:
+    """A reward-model folder to train under the DeepSpeed section `ds`: straight into partitions under ZeRO-3
+    (no rank holds it whole), else whole in fp32 on `device`."""
+    if ds.zero_stage != 3:
+        return load_reward_model(path, device=device).train()
+    from align.core.engine import build_partitioned
+
+    model, fill = open_reward_model(path)
+    return build_partitioned(model, fill, ds).train()
+
+
 def load_reward_model(
     path: str | Path, dtype: torch.dtype | None = torch.float32, device: torch.device | str = "cpu"
 ) -> RewardModel:

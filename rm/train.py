@@ -21,7 +21,7 @@ from align.core import distributed
 from align.core.batching import MicroBatches, split_eval
 from align.core.checkpointing import TrainingState, open_run, save_checkpoint
 from align.core.config import ConfigError, Section
-from align.core.engine import TrainEngine, build_partitioned
+from align.core.engine import TrainEngine
 from align.core.losses import count_targets, normalised_loss
 from align.core.metrics import MetricsLogger, Throughput
 from align.core.modeling import build_model, load_tokenizer
@@ -29,7 +29,13 @@ from align.core.sections import DeepSpeedSection, LoopConfig, ModelSource, Optim
 from base_model import QwenTokenizer
 from rm.data import collate_pairs, encode_pairs, load_pairs
 from rm.losses import bradley_terry_loss_sum
-from rm.model import Pooling, RewardModel, is_reward_model, load_reward_model, open_reward_model, save_reward_state
+from rm.model import (
+    Pooling,
+    RewardModel,
+    is_reward_model,
+    load_trained_reward_model,
+    save_reward_state,
+)
 
 
 class RMData(Section):
@@ -86,11 +92,7 @@ def build_reward_model(cfg: RMConfig) -> tuple[RewardModel, QwenTokenizer]:
     if cfg.init is not None:
         if not is_reward_model(cfg.init):
             raise ConfigError(f"init={cfg.init}: not a reward-model folder (no reward_head.safetensors)")
-        if cfg.deepspeed.zero_stage == 3:  # straight into partitions: no rank holds the model whole
-            model, fill = open_reward_model(cfg.init)
-            build_partitioned(model, fill, cfg.deepspeed)
-        else:
-            model = load_reward_model(cfg.init, device=distributed.device())
+        model = load_trained_reward_model(cfg.init, cfg.deepspeed, distributed.device())
         tokenizer = load_tokenizer(ModelSource(init=cfg.init, tokenizer=cfg.model.tokenizer))
         model.train()
         return model, tokenizer

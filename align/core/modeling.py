@@ -29,6 +29,13 @@ def load_partitioned(path: str | Path, ds: DeepSpeedSection) -> QwenForCausalLM:
     return build_partitioned(model, lambda name, t: t.copy_(tensors.get(name, t.device)), ds)
 
 
+def load_trained(path: str | Path, ds: DeepSpeedSection, device: torch.device | str) -> QwenForCausalLM:
+    """A checkpoint to train under `ds`: straight into partitions under ZeRO-3, else whole in fp32 on `device`."""
+    if ds.zero_stage == 3:
+        return load_partitioned(path, ds)
+    return load_pretrained(path, dtype=torch.float32, device=device)
+
+
 def build_model(
     source: ModelSource, seed: int = 0, device: torch.device | str = "cpu", deepspeed: DeepSpeedSection | None = None
 ) -> tuple[QwenForCausalLM, QwenTokenizer]:
@@ -38,10 +45,7 @@ def build_model(
     tokenizer = load_tokenizer(source)
     partitioned = deepspeed is not None and deepspeed.zero_stage == 3
     if source.init is not None:
-        if partitioned:
-            model = load_partitioned(source.init, deepspeed)
-        else:
-            model = load_pretrained(source.init, dtype=torch.float32, device=device)
+        model = load_trained(source.init, deepspeed or DeepSpeedSection(), device)
     elif source.config is not None:
         config = load_config(QwenConfig, source.config)
         if source.fit_vocab:
