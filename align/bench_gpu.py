@@ -4,8 +4,9 @@
   compiled layers, against transformers' Qwen2 (sdpa); MFU against the measured bf16 matmul peak.
 - generate: the native engine (static cache, CUDA-graph decoding) against transformers' `generate`, 1.8B shape,
   bf16, batch 64, 128-token prompts, 256 new tokens, top-p 0.9.
-- sft: `align sft`'s training step (ZeRO-2, bf16, packed rows of 2048, micro-batch 4, cl100k_base) against the bare
-  model's forward + backward on the same rows: the trainer's share of the model's speed.
+- sft: `align sft`'s training step (ZeRO-2, bf16, packed rows of 2048, micro-batch 4, cl100k_base; 1 and 8
+  micro-batches per optimizer step) against the bare model's forward + backward on the same rows: the trainer's
+  share of the model's speed.
 - ppo: seconds per iteration (rollout / experience / train) at the 1.8B shape, four models on one GPU.
 """
 
@@ -137,14 +138,28 @@ def generate(reps: int = 2, batch: int = 64, prompt_len: int = 128, new_tokens: 
 
 
 def sft(steps: int = 8) -> list[dict]:
-    """The trainer's tokens/s against the bare model's fwd+bwd tokens/s on the same packed rows."""
+    """The trainer's tokens/s against the bare model's fwd+bwd tokens/s on the same packed rows: with one
+    micro-batch per optimizer step (the optimizer's step in every one) and with 8 (an SFT batch of 32 x 2048)."""
+    out = []
+    for accum in (1, 8):
+        trainer, bare_rate, setup_s = _sft_rates(steps, accum)
+        suffix = "" if accum == 1 else f"_accum{accum}"
+        note = f"tokens/s (peer: bare model fwd+bwd), micro-batch 4 x 2048, {accum} per optimizer step"
+        out.append(row("sft", f"trainer_tokens_per_s_bf16_1.8b{suffix}", trainer, bare_rate, note))
+        if accum == 1:
+            out.append(row("sft", "setup_seconds_1.8b", setup_s, None, "s"))
+        torch.cuda.empty_cache()
+    return out
+
+
+def _sft_rates(steps: int, accum: int) -> tuple[float, float, float]:
     from align.core.records import write_jsonl_atomic
     from align.world import demo as world
     from sft import train as sft_train
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        convs = world.sft_conversations(6000, seed=0)
+        convs = world.sft_conversations(3000 * accum + 3000, seed=0)  # ~94 tokens each: every step's rows fresh
         write_jsonl_atomic(d / "data.jsonl", [{"messages": c["messages"]} for c in convs])
         cfg = sft_train.SFTConfig.model_validate(
             {
@@ -154,7 +169,13 @@ def sft(steps: int = 8) -> list[dict]:
                 },
                 "data": {"train": str(d / "data.jsonl"), "max_len": 2048, "packing": True},
                 "optim": {"lr": 1e-5, "schedule": "constant"},
-                "train": {"micro_batch_size": 4, "max_steps": steps + 2, "log_every": 1000, "save_every": 0},
+                "train": {
+                    "micro_batch_size": 4,
+                    "grad_accum": accum,
+                    "max_steps": steps + 2,
+                    "log_every": 1000,
+                    "save_every": 0,
+                },
                 "deepspeed": {"zero_stage": 2, "bf16": True},
                 "out_dir": str(d / "out"),
             }
@@ -189,10 +210,7 @@ def sft(steps: int = 8) -> list[dict]:
         bare()
         t_bare = _median_time(bare, 5)
         bare_rate = sum(len(r["input_ids"]) for r in run.batches.get(0)) / t_bare
-    return [
-        row("sft", "trainer_tokens_per_s_bf16_1.8b", trainer, bare_rate, "tokens/s (peer: bare model fwd+bwd)"),
-        row("sft", "setup_seconds_1.8b", setup_s, None, "s"),
-    ]
+    return trainer, bare_rate, setup_s
 
 
 def ppo(iterations: int = 3) -> list[dict]:
@@ -239,6 +257,7 @@ def ppo(iterations: int = 3) -> list[dict]:
             "value_deepspeed.bf16=true",
             "train.eval_every=0",
             "train.save_every=0",
+            "train.save_state=false",  # the final checkpoint: models only (AdamW state at 1.8B is ~50 GB)
             f"out_dir={d / 'ppo'}",
         ]
         print(f"[ppo] models saved in {time.perf_counter() - t0:.0f} s; running align ppo", flush=True)

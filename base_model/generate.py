@@ -17,6 +17,13 @@ from base_model.model import QwenForCausalLM
 from base_model.packed_linear import prepacked_linears
 
 PACK_FROM_STEPS = 8  # shorter generations do not repay packing the weights
+ROUNDS_AT_ONCE = 4  # top-p rounds every row draws at once on a GPU (see `sample_tokens`)
+
+
+def draws_at_once(device: torch.device) -> bool:
+    """Whether sampling takes its first rounds for all rows at once from pre-drawn uniforms (`UniformTable`): on a
+    GPU, where each host synchronisation and each small launch costs; the CPU draws round by round."""
+    return device.type == "cuda"
 
 
 @dataclass
@@ -82,6 +89,7 @@ def sample_tokens(
     row_generators: list[torch.Generator] | None = None,
     top_p: float = 1.0,
     max_rounds: int = 16,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, V) probabilities (not necessarily normalised) → (B,) token ids from the top-p nucleus of each row.
 
@@ -90,13 +98,28 @@ def sample_tokens(
     rejection: a drawn token is kept when the mass of the tokens more likely than it is below top_p of the row's
     total, i.e. when it lies in the nucleus; otherwise the row draws again. A draw from the distribution conditioned
     on the nucleus is a draw from the renormalised nucleus, so this samples exactly what a sort-and-cut sampler
-    does, with about 1/top_p draws per row and no sort. Rows still rejected after `max_rounds` are cut by sorting."""
+    does, with about 1/top_p draws per row and no sort. Rows still rejected after `max_rounds` are cut by sorting.
+
+    `uniforms` (B, R), when given, are every row's draws for the first R rounds, all taken at once: fixed shapes
+    and no host synchronisation until the check for rows still outside the nucleus after them (the GPU's way; a
+    row is then outside after R rounds with probability below (1 - top_p)^R). Later rounds draw from the
+    generators, for those rows only."""
     b, v = probs.shape
     cdf = probs.double().cumsum(-1)  # (B, V)
     total = cdf[:, -1]  # (B,)
-    ids = torch.empty(b, dtype=torch.long, device=probs.device)
-    pending = torch.arange(b, device=probs.device)
-    for _ in range(max_rounds if top_p < 1.0 else 1):
+    rounds = max_rounds if top_p < 1.0 else 1
+    if uniforms is not None:
+        ids, accepted = _first_in_nucleus(probs, cdf, total, uniforms[:, :rounds], top_p)
+        if top_p >= 1.0:
+            return ids
+        pending = (~accepted).nonzero().squeeze(-1)  # the one host synchronisation
+        rounds -= uniforms.shape[1]
+    else:
+        ids = torch.empty(b, dtype=torch.long, device=probs.device)
+        pending = torch.arange(b, device=probs.device)
+    for _ in range(rounds):
+        if len(pending) == 0:
+            return ids
         whole = len(pending) == b  # the first round: no copies of (B, V) tensors
         u = _uniforms(b, probs.device, generator, row_generators, pending)
         drawn = torch.searchsorted(cdf if whole else cdf[pending], (u * total[pending])[:, None], right=True)
@@ -107,12 +130,61 @@ def sample_tokens(
         p_drawn = rows.gather(-1, ids[pending, None])  # (P, 1)
         mass_before = ((rows > p_drawn) * rows).sum(-1)  # (P,)
         pending = pending[mass_before >= top_p * total[pending]]
-        if len(pending) == 0:
-            return ids
+    if len(pending) == 0:
+        return ids
     nucleus = filter_logits(probs[pending].log(), 1.0, top_p, 0).softmax(-1)  # (P, V)
     sub_generators = [row_generators[i] for i in pending.tolist()] if row_generators is not None else None
     ids[pending] = sample_tokens(nucleus, generator, sub_generators)
     return ids
+
+
+def _first_in_nucleus(
+    probs: torch.Tensor, cdf: torch.Tensor, total: torch.Tensor, uniforms: torch.Tensor, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's R draws at once: (B,) the first draw inside the nucleus (the first draw when none is), and (B,)
+    whether one was."""
+    v = probs.shape[-1]
+    drawn = torch.searchsorted(cdf, uniforms * total[:, None], right=True).clamp_(max=v - 1)  # (B, R)
+    if top_p >= 1.0:
+        return drawn[:, 0], torch.ones_like(drawn[:, 0], dtype=torch.bool)
+    p_drawn = probs.gather(-1, drawn)  # (B, R)
+    mass_before = torch.stack(
+        [torch.where(probs > p_drawn[:, r, None], probs, 0.0).sum(-1) for r in range(drawn.shape[1])], dim=1
+    )  # (B, R): the mass of the tokens more likely than each draw
+    inside = mass_before < top_p * total[:, None]  # (B, R)
+    first = inside.to(torch.uint8).argmax(-1, keepdim=True)  # the first round inside (0 when none)
+    return drawn.gather(-1, first).squeeze(-1), inside.any(-1)
+
+
+class UniformTable:
+    """Uniform draws for the all-rows-at-once rounds of `sample_tokens`, made `block` steps at a time: one call per
+    block of steps for the shared generator, one per row for per-row generators (each row's stream still depends on
+    its own generator only), instead of one per row per round per step."""
+
+    def __init__(
+        self,
+        b: int,
+        rounds: int,
+        device: torch.device,
+        generator: torch.Generator | None,
+        row_generators: list[torch.Generator] | None,
+        block: int = 64,
+    ) -> None:
+        self.b, self.rounds, self.device, self.block = b, rounds, device, block
+        self.generator, self.row_generators = generator, row_generators
+        self.table: torch.Tensor | None = None
+        self.start = 0
+
+    def __call__(self, step: int) -> torch.Tensor:
+        """(B, R) float64 draws for `step` (steps asked in order)."""
+        if self.table is None or step >= self.start + self.block:
+            self.start = step
+            shape, kw = (self.block, self.rounds), dict(device=self.device, dtype=torch.float64)
+            if self.row_generators is not None:
+                self.table = torch.stack([torch.rand(shape, generator=g, **kw) for g in self.row_generators], dim=1)
+            else:
+                self.table = torch.rand((self.block, self.b, self.rounds), generator=self.generator, **kw)
+        return self.table[step - self.start]  # (B, R)
 
 
 class CapturedDecoder:
@@ -195,6 +267,9 @@ def generate(
         if len(sampling.row_seeds) != b:
             raise ValueError(f"row_seeds has {len(sampling.row_seeds)} seeds for {b} prompts")
         row_generators = [torch.Generator(device=device).manual_seed(s) for s in sampling.row_seeds]
+    table = None
+    if sampling.temperature != 0 and draws_at_once(device):
+        table = UniformTable(b, ROUNDS_AT_ONCE if sampling.top_p < 1.0 else 1, device, generator, row_generators)
     stop = torch.tensor(sorted(set(sampling.stop_token_ids)) or [-1], device=device)
     cache = model.new_cache(max_length=width + sampling.max_new_tokens)
     out_ids = torch.full((b, sampling.max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -241,9 +316,10 @@ def generate(
                 next_ids = logits.argmax(-1)
             else:
                 probs = filter_logits(logits, sampling.temperature, 1.0, sampling.top_k).softmax(-1)
-                next_ids = sample_tokens(probs, generator, row_generators, sampling.top_p)  # (B,)
+                uniforms = table(step) if table is not None else None
+                next_ids = sample_tokens(probs, generator, row_generators, sampling.top_p, uniforms=uniforms)  # (B,)
             logprobs = logits.gather(-1, next_ids[:, None]).squeeze(-1) - logits.logsumexp(-1)  # unfiltered, T=1
-            next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+            next_ids = next_ids.masked_fill(finished, pad_id)
             out_ids[:, step] = next_ids
             out_logprobs[:, step] = logprobs
             hit = torch.isin(next_ids, stop) & ~finished

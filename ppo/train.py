@@ -598,7 +598,8 @@ def save(run: Run, folder_step: int) -> None:
         run.cfg.ppo.rollout_batch_size * distributed.world_size(),
         {"kl_ctl": run.kl_ctl.state_dict(), "reward_moments": run.moments.state_dict()},
     )
-    save_checkpoint(engines(run.actor, run.critic), run.out_dir, state, save_models, run.cfg.train.keep_last)
+    loop = run.cfg.train
+    save_checkpoint(engines(run.actor, run.critic), run.out_dir, state, save_models, loop.keep_last, loop.save_state)
 
 
 def save_value(run: Run, folder: Path) -> None:

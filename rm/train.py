@@ -295,6 +295,7 @@ def train(run: Run) -> dict[str, float]:
                 state,
                 lambda folder: save_models(run, folder, module.mean, module.std),
                 loop.keep_last,
+                loop.save_state,
             )
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
         bar.update(1)

@@ -492,7 +492,8 @@ def save(run: Run, step: int) -> None:
         save_from_engine(run.engine, run.engine.module.config, run.tokenizer, folder, distributed.rank() == 0)
 
     state = run.state.at_step(step)
-    save_checkpoint({"model": run.engine}, run.out_dir, state, save_models, run.cfg.train.keep_last)
+    loop = run.cfg.train
+    save_checkpoint({"model": run.engine}, run.out_dir, state, save_models, loop.keep_last, loop.save_state)
 
 
 def main(cfg: DPOConfig) -> dict[str, float]:

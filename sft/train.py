@@ -214,7 +214,7 @@ def save(run: Run, step: int) -> None:
 
     loop = run.cfg.train
     state = run.state.at_step(step)
-    save_checkpoint({"model": run.engine}, run.out_dir, state, save_models, loop.keep_last)
+    save_checkpoint({"model": run.engine}, run.out_dir, state, save_models, loop.keep_last, loop.save_state)
 
 
 def stage_configs(cfg: SFTConfig) -> list[SFTConfig]:

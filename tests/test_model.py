@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from base_model import QwenForCausalLM
-from base_model.generate import PACK_FROM_STEPS, SamplingParams, filter_logits, generate, sample_tokens
+from base_model import generate as generate_module
+from base_model.generate import PACK_FROM_STEPS, SamplingParams, UniformTable, filter_logits, generate, sample_tokens
 from base_model.model import _attention_biases
 from base_model.packed_linear import prepacked_linears
 from conftest import randomize_biases, tiny_config
@@ -206,6 +207,52 @@ def test_top_p_by_rejection_samples_the_nucleus():
         freq = torch.stack([torch.bincount(r, minlength=12).float() / n for r in ids])
         assert torch.all(freq[nucleus == 0] == 0)  # nothing outside the nucleus, ever
         assert torch.allclose(freq, nucleus, atol=0.015)
+
+
+def test_rounds_drawn_at_once_sample_the_nucleus():
+    """The GPU's way (every row's first rounds from pre-drawn uniforms, one check after them) samples the same
+    distribution: with enough rounds, with rows left for the generator's rounds, and with rows left for the sort."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.stack([torch.randn(12, generator=g) * 2, torch.randn(12, generator=g) * 0.05])  # peaked, flat
+    n = 20000
+    for top_p, at_once, rounds in ((0.6, 4, 16), (0.3, 1, 3), (0.3, 2, 2), (1.0, 1, 16)):
+        nucleus = filter_logits(logits, 1.0, top_p, 0).softmax(-1)
+        probs = logits.softmax(-1).repeat_interleave(n, 0)  # (2n, 12)
+        uniforms = torch.rand((2 * n, at_once), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        ids = sample_tokens(probs, torch.Generator().manual_seed(1), None, top_p, rounds, uniforms).view(2, n)
+        freq = torch.stack([torch.bincount(r, minlength=12).float() / n for r in ids])
+        assert torch.all(freq[nucleus == 0] == 0), (top_p, at_once)
+        assert torch.allclose(freq, nucleus, atol=0.015), (top_p, at_once)
+
+
+def test_uniform_table_keeps_each_rows_stream_its_own():
+    """Per-row generators drawn a block at a time: a row's draws do not depend on the other rows, and steps past a
+    block continue the same streams."""
+    rows = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    alone = UniformTable(1, 4, torch.device("cpu"), None, rows([7]), block=3)
+    batch = UniformTable(3, 4, torch.device("cpu"), None, rows([5, 7, 9]), block=3)
+    for step in range(8):
+        assert torch.equal(alone(step)[0], batch(step)[1])
+    expected = torch.rand((6, 4), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    fresh = UniformTable(1, 4, torch.device("cpu"), None, rows([7]), block=3)
+    assert torch.equal(torch.stack([fresh(s)[0] for s in range(6)]), expected)
+
+
+def test_generation_with_rounds_drawn_at_once(monkeypatch):
+    """With the GPU's sampling forced on the CPU: a row-seeded row samples the same tokens alone or in a batch,
+    and dynamic and static decoding agree token for token."""
+    monkeypatch.setattr(generate_module, "draws_at_once", lambda device: True)
+    model = _model()
+    sampling = lambda seeds: SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.8, row_seeds=seeds)
+    alone = generate(model, [[5, 6, 7]], sampling([3]))
+    batch = generate(model, [[9, 10], [5, 6, 7], [11]], sampling([1, 3, 2]))
+    assert batch.token_ids[1] == alone.token_ids[0]
+    assert torch.allclose(torch.tensor(batch.logprobs[1]), torch.tensor(alone.logprobs[0]), atol=1e-5)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    shared = SamplingParams(max_new_tokens=PACK_FROM_STEPS + 4, temperature=0.9, top_p=0.9, seed=4)
+    dynamic = generate(model, prompts, shared, decode="dynamic")
+    static = generate(model, prompts, shared, decode="static")
+    assert static.token_ids == dynamic.token_ids
 
 
 def test_prepacked_linears_decode_like_the_plain_model():

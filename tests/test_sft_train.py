@@ -13,10 +13,14 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 TINY = str(ROOT / "configs" / "sft" / "tiny.yaml")
 
 
-def align(*args, cwd=ROOT, timeout=600):
-    out = subprocess.run(
+def run_align(*args, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "align.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
     )
+
+
+def align(*args, cwd=ROOT, timeout=600):
+    out = run_align(*args, cwd=cwd, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -96,24 +100,14 @@ def test_resume_with_other_settings_stops_naming_the_difference(tmp_path):
     stops with the differences named, before any weight is loaded."""
     common = ["train.max_steps=4", "train.save_every=2", "train.stop_after=2"]
     align("sft", TINY, f"out_dir={tmp_path}", *common)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "align.cli",
-            "sft",
-            TINY,
-            f"out_dir={tmp_path}",
-            "resume=true",
-            "train.max_steps=8",
-            "train.micro_batch_size=1",
-            "train.save_every=2",
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    out = run_align(
+        "sft",
+        TINY,
+        f"out_dir={tmp_path}",
+        "resume=true",
+        "train.max_steps=8",
+        "train.micro_batch_size=1",
+        "train.save_every=2",
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "cannot resume" in out.stderr and "total_steps 4 in the checkpoint, 8 now" in out.stderr
@@ -178,3 +172,16 @@ def test_a_bad_stage_is_named_before_anything_runs(tmp_path):
     cfg.stages = [SFTConfig.model_fields["stages"].annotation.__args__[0](name="a", optim={"lr": "fast"})]
     with pytest.raises(ConfigError, match=r"stages\[0\] \(a\).*optim.lr"):
         stage_configs(cfg)
+
+
+def test_models_only_checkpoints_hold_no_state_and_refuse_a_resume(tmp_path):
+    """train.save_state=false: each checkpoint is the hf/ model alone (no DeepSpeed state, no RNG), and a resume
+    from it stops naming the checkpoint instead of failing inside DeepSpeed."""
+    common = ["train.max_steps=2", "train.save_every=1", "train.save_state=false"]
+    align("sft", TINY, f"out_dir={tmp_path}", *common)
+    latest = tmp_path / "checkpoints" / "step-00000002"
+    assert (latest / "hf" / "model.safetensors").exists()
+    assert sorted(p.name for p in (latest / "state").iterdir()) == ["client_state.json"]
+    out = run_align("sft", TINY, f"out_dir={tmp_path}", "resume=true", *common)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "step-00000002: holds the models only" in out.stderr and "Traceback" not in out.stderr

@@ -103,6 +103,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+MODELS_ONLY = "models_only"  # the client state's mark of a checkpoint written with train.save_state: false
+
+
 def step_dir(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step-{step:08d}"
 
@@ -113,19 +116,25 @@ def save_checkpoint(
     state: TrainingState,
     save_models: Callable[[Path], None] | None,
     keep_last: int,
+    with_state: bool = True,
 ) -> Path:
     """Every rank calls this. `engines` maps a name ("model", or "policy"/"value") to its engine;
-    `save_models(folder)` writes Hugging Face folders (all ranks call it; it writes from rank 0)."""
-    step, client_state = state.step, state.to_dict()
+    `save_models(folder)` writes Hugging Face folders (all ranks call it; it writes from rank 0).
+    `with_state=False` (`train.save_state: false`) leaves out the engines' weights, optimizer and schedule and the
+    RNG states: a checkpoint of the models only, a fraction of the size, that a run cannot resume from."""
+    step, client_state = state.step, {**state.to_dict(), **({} if with_state else {MODELS_ONLY: True})}
     root = Path(out_dir) / "checkpoints"
     tmp = root / f".tmp-step-{step:08d}"
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    for name, engine in engines.items():
-        engine.save_state(tmp / "state" / name, client_state)
-    torch.save(rng_state(), tmp / "state" / f"rng_rank{rank()}.pt")
+    if with_state:
+        for name, engine in engines.items():
+            engine.save_state(tmp / "state" / name, client_state)
+        torch.save(rng_state(), tmp / "state" / f"rng_rank{rank()}.pt")
+    elif rank() == 0:
+        (tmp / "state").mkdir()
     if save_models is not None:
         save_models(tmp / "hf")
     barrier()
@@ -179,7 +188,13 @@ def open_run(cfg, out_dir: Path, engines: dict[str, TrainEngine], name: str, fre
     if checkpoint is not None:
         client_state = checkpoint / "state" / "client_state.json"
         if client_state.exists():  # checked before DeepSpeed reads shards laid out for another world size
-            saved = TrainingState.from_dict(json.loads(client_state.read_text()), str(client_state))
+            saved_dict = json.loads(client_state.read_text())
+            if saved_dict.get(MODELS_ONLY):
+                raise ConfigError(
+                    f"{checkpoint}: holds the models only (written with train.save_state: false), so no run can "
+                    "resume from it; start a new run (a new out_dir, or resume=false) from its hf/ folder"
+                )
+            saved = TrainingState.from_dict(saved_dict, str(client_state))
             saved.check_resumable_as(fresh, str(checkpoint))
         state = TrainingState.from_dict(load_checkpoint(engines, checkpoint), str(checkpoint))
         if not client_state.exists():  # otherwise checked above

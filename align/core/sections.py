@@ -52,6 +52,7 @@ class LoopConfig(Section):
     save_every: int = Field(0, ge=0)  # 0: only at the end
     log_every: int = Field(1, ge=1)
     keep_last: int = Field(2, ge=1)  # training-state checkpoints kept
+    save_state: bool = True  # false: checkpoints hold the models only (no optimizer state; cannot resume)
     seed: int = 0
     stop_after: int | None = None  # stop (checkpointed) after this many steps without finishing the schedule
     peak_tflops: float | None = None  # one device's matmul peak for model-FLOPs utilisation; default: measured

@@ -171,6 +171,7 @@ def train(run: Run) -> dict[str, float]:
                     run.engine, run.engine.module.config, run.tokenizer, f, distributed.rank() == 0
                 ),
                 loop.keep_last,
+                loop.save_state,
             )
         bar.set_postfix(
             loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", mfu=f"{metrics['mfu']:.1%}"
