@@ -42,6 +42,8 @@ def test_taxonomy_loads_and_resolves():
         ("tags:\n  - {id: a, aliases: [x]}\n  - {id: b, aliases: [X]}\n", r"alias 'X' already names 'a'"),
         ("tags:\n  - {name: nameless}\n", r"entry tags\[0\]: needs a non-empty string 'id'"),
         ("nope: 1\n", "top-level 'tags' list"),
+        ('tags:\n  - {id: "a\\0b"}\n', r"entry tags\[0\]: 'a\\x00b' holds a control character"),
+        ('tags:\n  - {id: a, aliases: ["x\\ty"]}\n', r"entry tags\[0\]: 'x\\ty' holds a control character"),
     ],
 )
 def test_malformed_taxonomy_names_file_and_entry(tmp_path, body, message):
@@ -49,6 +51,15 @@ def test_malformed_taxonomy_names_file_and_entry(tmp_path, body, message):
     path.write_text(body)
     with pytest.raises(TaxonomyError, match=rf"bad.yaml: .*{message}" if "entry" in message else message):
         Taxonomy.load(path)
+
+
+@pytest.mark.parametrize("name", ["tax.yaml", "tax.json"])
+def test_taxonomy_saves_in_the_format_its_name_says_and_loads_back(tmp_path, name):
+    tax = Taxonomy.load(DEMO)
+    tax.save(tmp_path / name)
+    again = Taxonomy.load(tmp_path / name)
+    assert [vars(t) for t in again.tags.values()] == [vars(t) for t in tax.tags.values()]
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left behind
 
 
 def test_taxonomy_scales_to_tens_of_thousands(tmp_path):
@@ -111,6 +122,15 @@ def test_builder_merges_planted_variants():
     assert result.dropped == {"seen once": 1}
     steps = {m["step"] for m in result.merges}
     assert steps == {"rule", "semantic", "association"} and all(m["evidence"] for m in result.merges)
+
+
+def test_builder_leaves_out_raw_tags_with_control_characters():
+    heard = []
+    result = build(
+        [["cooking"], ["coo\x00king", "cooking"], ["tab\there"]] * 3, alpha=2, semantic=False, log=heard.append
+    )
+    assert set(result.mapping) == {"cooking"} and "cooking" in result.taxonomy
+    assert any("2 raw tags with control characters left out" in line for line in heard)
 
 
 def test_complexity_first_hand_worked_example():

@@ -124,6 +124,7 @@ def test_review_through_the_api_versions_every_edit_and_exports_a_taxonomy_file(
     assert edit("ron", 1, "move", tag=tag, parent=None).status_code == 409  # made from a version that is gone
     assert edit("ron", 2, "move", tag=tag, parent="no such tag").status_code == 422
     assert edit("ron", 2, "frobnicate", tag=tag).status_code == 422
+    assert edit("ron", 2, "rename", tag=tag, name="Py\x00thon").status_code == 422  # a database refuses NUL
     assert edit("ann", 2, "rename", tag=tag, name="x").status_code == 403
     spelled = "python programs"
     assert edit("ron", 2, "split", tag=tag, aliases=["python-programming"], new_id="x").status_code == 422

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import snowballstemmer
 
-from rm.tags.taxonomy import Tag, Taxonomy
+from rm.tags.taxonomy import CONTROL, Tag, Taxonomy
 
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
 
@@ -88,6 +88,11 @@ def build(
     `EmbeddingCache` keeps its vectors on disk); `log` hears each step's outcome and time."""
     t0 = time.perf_counter()
     counts = Counter(t.strip() for tags in raw for t in tags if t.strip())
+    unreadable = [t for t in counts if CONTROL.search(t)]  # a tag name cannot hold a control character
+    for t in unreadable:
+        del counts[t]
+    if unreadable:
+        log(f"{len(unreadable)} raw tags with control characters left out (e.g. {unreadable[0]!r})")
     keys = {t: rule_key(t) for t in counts}
     # the frequency of a tag is that of all its spellings (the same after step 2's normalisation)
     key_counts: Counter = Counter()

@@ -14,10 +14,15 @@ Loading rejects duplicate ids, unknown parents, cycles and aliases claimed by tw
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from base_model.atomic import write_text_atomic
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # no tag id, name or alias holds one (a database refuses NUL)
 
 
 class TaxonomyError(ValueError):
@@ -41,6 +46,9 @@ class Taxonomy:
         self.source = source
         self.tags: dict[str, Tag] = {}
         for i, t in enumerate(tags):
+            bad = next((x for x in (t.id, t.name, *t.aliases) if CONTROL.search(x)), None)
+            if bad is not None:
+                raise TaxonomyError(f"{source}: entry tags[{i}]: {bad!r} holds a control character")
             if t.id in self.tags:
                 raise TaxonomyError(f"{source}: entry tags[{i}]: duplicate id {t.id!r}")
             self.tags[t.id] = t
@@ -92,6 +100,7 @@ class Taxonomy:
         return cls(tags, str(path))
 
     def save(self, path: str | Path) -> None:
+        """As JSON for a `.json` path, else YAML; atomically (a kill leaves the old file or the new one)."""
         rows = [
             {
                 "id": t.id,
@@ -101,7 +110,11 @@ class Taxonomy:
             }
             for t in self.tags.values()
         ]
-        Path(path).write_text(yaml.safe_dump({"tags": rows}, allow_unicode=True, sort_keys=False))
+        if Path(path).suffix == ".json":
+            text = json.dumps({"tags": rows}, ensure_ascii=False, indent=1)
+        else:
+            text = yaml.safe_dump({"tags": rows}, allow_unicode=True, sort_keys=False)
+        write_text_atomic(path, text)
 
     def __len__(self) -> int:
         return len(self.tags)
