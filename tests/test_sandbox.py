@@ -102,6 +102,49 @@ def test_fork_bomb_is_bounded_and_leaves_nothing_behind():
     assert not [c for c in cmdlines if b"main.py" in c or b"--launch" in c]
 
 
+SIDE_BY_SIDE = """
+import json, sys, threading, time
+sys.path.insert(0, {folder!r})
+import sandbox
+
+def fork_and_hold(n, hold):
+    return (
+        "import os, time\\nn = 0\\nfor _ in range(%d):\\n    try:\\n        if os.fork() == 0:\\n"
+        "            time.sleep(%s); os._exit(0)\\n        n += 1\\n    except OSError:\\n        break\\n"
+        "print(os.getuid(), n, flush=True)\\ntime.sleep(%s)" % (n, hold, hold)
+    )
+
+limits = sandbox.Limits(cpu_s=2, wall_s=20, processes=16)
+out = {{}}
+hog = threading.Thread(target=lambda: out.update(hog=sandbox.run_python(fork_and_hold(64, 6), limits).stdout))
+hog.start()
+time.sleep(2.5)  # the hog holds its processes for 6 s
+out["other"] = sandbox.run_python(fork_and_hold(8, 0.5), limits).stdout
+hog.join()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK), reason="needs root and a system Python"
+)
+def test_sandboxes_side_by_side_run_as_users_of_their_own(tmp_path):
+    """As root with an interpreter others may run (here the system's Python; the module uses only the standard
+    library), each sandbox runs as a uid of its own. Two at once: one that uses up its process limit leaves the
+    other its whole limit (the limit counts all the processes of a user: with one shared user the second could not
+    fork), and neither can signal the other."""
+    if not sandbox._readable_by_nobody("/usr/bin/python3"):
+        pytest.skip("the system Python is closed to other users")
+    script = tmp_path / "side_by_side.py"
+    script.write_text(SIDE_BY_SIDE.format(folder=str(Path(sandbox.__file__).parent)))
+    done = subprocess.run(["/usr/bin/python3", "-I", str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    (hog_uid, hog_n), (other_uid, other_n) = (map(int, out[k].split()) for k in ("hog", "other"))
+    assert 8 <= hog_n <= 16 and other_n == 8, out
+    assert hog_uid != other_uid and {hog_uid, other_uid} <= set(sandbox.SANDBOX_UIDS), out
+
+
 def test_no_network_out_or_to_this_machine():
     # a server on this machine's loopback, outside the sandbox: the sandbox must not reach it
     import socket

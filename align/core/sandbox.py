@@ -6,9 +6,13 @@
 - **resource limits** (`setrlimit`): CPU seconds, address space (memory), size of any file written (also bounds
   stdout and stderr, which go to files), number of processes of the sandbox's user, open files, no core dumps;
   the wall-clock limit is the caller's (`Popen.wait` then a kill of the whole process group).
-- **no privileges** when started as root: the code runs as `nobody` (uid 65534) when the interpreter is readable by
-  it, else as root with every capability dropped (bounding set emptied, so nothing it execs regains any). The kernel
-  does not apply the process limit to root, so as root the limit is a `pids` cgroup (v2, or v1's `pids` hierarchy).
+- **no privileges** when started as root: the code runs as a user of its own, a uid from `SANDBOX_UIDS` that no
+  other running sandbox holds and no process has (claimed with a lock for as long as the sandbox runs; `nobody`
+  where the lock folder cannot be trusted), when the interpreter is readable by others; else as root with every
+  capability dropped (bounding set emptied, so nothing it execs regains any). A user of its own means sandboxes that
+  run side by side cannot signal or trace one another, and each has the whole process limit (the limit counts all
+  the processes of a user). The kernel does not apply the process limit to root, so as root the limit is a `pids`
+  cgroup (v2, or v1's `pids` hierarchy).
 - **namespaces** where the kernel allows them (as root; without root through an unprivileged user namespace): a
   new network namespace (only a loopback that is down: no connection leaves it) and a new PID namespace (the code
   runs as its init; when it ends or is killed, every process it started is killed by the kernel, so a fork bomb
@@ -26,6 +30,7 @@ requires a guard (`Limits.require`) that the machine cannot give, instead of run
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import resource
@@ -39,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 NOBODY = 65534
+SANDBOX_UIDS = range(1_870_000_000, 1_870_001_024)  # one per running sandbox (as root); no account has them
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, PR_CAPBSET_DROP = 38, 1, 24
 CAP_LAST = 63
@@ -230,16 +236,16 @@ def _drop_capabilities() -> None:
         raise OSError(ctypes.get_errno(), "capset")
 
 
-def _processes_of(uid: int) -> int:
-    n = 0
+def _process_uids() -> list[int]:
+    """The uid of every process on the machine (as far as /proc shows them)."""
+    uids = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                if os.stat(f"/proc/{pid}").st_uid == uid:
-                    n += 1
+                uids.append(os.stat(f"/proc/{pid}").st_uid)
             except OSError:
                 pass
-    return n
+    return uids
 
 
 def _enter(spec: dict) -> dict:
@@ -249,7 +255,7 @@ def _enter(spec: dict) -> dict:
     uid, gid = os.getuid(), os.getgid()
     # the process limit counts every process of the user, so the sandbox's share comes on top of what it runs
     # already (counted before a user namespace would show other users' processes as the overflow id)
-    running = 0 if applied["root"] else _processes_of(uid)
+    running = 0 if applied["root"] else _process_uids().count(uid)
     flags = CLONE_NEWPID | (0 if spec["network"] else CLONE_NEWNET)
     if applied["root"]:
         namespaces = _unshare(flags)
@@ -269,12 +275,12 @@ def _enter(spec: dict) -> dict:
         _, status = os.waitpid(pid, 0)
         os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
     _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    applied["uid_drop"] = applied["root"] and _readable_by_nobody(sys.executable)
+    applied["uid_drop"] = applied["root"] and spec.get("uid") is not None
     if applied["uid_drop"]:
+        uid = spec["uid"]
         os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
-        uid = NOBODY
+        os.setgid(uid)
+        os.setuid(uid)
     elif applied["root"]:
         _drop_capabilities()
     applied["no_privileges"] = True
@@ -312,6 +318,7 @@ def _probe() -> None:
     with tempfile.TemporaryDirectory() as d:
         os.chmod(d, 0o777)
         spec = {"network": False, "cpu_s": 5, "memory_mb": 512, "file_mb": 1, "open_files": 64, "processes": 8}
+        spec["uid"] = NOBODY if os.geteuid() == 0 and _readable_by_nobody(sys.executable) else None  # as `run_python`
         applied = _enter({**spec, "workdir": d, "read_only": _read_only_paths()})
         print(json.dumps(applied))
         sys.stdout.flush()
@@ -333,30 +340,82 @@ def sandbox_env(work: Path, extra: dict[str, str] | None = None) -> dict[str, st
     }
 
 
-def give_to_sandbox(work: Path) -> None:
-    """Where the code will run as nobody (root with a world-readable interpreter), its directory must be its own."""
-    if os.geteuid() == 0 and _readable_by_nobody(sys.executable):
+def give_to_sandbox(work: Path, uid: int | None) -> None:
+    """Where the code runs as a user of its own (`uid`, not None), its directory must be that user's."""
+    if uid is not None:
         for p in [work, *work.rglob("*")]:
-            os.chown(p, NOBODY, NOBODY)
+            os.chown(p, uid, uid)
+
+
+def _lock_folder() -> Path | None:
+    """Where the uid claims live: a folder only root can write (None when an existing one is not)."""
+    folder = Path(tempfile.gettempdir()) / "align-sandbox-uids"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(folder)
+    except OSError:
+        return None
+    trusted = st.st_uid == 0 and (st.st_mode & 0o077) == 0 and os.path.isdir(folder) and not folder.is_symlink()
+    return folder if trusted else None
+
+
+def claim_uid() -> tuple[int | None, int | None]:
+    """(the uid the next sandbox runs as, the lock that holds it until `release`): None, None when the code will
+    not change user (not root, or an interpreter closed to others); `nobody` and no lock without a trusted lock
+    folder. A uid is taken only when no process runs as it (a sandbox whose caller died may still run)."""
+    if os.geteuid() != 0 or not _readable_by_nobody(sys.executable):
+        return None, None
+    folder = _lock_folder()
+    if folder is None:
+        return NOBODY, None
+    running = set(_process_uids())
+    for uid in SANDBOX_UIDS:
+        if uid in running:
+            continue
+        fd = os.open(folder / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return uid, fd
+        except BlockingIOError:
+            os.close(fd)
+    raise SandboxUnavailable(f"all {len(SANDBOX_UIDS)} sandbox users are taken by running sandboxes")
+
+
+def release(proc: subprocess.Popen) -> None:
+    """After a sandboxed process ended: its cgroup removed, its uid free for the next sandbox."""
+    _remove_cgroup(proc.pid)
+    lock = getattr(proc, "sandbox_lock", None)
+    if lock is not None:
+        os.close(lock)
+        proc.sandbox_lock = None
 
 
 def start_process(
     argv: list[str], limits: Limits, work: Path, env: dict[str, str] | None = None, **popen
 ) -> subprocess.Popen:
     """Start `python -I ARGV` in the sandbox, in `work`, through the launcher (see the module docstring). The caller
-    waits for it; killing its process group (it leads a new session) ends everything it started."""
-    give_to_sandbox(work)
-    env = env or sandbox_env(work)
-    spec = {**asdict(limits), "workdir": str(work), "read_only": _read_only_paths(), "env": env}
-    spec["argv"], spec["require"] = list(argv), list(limits.require)
-    return subprocess.Popen(
-        [sys.executable, "-I", __file__, "--launch", json.dumps(spec)],
-        stdin=popen.pop("stdin", subprocess.DEVNULL),
-        start_new_session=True,
-        cwd=str(work),
-        env=env,
-        **popen,
-    )
+    waits for it; killing its process group (it leads a new session) ends everything it started; then
+    `release(proc)`. `proc.sandbox_uid` is the user it runs as (None: it did not change user)."""
+    uid, lock = claim_uid()
+    try:
+        give_to_sandbox(work, uid)
+        env = env or sandbox_env(work)
+        spec = {**asdict(limits), "workdir": str(work), "read_only": _read_only_paths(), "env": env, "uid": uid}
+        spec["argv"], spec["require"] = list(argv), list(limits.require)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", __file__, "--launch", json.dumps(spec)],
+            stdin=popen.pop("stdin", subprocess.DEVNULL),
+            start_new_session=True,
+            cwd=str(work),
+            env=env,
+            **popen,
+        )
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    proc.sandbox_uid, proc.sandbox_lock = uid, lock
+    return proc
 
 
 def run_python(
@@ -397,7 +456,7 @@ def run_python(
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         seconds = time.monotonic() - start
-        _remove_cgroup(proc.pid)
+        release(proc)
         stdout = _read_capped(logs / "out", limits.output_chars)
         stderr = _read_capped(logs / "err", limits.output_chars)
         rc = proc.returncode

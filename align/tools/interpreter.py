@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.core.sandbox import Limits, _remove_cgroup, give_to_sandbox, start_process
+from align.core.sandbox import Limits, give_to_sandbox, release, start_process
 
 SESSION_LIMITS = Limits(cpu_s=600, wall_s=3600, memory_mb=4096, file_mb=64, processes=64, open_files=512)
 
@@ -62,11 +62,11 @@ class CodeInterpreter:
         self.work = Path(tempfile.mkdtemp(prefix="align-interpreter-") if workdir is None else workdir).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.limits, self.output_chars, self.start_timeout_s = limits, output_chars, start_timeout_s
-        for name, content in (files or {}).items():
-            self.upload(name, content)
         self.figure_count = 0
         self.proc: subprocess.Popen | None = None
         self.client = None
+        for name, content in (files or {}).items():
+            self.upload(name, content)
         self._start()
 
     # ------------------------------------------------------------------------------------------------ lifecycle
@@ -84,7 +84,6 @@ class CodeInterpreter:
             transport="ipc",
             key=secrets.token_hex(16).encode(),
         )
-        give_to_sandbox(self.work)
         self.log = open(run.parent / ".kernel.log", "wb")  # noqa: SIM115 - closed in close()
         argv = [
             "-m",
@@ -123,7 +122,7 @@ class CodeInterpreter:
             except ProcessLookupError:
                 pass
             self.proc.wait()
-            _remove_cgroup(self.proc.pid)
+            release(self.proc)
             self.proc = None
         if getattr(self, "log", None) and not keep_log:
             self.log.close()
@@ -145,7 +144,8 @@ class CodeInterpreter:
             raise ValueError(f"file name {name!r} leaves the interpreter's directory")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content.encode() if isinstance(content, str) else content)
-        give_to_sandbox(self.work)
+        if self.proc is not None:  # the running kernel's user (a kernel yet to start is given the folder then)
+            give_to_sandbox(self.work, self.proc.sandbox_uid)
         return target
 
     # ------------------------------------------------------------------------------------------------ execution
