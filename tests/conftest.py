@@ -1,6 +1,12 @@
+import gc
+import glob
+import io
 import json
 import os
+import shlex
 import threading
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -74,6 +80,49 @@ def randomize_biases(model, seed=0):
             elif "norm" in name:
                 p.copy_(1 + torch.randn(p.shape, generator=g) * 0.1)
     return model
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def align_here(*args, cwd: Path = ROOT) -> CliRun:
+    """`align ARGS` run in this process through the command's entry point (`align.cli.main`), its output captured:
+    a subprocess would spend seconds of each call on the interpreter's start and the imports. Runs killed on
+    purpose, and multi-process runs, still get processes of their own."""
+    from align.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(here)
+        gc.collect()  # a run's engines and models go now, not at some later test's allocation
+    return CliRun(code or 0, out.getvalue(), err.getvalue())
+
+
+def align_ok(*args, cwd: Path = ROOT) -> CliRun:
+    """`align_here`, which must succeed."""
+    run = align_here(*args, cwd=cwd)
+    assert run.returncode == 0, f"align {shlex.join(map(str, args))}\n{run.stdout[-1500:]}\n{run.stderr[-3000:]}"
+    return run
+
+
+def expand_words(command: str, cwd: Path) -> list[str]:
+    """A command line's words as the shell would give them in `cwd` (quotes, and `*` patterns expanded)."""
+    words = []
+    for word in shlex.split(command):
+        words += (sorted(glob.glob(word, root_dir=cwd)) or [word]) if "*" in word else [word]
+    return words
 
 
 def kill_after_first_checkpoint(args, run_dir, env, timeout=600):

@@ -1,7 +1,6 @@
 """The `align` command and the README's commands, run as a user would."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -9,12 +8,13 @@ import sys
 import pytest
 import torch
 
+from align.core.distributed import subprocess_env
 from base_model import load_pretrained
 from conftest import QWEN_REF, QWEN_VOCAB, ROOT
 
 
 def run(args, cwd=None, stdin=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(subprocess_env(), PYTHONPATH=str(ROOT))  # without an in-process run's group variables
     return subprocess.run(
         [sys.executable, "-m", "align.cli", *args],
         cwd=cwd,

@@ -9,18 +9,10 @@ import sys
 import pytest
 
 from align.core.metrics import read_metrics
-from conftest import ROOT, kill_after_first_checkpoint
+from conftest import ROOT, align_ok, kill_after_first_checkpoint
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 TINY = str(ROOT / "configs" / "dpo" / "tiny.yaml")
-
-
-def align(*args):
-    out = subprocess.run(
-        [sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
 
 
 def run_in_process(*overrides):
@@ -76,12 +68,12 @@ def test_kto_on_unpaired_data_separates_desirable_from_undesirable(tmp_path, pai
 def test_killed_dpo_run_resumes_exactly_with_the_cached_reference(tmp_path, pairs):
     common = [f"data.train={pairs}", "train.max_steps=30", "train.log_every=1", "train.save_every=10",
               "data.eval_fraction=0.25", "train.eval_every=10"]  # fmt: skip
-    align("dpo", TINY, f"out_dir={tmp_path / 'full'}", *common)
+    align_ok("dpo", TINY, f"out_dir={tmp_path / 'full'}", *common)
     run_dir = tmp_path / "killed"
     killed_at = kill_after_first_checkpoint(["dpo", TINY, f"out_dir={run_dir}", *common], run_dir, ENV)
     assert 10 <= killed_at < 30, "the run was killed mid-way"
     cache = (run_dir / "ref_logps.pt").stat().st_mtime
-    align("dpo", TINY, f"out_dir={run_dir}", "resume=true", *common)
+    align_ok("dpo", TINY, f"out_dir={run_dir}", "resume=true", *common)
     assert (run_dir / "ref_logps.pt").stat().st_mtime == cache  # reused, not recomputed from trained weights
     full, resumed = train_metrics(tmp_path / "full"), train_metrics(run_dir)
     assert sorted(resumed) == list(range(1, 31))
@@ -103,7 +95,7 @@ def test_zero3_two_processes_follow_single_process(tmp_path, pairs):
     common = [f"data.train={pairs}", "train.max_steps=6", "train.log_every=1", "train.save_every=0",
               f"data.eval_prompts={prompts}", f'eval.judges=[{{kind: function, target: "{judge}:length"}}]',
               "train.eval_every=3", "eval_generation.max_new_tokens=8"]  # fmt: skip
-    align("dpo", TINY, f"out_dir={tmp_path / 'one'}", *common)
+    align_ok("dpo", TINY, f"out_dir={tmp_path / 'one'}", *common)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli"]
     out = subprocess.run(
         torchrun

@@ -13,17 +13,18 @@ from align.core.metrics import read_metrics
 from align.core.records import write_jsonl_atomic
 from align.world import ppo_task
 from align.world.corpus import documents
-from conftest import ROOT, kill_after_first_checkpoint
+from conftest import ROOT, align_ok, kill_after_first_checkpoint
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 TINY = str(ROOT / "configs" / "ppo" / "tiny.yaml")
 
 
 def align(*args, torchrun=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    out = subprocess.run(
-        cmd + ["-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
-    )
+    """In this process, or as two processes under torchrun."""
+    if not torchrun:
+        return align_ok(*args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli", *args]
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
 
 

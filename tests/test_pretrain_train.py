@@ -14,7 +14,7 @@ from align.core.sections import OptimConfig
 from align.world.corpus import documents
 from base_model import QwenTokenizer
 from base_model.pretrain.packing import pack
-from conftest import ROOT, kill_after_first_checkpoint
+from conftest import ROOT, align_ok, kill_after_first_checkpoint
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 TINY = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
@@ -29,10 +29,11 @@ def packed(tmp_path_factory):
 
 
 def align(*args, torchrun=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    out = subprocess.run(
-        cmd + ["-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
-    )
+    """In this process, or as two processes under torchrun."""
+    if not torchrun:
+        return align_ok(*args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli", *args]
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
 
 

@@ -8,7 +8,6 @@ the commands compose is checked, their learning is the stage tests' job), and th
 Of the two set-up commands, CI runs the tests' and `test_demo.py` the main job's `align demo` (as `--quick`).
 """
 
-import glob
 import json
 import os
 import random
@@ -23,7 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT
+from align.core.distributed import subprocess_env
+from conftest import ROOT, align_ok, expand_words
 
 ELSEWHERE = {  # command -> the test that runs it
     "align sweep configs/sweeps/tiny.yaml": "tests/test_demo.py::test_sweep_on_the_demo_world_ranks_by_gold",
@@ -128,7 +128,7 @@ def make_inputs(folder: Path) -> None:
 
 
 def run_shell(command: str, folder: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PASSWORD="alice-password")
+    env = dict(subprocess_env(), PYTHONPATH=str(ROOT), PASSWORD="alice-password")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     out = subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{command}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
@@ -136,24 +136,14 @@ def run_shell(command: str, folder: Path, timeout: int = 600) -> subprocess.Comp
 
 
 def run_here(command: str, folder: Path) -> None:
-    """An `align …` line in this process (the command's own entry point, `align.cli.main`), as the shell would
-    split and expand it: the walk-through spends its time in the commands rather than in 30 interpreter starts."""
-    from align.cli import main
-
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        argv = []
-        for word in shlex.split(command)[1:]:
-            argv += (sorted(glob.glob(word)) or [word]) if "*" in word else [word]
-        assert main(argv) == 0, command
-    finally:
-        os.chdir(cwd)
+    """An `align …` line in this process, as the shell would split and expand it: the walk-through spends its time in
+    the commands rather than in 30 interpreter starts."""
+    align_ok(*expand_words(command, folder)[1:], cwd=folder)
 
 
 def serve_briefly(command: str, folder: Path, port: int) -> None:
     """`align label serve` runs until stopped: start it, wait for its page and API, stop it."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(subprocess_env(), PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     proc = subprocess.Popen(
         ["bash", "-c", f"exec {command}"], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

@@ -10,18 +10,10 @@ import pytest
 from align.core.metrics import read_metrics
 from align.core.records import DataError, write_jsonl_atomic
 from align.world.preferences import translation_comparisons
-from conftest import ROOT, kill_after_first_checkpoint
+from conftest import ROOT, align_ok, kill_after_first_checkpoint
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 TINY = str(ROOT / "configs" / "rm" / "tiny.yaml")
-
-
-def align(*args, timeout=900):
-    out = subprocess.run(
-        [sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
 
 
 def curve(run_dir, key="train/loss"):
@@ -31,10 +23,10 @@ def curve(run_dir, key="train/loss"):
 @pytest.mark.slow
 def test_tiny_reward_model_learns_content_not_length(tmp_path):
     """Comparison records (the labelling export format) → ≥ 0.9 held-out accuracy; length alone ≈ 0.5."""
-    align("rm", "train", TINY, f"out_dir={tmp_path / 'rm'}")
+    align_ok("rm", "train", TINY, f"out_dir={tmp_path / 'rm'}")
     heldout = tmp_path / "heldout.jsonl"
     write_jsonl_atomic(heldout, translation_comparisons(400, seed=12345))
-    out = align("rm", "eval", "--model", str(tmp_path / "rm" / "final"), "--data", str(heldout), "--json")
+    out = align_ok("rm", "eval", "--model", str(tmp_path / "rm" / "final"), "--data", str(heldout), "--json")
     metrics = json.loads(out.stdout[out.stdout.index("{") :])
     assert metrics["overall"]["accuracy"] >= 0.9, metrics["overall"]
     assert abs(metrics["length_baseline"]["accuracy"] - 0.5) < 0.08
@@ -46,7 +38,7 @@ def test_tiny_reward_model_learns_content_not_length(tmp_path):
         + json.dumps({"prompt": "Translate 'cat' into Chinese.", "response": "cat = 狗"})
         + "\n"
     )
-    align(
+    align_ok(
         "rm",
         "score",
         "--model",
@@ -102,7 +94,7 @@ def test_training_on_hh_rows_leaves_out_and_names_those_that_part_early(tmp_path
 @pytest.mark.slow
 def test_zero2_two_processes_follow_single_process(tmp_path):
     common = ["train.max_steps=8", "train.log_every=1", "data.eval_fraction=0", "loss.lm_coef=0.5"]
-    align("rm", "train", TINY, f"out_dir={tmp_path / 'one'}", *common)
+    align_ok("rm", "train", TINY, f"out_dir={tmp_path / 'one'}", *common)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli"]
     out = subprocess.run(
         torchrun
@@ -130,11 +122,11 @@ def test_zero2_two_processes_follow_single_process(tmp_path):
 @pytest.mark.slow
 def test_killed_reward_model_run_resumes_exactly(tmp_path):
     common = ["train.max_steps=40", "train.log_every=1", "train.save_every=5", "data.eval_fraction=0"]
-    align("rm", "train", TINY, f"out_dir={tmp_path / 'full'}", *common)
+    align_ok("rm", "train", TINY, f"out_dir={tmp_path / 'full'}", *common)
     run_dir = tmp_path / "killed"
     killed_at = kill_after_first_checkpoint(["rm", "train", TINY, f"out_dir={run_dir}", *common], run_dir, ENV)
     assert 5 <= killed_at < 40
-    align("rm", "train", TINY, f"out_dir={run_dir}", "resume=true", *common)
+    align_ok("rm", "train", TINY, f"out_dir={run_dir}", "resume=true", *common)
     full, resumed = curve(tmp_path / "full"), curve(run_dir)
     assert sorted(resumed) == list(range(1, 41))
     assert max(abs(full[s] - resumed[s]) for s in range(killed_at + 1, 41)) < 1e-6
@@ -181,14 +173,14 @@ def test_zero3_builds_the_reward_model_in_partitions(tmp_path):
     """Under ZeRO-3 the reward model is built straight into partitions, fresh and from a reward-model folder
     (`init`): the losses follow the whole model's (ZeRO-0)."""
     common = ["train.max_steps=4", "train.log_every=1", "data.eval_fraction=0"]
-    align("rm", "train", TINY, f"out_dir={tmp_path / 'whole'}", *common)
-    align("rm", "train", TINY, f"out_dir={tmp_path / 'parts'}", "deepspeed.zero_stage=3", *common)
+    align_ok("rm", "train", TINY, f"out_dir={tmp_path / 'whole'}", *common)
+    align_ok("rm", "train", TINY, f"out_dir={tmp_path / 'parts'}", "deepspeed.zero_stage=3", *common)
     whole, parts = curve(tmp_path / "whole"), curve(tmp_path / "parts")
     assert sorted(whole) == sorted(parts) == [1, 2, 3, 4]
     assert max(abs(whole[s] - parts[s]) for s in whole) < 1e-5
     init = f"init={tmp_path / 'whole' / 'final'}"
-    align("rm", "train", TINY, f"out_dir={tmp_path / 'ft-whole'}", init, *common)
-    align("rm", "train", TINY, f"out_dir={tmp_path / 'ft-parts'}", init, "deepspeed.zero_stage=3", *common)
+    align_ok("rm", "train", TINY, f"out_dir={tmp_path / 'ft-whole'}", init, *common)
+    align_ok("rm", "train", TINY, f"out_dir={tmp_path / 'ft-parts'}", init, "deepspeed.zero_stage=3", *common)
     whole, parts = curve(tmp_path / "ft-whole"), curve(tmp_path / "ft-parts")
     assert max(abs(whole[s] - parts[s]) for s in whole) < 1e-5
     assert whole[1] < curve(tmp_path / "whole")[1]  # it started from the trained model, not a fresh one

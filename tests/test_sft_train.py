@@ -7,22 +7,10 @@ import sys
 import pytest
 
 from align.core.metrics import read_metrics
-from conftest import ROOT, kill_after_first_checkpoint
+from conftest import ROOT, align_here, align_ok, kill_after_first_checkpoint
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 TINY = str(ROOT / "configs" / "sft" / "tiny.yaml")
-
-
-def run_align(*args, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "align.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def align(*args, cwd=ROOT, timeout=600):
-    out = run_align(*args, cwd=cwd, timeout=timeout)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
 
 
 def losses(run_dir):
@@ -31,10 +19,10 @@ def losses(run_dir):
 
 @pytest.mark.slow
 def test_tiny_recipe_memorises_and_answers(tmp_path):
-    align("sft", TINY, f"out_dir={tmp_path}")
+    align_ok("sft", TINY, f"out_dir={tmp_path}")
     curve = losses(tmp_path)
     assert curve[max(curve)] < 0.1, curve
-    out = align(
+    out = align_ok(
         "generate",
         "--model",
         str(tmp_path / "final"),
@@ -53,7 +41,7 @@ def test_tiny_recipe_memorises_and_answers(tmp_path):
 def test_zero3_two_processes_follow_single_process(tmp_path):
     """Same global batch (2 x 1 process vs 1 x 2 processes): losses agree within 1e-5 (measured: 6e-7)."""
     common = ["train.max_steps=12", "train.log_every=1", "train.save_every=0"]
-    align("sft", TINY, f"out_dir={tmp_path / 'one'}", *common)
+    align_ok("sft", TINY, f"out_dir={tmp_path / 'one'}", *common)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli"]
     out = subprocess.run(
         torchrun
@@ -81,11 +69,11 @@ def test_killed_run_resumes_exactly(tmp_path):
         "data.eval_fraction=0.25",
         "train.eval_every=20",
     ]
-    align("sft", TINY, f"out_dir={tmp_path / 'full'}", *common)
+    align_ok("sft", TINY, f"out_dir={tmp_path / 'full'}", *common)
     run_dir = tmp_path / "killed"
     killed_at = kill_after_first_checkpoint(["sft", TINY, f"out_dir={run_dir}", *common], run_dir, ENV)
     assert 10 <= killed_at < 60, "the run was killed mid-way"
-    align("sft", TINY, f"out_dir={run_dir}", "resume=true", *common)
+    align_ok("sft", TINY, f"out_dir={run_dir}", "resume=true", *common)
     full, resumed = losses(tmp_path / "full"), losses(run_dir)
     assert sorted(resumed) == list(range(1, 61))
     for step in range(killed_at + 1, 61):
@@ -99,8 +87,8 @@ def test_resume_with_other_settings_stops_naming_the_difference(tmp_path):
     """A checkpoint continues only the schedule and data order it was written for: a changed total or batch shape
     stops with the differences named, before any weight is loaded."""
     common = ["train.max_steps=4", "train.save_every=2", "train.stop_after=2"]
-    align("sft", TINY, f"out_dir={tmp_path}", *common)
-    out = run_align(
+    align_ok("sft", TINY, f"out_dir={tmp_path}", *common)
+    out = align_here(
         "sft",
         TINY,
         f"out_dir={tmp_path}",
@@ -139,7 +127,7 @@ def write_two_stage_config(tmp_path, out_dir):
 @pytest.mark.slow
 def test_two_stage_run_killed_in_its_second_stage_resumes_exactly(tmp_path):
     full_cfg = write_two_stage_config(tmp_path, tmp_path / "full")
-    align("sft", full_cfg)
+    align_ok("sft", full_cfg)
     stage1, stage2 = tmp_path / "full/stages/1-general", tmp_path / "full/stages/2-code"
     assert sorted(losses(stage1)) == list(range(1, 9)) and sorted(losses(stage2)) == list(range(1, 31))
     import yaml
@@ -155,7 +143,7 @@ def test_two_stage_run_killed_in_its_second_stage_resumes_exactly(tmp_path):
     killed_at = kill_after_first_checkpoint(["sft", killed_cfg], tmp_path / "killed/stages/2-code", ENV)
     assert 10 <= killed_at < 30
     stage1_rows = len(read_metrics(tmp_path / "killed/stages/1-general"))
-    out = align("sft", killed_cfg, "resume=true")
+    out = align_ok("sft", killed_cfg, "resume=true")
     assert "stage 1/2 'general': done, skipped" in out.stdout
     assert len(read_metrics(tmp_path / "killed/stages/1-general")) == stage1_rows  # not run again
     full, resumed = losses(stage2), losses(tmp_path / "killed/stages/2-code")
@@ -178,10 +166,10 @@ def test_models_only_checkpoints_hold_no_state_and_refuse_a_resume(tmp_path):
     """train.save_state=false: each checkpoint is the hf/ model alone (no DeepSpeed state, no RNG), and a resume
     from it stops naming the checkpoint instead of failing inside DeepSpeed."""
     common = ["train.max_steps=2", "train.save_every=1", "train.save_state=false"]
-    align("sft", TINY, f"out_dir={tmp_path}", *common)
+    align_ok("sft", TINY, f"out_dir={tmp_path}", *common)
     latest = tmp_path / "checkpoints" / "step-00000002"
     assert (latest / "hf" / "model.safetensors").exists()
     assert sorted(p.name for p in (latest / "state").iterdir()) == ["client_state.json"]
-    out = run_align("sft", TINY, f"out_dir={tmp_path}", "resume=true", *common)
+    out = align_here("sft", TINY, f"out_dir={tmp_path}", "resume=true", *common)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "step-00000002: holds the models only" in out.stderr and "Traceback" not in out.stderr

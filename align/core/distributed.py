@@ -6,8 +6,8 @@ A run joins the launcher's group (`torchrun`, the `deepspeed` launcher) or makes
 
 from __future__ import annotations
 
+import atexit
 import os
-import socket
 
 import torch
 import torch.distributed as torch_dist
@@ -15,15 +15,9 @@ import torch.distributed as torch_dist
 _OWN_ENV: dict[str, str] = {}  # what a single-process init put into os.environ
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def subprocess_env() -> dict[str, str]:
-    """os.environ for a child process that starts its own run: without the rank and port variables this process
-    set for its own single-process group (a child would otherwise try to join it)."""
+    """os.environ for a child process that starts its own run: without the rank variables this process set for its
+    own single-process group (harmless to a child, which makes a group of its own, but not to a launcher)."""
     return {k: v for k, v in os.environ.items() if not (k in _OWN_ENV and _OWN_ENV[k] == v)}
 
 
@@ -31,13 +25,26 @@ def init() -> None:
     """Join the launcher's process group, or make a single-process one."""
     if torch_dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        own = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        os.environ.update(own)
-        _OWN_ENV.update(own)
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if alone:  # DeepSpeed's engine reads LOCAL_RANK, vLLM's external launcher RANK and LOCAL_RANK
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            if name not in os.environ:
+                os.environ[name] = _OWN_ENV[name] = "1" if name == "WORLD_SIZE" else "0"
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
-    torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if alone:  # a group of one through an in-memory store: no port, so a child that inherits these makes its own
+        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+    else:
+        torch_dist.init_process_group(backend)
+    atexit.register(_destroy)
+
+
+def _destroy() -> None:
+    """At exit: a group left standing can abort the process while the interpreter shuts down (gloo's threads:
+    "terminate called without an active exception", seen as a failed rank of a finished run)."""
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def rank() -> int:
