@@ -12,6 +12,7 @@ lacks Landlock or user namespaces — there `guards()` says which are missing an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -143,6 +144,26 @@ def test_sandboxes_side_by_side_run_as_users_of_their_own(tmp_path):
     (hog_uid, hog_n), (other_uid, other_n) = (map(int, out[k].split()) for k in ("hog", "other"))
     assert 8 <= hog_n <= 16 and other_n == 8, out
     assert hog_uid != other_uid and {hog_uid, other_uid} <= set(sandbox.SANDBOX_UIDS), out
+
+
+def test_an_interrupted_caller_leaves_no_sandboxed_process(monkeypatch):
+    """Ctrl-C while the code runs: the caller's KeyboardInterrupt comes through, and the code is killed first."""
+    guards()  # probed before the patch below
+    before = _processes()
+    real_wait = subprocess.Popen.wait
+
+    def interrupted(self, timeout=None):
+        if timeout is not None:  # run_python's wait for the code: interrupted as by Ctrl-C once the code runs
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                real_wait(self, timeout=2)
+            raise KeyboardInterrupt
+        return real_wait(self)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run("import time; time.sleep(60)", wall_s=30)
+    monkeypatch.undo()
+    assert not [p for p in _processes() - before if b"main.py" in _cmdline(p) or b"--launch" in _cmdline(p)]
 
 
 def test_no_network_out_or_to_this_machine():

@@ -453,10 +453,12 @@ def run_python(
                 proc.wait(timeout=limits.wall_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            finally:
+                if proc.returncode is None:  # out of time, or the caller interrupted: nothing of it outlives this
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                release(proc)
         seconds = time.monotonic() - start
-        release(proc)
         stdout = _read_capped(logs / "out", limits.output_chars)
         stderr = _read_capped(logs / "err", limits.output_chars)
         rc = proc.returncode
