@@ -1,5 +1,4 @@
 import gc
-import glob
 import io
 import json
 import os
@@ -115,14 +114,6 @@ def align_ok(*args, cwd: Path = ROOT) -> CliRun:
     run = align_here(*args, cwd=cwd)
     assert run.returncode == 0, f"align {shlex.join(map(str, args))}\n{run.stdout[-1500:]}\n{run.stderr[-3000:]}"
     return run
-
-
-def expand_words(command: str, cwd: Path) -> list[str]:
-    """A command line's words as the shell would give them in `cwd` (quotes, and `*` patterns expanded)."""
-    words = []
-    for word in shlex.split(command):
-        words += (sorted(glob.glob(word, root_dir=cwd)) or [word]) if "*" in word else [word]
-    return words
 
 
 def kill_after_first_checkpoint(args, run_dir, env, timeout=600):

@@ -8,6 +8,7 @@ the commands compose is checked, their learning is the stage tests' job), and th
 Of the two set-up commands, CI runs the tests' and `test_demo.py` the main job's `align demo` (as `--quick`).
 """
 
+import glob
 import json
 import os
 import random
@@ -23,7 +24,7 @@ import httpx
 import pytest
 
 from align.core.distributed import subprocess_env
-from conftest import ROOT, align_ok, expand_words
+from conftest import ROOT, align_ok
 
 ELSEWHERE = {  # command -> the test that runs it
     "align sweep configs/sweeps/tiny.yaml": "tests/test_demo.py::test_sweep_on_the_demo_world_ranks_by_gold",
@@ -133,6 +134,14 @@ def run_shell(command: str, folder: Path, timeout: int = 600) -> subprocess.Comp
     out = subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{command}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     return out
+
+
+def expand_words(command: str, cwd: Path) -> list[str]:
+    """A command line's words as the shell would give them in `cwd` (quotes, and `*` patterns expanded)."""
+    words = []
+    for word in shlex.split(command):
+        words += (sorted(glob.glob(word, root_dir=cwd)) or [word]) if "*" in word else [word]
+    return words
 
 
 def run_here(command: str, folder: Path) -> None:
