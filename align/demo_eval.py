@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.stats import bootstrap
 
-from align.core.records import write_jsonl_atomic
+from align.core.records import read_appended_rows, write_jsonl_atomic
 from align.world import demo as world
 
 if TYPE_CHECKING:  # the config type lives with the pipeline, which imports this module
@@ -111,8 +111,7 @@ def gold_over_steps(ppo_run: Path) -> list[dict]:
     """For each PPO evaluation: mean reward-model score, mean gold score and mean KL of the held-out responses."""
     by_step: dict[int, dict] = {}
     for path in sorted(ppo_run.glob("eval_samples*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
+        for row in read_appended_rows(path):
             by_step.setdefault(row["step"], {})[(json.dumps(row["prompt"]), len(by_step.get(row["step"], {})))] = row
     out = []
     for step in sorted(by_step):

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from align.core.metrics import read_metrics  # noqa: E402
+from align.core.records import DataError, read_appended_rows  # noqa: E402
 from base_model.atomic import write_text_atomic  # noqa: E402
 
 CSS = """body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -68,7 +69,7 @@ def figure(fig, save_as: Path | None = None, alt: str = "") -> str:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.exists() else []
+    return read_appended_rows(path) if path.exists() else []
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -88,7 +89,7 @@ def write_report(folder: str | Path) -> Path:
         body = run_body(folder)
         title = f"Run {folder.name}"
     else:
-        raise FileNotFoundError(
+        raise DataError(
             f"{folder}: not a demo folder (summary.json), a sweep folder (sweep.json) or a run folder (metrics.jsonl)"
         )
     page = (

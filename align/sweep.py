@@ -37,7 +37,7 @@ from pydantic import Field
 from align.core.config import ConfigError, Section, apply_overrides, read_yaml
 from align.core.distributed import subprocess_env
 from align.core.metrics import read_metrics
-from align.core.records import write_jsonl_atomic
+from align.core.records import read_appended_rows, write_jsonl_atomic
 from base_model.atomic import write_json_atomic, write_text_atomic
 
 STAGES = ("ppo", "dpo", "sft", "rm", "pretrain")
@@ -343,8 +343,7 @@ def per_answer_scores(run_dir: Path, metric: str, step: int) -> list[float]:
         return []
     values = []
     for path in sorted(run_dir.glob("eval_samples*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
+        for row in read_appended_rows(path):
             if row.get("step") == step and (v := pick(row)) is not None:
                 values.append(float(v))
     return values

@@ -38,6 +38,16 @@ class SamplingParams:
     vocab_limit: int | None = None  # ids at or past this (embedding padding beyond the tokenizer) are never chosen
     stop_strings: tuple[str, ...] = ()  # end a row at the token that completes one of these (needs `decode`)
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # also NaN
+            raise ValueError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (off) or more, got {self.top_k}")
+
 
 @dataclass
 class GenerationOutput:

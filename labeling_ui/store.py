@@ -20,11 +20,14 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from sqlalchemy import create_engine, delete, event, func, inspect, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from align.core.config import ConfigError
 from labeling_ui import schema
 from labeling_ui.accounts import Accounts, Conflict
 from labeling_ui.schema import (
@@ -51,6 +54,34 @@ from labeling_ui.schema import (
     task_from_row,
 )
 from labeling_ui.taxonomies import Taxonomies
+
+
+class StoreError(ConfigError):
+    """The database a URL or path names cannot be used: not a URL, a SQLite file in a folder that does not exist,
+    a server that refuses the connection or the login."""
+
+
+def database_url(value: str) -> str:
+    """The SQLAlchemy URL for what a user gives as the database: a URL as it is (`postgresql://` goes through psycopg
+    3, the driver we ship), anything else the path of a SQLite file (made if missing; its folder must exist)."""
+    if value.startswith("postgresql://"):
+        return "postgresql+psycopg://" + value.removeprefix("postgresql://")
+    if "://" in value:
+        return value
+    if not value.strip():
+        raise StoreError("database: empty path (give a SQLite file's path or a postgresql:// URL)")
+    path = Path(value).expanduser()
+    if not path.parent.is_dir():
+        raise StoreError(f"database {value}: folder {path.parent} does not exist")
+    return f"sqlite:///{path}"
+
+
+def shown_url(url: str) -> str:
+    """A URL fit for a message: its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
 class WouldWait(Exception):
@@ -81,14 +112,16 @@ class Store(Accounts, Taxonomies):
     in `Taxonomies`."""
 
     def __init__(self, url: str = "sqlite:///labels.db", lease_seconds: int = 600, session_hours: float = 12) -> None:
-        if url.startswith("postgresql://"):
-            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")  # psycopg 3 is the driver we ship
+        given, url = url, database_url(url)
         self.url = url
         self.lease = dt.timedelta(seconds=lease_seconds)
         self.session_life = dt.timedelta(hours=session_hours)
         # a server connection can drop between requests; a SQLite file cannot (a ping per checkout costs 0.1 ms)
         pool = {} if url.startswith("sqlite") else {"pool_size": 20, "max_overflow": 60, "pool_pre_ping": True}
-        self.engine = create_engine(url, future=True, **pool)
+        try:
+            self.engine = create_engine(url, future=True, **pool)
+        except (ArgumentError, ImportError) as e:
+            raise StoreError(f"database {shown_url(given)}: not a database URL this app can use ({e})") from None
         if url.startswith("sqlite"):
 
             @event.listens_for(self.engine, "connect")
@@ -105,7 +138,12 @@ class Store(Accounts, Taxonomies):
         # server). Other processes writing the same file still wait through busy_timeout.
         self.serial_writes = url.startswith("sqlite")
         self._write_lock = threading.Lock() if self.serial_writes else _NoLock()
-        self.migrate()
+        try:
+            self.migrate()
+        except OperationalError as e:
+            self.engine.dispose()
+            reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
+            raise StoreError(f"database {shown_url(given)}: cannot be opened: {reason}") from None
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Session]:

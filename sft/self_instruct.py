@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from align.core.records import DataError, iter_records
+from align.core.records import DataError, iter_records, read_appended_rows
 from base_model.atomic import write_json_atomic
 
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
@@ -167,7 +167,7 @@ def _resume(out: str | Path) -> tuple[Path, Path, list[dict], dict]:
     """The rows already kept in `out` and the report beside it: a run goes on from where one stopped."""
     out = Path(out)
     report_path = out.with_name(out.name + ".report.json")
-    rows = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines() if l.strip()] if out.exists() else []
+    rows = read_appended_rows(out, repair=True) if out.exists() else []
     report = json.loads(report_path.read_text()) if report_path.exists() and rows else {"generated": 0, "dropped": {}}
     return out, report_path, rows, report
 

@@ -104,6 +104,29 @@ def test_errors_are_reported_without_traceback(tmp_path):
     bad.write_text("hidden_sise: 3\n")
     out = run(["init-model", str(bad), "--out", str(tmp_path / "x")])
     assert out.returncode == 2 and "unknown key 'hidden_sise'" in out.stderr
+    out = run(["report", str(tmp_path)])  # neither a demo, a sweep nor a run folder
+    assert out.returncode == 2 and "not a demo folder" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["data", "pack", "--input", "x.jsonl", "--output", "p", "--seq-len", "0"], "--seq-len: expected a whole number of at least 2, got 0"),
+        (["generate", "--model", "m", "--prompt", "x", "--max-new-tokens", "-5"], "--max-new-tokens: expected a whole number of at least 1, got -5"),
+        (["generate", "--model", "m", "--prompt", "x", "--top-p", "1.5"], "--top-p: expected a number above 0 and at most 1, got 1.5"),
+        (["chat", "--model", "m", "--temperature", "nan"], "--temperature: expected a number at least 0, got nan"),
+        (["label", "serve", "--port", "70000"], "--port: expected a whole number from 0 to 65535, got 70000"),
+        (["tags", "build", "--input", "x", "--out", "y", "--eps", "zero"], "--eps: expected a number above 0 and at most 2, got 'zero'"),
+    ],
+)  # fmt: skip
+def test_numbers_out_of_range_are_refused_naming_the_option(args, message, capsys):
+    """Before any work starts (a row length of 0 made `data pack` loop for ever; a negative token count was a
+    traceback from inside generation)."""
+    from align.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_sft_preview_marks_trained_tokens():

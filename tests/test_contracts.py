@@ -151,3 +151,31 @@ def test_stored_prompts_are_shown_without_being_checked_again():
     assert as_messages(legacy, "task 3", check=False) is legacy
     with pytest.raises(DataError):
         as_messages(legacy, "task 3")
+
+
+def test_appended_rows_leave_out_a_line_cut_short_and_name_a_bad_one(tmp_path):
+    """A run stopped in the middle of appending a row leaves a last line without its newline: readers leave it
+    out, a resumed run cuts it (so its own rows start on a line of their own), and a metrics file it truncates on
+    resume reads as before. A bad line elsewhere is an error naming the file and line."""
+    from align.core.metrics import MetricsLogger, read_metrics
+    from align.core.records import read_appended_rows
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert path.read_text().endswith('"lo')  # reading alone changes nothing
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.truncate_after(1)  # a resume from step 1
+    logger.log(2, {"loss": 1.4})
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 2.0), (2, 1.4)]
+
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"id": "a"}\n{"id": "b"}')  # whole, only its newline missing
+    assert read_appended_rows(results, repair=True) == [{"id": "a"}, {"id": "b"}]
+    assert results.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    results.write_text('{"id": "a"}\n{"id": "b", "sc')
+    assert read_appended_rows(results, repair=True) == [{"id": "a"}]
+    assert results.read_text() == '{"id": "a"}\n'
+    results.write_text('{"id": "a"}\n{oops\n{"id": "c"}\n')
+    with pytest.raises(DataError, match="results.jsonl:2: not valid JSON"):
+        read_appended_rows(results)

@@ -187,6 +187,34 @@ def test_label_cli_users_import_export(tmp_path, monkeypatch, capsys):
     assert record["ranking"] == [2, 1] and record["responses"] == ["a", "b"]
 
 
+def test_a_database_path_is_a_sqlite_file_and_an_unusable_database_is_named(tmp_path, monkeypatch, capsys):
+    """`--db` takes a SQLite file's path as well as a URL; a database that cannot be used (no such folder, a server
+    that refuses the connection, not a URL) stops with its name (password hidden) and exit status 2, not a
+    traceback."""
+    import io
+    import sys
+
+    from align.cli import main
+
+    def run(*a, stdin=""):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = main(["label", *a])
+        return code, capsys.readouterr().err
+
+    path = tmp_path / "plain.db"
+    assert run("users", "add", "ann", "--role", "annotator", "--db", str(path), stdin="pw1\n")[0] == 0
+    assert Store(f"sqlite:///{path}").user_by_name("ann") is not None  # the same file, by URL
+    monkeypatch.chdir(tmp_path)
+    assert Store("plain.db").user_by_name("ann") is not None  # a relative path, from the working folder
+    code, err = run("users", "list", "--db", str(tmp_path / "missing" / "l.db"))
+    assert code == 2 and f"folder {tmp_path / 'missing'} does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "missing").exists()
+    code, err = run("audit", "--out", "a.jsonl", "--db", "postgresql://ann:s3cret@127.0.0.1:1/labels")
+    assert code == 2 and "cannot be opened" in err and "127.0.0.1" in err and "s3cret" not in err
+    code, err = run("users", "list", "--db", "mysql+nodriver://x/y")
+    assert code == 2 and "not a database URL this app can use" in err
+
+
 ADMIN_ENDPOINTS = [
     ("post", "/api/projects/p/tasks", {"json": [{"prompt": "q", "responses": ["a", "b"]}]}),
     ("get", "/api/projects/p/export", {}),

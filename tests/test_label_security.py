@@ -262,7 +262,10 @@ def test_cli_accounts_and_bad_arguments_give_clear_errors(tmp_path, monkeypatch,
 
     def align(*args, stdin="pw\n"):
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        code = main(list(args))
+        try:
+            code = main(list(args))
+        except SystemExit as stop:  # argparse refused an argument
+            code = stop.code
         out = capsys.readouterr()
         return subprocess.CompletedProcess(args, code, out.out, out.err)
 
@@ -291,7 +294,7 @@ def test_cli_accounts_and_bad_arguments_give_clear_errors(tmp_path, monkeypatch,
     neg = align(
         "tags", "sample", "--input", str(tmp_path / "tagged.jsonl"), "--output", str(tmp_path / "s.jsonl"), "--n", "-1"
     )
-    assert neg.returncode != 0 and "--n must be at least 1" in neg.stderr and not (tmp_path / "s.jsonl").exists()
+    assert neg.returncode != 0 and "--n: expected a whole number of at least 1, got -1" in neg.stderr and not (tmp_path / "s.jsonl").exists()
 
 
 annotation_bodies = st.fixed_dictionaries(

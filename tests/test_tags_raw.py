@@ -55,6 +55,12 @@ def test_an_endpoint_with_retries_failures_and_resumption(tmp_path):
     asked = len(Tagger.seen)
     raw_tags(str(prompts), tmp_path / "raw.jsonl", ask_one=endpoint_asker(url))  # resumed: nothing asked again
     assert len(Tagger.seen) == asked
+    text = (tmp_path / "raw.jsonl").read_text()  # a run stopped while writing its last row leaves half of it
+    (tmp_path / "raw.jsonl").write_text(text[: text.rindex("\n", 0, -1) + 30])
+    report = raw_tags(str(prompts), tmp_path / "raw.jsonl", ask_one=endpoint_asker(url))
+    assert len(Tagger.seen) == asked + 1 and report["tagged"] == 2 and report["failed"] == 1  # that prompt again
+    rows = [json.loads(l) for l in (tmp_path / "raw.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows) == [0, 1, 2]
     next(gen, None)
 
 

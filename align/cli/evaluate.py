@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from align.cli.numbers import amount, count
+
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from align.eval.harness import evaluate
@@ -82,15 +84,15 @@ def register(sub) -> None:
         default="native",
         help="--model: our batched sampler, or vLLM in this process (needs CUDA and the [gpu] extra)",
     )
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs per model")
+    p.add_argument("--tensor-parallel-size", type=count(1), default=1, help="--engine vllm: GPUs per model")
     p.add_argument("--endpoint", default=None, help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     p.add_argument("--endpoint-model", default="default", help="the model name sent to the endpoint")
     p.add_argument("--tokenizer", default=None, help="tools with --endpoint: the model's tokenizer")
-    p.add_argument("--samples", type=int, default=1, help="answers per item (more than 1: sampled, pass@k)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="the first N items only")
-    p.add_argument("--timeout", type=float, default=10.0, help="CPU seconds per program (code benchmarks)")
+    p.add_argument("--samples", type=count(1), default=1, help="answers per item (more than 1: sampled, pass@k)")
+    p.add_argument("--max-new-tokens", type=count(1), default=512)
+    p.add_argument("--batch-size", type=count(1), default=16)
+    p.add_argument("--limit", type=count(1), default=None, help="the first N items only")
+    p.add_argument("--timeout", type=amount(above=0), default=10.0, help="CPU seconds per program (code benchmarks)")
     p.add_argument(
         "--reference-answers",
         action="store_true",

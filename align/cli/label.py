@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from align.cli.numbers import amount, count
 from align.core.config import ConfigError
 
 
@@ -182,9 +183,11 @@ def register(sub) -> None:
     q = label_sub.add_parser("serve", help="serve the web page (/) and the JSON REST API (/api)")
     q.add_argument("--db", default="sqlite:///labels.db", help="SQLAlchemy URL (sqlite:///… or postgresql://…)")
     q.add_argument("--host", default="127.0.0.1")
-    q.add_argument("--port", type=int, default=7860)
+    q.add_argument("--port", type=count(0, 65535), default=7860)
     q.add_argument("--taxonomy", type=Path, default=None, help="taxonomy YAML: tags offered and checked on import")
-    q.add_argument("--session-hours", type=float, default=12.0, help="life of a login (API token or page session)")
+    q.add_argument(
+        "--session-hours", type=amount(above=0), default=12.0, help="life of a login (API token or page session)"
+    )
     q.add_argument(
         "--demo",
         type=Path,
@@ -198,8 +201,8 @@ def register(sub) -> None:
     q.add_argument("--model", type=Path, required=True, help="checkpoint folder (align init-model / sft output)")
     q.add_argument("--prompts", type=Path, required=True, help="JSONL with 'prompt' (text or messages), 'tags'")
     q.add_argument("--out", type=Path, required=True)
-    q.add_argument("--k", type=int, default=4, help="responses per prompt, each with its own sampling setting")
-    q.add_argument("--max-new-tokens", type=int, default=64)
+    q.add_argument("--k", type=count(1), default=4, help="responses per prompt, each with its own sampling setting")
+    q.add_argument("--max-new-tokens", type=count(1), default=64)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_label_generate)
     q = label_sub.add_parser(
@@ -246,7 +249,7 @@ def register(sub) -> None:
     q = label_sub.add_parser("import", help="import tasks (JSONL: prompt, responses, tags); all or nothing")
     q.add_argument("--project", required=True)
     q.add_argument("--file", type=Path, required=True)
-    q.add_argument("--overlap", type=int, default=1, help="distinct annotators per item")
+    q.add_argument("--overlap", type=count(1), default=1, help="distinct annotators per item")
     q.add_argument("--guidelines", type=Path, default=None, help="Markdown shown beside every task")
     q.add_argument("--taxonomy", type=Path, default=None, help="refuse tags that are not in this taxonomy")
     q.add_argument("--members", default="", help="comma-separated users to add to the project (see `members`)")
@@ -262,7 +265,7 @@ def register(sub) -> None:
     r.add_argument("--tags-field", default="tags")
     r = tax_sub.add_parser("export", help="a version as a taxonomy file (`tags assign`, `tags audit` read it)")
     r.add_argument("--name", required=True)
-    r.add_argument("--version", type=int, default=None, help="default: the latest")
+    r.add_argument("--version", type=count(1), default=None, help="default: the latest")
     r.add_argument("--out", type=Path, required=True)
     r = tax_sub.add_parser("list")
     for r in tax_sub.choices.values():

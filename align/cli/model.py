@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from align.cli.numbers import amount, count
 from align.core.config import ConfigError
 
 
@@ -103,10 +104,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
-    p.add_argument("--top-p", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=count(1), default=64)
+    p.add_argument("--temperature", type=amount(minimum=0), default=0.7, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=amount(above=0, maximum=1), default=0.8)
+    p.add_argument("--top-k", type=count(0), default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", default=None, help="system prompt (default: Qwen's 'You are a helpful assistant.')")
 
@@ -132,12 +133,14 @@ def register(sub) -> None:
 
     p = sub.add_parser("chat", help="interactive ChatML session with a checkpoint")
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--max-window-size", type=int, default=6144, help="drop the oldest turns beyond this many tokens")
+    p.add_argument(
+        "--max-window-size", type=count(1), default=6144, help="drop the oldest turns beyond this many tokens"
+    )
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat, max_new_tokens=256)
 
     p = sub.add_parser("convert", help="convert a Qwen v1 or Qwen2 checkpoint to Hugging Face Qwen2 format")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
-    p.add_argument("--max-shard-mb", type=float, default=2048)
+    p.add_argument("--max-shard-mb", type=amount(above=0), default=2048)
     p.set_defaults(func=cmd_convert)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from align.cli.numbers import count
 from align.core.config import ConfigError
 
 
@@ -93,8 +94,8 @@ def register(sub) -> None:
     q.add_argument("--data", type=Path, default=None)
     q.add_argument("--tokenizer", default="cl100k_base", help="'cl100k_base', 'bytes', a ranks file or a checkpoint")
     q.add_argument("--mask-mode", choices=["assistant", "qwen", "none"], default="assistant")
-    q.add_argument("--max-len", type=int, default=4096)
-    q.add_argument("--limit", type=int, default=3, help="conversations to show")
+    q.add_argument("--max-len", type=count(1), default=4096)
+    q.add_argument("--limit", type=count(1), default=3, help="conversations to show")
     q.add_argument("--plain", action="store_true", help="mark trained text with ⟦ ⟧ instead of colour")
 
     p = sub.add_parser("dpo", help="offline preference optimisation: dpo | cdpo | ipo | simpo | kto (objective.loss)")
@@ -118,8 +119,8 @@ def register(sub) -> None:
     q.add_argument("--data", type=Path, required=True)
     q.add_argument("--json", action="store_true", help="print every figure as JSON")
     q.add_argument("--report", type=Path, default=None, help="HTML report path (default: MODEL/eval_report.html)")
-    q.add_argument("--max-len", type=int, default=2048)
-    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--max-len", type=count(1), default=2048)
+    q.add_argument("--batch-size", type=count(1), default=16)
     q.add_argument(
         "--on-error", choices=["skip", "raise"], default="skip", help="records that give no pair: count or stop"
     )
@@ -129,8 +130,8 @@ def register(sub) -> None:
     q.add_argument("--data", type=Path, required=True)
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--normalise", action="store_true", help="standardise with the saved training statistics")
-    q.add_argument("--max-len", type=int, default=2048)
-    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--max-len", type=count(1), default=2048)
+    q.add_argument("--batch-size", type=count(1), default=16)
     q.set_defaults(func=cmd_rm_score)
 
     p = sub.add_parser("ppo", help="PPO with a reward model, a value model, a reference policy and ptx")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from align.cli.numbers import amount, count
+
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from align.serve import serve
@@ -81,7 +83,7 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible server (chat with tools, completions, streaming)")
     p.add_argument("--model", type=Path, required=True, help="a checkpoint folder")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=count(0, 65535), default=8000)
     p.add_argument("--name", default=None, help="the model name it answers to (default: the folder's name)")
     p.set_defaults(func=cmd_serve)
 
@@ -101,9 +103,9 @@ def register(sub) -> None:
     p.add_argument("--summary", type=Path, default=None, help="--questions: write the scores here as JSON")
     p.add_argument("--transcript", type=Path, default=None, help="append each run as an SFT-ready JSON line")
     p.add_argument("--workdir", type=Path, default=None, help="the files and python tools' directory")
-    p.add_argument("--max-steps", type=int, default=8)
-    p.add_argument("--tool-timeout", type=float, default=30.0, help="seconds per python cell")
-    p.add_argument("--max-tokens", type=int, default=256, help="per step")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-steps", type=count(1), default=8)
+    p.add_argument("--tool-timeout", type=amount(above=0), default=30.0, help="seconds per python cell")
+    p.add_argument("--max-tokens", type=count(1), default=256, help="per step")
+    p.add_argument("--temperature", type=amount(minimum=0), default=0.0)
     p.add_argument("--system", default=None, help="a system message")
     p.set_defaults(func=cmd_agent)

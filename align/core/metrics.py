@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from align.core import distributed
+from align.core.records import read_appended_rows
 from base_model.atomic import write_text_atomic
 
 
@@ -80,7 +81,7 @@ class MetricsLogger:
         """On resume, drop lines logged after the checkpoint so the file reads as one uninterrupted run."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        kept = [json.dumps(r) for r in read_appended_rows(self.path) if r.get("step", 0) <= step]
         write_text_atomic(self.path, "".join(l + "\n" for l in kept))
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
@@ -106,4 +107,4 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return read_appended_rows(path)

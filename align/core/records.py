@@ -71,6 +71,43 @@ def _iter_json(path: Path, on_bad_line: Callable[[str], None] | None) -> Iterato
         yield where, row
 
 
+def read_appended_rows(path: str | Path, repair: bool = False) -> list[dict]:
+    """The rows of a JSONL file that a run appends to as it goes (metrics, samples, resumable results).
+
+    A process stopped while writing leaves its last line cut short (no newline after it): that line is left out,
+    and with `repair` also cut from the file, so that the rows a resumed run appends start on a line of their own.
+    Any other line that is not a JSON object is a DataError naming the file and line."""
+    path = Path(path)
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # the complete lines end here
+    rows = []
+    for lineno, line in enumerate(data[:end].decode("utf-8", errors="replace").splitlines(), start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            rows.append(_as_dict(row, f"{path}:{lineno}"))
+    tail = data[end:]
+    whole = False
+    if tail.strip():
+        try:  # a last line without its newline may still be whole
+            row = json.loads(tail)
+            whole = isinstance(row, dict)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+        if whole:
+            rows.append(row)
+    if repair and tail:
+        with open(path, "r+b") as f:
+            if whole:  # only its newline is missing
+                f.seek(0, 2)
+                f.write(b"\n")
+            else:
+                f.truncate(end)
+    return rows
+
+
 def _as_dict(row, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")

@@ -11,7 +11,7 @@ import torch
 from align.core import distributed
 from align.core.chatml import render
 from align.core.losses import IGNORE_INDEX, sequence_logps
-from align.core.records import DataError, as_messages, iter_records
+from align.core.records import DataError, as_messages, iter_records, read_appended_rows
 from base_model.atomic import write_text_atomic
 from base_model.generate import SamplingParams, generate
 
@@ -133,10 +133,8 @@ def truncate_eval_samples(out_dir: Path, step: int) -> None:
     path = out_dir / name
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    keep = [l for l in lines if l.strip() and json.loads(l)["step"] <= step]
-    if len(keep) != len(lines):
-        write_text_atomic(path, "".join(keep))
+    keep = [r for r in read_appended_rows(path) if r["step"] <= step]
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from align.core.config import Section
-from align.core.records import DataError, iter_records
+from align.core.records import DataError, iter_records, read_appended_rows
 from align.core.sandbox import Limits
 from align.eval.answers import gsm8k_answer, last_boxed, math_equal, pass_at_k
 from align.eval.code import read_code_items, run_answers
@@ -338,10 +338,8 @@ def load_results(path: Path) -> dict[str, dict]:
     """The rows already written to a resumable `results.jsonl`, by id."""
     done: dict[str, dict] = {}
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["id"]] = row
+        for row in read_appended_rows(path, repair=True):
+            done[row["id"]] = row
     return done
 
 

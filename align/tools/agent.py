@@ -23,6 +23,7 @@ from pathlib import Path
 
 from align.core.chatml import render
 from align.core.react import parse_react, text_before_action
+from align.core.records import read_appended_rows
 from align.tools.builtin import Tool, ToolError
 
 STOP = "Observation:"
@@ -197,10 +198,8 @@ def run_questions(agent: Agent, questions: list[dict], transcript: Path | None, 
     """Each `{"question", "answer"?}`; runs already in the transcript (same question) are not run again."""
     done: dict[str, dict] = {}
     if transcript is not None and transcript.exists():
-        for line in transcript.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["question"]] = row
+        for row in read_appended_rows(transcript, repair=True):
+            done[row["question"]] = row
     runs = []
     for q in questions:
         if q["question"] in done:

@@ -26,6 +26,11 @@ from base_model.atomic import atomic_folder, write_json_atomic
 INDEX, TOKENS = "index.json", "tokens.bin"
 
 
+def _check_seq_len(seq_len: int) -> None:
+    if seq_len < 2:  # a row holds at least one token and the one it predicts
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+
+
 def pack(
     inputs: list[str | Path],
     out_dir: str | Path,
@@ -36,6 +41,7 @@ def pack(
 ) -> dict:
     """Tokenise documents, append <|endoftext|> to each, and fill rows of seq_len tokens. The last partial row is
     padded with <|endoftext|>. Written to a temporary folder and renamed into place."""
+    _check_seq_len(seq_len)
     out_dir = Path(out_dir)
     eod = tokenizer.eod_id
     n_docs = n_tokens = n_rows = 0
@@ -151,6 +157,7 @@ def pack_mix(
     `ngram`-gram with an evaluation item are dropped first (counted per source)."""
     from base_model.pretrain.decontam import build_index, ngram_keys
 
+    _check_seq_len(seq_len)
     if not sources:
         raise DataError("--mix: no sources")
     weights = np.array([float(w) for _, w in sources])

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from align.core.records import DataError, iter_records
+from align.core.records import DataError, iter_records, read_appended_rows
 from base_model.atomic import write_json_atomic
 from rm.tags.tagger import prompt_text
 
@@ -174,7 +174,7 @@ def raw_tags(
     out = Path(out)
     done: set[int] = set()
     if out.exists():
-        done = {json.loads(l)["index"] for l in out.read_text(encoding="utf-8").splitlines() if l.strip()}
+        done = {r["index"] for r in read_appended_rows(out, repair=True)}
     todo = [i for i in range(len(prompts)) if i not in done]
     offline_tags = keyphrase_tags(prompts) if offline else None
 
@@ -215,7 +215,7 @@ def raw_tags(
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         if progress:
             progress(len(batch))
-    rows = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines() if l.strip()]
+    rows = read_appended_rows(out)
     failures = [{"index": r["index"], "prompt": r["prompt"][:200], "last_answer": r.get("last_answer", "")}
                 for r in rows if r["status"] != "ok"]  # fmt: skip
     tags = [t for r in rows for t in r["tags"]]
