@@ -304,13 +304,29 @@ def wait_for_orphan(folder: Path, timeout: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def launch(stage: str, config, folder: Path, params: dict, gpu: str | None) -> subprocess.Popen:
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def trial_threads(slots: int, cores: int | None = None) -> int:
+    """CPU threads per trial when `slots` trials run at once: the cores shared out (trials that each start a thread
+    per core contend for them, and spinning OpenMP threads make that far slower than running one at a time)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // slots)
+
+
+def launch(
+    stage: str, config, folder: Path, params: dict, gpu: str | None, threads: int | None = None
+) -> subprocess.Popen:
+    """`threads`: the trial's CPU threads (OMP_NUM_THREADS) unless the sweep's own environment sets them."""
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "params.json", params)
     write_text_atomic(folder / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     env = subprocess_env()
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None and not any(v in os.environ for v in THREAD_VARIABLES):
+        env.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
     with open(folder / "log.txt", "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "align.cli", *stage_command(stage, config), str(folder / "config.yaml")],
@@ -443,7 +459,7 @@ def run_sweep(path: str | Path, overrides: list[str] = (), log=print) -> Path:
             folder = out / trial_name(number)
             config = trial_config(cfg, base, params, folder)
             gpu = free.pop(0)
-            proc = launch(stage, config, folder, params, gpu)
+            proc = launch(stage, config, folder, params, gpu, trial_threads(len(slots)))
             active[number] = (proc, time.perf_counter(), gpu, params, config)
             log(f"[sweep] {verb} {folder.name} {params}" + (f" on GPU {gpu}" if gpu is not None else ""))
         if not active:

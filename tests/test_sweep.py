@@ -1,5 +1,5 @@
 """`align sweep` pieces that need no training run: stage and metric defaults, search spaces (lists, ranges, log
-scale), one trial per GPU, trial configs validated before anything runs, and a sweep folder kept to one sweep.
+scale), one trial per GPU and its share of the cores, trial configs validated before anything runs, and a sweep folder kept to one sweep.
 The whole loop (parallel trials, kill, resume, ranking) runs in `test_ppo_train.py`; the demo sweep in
 `test_demo.py`."""
 
@@ -12,10 +12,12 @@ from align.sweep import (
     default_metric,
     distributions,
     gpu_slots,
+    launch,
     open_study,
     read_yaml,
     run_sweep,
     trial_config,
+    trial_threads,
 )
 from conftest import ROOT
 
@@ -68,6 +70,30 @@ def test_search_spaces_and_samplers(tmp_path):
 def test_one_trial_per_gpu():
     assert gpu_slots(sweep(parameters={"lr": [1]}, parallel=3)) == [None, None, None]
     assert gpu_slots(sweep(parameters={"lr": [1]}, gpus=[0, 3])) == ["0", "3"]  # CUDA_VISIBLE_DEVICES per slot
+
+
+def test_trials_at_once_share_the_cores_out(tmp_path, monkeypatch):
+    """Trials that each start a thread per core fight over the cores (on 2 cores two PPO trials at once took 39 s
+    each instead of 5): each gets its share through OMP_NUM_THREADS, unless the sweep's environment sets it."""
+    assert [trial_threads(n, cores=16) for n in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+    seen = []
+
+    class Popen:
+        def __init__(self, cmd, env, **kw):
+            seen.append(env)
+            self.pid = 1
+
+    monkeypatch.setattr("align.sweep.subprocess.Popen", Popen)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    cfg = sweep(parameters={"lr": [1e-4]})
+    config = trial_config(cfg, read_yaml(cfg.base), {"lr": 1e-4}, tmp_path / "trial-000")
+    launch("ppo", config, tmp_path / "trial-000", {"lr": 1e-4}, None, threads=3)
+    assert seen[-1]["OMP_NUM_THREADS"] == seen[-1]["MKL_NUM_THREADS"] == "3"
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's choice stands
+    launch("ppo", config, tmp_path / "trial-000", {"lr": 1e-4}, "0", threads=3)
+    assert seen[-1]["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in seen[-1]
+    assert seen[-1]["CUDA_VISIBLE_DEVICES"] == "0"
 
 
 def test_trial_configs_are_validated_before_anything_runs(tmp_path):
