@@ -294,7 +294,11 @@ def test_cli_accounts_and_bad_arguments_give_clear_errors(tmp_path, monkeypatch,
     neg = align(
         "tags", "sample", "--input", str(tmp_path / "tagged.jsonl"), "--output", str(tmp_path / "s.jsonl"), "--n", "-1"
     )
-    assert neg.returncode != 0 and "--n: expected a whole number of at least 1, got -1" in neg.stderr and not (tmp_path / "s.jsonl").exists()
+    assert (
+        neg.returncode != 0
+        and "--n: expected a whole number of at least 1, got -1" in neg.stderr
+        and not (tmp_path / "s.jsonl").exists()
+    )
 
 
 annotation_bodies = st.fixed_dictionaries(
