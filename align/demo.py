@@ -136,7 +136,7 @@ class Pipeline:
         t0 = time.perf_counter()
         fn(folder)
         seconds = time.perf_counter() - t0
-        marker.write_text(json.dumps({"key": key, "seconds": seconds}))
+        write_json_atomic(marker, {"key": key, "seconds": seconds})  # written last: the stage is whole
         self.hashes[name], self.timings[name] = key, seconds
         self.log(f"[{index}/{total}] {name}: done in {seconds:.0f} s")
 
@@ -487,9 +487,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, log: Callable[[str],
         total,
         "eval",
         {"gold_samples": cfg.gold_samples},
-        lambda f: (f / "summary.json").write_text(
-            json.dumps(evaluate(cfg, models, p.path("ppo", "run"), w, f), indent=1)
-        ),
+        lambda f: write_json_atomic(f / "summary.json", evaluate(cfg, models, p.path("ppo", "run"), w, f)),
         (evaluate, sample_policy, gold_of, interval, gold_over_steps),
     )
     p.stage(

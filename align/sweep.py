@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import io
 import json
 import os
 import signal
@@ -507,10 +508,11 @@ def collect(out: Path, metric: str, direction: str, params: list[str]) -> list[d
         r["rank"] = i
     write_jsonl_atomic(out / "results.jsonl", results)
     cols = ["rank", "run", "method", *params, "value", "ci95", "reward", "gold", "kl", "seconds"]
-    with (out / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(results)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(results)
+    write_text_atomic(out / "results.csv", table.getvalue())
     fmt = lambda v: (
         f"{v:.4g}" if isinstance(v, float) else "–".join(f"{x:.4g}" for x in v) if isinstance(v, list) else str(v)
     )

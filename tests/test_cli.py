@@ -87,6 +87,35 @@ def test_generate_and_chat_with_qwen_vocab(tmp_path):
     assert out.stdout.count("assistant>") == 2
 
 
+def test_chat_streams_its_reply_as_generate_writes_it(tmp_path, monkeypatch):
+    """`align chat` prints the reply piece by piece as tokens come (held back only within an unfinished UTF-8
+    character), and the pieces make the same text `align generate` gives for the same prompt."""
+    import io
+
+    from align.cli import main
+
+    tiny = ["init-model", str(ROOT / "configs/model/tiny.yaml"), "--tokenizer", str(QWEN_VOCAB), "--seed", "5"]
+    assert main([*tiny, "--out", str(tmp_path / "m"), "num_hidden_layers=1"]) == 0
+
+    class Recorder(io.StringIO):
+        writes: list[str] = []
+
+        def write(self, text):
+            Recorder.writes.append(text)
+            return super().write(text)
+
+    common = ["--model", str(tmp_path / "m"), "--max-new-tokens", "12", "--temperature", "0"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("你好\n/exit\n"))
+    monkeypatch.setattr("sys.stdout", Recorder())
+    assert main(["chat", *common]) == 0
+    pieces = [p for p in Recorder.writes[Recorder.writes.index("assistant> ") + 1 :] if p]
+    pieces = pieces[: next(i for i, p in enumerate(pieces) if p.endswith("\n")) + 1]  # up to the line's end
+    assert len(pieces) > 2  # written as it came
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert main(["generate", *common, "--prompt", "你好"]) == 0
+    assert "".join(pieces) == __import__("sys").stdout.getvalue()
+
+
 def test_convert_qwen1_checkpoint(tmp_path):
     out = run(["convert", str(QWEN_REF / "qwen1_tiny"), str(tmp_path / "q2"), "--max-shard-mb", "0.1"])
     assert out.returncode == 0, out.stderr

@@ -70,11 +70,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from align.core.chatml import render
     from align.core.distributed import device
+    from align.serve import Streamer
     from base_model import QwenTokenizer, load_pretrained
     from base_model.generate import generate
 
     model = load_pretrained(args.model, device=device())
     tokenizer = QwenTokenizer.from_file(args.model)
+    special = set(tokenizer.special_tokens.values())
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print("ChatML session. /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
@@ -90,10 +92,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         history.append({"role": "user", "content": line})
         ids = render(system + history, tokenizer, add_generation_prompt=True, max_window_size=args.max_window_size)
-        out = generate(model, [ids], _sampling(args, tokenizer), pad_id=tokenizer.pad_id)
+        streamer = Streamer(tokenizer, ())
+        print("assistant> ", end="", flush=True)
+
+        def show(_row: int, token: int) -> None:  # the reply as it is written (special tokens are not text)
+            if token not in special:
+                print(streamer.push(token), end="", flush=True)
+
+        out = generate(model, [ids], _sampling(args, tokenizer), pad_id=tokenizer.pad_id, on_token=show)
+        print(streamer.finish(tokenizer.decode(streamer.ids)), flush=True)
         reply = tokenizer.decode(out.token_ids[0], skip_special_tokens=True)
         history.append({"role": "assistant", "content": reply})
-        print(f"assistant> {reply}")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

@@ -125,4 +125,6 @@ def format_validation_error(e: ValidationError, source: str, from_cli: set[str])
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
     """Write the resolved config (every default filled in) next to a run's outputs."""
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    from base_model.atomic import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
