@@ -2,7 +2,8 @@
 generation, the LLM tagger, judges, `align eval --endpoint` and agents (ours, smolagents, the `openai` client) can
 all use a local checkpoint. With vLLM, point the same clients at vLLM's own server.
 
-- `POST /v1/chat/completions`: `messages` (OpenAI roles, `tool_calls` and `tool` results included), `tools`,
+- `POST /v1/chat/completions`: `messages` (OpenAI roles, `tool_calls` and `tool` results included, content as a
+  string or a list of text parts), `tools`,
   `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`. With `tools` the conversation is rendered with
   Qwen's ReAct instruction (as in training), generation stops at `Observation:`, and the step is read back
   (`align/core/react.py`): a call comes back as `tool_calls` (finish_reason `tool_calls`), a final answer as
@@ -131,6 +132,20 @@ def _sampling(body: dict) -> dict:
     }
 
 
+def _joined_text(message, i: int):
+    """A message whose content is a list of parts (`[{"type": "text", "text": …}]`, as OpenAI's clients may send)
+    with its text parts joined; parts of any other type are refused."""
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        return message
+    texts = []
+    for j, part in enumerate(message["content"]):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise BadRequest(f"messages[{i}].content[{j}]: only text parts are supported, got {kind!r}")
+        texts.append(part["text"])
+    return {**message, "content": "".join(texts)}
+
+
 class Streamer:
     """Tokens in, text deltas out: decodes what has come so far and releases all but a tail that could still turn
     into a stop string (or an unfinished UTF-8 character)."""
@@ -226,6 +241,7 @@ def create_app(llm: LocalModel):
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list")
+        messages = [_joined_text(m, i) for i, m in enumerate(messages)]
         tools = body.get("tools") or None
         try:
             for i, t in enumerate(tools or []):

@@ -54,6 +54,18 @@ def test_chat_and_its_stream_agree(tiny):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
+def test_content_as_a_list_of_text_parts_is_the_joined_text(tiny):
+    """OpenAI's clients may send a message's content as parts; text parts read as their text joined."""
+    llm, client = tiny
+    plain = [{"role": "user", "content": "What is 2+3?"}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+3?"}]}]
+    answers = [
+        client.chat.completions.create(model="tiny", messages=m, max_tokens=12, temperature=0).choices[0].message
+        for m in (plain, parts)
+    ]
+    assert answers[0].content == answers[1].content
+
+
 def test_completions_with_a_stop_string_and_streaming(tiny):
     llm, client = tiny
     free = client.completions.create(model="tiny", prompt="<|im_start|>user\nHi<|im_end|>\n", max_tokens=30,
@@ -121,6 +133,12 @@ def test_bad_requests_get_400_with_a_message(tiny):
         ("/chat/completions", {"messages": "hello"}, "messages"),
         ("/completions", {"prompt": ""}, "prompt"),
         ("/completions", {"prompt": "x", "stop": [1]}, "stop"),
+        (
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0]: only text parts are supported, got 'image_url'",
+        ),
+        ("/chat/completions", {"messages": [{"role": "user", "content": ["x"]}]}, "got 'str'"),
     ]
     for path, body, word in cases:
         r = httpx.post(base + path, json=body, timeout=30)
