@@ -33,11 +33,11 @@ class PPOSection(Section):
     rollout_batch_size: int = Field(8, ge=1)  # prompts per rank per iteration
     n_samples: int = Field(2, ge=1)  # responses per prompt
     max_new_tokens: int = Field(128, ge=1)
-    temperature: float = 1.0
-    top_p: float = 0.9
-    top_k: int = 0
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
     engine: Literal["native", "vllm"] = "native"
-    vllm_gpu_memory_utilization: float = 0.4
+    vllm_gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
     sync_bucket_mb: float = Field(256.0, gt=0)  # weights sent to a private engine copy per call (and gathered)
     sync_check_every: int = Field(1, ge=0)  # syncs between checks of the engine against the policy (0: never)
     sync_check_tolerance: float = Field(0.05, gt=0)  # mean |Δ log p| over the probe sequence (bf16 engines)

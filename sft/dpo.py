@@ -63,8 +63,8 @@ class EvalGeneration(Section):
 
     samples: int = Field(1, ge=1)  # answers per prompt
     max_new_tokens: int = Field(128, ge=1)
-    temperature: float = 1.0
-    top_p: float = 0.9
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
 
 
 class Objective(Section):

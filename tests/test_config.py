@@ -73,6 +73,19 @@ def test_bad_override_is_attributed_to_the_command_line():
         load_config(QwenConfig, ROOT / "configs/model/tiny.yaml", ["hidden_size"])
 
 
+@pytest.mark.parametrize(
+    "config,override",
+    [("ppo/tiny.yaml", "ppo.top_p=0"), ("ppo/tiny.yaml", "ppo.temperature=-1"), ("ppo/tiny.yaml", "ppo.top_k=-2"),
+     ("dpo/tiny.yaml", "eval_generation.top_p=1.5")],
+)  # fmt: skip
+def test_sampling_settings_out_of_range_are_refused_when_the_config_loads(config, override):
+    """Not later, at the first rollout or evaluation, after the models were built."""
+    path = ROOT / "configs" / config
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"command-line override: key '{key}' has invalid value"):
+        load_config(config_type_for(path), path, [override])
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("a: [1, 2\n")
