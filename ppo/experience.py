@@ -82,19 +82,9 @@ def reward_scores(
     reward_model, rm_tokenizer, prompts: list[list[dict]], responses: list[str], batch_size: int, max_len: int
 ) -> torch.Tensor:
     """(N,) raw reward-model scores of prompt + response, rendered with the reward model's own tokenizer."""
-    from rm.data import collate_sequences, encode_response
+    from rm.eval import score_texts
 
-    end_id = reward_model.end_token_id if reward_model.end_token_id is not None else rm_tokenizer.eod_id
-    device = reward_model.score.weight.device
-    scores = []
-    for i in range(0, len(responses), batch_size):
-        seqs = [
-            encode_response(p, r, rm_tokenizer, max_len, end_id)[:2]
-            for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
-        ]
-        batch = {k: v.to(device) for k, v in collate_sequences(seqs, rm_tokenizer.pad_id).items()}
-        scores.append(reward_model(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).rewards.float())
-    return torch.cat(scores)
+    return score_texts(reward_model, rm_tokenizer, list(zip(prompts, responses)), max_len, batch_size)
 
 
 class RunningMoments:

@@ -13,6 +13,7 @@ import io
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,16 +41,41 @@ def score_texts(
     items: list[tuple[list[dict], str]],
     max_len: int,
     batch_size: int = 16,
-) -> list[float]:
-    """Raw rewards of (prompt messages, response) items."""
-    model.eval()
+    by_length: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """(N,) fp32 raw rewards of (prompt messages, response) items, computed on the model's device.
+
+    `by_length` batches items of similar token counts together (far less padding on a file of mixed lengths); the
+    result keeps the order of `items` either way. `progress(n)` is told each batch's size."""
     end_id = model.end_token_id if model.end_token_id is not None else tokenizer.eod_id
-    out: list[float] = []
-    for i in range(0, len(items), batch_size):
-        seqs = [encode_response(p, r, tokenizer, max_len, end_id)[:2] for p, r in items[i : i + batch_size]]
-        batch = collate_sequences(seqs, tokenizer.pad_id)
-        out += model(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).rewards.tolist()
+    device = model.score.weight.device
+    seqs = [encode_response(p, r, tokenizer, max_len, end_id)[:2] for p, r in items]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0])) if by_length else list(range(len(seqs)))
+    out = torch.empty(len(seqs), dtype=torch.float32, device=device)
+    for i in range(0, len(order), batch_size):
+        chunk = order[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in collate_sequences([seqs[j] for j in chunk], tokenizer.pad_id).items()}
+        rewards = model(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).rewards
+        out[torch.tensor(chunk, device=device)] = rewards.float()
+        if progress is not None:
+            progress(len(chunk))
     return out
+
+
+def load_for_scoring(model_dir: str | Path) -> RewardModel:
+    """The reward model on this machine's device: a GPU in bf16 (its head in fp32) when there is one, else the
+    CPU in fp32."""
+    from align.core.distributed import device
+
+    where = device()
+    return load_reward_model(model_dir, torch.bfloat16 if where.type == "cuda" else torch.float32, where)
+
+
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="response", disable=total < 256)
 
 
 def pair_metrics(pairs: list[Pair], chosen: list[float], rejected: list[float], bins: int = 10) -> dict:
@@ -151,11 +177,13 @@ def evaluate_file(
 ) -> dict:
     """Pairwise accuracy and the rest of `pair_metrics` on a preference file; records the reader leaves out
     (`on_error="skip"`) are counted under `left_out`, with the first few named in `left_out_examples`."""
-    model = load_reward_model(model_dir)
+    model = load_for_scoring(model_dir)
     tokenizer = QwenTokenizer.from_file(Path(model_dir))
     pairs, read = load_pairs(data, binarize=False, on_error=on_error)
-    chosen = score_texts(model, tokenizer, [(p.prompt, p.chosen) for p in pairs], max_len, batch_size)
-    rejected = score_texts(model, tokenizer, [(p.prompt, p.rejected) for p in pairs], max_len, batch_size)
+    items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    with _bar(len(items), "rm eval") as bar:
+        scores = score_texts(model, tokenizer, items, max_len, batch_size, by_length=True, progress=bar.update)
+    chosen, rejected = scores[: len(pairs)].tolist(), scores[len(pairs) :].tolist()
     metrics = pair_metrics(pairs, chosen, rejected)
     metrics["left_out"], metrics["left_out_examples"] = dict(read.skipped), read.examples
     if report is not None:
@@ -167,7 +195,7 @@ def score_file(
     model_dir: str, data: str, out: str, max_len: int = 2048, batch_size: int = 16, normalise: bool = False
 ) -> int:
     """Score {"prompt": messages|str, "response": str} or {"messages": [..., assistant]} records into `out`."""
-    model = load_reward_model(model_dir)
+    model = load_for_scoring(model_dir)
     tokenizer = QwenTokenizer.from_file(Path(model_dir))
     records, items = [], []
     for where, rec in iter_records(data):
@@ -181,9 +209,9 @@ def score_file(
         else:
             raise DataError(f"{where}: expected 'messages' or 'prompt' + 'response'")
         records.append(rec)
-    rewards = score_texts(model, tokenizer, items, max_len, batch_size)
-    if normalise:
-        rewards = model.normalise(torch.tensor(rewards)).tolist()
+    with _bar(len(items), "rm score") as bar:
+        rewards = score_texts(model, tokenizer, items, max_len, batch_size, by_length=True, progress=bar.update)
+    rewards = (model.normalise(rewards) if normalise else rewards).tolist()
     return write_jsonl_atomic(out, ({**rec, "reward": r} for rec, r in zip(records, rewards)))
 
 

@@ -16,7 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from base_model import QwenForCausalLM, QwenTokenizer, load_pretrained, open_checkpoint, save_pretrained
+from base_model import (
+    CheckpointError,
+    QwenForCausalLM,
+    QwenTokenizer,
+    load_pretrained,
+    open_checkpoint,
+    save_pretrained,
+)
 from base_model.atomic import write_json_atomic
 
 Pooling = Literal["end_token", "last", "mean"]
@@ -143,7 +150,7 @@ def open_reward_model(path: str | Path) -> tuple[RewardModel, Callable[[str, tor
     (`align.core.engine.build_partitioned`)."""
     path = Path(path)
     if not is_reward_model(path):
-        raise FileNotFoundError(f"{path}: no {HEAD_FILE}; not a reward model folder")
+        raise CheckpointError(f"{path}: no {HEAD_FILE}; not a reward model folder")
     cfg = json.loads((path / CONFIG_FILE).read_text())
     config, tensors = open_checkpoint(path)
     with torch.device("meta"):
@@ -176,7 +183,7 @@ def load_reward_model(
     """The reward model of a folder, read straight onto `device`; the head is kept in fp32 whatever `dtype`."""
     path = Path(path)
     if not is_reward_model(path):
-        raise FileNotFoundError(f"{path}: no {HEAD_FILE}; not a reward model folder")
+        raise CheckpointError(f"{path}: no {HEAD_FILE}; not a reward model folder")
     cfg = json.loads((path / CONFIG_FILE).read_text())
     model = RewardModel(
         load_pretrained(path, dtype=dtype, device=device), cfg["pooling"], cfg["end_token_id"], cfg["mean"], cfg["std"]

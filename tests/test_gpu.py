@@ -122,6 +122,26 @@ def policy_and_reward(data, tmp_path_factory):
     return d
 
 
+def test_reward_model_eval_and_scores_on_cuda(data, policy_and_reward, tmp_path):
+    """`align rm eval` and `align rm score` run on the GPU in bf16 and score as the CPU does in fp32."""
+    from rm.eval import score_texts
+    from rm.model import load_reward_model
+
+    rm_dir = policy_and_reward / "rm" / "final"
+    align("rm", "eval", "--model", str(rm_dir), "--data", str(data / "rm.jsonl"), "--json")
+    rows = [{"prompt": f"Tell me about {i}.", "response": "Great! " * (i % 7)} for i in range(40)]
+    write_jsonl_atomic(tmp_path / "in.jsonl", rows)
+    align(
+        "rm", "score", "--model", str(rm_dir), "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o.jsonl")
+    )
+    on_gpu = torch.tensor([json.loads(l)["reward"] for l in (tmp_path / "o.jsonl").read_text().splitlines()])
+    from base_model import QwenTokenizer
+
+    items = [([{"role": "user", "content": r["prompt"]}], r["response"]) for r in rows]
+    on_cpu = score_texts(load_reward_model(rm_dir), QwenTokenizer.from_file(rm_dir), items, 2048)
+    assert torch.allclose(on_gpu, on_cpu, atol=0.05 * (1 + on_cpu.abs().max().item())), (on_gpu, on_cpu)
+
+
 @pytest.mark.parametrize("zero,bf16", [(0, False), (3, True)])
 def test_ppo_with_ptx_on_cuda(data, policy_and_reward, tmp_path, zero, bf16):
     d = policy_and_reward

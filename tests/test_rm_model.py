@@ -122,3 +122,35 @@ def test_eval_counts_the_records_it_leaves_out(tmp_path):
     assert metrics["left_out_examples"][0].startswith(f"{data}:5:")
     with pytest.raises(DataError, match="hh.jsonl:5"):
         evaluate_file(str(tmp_path / "rm"), str(data), max_len=256, on_error="raise")
+
+
+def test_scoring_a_file_batches_by_length_and_keeps_its_order(tmp_path, monkeypatch, capsys):
+    """`align rm score`: items batched with others of their length (less padding) score as they do one at a time,
+    in the file's order, normalised when asked; a folder without a reward head is named, not a traceback."""
+    import json
+
+    from align.cli import main
+    from base_model import QwenTokenizer, save_pretrained
+    from rm.eval import score_texts
+
+    tokenizer = QwenTokenizer.from_bytes()
+    torch.manual_seed(0)
+    lm = randomize_biases(QwenForCausalLM(tiny_config(vocab_size=-(-len(tokenizer) // 64) * 64, seq_length=512)))
+    model = RewardModel(lm, "end_token", tokenizer.eod_id).eval()
+    model.mean, model.std = 0.5, 2.0
+    model.save(tmp_path / "rm", tokenizer=tokenizer)
+    items = [([{"role": "user", "content": "q" * (1 + 7 * i % 23)}], "a" * (2 + 11 * i % 31)) for i in range(13)]
+    alone = torch.cat([score_texts(model, tokenizer, [item], 256) for item in items])
+    for by_length in (False, True):
+        batched = score_texts(model, tokenizer, items, 256, batch_size=4, by_length=by_length)
+        assert torch.allclose(batched, alone, atol=1e-5), by_length
+    rows = [{"prompt": p[0]["content"], "response": r, "id": i} for i, (p, r) in enumerate(items)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["rm", "score", "--data", str(tmp_path / "in.jsonl"), "--max-len", "256", "--batch-size", "4"]
+    assert main([*args, "--model", str(tmp_path / "rm"), "--out", str(tmp_path / "out.jsonl"), "--normalise"]) == 0
+    scored = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in scored] == list(range(13))
+    assert torch.allclose(torch.tensor([r["reward"] for r in scored]), (alone - 0.5) / 2.0, atol=1e-5)
+    save_pretrained(lm, tmp_path / "lm", tokenizer)  # a policy, not a reward model
+    assert main([*args, "--model", str(tmp_path / "lm"), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "not a reward model folder" in capsys.readouterr().err
