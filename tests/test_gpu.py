@@ -122,6 +122,24 @@ def policy_and_reward(data, tmp_path_factory):
     return d
 
 
+def test_data_filter_scores_perplexity_on_cuda(policy_and_reward, tmp_path):
+    """`align data filter --model` runs its reference model on the GPU in bf16, close to the CPU's fp32 scores."""
+    from base_model import QwenTokenizer, load_pretrained
+    from base_model.pretrain.quality import perplexities
+
+    ref = policy_and_reward / "sft" / "final"
+    docs = [{"text": " ".join(["the cat sat with the dog and the bird"] * (1 + i % 5))} for i in range(20)]
+    write_jsonl_atomic(tmp_path / "in.jsonl", docs)
+    align("data", "filter", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+          "--rejected", str(tmp_path / "rej.jsonl"), "--model", str(ref), "min_words=1", "min_stop_words=0")  # fmt: skip
+    rows = [json.loads(l) for p in ("out", "rej") for l in (tmp_path / f"{p}.jsonl").read_text().splitlines()]
+    on_gpu = sorted(r["quality"]["scores"]["perplexity"] for r in rows)
+    on_cpu = sorted(
+        perplexities(load_pretrained(ref, torch.float32), QwenTokenizer.from_file(ref), [d["text"] for d in docs])
+    )
+    assert on_gpu == pytest.approx(on_cpu, rel=0.1)
+
+
 def test_reward_model_eval_and_scores_on_cuda(data, policy_and_reward, tmp_path):
     """`align rm eval` and `align rm score` run on the GPU in bf16 and score as the CPU does in fp32."""
     from rm.eval import score_texts

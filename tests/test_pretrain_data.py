@@ -162,6 +162,44 @@ def test_perplexity_score_with_a_reference_model(tmp_path):
     assert 300 < ppl < 800  # an untrained model with small weights is close to uniform over 512 ids
 
 
+def test_perplexities_over_batches_equal_one_text_at_a_time(tmp_path):
+    """The filter scores documents several at a time (right-padded, in chunks); each score equals the one-text
+    computation, also for texts past the model's trained length (dynamic NTK and LogN on), which go alone."""
+    import math
+
+    import torch
+
+    from base_model import QwenForCausalLM, save_pretrained
+    from conftest import tiny_config
+
+    tok = QwenTokenizer.from_bytes()
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=512, seq_length=24, use_dynamic_ntk=True, use_logn_attn=True)
+    model = QwenForCausalLM(config).eval()
+    save_pretrained(model, tmp_path / "ref", tok)
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcde fgh") for _ in range(rng.randint(0, 60))) for _ in range(23)]
+    write_jsonl_atomic(tmp_path / "in.jsonl", [{"text": t, "i": i} for i, t in enumerate(texts)])
+    seen = []
+    filter_documents([tmp_path / "in.jsonl"], tmp_path / "out.jsonl", QualityRules(min_words=0, min_stop_words=0,
+                     min_mean_word_length=0, max_mean_word_length=1000, min_alpha_words=0.0),
+                     model_dir=tmp_path / "ref", rejected=tmp_path / "rej.jsonl", progress=seen.append,
+                     chunk=5)  # fmt: skip
+    assert seen == [5, 5, 5, 5, 3]
+    rows = [json.loads(l) for p in ("out", "rej") for l in (tmp_path / f"{p}.jsonl").read_text().splitlines()]
+    got = {r["i"]: r["quality"]["scores"]["perplexity"] for r in rows}
+    assert len(got) == 23 and any(len(tok.encode(t)) > 24 for t in texts)
+    for i, text in enumerate(texts):
+        ids = tok.encode(text)[:1024]
+        if len(ids) < 2:
+            assert got[i] == float("inf")
+            continue
+        with torch.no_grad():
+            x = torch.tensor([ids])
+            nll = -model(x).logits[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None]).mean().item()
+        assert got[i] == pytest.approx(math.exp(nll), rel=1e-5), (i, len(ids))
+
+
 def test_malformed_input_names_file_and_line_and_leaves_no_output(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: field 'text' is missing or not a string"):

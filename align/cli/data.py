@@ -88,7 +88,12 @@ def cmd_data_filter(args: argparse.Namespace) -> None:
     )
     if args.banned_words:
         rules.banned_words = [w.strip() for w in args.banned_words.read_text().splitlines() if w.strip()]
-    counts = filter_documents(args.input, args.output, rules, args.text_field, args.model, args.rejected)
+    from tqdm import tqdm
+
+    with tqdm(desc="filter", unit="doc") as bar:
+        counts = filter_documents(
+            args.input, args.output, rules, args.text_field, args.model, args.rejected, progress=bar.update
+        )
     kept = counts.pop("kept", 0)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda x: -x[1]))
     print(f"kept {kept} documents; dropped {sum(counts.values())}" + (f" ({reasons})" if reasons else ""))

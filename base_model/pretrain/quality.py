@@ -126,13 +126,33 @@ def first_failure(s: dict[str, float], rules: QualityRules) -> str | None:
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, max_tokens: int = 1024) -> float:
     """exp(mean negative log-likelihood) of the first max_tokens tokens under a reference model."""
-    ids = tokenizer.encode(text)[:max_tokens]
-    if len(ids) < 2:
-        return float("inf")
-    x = torch.tensor([ids], device=model.device)
-    logprobs = model(x).logits[0, :-1].float().log_softmax(-1)
-    nll = -logprobs.gather(-1, x[0, 1:, None]).mean().item()
-    return math.exp(nll)
+    return perplexities(model, tokenizer, [text], max_tokens)[0]
+
+
+@torch.no_grad()
+def perplexities(model, tokenizer, texts: list[str], max_tokens: int = 1024, batch_size: int = 8) -> list[float]:
+    """`perplexity` of each text, `batch_size` texts per forward pass on the model's device.
+
+    Rows are padded on the right: under causal attention no token sees the padding after it. Texts longer than the
+    model's trained length go alone (their rotary scaling depends on their own length), so each score equals the
+    one-text score."""
+    ids = [tokenizer.encode(t)[:max_tokens] for t in texts]
+    out = [float("inf")] * len(texts)
+    scored = sorted((i for i in range(len(ids)) if len(ids[i]) >= 2), key=lambda i: len(ids[i]))
+    limit = model.config.seq_length
+    batches = [[i] for i in scored if len(ids[i]) > limit]
+    short = [i for i in scored if len(ids[i]) <= limit]
+    batches += [short[k : k + batch_size] for k in range(0, len(short), batch_size)]
+    for batch in batches:
+        width = max(len(ids[i]) for i in batch)
+        x = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            x[row, : len(ids[i])] = torch.tensor(ids[i])
+        x = x.to(model.device)
+        logprobs = model(x).logits[:, :-1].float().log_softmax(-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+        for row, i in enumerate(batch):
+            out[i] = math.exp(-logprobs[row, : len(ids[i]) - 1].mean().item())
+    return out
 
 
 def filter_documents(
@@ -142,26 +162,46 @@ def filter_documents(
     text_field: str = "text",
     model_dir: str | Path | None = None,
     rejected: str | Path | None = None,
+    progress=None,
+    chunk: int = 64,
 ) -> dict:
-    """Write kept documents to `output` (each with a `quality` field) and, optionally, dropped ones to `rejected`."""
+    """Write kept documents to `output` (each with a `quality` field) and, optionally, dropped ones to `rejected`.
+    The reference model (`model_dir`) runs on the GPU in bf16 when there is one, over `chunk` documents at a time;
+    `progress(n)` is told how many documents each chunk held."""
     model = tokenizer = None
     if model_dir is not None:
         from base_model import QwenTokenizer, load_pretrained
 
-        model, tokenizer = load_pretrained(model_dir).eval(), QwenTokenizer.from_file(model_dir)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model, tokenizer = load_pretrained(model_dir, dtype, device).eval(), QwenTokenizer.from_file(model_dir)
     elif rules.max_perplexity is not None:
         raise DataError("max_perplexity is set but no reference model was given (--model DIR)")
     counts: Counter = Counter()
     with ExitStack() as stack:  # files close, then both are renamed into place, only when every document was read
         targets = [output] + ([rejected] if rejected is not None else [])
         files = [stack.enter_context(stack.enter_context(atomic_path(t)).open("w", encoding="utf-8")) for t in targets]
+        pending: list[tuple[dict, str]] = []
+
+        def flush() -> None:
+            texts = [text for _, text in pending]
+            ppl = perplexities(model, tokenizer, texts) if model is not None else None
+            for k, (record, text) in enumerate(pending):
+                scores = rule_scores(text, rules)
+                if ppl is not None:
+                    scores["perplexity"] = ppl[k]
+                reason = first_failure(scores, rules)
+                counts[reason or "kept"] += 1
+                row = {**record, "quality": {"scores": scores, "dropped_by": reason}}
+                if reason is None or len(files) > 1:
+                    files[0 if reason is None else 1].write(json.dumps(row, ensure_ascii=False) + "\n")
+            if progress is not None:
+                progress(len(pending))
+            pending.clear()
+
         for _, record, text in iter_documents(inputs, text_field):
-            scores = rule_scores(text, rules)
-            if model is not None:
-                scores["perplexity"] = perplexity(model, tokenizer, text)
-            reason = first_failure(scores, rules)
-            counts[reason or "kept"] += 1
-            row = {**record, "quality": {"scores": scores, "dropped_by": reason}}
-            if reason is None or len(files) > 1:
-                files[0 if reason is None else 1].write(json.dumps(row, ensure_ascii=False) + "\n")
+            pending.append((record, text))
+            if len(pending) == chunk:
+                flush()
+        flush()
     return dict(counts)
