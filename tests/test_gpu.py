@@ -122,6 +122,17 @@ def policy_and_reward(data, tmp_path_factory):
     return d
 
 
+def test_tag_embeddings_on_cuda_match_the_cpu():
+    """`align tags build | assign` embed on the GPU when there is one: the same vectors as on the CPU."""
+    import numpy as np
+
+    from rm.tags.embed import embed
+
+    texts = ["solve a quadratic equation", "write a haiku about autumn", "如何学习编程", "debug a segfault in C"]
+    on_gpu, on_cpu = embed(texts), embed(texts, device="cpu")
+    assert np.allclose((on_gpu * on_cpu).sum(-1), 1.0, atol=1e-3)
+
+
 def test_data_filter_scores_perplexity_on_cuda(policy_and_reward, tmp_path):
     """`align data filter --model` runs its reference model on the GPU in bf16, close to the CPU's fp32 scores."""
     from base_model import QwenTokenizer, load_pretrained

