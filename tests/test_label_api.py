@@ -213,6 +213,14 @@ def test_a_database_path_is_a_sqlite_file_and_an_unusable_database_is_named(tmp_
     assert code == 2 and "cannot be opened" in err and "127.0.0.1" in err and "s3cret" not in err
     code, err = run("users", "list", "--db", "mysql+nodriver://x/y")
     assert code == 2 and "not a database URL this app can use" in err
+    db = str(path)
+    for args, message in [
+        (("export", "--project", "nope", "--out", "e.jsonl"), f"project 'nope' not found in {db}"),
+        (("taxonomy", "export", "--name", "nope", "--out", "t.yaml"), f"no taxonomy 'nope' in {db}"),
+        (("import", "--project", "p", "--file", str(tmp_path / "none.jsonl")), "none.jsonl: no such file or directory"),
+    ]:  # fmt: skip
+        code, err = run(*args, "--db", db)
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
 
 
 ADMIN_ENDPOINTS = [

@@ -1,7 +1,8 @@
 """The `align` command: one module per command group, each only parsing arguments and calling the library.
 
 Errors the library raises for bad input (a config key, a data line, a checkpoint file) carry their own location and
-are printed as `error: …` with exit status 2; anything else is a bug and keeps its traceback.
+are printed as `error: …` with exit status 2, as is a path that cannot be read or written (missing, a folder, no
+permission); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -45,5 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ConfigError, CheckpointError, TokenizerFileError, DataError, TaxonomyError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        # a path given on the command line (or in a config) that cannot be read or written as asked
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"error: {where}{(e.strerror or str(e)).lower()}", file=sys.stderr)
         return 2
     return 0

@@ -109,7 +109,11 @@ def cmd_label_export(args: argparse.Namespace) -> None:
     from labeling_ui.export import comparison_record
     from labeling_ui.store import Store
 
-    rows, bad = readable(Store(args.db).annotations(args.project))
+    try:
+        annotations = Store(args.db).annotations(args.project)
+    except KeyError as e:
+        raise ConfigError(f"{e.args[0]} in {args.db}") from None
+    rows, bad = readable(annotations)
     for line in bad:
         print(f"left out: {line}", file=sys.stderr)
     records = [r for t, anns in rows if (r := comparison_record(t, anns, args.rule)) is not None]
@@ -163,7 +167,10 @@ def cmd_label_taxonomy(args: argparse.Namespace) -> None:
     else:
         from base_model.atomic import write_text_atomic
 
-        text = store.export_taxonomy(args.name, args.version)
+        try:
+            text = store.export_taxonomy(args.name, args.version)
+        except KeyError as e:
+            raise ConfigError(f"{e.args[0]} in {args.db}") from None
         write_text_atomic(args.out, text)
         store.audit("cli", "taxonomy_export", taxonomy=args.name, version=args.version)
         print(
