@@ -54,7 +54,9 @@ def extend_ranks(
 ) -> dict[bytes, int]:
     """Learn merges until there are `vocab_size` ranks (or no pair occurs `min_frequency` times)."""
     if vocab_size <= len(base_ranks):
-        raise ValueError(f"vocab_size {vocab_size} must exceed the base vocabulary ({len(base_ranks)} ranks)")
+        from align.core.config import ConfigError
+
+        raise ConfigError(f"vocab size {vocab_size} (--vocab-size) must exceed the base vocabulary ({len(base_ranks)} ranks)")
     base = tiktoken.Encoding("base", pat_str=pattern, mergeable_ranks=base_ranks, special_tokens={})
     words: list[list[bytes]] = []
     freqs: list[int] = []
