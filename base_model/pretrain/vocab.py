@@ -56,7 +56,9 @@ def extend_ranks(
     if vocab_size <= len(base_ranks):
         from align.core.config import ConfigError
 
-        raise ConfigError(f"vocab size {vocab_size} (--vocab-size) must exceed the base vocabulary ({len(base_ranks)} ranks)")
+        raise ConfigError(
+            f"vocab size {vocab_size} (--vocab-size) must exceed the base vocabulary ({len(base_ranks)} ranks)"
+        )
     base = tiktoken.Encoding("base", pat_str=pattern, mergeable_ranks=base_ranks, special_tokens={})
     words: list[list[bytes]] = []
     freqs: list[int] = []
