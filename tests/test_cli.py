@@ -137,6 +137,23 @@ def test_errors_are_reported_without_traceback(tmp_path):
     assert out.returncode == 2 and "not a demo folder" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_library_refusals_are_errors_not_tracebacks(tmp_path, capsys):
+    """In-process: what the library refuses after the arguments parsed comes back as `error: …`, exit status 2."""
+    from align.cli import main
+
+    (tmp_path / "c.jsonl").write_text('{"text": "abc abc abc"}\n')
+    cases = [
+        (["tokenizer", "extend", "--base", "bytes", "--corpus", str(tmp_path / "c.jsonl"), "--vocab-size", "10",
+          "--out", str(tmp_path / "tk")], "vocab size 10 (--vocab-size) must exceed the base vocabulary (256 ranks)"),
+        (["data", "pack", "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "p")], "none.jsonl"),
+        (["sft", str(tmp_path)], "is a directory"),
+    ]  # fmt: skip
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
