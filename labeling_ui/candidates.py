@@ -36,7 +36,10 @@ def generate_candidates(
     max_new_tokens: int = 64,
     seed: int = 0,
     batch_size: int = 16,
+    progress=None,
 ) -> int:
+    """K responses per prompt, each from its own sampling setting, written to `out` as tasks; `progress(n)` is told
+    how many prompts each batch finished."""
     from align.core.distributed import device
 
     model = load_pretrained(model_dir, device=device())  # the GPU when there is one
@@ -62,5 +65,7 @@ def generate_candidates(
             out_ids = generate(model, ids, params, pad_id=tokenizer.pad_id).token_ids
             for r, toks in zip(batch, out_ids):
                 r["responses"].append(tokenizer.decode(toks, skip_special_tokens=True).strip())
+        if progress is not None:
+            progress(len(batch))
     write_jsonl_atomic(out, rows)
     return len(rows)

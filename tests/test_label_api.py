@@ -392,7 +392,10 @@ def test_candidates_from_a_checkpoint(tmp_path):
     save_pretrained(torch_model, tmp_path / "m", tokenizer=tok)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Hello", "tags": ["math"]}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
-    n = generate_candidates(tmp_path / "m", prompts, tmp_path / "tasks.jsonl", k=3, max_new_tokens=8)
+    done = []
+    n = generate_candidates(tmp_path / "m", prompts, tmp_path / "tasks.jsonl", k=3, max_new_tokens=8, batch_size=1,
+                            progress=done.append)  # fmt: skip
+    assert done == [1, 1]
     rows = [json.loads(l) for l in (tmp_path / "tasks.jsonl").read_text().splitlines()]
     assert n == 2 and all(len(r["responses"]) == 3 for r in rows) and rows[0]["tags"] == ["math"]
     assert rows[0]["meta"]["sampling"][0] == {"temperature": 0.0}

@@ -142,9 +142,14 @@ def cmd_label_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_label_generate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
     from labeling_ui.candidates import generate_candidates
 
-    n = generate_candidates(args.model, args.prompts, args.out, args.k, args.max_new_tokens, args.seed)
+    with tqdm(desc="generate", unit="prompt") as bar:
+        n = generate_candidates(
+            args.model, args.prompts, args.out, args.k, args.max_new_tokens, args.seed, progress=bar.update
+        )
     print(
         f"wrote {n} tasks with {args.k} candidate responses each to {args.out} "
         f"(import them with `align label import --file {args.out}`)"
@@ -208,7 +213,7 @@ def register(sub) -> None:
     q.add_argument("--model", type=Path, required=True, help="checkpoint folder (align init-model / sft output)")
     q.add_argument("--prompts", type=Path, required=True, help="JSONL with 'prompt' (text or messages), 'tags'")
     q.add_argument("--out", type=Path, required=True)
-    q.add_argument("--k", type=count(1), default=4, help="responses per prompt, each with its own sampling setting")
+    q.add_argument("--k", type=count(2, 6), default=4, help="responses per prompt, each with its own sampling setting")
     q.add_argument("--max-new-tokens", type=count(1), default=64)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_label_generate)
