@@ -460,7 +460,8 @@ def run_sweep(path: str | Path, overrides: list[str] = (), log=print) -> Path:
             folder = out / trial_name(number)
             config = trial_config(cfg, base, params, folder)
             gpu = free.pop(0)
-            proc = launch(stage, config, folder, params, gpu, trial_threads(len(slots)))
+            threads = trial_threads(len(slots)) if len(slots) > 1 else None  # one at a time: torch's own default
+            proc = launch(stage, config, folder, params, gpu, threads)
             active[number] = (proc, time.perf_counter(), gpu, params, config)
             log(f"[sweep] {verb} {folder.name} {params}" + (f" on GPU {gpu}" if gpu is not None else ""))
         if not active:
