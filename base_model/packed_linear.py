@@ -3,7 +3,8 @@
 A decoding step multiplies a handful of rows (one per sequence) by every weight matrix. With the weights reordered
 once into oneDNN's blocked layout, those thin matmuls run about twice as fast on CPUs where the default BLAS picks a
 generic kernel (measured by `align bench generate`): the reorder is paid once per `generate` call, not per step.
-Only fp32 weights on the CPU are packed; everything else runs the module's own forward.
+Only fp32 weights on the CPU are packed, and none in a model with compiled layers; everything else runs the module's
+own forward.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def prepacked_linears(model: nn.Module, rows: int) -> Iterator[int]:
     for `rows` input rows). Yields how many layers were packed. The weights must not change inside the block; the
     modules' own forwards are back on leaving it."""
     packed: list[nn.Module] = []
-    if available() and not torch.is_grad_enabled():
+    # a compiled module (`compile_layers`) runs its own fused kernels, and dynamo cannot trace oneDNN's packed op
+    compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    if available() and not torch.is_grad_enabled() and not compiled:
         for m in model.modules():
             if _packable(m):
                 weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
