@@ -137,6 +137,27 @@ def test_errors_are_reported_without_traceback(tmp_path):
     assert out.returncode == 2 and "not a demo folder" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_an_unactivated_virtual_environment_puts_its_tools_first_on_path(monkeypatch):
+    """`.venv/bin/align` without activation finds the environment's own ninja first, as after activation (with the
+    system's first, C++ extension builds alternated between two ninja versions, each rebuilding in full)."""
+    import os
+
+    from align.cli import venv_tools_first
+
+    monkeypatch.setattr(sys, "prefix", "/proj/.venv")
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    monkeypatch.setattr(sys, "executable", "/proj/.venv/bin/python")
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/proj/.venv/bin")
+    venv_tools_first()
+    assert os.environ["PATH"] == "/proj/.venv/bin:/usr/local/bin:/usr/bin"
+    venv_tools_first()
+    assert os.environ["PATH"] == "/proj/.venv/bin:/usr/local/bin:/usr/bin"
+    monkeypatch.setattr(sys, "prefix", "/usr")  # not in a virtual environment: PATH as it is
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin")
+    venv_tools_first()
+    assert os.environ["PATH"] == "/usr/local/bin:/usr/bin"
+
+
 def test_library_refusals_are_errors_not_tracebacks(tmp_path, capsys):
     """In-process: what the library refuses after the arguments parsed comes back as `error: …`, exit status 2."""
     from align.cli import main

@@ -8,6 +8,7 @@ permission); anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from align.cli import data, evaluate, label, model, runs, stages, tools
@@ -27,12 +28,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def venv_tools_first() -> None:
+    """Inside a virtual environment that was not activated (`.venv/bin/align`), put its own tools first on PATH as
+    activation would: DeepSpeed's and torch's C++ extensions are built with the `ninja` found there, and a build
+    made by one ninja version is redone in full (half a minute) by another."""
+    if sys.prefix == sys.base_prefix:
+        return
+    bindir = os.path.dirname(sys.executable)
+    parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    if not parts or parts[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join([bindir] + [p for p in parts if p != bindir])
+
+
 def main(argv: list[str] | None = None) -> int:
     from align.core.records import DataError
     from base_model import CheckpointError
     from base_model.tokenizer import TokenizerFileError
     from rm.tags.taxonomy import TaxonomyError
 
+    venv_tools_first()
     parser = build_parser()
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     # dotted key=value overrides may come anywhere on the line, also after options
