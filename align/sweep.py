@@ -84,6 +84,8 @@ class SweepConfig(Section):
             return "ppo"
         if self.stage:
             return self.stage
+        if self.base is not None and not Path(self.base).is_file():
+            raise ConfigError(f"sweep: base {self.base}: config file not found")
         folder = Path(self.base).parent.name
         if folder not in STAGES:
             raise ConfigError(

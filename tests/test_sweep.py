@@ -26,15 +26,19 @@ def sweep(**kw) -> SweepConfig:
     return SweepConfig.model_validate({"base": str(ROOT / "configs" / "ppo" / "tiny.yaml"), **kw})
 
 
-def test_stage_and_metric_follow_the_base_config():
+def test_stage_and_metric_follow_the_base_config(tmp_path):
     cfg = sweep(parameters={"ppo.kl_coef": [0.1]})
     base = read_yaml(cfg.base)
     assert cfg.stage_name() == "ppo" and default_metric(cfg, base) == ("eval/reward_mean", "maximize")
+    missing = SweepConfig.model_validate({"base": "/nowhere/ppo.yaml", "parameters": {"lr": [1]}})
+    with pytest.raises(ConfigError, match="base /nowhere/ppo.yaml: config file not found"):
+        missing.stage_name()
     base["eval"] = {"judges": [{"kind": "function", "target": "x.py:f", "name": "gold"}]}
     assert default_metric(cfg, base) == ("eval/judge/gold", "maximize")
     dpo = SweepConfig.model_validate({"base": str(ROOT / "configs/dpo/tiny.yaml"), "parameters": {"lr": [1e-3]}})
     assert dpo.stage_name() == "dpo" and default_metric(dpo, {}) == ("eval/loss", "minimize")
-    own = SweepConfig.model_validate({"base": "mine.yaml", "parameters": {"lr": [1e-3]}})
+    (tmp_path / "mine.yaml").write_text("ppo: {}\n")
+    own = SweepConfig.model_validate({"base": str(tmp_path / "mine.yaml"), "parameters": {"lr": [1e-3]}})
     with pytest.raises(ConfigError, match="set `stage`"):
         own.stage_name()
 
