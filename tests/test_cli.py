@@ -113,7 +113,7 @@ def test_chat_streams_its_reply_as_generate_writes_it(tmp_path, monkeypatch):
     assert len(pieces) > 2  # written as it came
     monkeypatch.setattr("sys.stdout", io.StringIO())
     assert main(["generate", *common, "--prompt", "你好"]) == 0
-    assert "".join(pieces) == __import__("sys").stdout.getvalue()
+    assert "".join(pieces) == sys.stdout.getvalue()
 
 
 def test_convert_qwen1_checkpoint(tmp_path):

@@ -153,6 +153,7 @@ def test_data_filter_scores_perplexity_on_cuda(policy_and_reward, tmp_path):
 
 def test_reward_model_eval_and_scores_on_cuda(data, policy_and_reward, tmp_path):
     """`align rm eval` and `align rm score` run on the GPU in bf16 and score as the CPU does in fp32."""
+    from base_model import QwenTokenizer
     from rm.eval import score_texts
     from rm.model import load_reward_model
 
@@ -164,8 +165,6 @@ def test_reward_model_eval_and_scores_on_cuda(data, policy_and_reward, tmp_path)
         "rm", "score", "--model", str(rm_dir), "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o.jsonl")
     )
     on_gpu = torch.tensor([json.loads(l)["reward"] for l in (tmp_path / "o.jsonl").read_text().splitlines()])
-    from base_model import QwenTokenizer
-
     items = [([{"role": "user", "content": r["prompt"]}], r["response"]) for r in rows]
     on_cpu = score_texts(load_reward_model(rm_dir), QwenTokenizer.from_file(rm_dir), items, 2048)
     assert torch.allclose(on_gpu, on_cpu, atol=0.05 * (1 + on_cpu.abs().max().item())), (on_gpu, on_cpu)

@@ -124,14 +124,9 @@ def first_failure(s: dict[str, float], rules: QualityRules) -> str | None:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, max_tokens: int = 1024) -> float:
-    """exp(mean negative log-likelihood) of the first max_tokens tokens under a reference model."""
-    return perplexities(model, tokenizer, [text], max_tokens)[0]
-
-
-@torch.no_grad()
 def perplexities(model, tokenizer, texts: list[str], max_tokens: int = 1024, batch_size: int = 8) -> list[float]:
-    """`perplexity` of each text, `batch_size` texts per forward pass on the model's device.
+    """Each text's perplexity under a reference model: exp(mean negative log-likelihood) of its first max_tokens
+    tokens (inf under 2 tokens), `batch_size` texts per forward pass on the model's device.
 
     Rows are padded on the right: under causal attention no token sees the padding after it. Texts longer than the
     model's trained length go alone (their rotary scaling depends on their own length), so each score equals the
@@ -170,9 +165,10 @@ def filter_documents(
     `progress(n)` is told how many documents each chunk held."""
     model = tokenizer = None
     if model_dir is not None:
+        from align.core.distributed import device as training_device
         from base_model import QwenTokenizer, load_pretrained
 
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        device = training_device()
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model, tokenizer = load_pretrained(model_dir, dtype, device).eval(), QwenTokenizer.from_file(model_dir)
     elif rules.max_perplexity is not None:

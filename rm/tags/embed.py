@@ -22,9 +22,9 @@ def embed(texts: list[str], batch_size: int = 256, device: str | None = None) ->
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
     if device is None:
-        import torch
+        from align.core.distributed import device as training_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(training_device())
     return np.asarray(
         _model(device).encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False),
         dtype=np.float32,
