@@ -18,6 +18,7 @@ from base_model.packed_linear import prepacked_linears
 
 PACK_FROM_STEPS = 8  # shorter generations do not repay packing the weights
 ROUNDS_AT_ONCE = 4  # top-p rounds every row draws at once on a GPU (see `sample_tokens`)
+KEY_ALIGN = 16  # CUDA's memory-efficient attention pads an attention mask to a multiple of 16 keys in every call
 
 
 def draws_at_once(device: torch.device) -> bool:
@@ -281,7 +282,10 @@ def generate(
     if sampling.temperature != 0 and draws_at_once(device):
         table = UniformTable(b, ROUNDS_AT_ONCE if sampling.top_p < 1.0 else 1, device, generator, row_generators)
     stop = torch.tensor(sorted(set(sampling.stop_token_ids)) or [-1], device=device)
-    cache = model.new_cache(max_length=width + sampling.max_new_tokens)
+    length = width + sampling.max_new_tokens
+    if mode != "dynamic":  # static steps attend over the whole buffer: a multiple of 16 keys needs no mask padding
+        length = -(-length // KEY_ALIGN) * KEY_ALIGN
+    cache = model.new_cache(max_length=length)
     out_ids = torch.full((b, sampling.max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros((b, sampling.max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)

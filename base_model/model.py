@@ -48,27 +48,26 @@ def rope_inv_freqs(rotary_dim: int, bases: list[float], device: torch.device | N
 def rope_cos_sin(
     position_ids: torch.Tensor, rotary_dim: int, bases: list[float] | None = None, inv_freq: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (B, L, R) in fp32; one rotary base per row (dynamic NTK picks it per row), given as
-    `bases` or as their (1 or B, R/2) inverse frequencies."""
+    """cos and signed sin of shape (B, L, R) in fp32; one rotary base per row (dynamic NTK picks it per row), given
+    as `bases` or as their (1 or B, R/2) inverse frequencies. NeoX half-rotation layout; the sin's first half is
+    negated, so that `apply_rope` rotates with one swap of halves instead of a negation and a swap."""
     if inv_freq is None:
         inv_freq = rope_inv_freqs(rotary_dim, bases, position_ids.device)
     freqs = position_ids.float()[:, :, None] * inv_freq[:, None, :]  # (B, L, R/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, R), NeoX half-rotation layout
-    return emb.cos(), emb.sin()
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    sin = freqs.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first R channels of x (B, heads, L, D) in fp32; the rest pass through (partial rotary)."""
-    r = cos.shape[-1]
-    x_rot, x_pass = x[..., :r].float(), x[..., r:]
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, L, R)
-    x_rot = x_rot * cos + _rotate_half(x_rot) * sin
-    return torch.cat((x_rot.to(x.dtype), x_pass), dim=-1)
+    """Rotate the first R channels of x (B, heads, L, D) in fp32; the rest pass through (partial rotary).
+
+    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), computed as (x2, x1) * signed sin: the same
+    products (a negation is exact), two kernels fewer."""
+    r, half = cos.shape[-1], cos.shape[-1] // 2
+    x_rot = (x if r == x.shape[-1] else x[..., :r]).float()
+    swapped = torch.cat((x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    rotated = (x_rot * cos[:, None] + swapped * sin[:, None]).to(x.dtype)  # cos, sin: (B, 1, L, R)
+    return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
 
 
 def logn_factors(position_ids: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -114,7 +113,8 @@ class QwenAttention(nn.Module):
         q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, L, D)
         v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, L, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # queries and keys rotated together: one set of elementwise kernels instead of two
+        q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split((self.num_heads, self.num_kv_heads), dim=1)
         if logn is not None:
             q = q * logn[:, None, :, None].to(q.dtype)  # after rotary, before attention (Qwen v1)
         if cache is not None:
@@ -236,8 +236,8 @@ class QwenModel(nn.Module):
         if past_key_values is not None and past_key_values.inv_freq is None:
             past_key_values.inv_freq = rope_inv_freqs(cfg.rotary_dim, bases, input_ids.device)
         logn = None
-        if cfg.use_logn_attn and not self.training:
-            logn = logn_factors(position_ids, cfg.seq_length)
+        if cfg.use_logn_attn and not self.training:  # cast once here, not in every layer
+            logn = logn_factors(position_ids, cfg.seq_length).to(self.embed_tokens.weight.dtype)
 
         doc_ids = (position_ids == 0).cumsum(-1) if packed else None  # (B, L)
         biases = _attention_biases(
@@ -263,12 +263,18 @@ class QwenModel(nn.Module):
         positions = cache.next_positions  # (B, 1)
         cache.key_valid.index_fill_(1, cache.position, True)
         cos, sin = rope_cos_sin(positions, cfg.rotary_dim, inv_freq=cache.inv_freq)
-        logn = logn_factors(positions, cfg.seq_length) if cfg.use_logn_attn and not self.training else None
+        dtype = self.embed_tokens.weight.dtype
+        logn = None
+        # LogN scales only positions past seq_length; a cache no longer than that never reaches one
+        if cfg.use_logn_attn and not self.training and cache.max_length > cfg.seq_length:
+            logn = logn_factors(positions, cfg.seq_length).to(dtype)
         biases = {}
         k_idx = torch.arange(cache.max_length, device=input_ids.device)[None]  # (1, K)
         for window in set(cfg.window_sizes or [None]):
             allowed = cache.key_valid if window is None else cache.key_valid & (cache.position - k_idx < window)
-            biases[window] = AttentionBias(allowed[:, None, None, :], False, window)  # (B, 1, 1, K)
+            # additive, in the model's dtype, once per step: attention would convert a boolean mask in every layer
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
+            biases[window] = AttentionBias(mask[:, None, None, :], False, window)  # (B, 1, 1, K)
         x = self.embed_tokens(input_ids)  # (B, 1, E)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, logn, biases[cfg.window_sizes[i] if cfg.window_sizes else None], cache)

@@ -1,6 +1,7 @@
 """The code behind the GPU paths, run on the CPU against the reference paths: meta-device construction and
 single initialisation, loading onto a device, the packed-attention paths, the chunked loss, static decoding."""
 
+import collections
 import math
 import time
 
@@ -161,7 +162,13 @@ def test_model_loss_from_labels_equals_the_loss_of_its_logits():
 
 
 @pytest.mark.parametrize(
-    "flags", [dict(), dict(use_dynamic_ntk=True, use_logn_attn=True, seq_length=16), dict(window_sizes=[3, None])]
+    "flags",
+    [
+        dict(),
+        dict(use_dynamic_ntk=True, use_logn_attn=True, seq_length=16),  # the cache passes seq_length: LogN scales
+        dict(use_logn_attn=True, seq_length=64),  # it does not: the static step leaves LogN out
+        dict(window_sizes=[3, None]),
+    ],
 )
 def test_static_cache_decoding_equals_dynamic_decoding(flags):
     torch.manual_seed(0)
@@ -177,6 +184,39 @@ def test_static_cache_decoding_equals_dynamic_decoding(flags):
         for a, b in zip(static.step_logits, dynamic.step_logits):
             assert (a - b).abs().max() < 1e-4
         assert torch.allclose(torch.tensor(static.logprobs), torch.tensor(dynamic.logprobs), atol=1e-5)
+
+
+def test_a_static_decoding_step_runs_few_kernels():
+    """A captured decoding step replays every kernel of every layer, each one a launch of a few microseconds on a
+    GPU: queries and keys are rotated together, the attention mask is built once per step in the model's dtype
+    (not converted in every layer) and LogN is left out while no position reaches seq_length. Counted as the
+    non-view aten operations of a bf16 step (51 per layer before)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ != "_unsafe_view":  # views launch nothing
+                self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def step_ops(layers):
+        config = tiny_config(num_hidden_layers=layers, use_dynamic_ntk=True, use_logn_attn=True, seq_length=64)
+        model = QwenForCausalLM(config, seed=0).eval().to(torch.bfloat16)
+        cache = model.new_cache(max_length=32)
+        with torch.no_grad():
+            model(torch.randint(0, 300, (4, 8)), past_key_values=cache, last_only=True)
+            cache.start_static_decoding(None, cache.inv_freq)
+            with Count() as count:
+                model.decode_step(torch.randint(0, 300, (4, 1)), cache)
+        return count.ops
+
+    per_layer = collections.Counter(step_ops(2)) - collections.Counter(step_ops(1))
+    assert per_layer.total() <= 37, per_layer
+    assert not {"neg", "where", "logical_not"} & set(per_layer), per_layer  # no rotation sign, no mask conversion
 
 
 def test_graph_decoding_needs_cuda():
