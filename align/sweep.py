@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 from pydantic import Field
 
-from align.core.config import ConfigError, Section, apply_overrides, read_yaml
+from align.core.config import ConfigError, Section, apply_overrides, read_yaml, relative_note
 from align.core.distributed import subprocess_env
 from align.core.metrics import read_metrics
 from align.core.records import read_appended_rows, write_jsonl_atomic
@@ -85,7 +85,7 @@ class SweepConfig(Section):
         if self.stage:
             return self.stage
         if self.base is not None and not Path(self.base).is_file():
-            raise ConfigError(f"sweep: base {self.base}: config file not found")
+            raise ConfigError(f"sweep: base {self.base}: config file not found{relative_note(self.base)}")
         folder = Path(self.base).parent.name
         if folder not in STAGES:
             raise ConfigError(

@@ -91,8 +91,22 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     path.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="broken.yaml: invalid YAML"):
         load_config(QwenConfig, path)
-    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found$"):
         load_config(QwenConfig, tmp_path / "nope.yaml")
+
+
+def test_a_relative_path_not_found_says_where_it_was_looked_for(tmp_path, monkeypatch, capsys):
+    """Paths in configs (the shipped ones included) are relative to the working folder: run from elsewhere, the
+    error says which folder that was."""
+    from align.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"configs/model/tiny.yaml: config file not found .*folder, {tmp_path}"):
+        load_config(QwenConfig, "configs/model/tiny.yaml")
+    assert main(["data", "pack", "--input", "docs.jsonl", "--output", "packed"]) == 2
+    assert f"docs.jsonl: file not found (a relative path: looked for in the working folder, {tmp_path})" in (
+        capsys.readouterr().err
+    )
 
 
 def test_unmapped_config_folder_is_an_error(tmp_path):

@@ -12,7 +12,7 @@ import os
 import sys
 
 from align.cli import data, evaluate, label, model, runs, stages, tools
-from align.core.config import ConfigError
+from align.core.config import ConfigError, relative_note
 
 GROUPS = (model, stages, data, label, runs, evaluate, tools)
 
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         # a path given on the command line (or in a config) that cannot be read or written as asked
         where = f"{e.filename}: " if e.filename is not None else ""
-        print(f"error: {where}{(e.strerror or str(e)).lower()}", file=sys.stderr)
+        note = relative_note(e.filename) if isinstance(e, FileNotFoundError) and e.filename is not None else ""
+        print(f"error: {where}{(e.strerror or str(e)).lower()}{note}", file=sys.stderr)
         return 2
     return 0

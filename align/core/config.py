@@ -33,7 +33,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: config file not found{relative_note(path)}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if data is None:
@@ -41,6 +41,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got {type(data).__name__}")
     return data
+
+
+def relative_note(path: str | Path) -> str:
+    """For a path that was not found: where a relative one was looked for (paths in configs, the shipped ones
+    included, are relative to the working folder, which is the project's root in the README's commands)."""
+    if Path(path).is_absolute():
+        return ""
+    return f" (a relative path: looked for in the working folder, {Path.cwd()})"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

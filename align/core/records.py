@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from align.core.config import relative_note
 from base_model.atomic import write_jsonl_atomic  # noqa: F401  (records are written through it)
 
 
@@ -20,7 +21,7 @@ def iter_records(path: str | Path, on_bad_line: Callable[[str], None] | None = N
     A line that is not a JSON object raises DataError, or, with `on_bad_line`, is reported to it and skipped."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found{relative_note(path)}")
     if path.is_dir():
         yield from _iter_datasets(path)
     elif path.suffix == ".parquet":
