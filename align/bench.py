@@ -434,6 +434,7 @@ def run(suites: list[str], device: str = "cpu", json_out: str | None = None) -> 
         from align.core.config import ConfigError
 
         raise ConfigError(f"unknown suite(s) {', '.join(unknown)}; available: {', '.join(SUITES)}")
+    _check_device(device)
     rows: list[dict] = []
     peak_rows = None
     for suite in suites or list(DEFAULT_SUITES):
@@ -460,6 +461,20 @@ def run(suites: list[str], device: str = "cpu", json_out: str | None = None) -> 
             clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]
             Path(json_out).write_text(json.dumps(clean, indent=2) + "\n")
     return rows
+
+
+def _check_device(device: str) -> None:
+    """A device this machine has, before any suite builds a model (a CUDA suite failed only after minutes)."""
+    from align.core.config import ConfigError
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no CUDA device that torch {torch.__version__} can use")
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: the suites run on cpu or cuda")
 
 
 def _print(suite: str, new: list[dict], t0: float) -> None:

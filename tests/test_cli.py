@@ -268,6 +268,11 @@ def test_bench_command_writes_rows(tmp_path):
     assert all(set(r) == {"suite", "metric", "ours", "peer", "ratio", "unit"} and r["ours"] > 0 for r in rows)
     out = run(["bench", "nonsense"])
     assert out.returncode != 0 and "unknown suite" in out.stderr
+    out = run(["bench", "--device", "tpu:0", "peak"])
+    assert out.returncode == 2 and "--device 'tpu:0': not a device" in out.stderr
+    if not torch.cuda.is_available():  # refused at once, not after building a model
+        out = run(["bench", "--device", "cuda", "sft"])
+        assert out.returncode == 2 and "--device cuda: this machine has no CUDA device" in out.stderr
 
 
 def readme_commands():
