@@ -49,6 +49,69 @@ def _alternate(
     return pick(t_ours), pick(t_peer)
 
 
+def profile_table(fn: Callable[[], None], title: str, rows: int = 25) -> str:
+    """One call of `fn` under torch's profiler: the operations that took the most device time (CPU time where
+    there is no GPU), and on a GPU how many kernels ran. Printed beside a suite's figures, it says where the time
+    goes without a second run."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(
+        sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows, max_name_column_width=60
+    )
+    kernels = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return f"[profile] {title}" + (f": {kernels} kernels" if cuda else "") + "\n" + table
+
+
+def phase_split(engine, step: Callable[[], object]) -> dict[str, float]:
+    """Milliseconds of one training step spent in the engine's forward, backward and optimizer step, and the rest:
+    the host's work between them (batches, collation, synchronisations). On a GPU on its clock (CUDA events around
+    each call, so queued kernels count where they run)."""
+    cuda = torch.cuda.is_available()
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(start, end) -> float:
+        return start.elapsed_time(end) if cuda else (end - start) * 1e3
+
+    spans: list[tuple[str, object, object]] = []
+
+    def timed(name: str, call: Callable) -> Callable:
+        def run(*args, **kwargs):
+            start = mark()
+            out = call(*args, **kwargs)
+            spans.append((name, start, mark()))
+            return out
+
+        return run
+
+    phases = ("forward", "backward", "step")
+    for name in phases:
+        setattr(engine, name, timed(name, getattr(engine, name)))  # on the instance: the class is untouched
+    try:
+        first = mark()
+        step()
+        last = mark()
+        if cuda:
+            torch.cuda.synchronize()
+    finally:
+        for name in phases:
+            delattr(engine, name)
+    out = {name: sum(ms(s, e) for n, s, e in spans if n == name) for name in phases}
+    out["other"] = ms(first, last) - sum(out.values())
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def row(suite: str, metric: str, ours: float, peer: float | None, unit: str) -> dict:
     return {
         "suite": suite,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from align.bench import _alternate, _median_time, hf_sample, row
+from align.bench import _alternate, _median_time, hf_sample, phase_split, profile_table, row
 
 QWEN_1_8B = dict(
     vocab_size=151936,
@@ -135,11 +135,19 @@ def generate(reps: int = 2, batch: int = 64, prompt_len: int = 128, new_tokens: 
     t_ours, t_peer = _alternate(run_ours, run_peer, reps)
     tokens = batch * new_tokens
     out = [row("generate", "sampling_tokens_per_s_bf16_1.8b", tokens / t_ours, tokens / t_peer, "tokens/s")]
+
+    # where a decoding step's time goes: a few static steps outside the graph, so that each launch shows too
+    short = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=0)
+    call = lambda: ours_generate(ours, prompts.tolist(), short, decode="static")  # noqa: E731
+    call()
+    print(profile_table(call, f"generate, eager layers: prefill + 16 static steps, batch {batch}"), flush=True)
     ours.compile_layers()  # `model.compile: true`: the captured decoding step runs the compiled layers' kernels
     t0 = time.perf_counter()
     run_ours()
     print(f"[generate] ours, compiled layers: first call (compiles) {time.perf_counter() - t0:.1f} s", flush=True)
     t_compiled, t_peer = _alternate(run_ours, run_peer, reps)
+    # the compiled run as measured (the graph's kernels; other shapes would compile again)
+    print(profile_table(run_ours, f"generate, compiled layers: prefill + {new_tokens} graph steps"), flush=True)
     note = "tokens/s, model.compile: true (peer: transformers generate)"
     out.append(row("generate", "sampling_tokens_per_s_bf16_1.8b_compiled", tokens / t_compiled, tokens / t_peer, note))
     return out
@@ -150,17 +158,19 @@ def sft(steps: int = 8) -> list[dict]:
     micro-batch per optimizer step (the optimizer's step in every one) and with 8 (an SFT batch of 32 x 2048)."""
     out = []
     for accum in (1, 8):
-        trainer, bare_rate, setup_s = _sft_rates(steps, accum)
+        trainer, bare_rate, setup_s, split = _sft_rates(steps, accum)
         suffix = "" if accum == 1 else f"_accum{accum}"
         note = f"tokens/s (peer: bare model fwd+bwd), micro-batch 4 x 2048, {accum} per optimizer step"
         out.append(row("sft", f"trainer_tokens_per_s_bf16_1.8b{suffix}", trainer, bare_rate, note))
+        for phase, ms in split.items():  # where the trainer's step goes
+            out.append(row("sft", f"step_ms_{phase}_1.8b{suffix}", ms, None, "ms per optimizer step, GPU clock"))
         if accum == 1:
             out.append(row("sft", "setup_seconds_1.8b", setup_s, None, "s"))
         torch.cuda.empty_cache()
     return out
 
 
-def _sft_rates(steps: int, accum: int) -> tuple[float, float, float]:
+def _sft_rates(steps: int, accum: int) -> tuple[float, float, float, dict[str, float]]:
     from align.core.records import write_jsonl_atomic
     from align.world import demo as world
     from sft import train as sft_train
@@ -180,7 +190,7 @@ def _sft_rates(steps: int, accum: int) -> tuple[float, float, float]:
                 "train": {
                     "micro_batch_size": 4,
                     "grad_accum": accum,
-                    "max_steps": steps + 2,
+                    "max_steps": steps + 4,  # the last two split and profiled
                     "log_every": 1000,
                     "save_every": 0,
                 },
@@ -202,6 +212,10 @@ def _sft_rates(steps: int, accum: int) -> tuple[float, float, float]:
                 times.append(time.perf_counter() - t0)
                 tokens.append(m["tokens"])
         trainer = sum(tokens) / sum(times)
+        split = phase_split(run.engine, lambda: sft_train.train_step(run, steps + 2))
+        print(f"[sft] step with {accum} micro-batches, ms on the GPU's clock: {split}", flush=True)
+        title = f"sft step, {accum} micro-batches"
+        print(profile_table(lambda: sft_train.train_step(run, steps + 3), title), flush=True)
         # a plain copy of the model (the engine's module carries ZeRO's gradient hooks), same shape and dtype
         from base_model import QwenForCausalLM
 
@@ -218,7 +232,7 @@ def _sft_rates(steps: int, accum: int) -> tuple[float, float, float]:
         bare()
         t_bare = _median_time(bare, 5)
         bare_rate = sum(len(r["input_ids"]) for r in run.batches.get(0)) / t_bare
-    return trainer, bare_rate, setup_s
+    return trainer, bare_rate, setup_s, split
 
 
 def ppo(iterations: int = 3) -> list[dict]:

@@ -366,3 +366,11 @@ def test_data_convert_writes_comparison_records_and_reports_what_it_left_out(tmp
     assert len(pairs) == 22
     assert main(["data", "convert", str(files[1]), "--out", str(out), "--on-error", "raise"]) != 0
     assert "fewer than two rated completions" in capsys.readouterr().err
+
+
+def test_profile_table_names_where_the_time_went():
+    from align.bench import profile_table
+
+    a = torch.randn(256, 256)
+    table = profile_table(lambda: a @ a, "a matmul", rows=5)
+    assert table.startswith("[profile] a matmul") and "aten::mm" in table

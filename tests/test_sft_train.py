@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -173,3 +174,24 @@ def test_models_only_checkpoints_hold_no_state_and_refuse_a_resume(tmp_path):
     out = align_here("sft", TINY, f"out_dir={tmp_path}", "resume=true", *common)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "step-00000002: holds the models only" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_a_steps_time_splits_into_the_engines_phases(tmp_path):
+    """`align bench --device cuda sft` reports where the trainer's step goes (forward, backward, optimizer step,
+    the rest); the split wraps the engine's own instance only for that step."""
+    from align.bench import phase_split
+    from align.core.config import load_config
+    from sft import train as sft_train
+
+    cfg = load_config(sft_train.SFTConfig, TINY, ["train.max_steps=2", "train.save_every=0", f"out_dir={tmp_path}"])
+    run = sft_train.setup(cfg)
+    run.engine.train()
+    sft_train.train_step(run, 0)
+    t0 = time.perf_counter()
+    split = phase_split(run.engine, lambda: sft_train.train_step(run, 1))
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    assert set(split) == {"forward", "backward", "step", "other"}
+    assert all(split[k] > 0 for k in ("forward", "backward", "step")), split
+    assert 0 <= split["other"] and sum(split.values()) <= wall_ms + 1, (split, wall_ms)
+    assert not {"forward", "backward", "step"} & set(vars(run.engine))  # the class's methods again
