@@ -27,9 +27,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()  # the norm is always computed in fp32
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        """Qwen v1's x * rsqrt(mean(x^2) + eps) in fp32, cast back, times the weight. `F.rms_norm` computes it with
+        the same operations on the CPU (bitwise equal) and may fuse them into one kernel on a GPU."""
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(rotary_dim: int, base: float, device: torch.device | None = None) -> torch.Tensor:
