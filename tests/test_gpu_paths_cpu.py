@@ -168,6 +168,7 @@ def test_model_loss_from_labels_equals_the_loss_of_its_logits():
         dict(use_dynamic_ntk=True, use_logn_attn=True, seq_length=16),  # the cache passes seq_length: LogN scales
         dict(use_logn_attn=True, seq_length=64),  # it does not: the static step leaves LogN out
         dict(window_sizes=[3, None]),
+        dict(rotary_pct=0.5),  # partial rotary: half of each head's channels pass through
     ],
 )
 def test_static_cache_decoding_equals_dynamic_decoding(flags):

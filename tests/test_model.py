@@ -116,6 +116,26 @@ def test_rotary_stays_fp32_in_bf16():
     assert cos.dtype == sin.dtype == torch.float32
 
 
+@pytest.mark.parametrize("rotary", [16, 8])  # whole head, and partial rotary (rotary_pct 0.5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_the_half_rotation_formula(rotary, dtype):
+    """apply_rope against Qwen v1's formula: the first R channels become x * cos + rotate_half(x) * sin in fp32,
+    rotate_half(x) = (-x2, x1), the rest pass through; bitwise, with queries and keys rotated together or apart."""
+    from base_model.model import apply_rope, rope_cos_sin
+
+    positions = torch.tensor([[0, 1, 2, 7, 300], [5, 6, 7, 8, 9]])
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary, 2).float() / rotary))
+    freqs = positions.float()[:, :, None] * inv_freq[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # (B, 1, L, R)
+    x = torch.randn(2, 3, 5, 16).to(dtype)  # (B, heads, L, D)
+    head, rest = x[..., :rotary].float(), x[..., rotary:]
+    x1, x2 = head.chunk(2, dim=-1)
+    expected = torch.cat(((head * cos + torch.cat((-x2, x1), dim=-1) * sin).to(dtype), rest), dim=-1)
+    ours = apply_rope(x, *rope_cos_sin(positions, rotary, [10000.0]))
+    assert ours.dtype == dtype and torch.equal(ours, expected)
+
+
 def test_window_attention_limits_what_a_position_sees():
     model = _model(num_hidden_layers=1, window_sizes=[4])
     ids = torch.randint(0, 300, (1, 12))
