@@ -118,6 +118,10 @@ w = masked_whiten(x, mask, all_reduce=distributed.all_reduce)
 row = {"rank": r, "sums": sums, "n": n.item(), "mean": mean.item(), "var": var.item(), "w": w.tolist()}
 with open(f"{sys.argv[1]}/rank{r}.json", "w") as f:  # one file per rank: their stdout lines interleave
     json.dump(row, f)
+import atexit
+atexit.register(lambda: open(f"{sys.argv[1]}/rank{r}.atexit", "w").write(str(distributed.world_size())))
+print(f"rank {r} left", end="")  # unflushed until it leaves
+sys.exit(distributed.leave(0))
 """
 
 
@@ -134,6 +138,10 @@ def test_sums_and_whitening_over_two_ranks_equal_those_of_all_values(tmp_path):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    # each rank left through `distributed.leave`: the exit handlers ran (this one before ours took the group down)
+    # and the output was flushed
+    assert [(tmp_path / f"rank{r}.atexit").read_text() for r in range(2)] == ["2", "2"]
+    assert "rank 0 left" in out.stdout and "rank 1 left" in out.stdout
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     values = [1.0, 2.0, 11.0, 12.0]  # the masked values of both ranks
     mean = sum(values) / 4
@@ -144,6 +152,30 @@ def test_sums_and_whitening_over_two_ranks_equal_those_of_all_values(tmp_path):
         x = [v + 10 * row["rank"] for v in (1.0, 2.0)]
         assert row["w"][0][:2] == pytest.approx([(v - mean) / var**0.5 for v in x], rel=1e-5)
         assert row["w"][0][2] == 0.0
+
+
+def test_a_rank_of_a_multi_rank_run_leaves_with_its_exit_status_after_the_exit_handlers(monkeypatch):
+    import atexit
+
+    from align.core import distributed
+
+    class Left(Exception):
+        pass
+
+    def exit_now(code):
+        raise Left(code)
+
+    calls = []
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("exit handlers"))
+    monkeypatch.setattr(distributed.os, "_exit", exit_now)
+    assert distributed.leave(2) == 2 and calls == []  # no group (or a group of one): the interpreter's own exit
+    monkeypatch.setattr(distributed.torch_dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.torch_dist, "get_world_size", lambda: 2)
+    for code in (0, 2):
+        with pytest.raises(Left) as left:
+            distributed.leave(code)
+        assert left.value.args == (code,)
+    assert calls == ["exit handlers"] * 2
 
 
 def test_stored_prompts_are_shown_without_being_checked_again():

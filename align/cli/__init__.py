@@ -41,6 +41,12 @@ def venv_tools_first() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from align.core import distributed
+
+    return distributed.leave(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
     from align.core.records import DataError
     from base_model import CheckpointError
     from base_model.tokenizer import TokenizerFileError
