@@ -142,6 +142,28 @@ def test_chunked_linear_cross_entropy_equals_the_plain_loss_and_its_gradients(ro
         assert abs(linear_cross_entropy_sum(hidden, weight, labels, rows=rows).item() - plain.item()) < 1e-3
 
 
+def test_chunked_loss_in_bf16_is_as_close_to_fp32_as_the_plain_bf16_loss():
+    """In bf16 each chunk's weight gradient is a bf16 matmul summed in fp32 (an fp32 matmul is the slow path on a
+    GPU): its error against the fp32 gradients stays within twice that of autograd through bf16 logits."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(512, 64), torch.randn(3000, 64) * 0.1
+    labels = torch.randint(0, 3000, (512,))
+    labels[:40] = -100
+
+    def grads(h, w, loss):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss(h, w).backward()
+        return h.grad.float(), w.grad.float()
+
+    plain = lambda h, w: F.cross_entropy((h @ w.T).float(), labels, ignore_index=-100, reduction="sum")
+    exact = grads(hidden, weight, plain)
+    bf16 = hidden.bfloat16(), weight.bfloat16()
+    for ours, theirs, ref in zip(
+        grads(*bf16, lambda h, w: linear_cross_entropy_sum(h, w, labels, rows=100)), grads(*bf16, plain), exact
+    ):
+        assert (ours - ref).abs().max() <= 2 * (theirs - ref).abs().max()
+
+
 def test_model_loss_from_labels_equals_the_loss_of_its_logits():
     from align.core.losses import summed_token_loss
 
