@@ -18,6 +18,7 @@ from base_model import varlen_attention
 from base_model.config import QwenConfig, dynamic_ntk_alpha
 from base_model.kv_cache import KVCache
 from base_model.losses import linear_cross_entropy_sum
+from base_model.losses import token_logprobs as logprobs_of_tokens
 
 
 class RMSNorm(nn.Module):
@@ -202,6 +203,8 @@ class ModelOutput:
     hidden_states: torch.Tensor  # (B, L, E) after the final norm
     past_key_values: KVCache | None
     loss_sum: torch.Tensor | None = None  # () summed next-token loss, when called with labels
+    token_logprobs: torch.Tensor | None = None  # (B, L-1) fp32 log-probability of each next input token
+    entropy: torch.Tensor | None = None  # (B, L-1) fp32 entropy of each next-token distribution
 
 
 class QwenModel(nn.Module):
@@ -357,7 +360,13 @@ class LMHead(nn.Linear):
     """The output projection. Called with labels, it returns the summed next-token loss without materialising the
     (B, L, V) logits (see `base_model.losses`); inside this module's forward, so ZeRO-3 has gathered its weight."""
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+        entropy: bool = False,
+    ):  # fmt: skip
+        """Logits; with `labels`, the summed loss; with `tokens`, (log-probabilities, entropies or None)."""
+        if tokens is not None:
+            return logprobs_of_tokens(hidden, self.weight, tokens, entropy)
         if labels is None:
             return super().forward(hidden)
         return linear_cross_entropy_sum(hidden, self.weight, labels)
@@ -427,10 +436,17 @@ class QwenForCausalLM(nn.Module):
         past_key_values: KVCache | None = None,
         last_only: bool = False,
         labels: torch.Tensor | None = None,
+        token_logprobs: bool = False,
+        entropy: bool = False,
     ) -> ModelOutput:
         """With `labels` (B, L), aligned with the inputs, -100 where no loss: `loss_sum` is the summed next-token
-        loss (fp32) and no logits are returned."""
+        loss (fp32) and no logits are returned. With `token_logprobs`: `token_logprobs` (B, L-1), the log-probability
+        of each input token after the first given those before it, and with `entropy` also the entropy of each of
+        those distributions; no logits either (neither is ever held for the whole vocabulary)."""
         hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        if token_logprobs:
+            logprobs, entropies = self.lm_head(hidden[:, :-1], tokens=input_ids[:, 1:], entropy=entropy)
+            return ModelOutput(None, hidden, cache, token_logprobs=logprobs, entropy=entropies)
         if labels is not None:
             loss_sum = self.lm_head(hidden[:, :-1], labels[:, 1:])
             return ModelOutput(logits=None, hidden_states=hidden, past_key_values=cache, loss_sum=loss_sum)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ppo.losses import logprobs_from_logits
 from ppo.rollout.engine import Rollout
 
 
@@ -51,12 +50,12 @@ def build_sequences(
 
 @torch.no_grad()
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, T) log-probabilities of each next token under a causal LM."""
+    """(N, T) log-probabilities of each next token under a causal LM (computed from its hidden states a chunk of
+    rows at a time: no (N, T, V) logits)."""
     out = []
     for i in range(0, len(input_ids), batch_size):
         ids, mask = input_ids[i : i + batch_size], attention_mask[i : i + batch_size]
-        logits = model(ids, attention_mask=mask).logits[:, :-1]
-        out.append(logprobs_from_logits(logits, ids[:, 1:]))
+        out.append(model(ids, attention_mask=mask, token_logprobs=True).token_logprobs)
     return torch.cat(out)
 
 

@@ -162,17 +162,6 @@ def value_loss(
     return 0.5 * torch.maximum(unclipped_sq, clipped_sq), (clipped_sq > unclipped_sq).to(values.dtype)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits → (B, T) entropy of the softmax distribution."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits and (B, T) tokens → (B, T) log-probability of each token."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
-
-
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var(returns - values) / Var(returns) over masked positions."""
     return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)

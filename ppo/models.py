@@ -70,11 +70,9 @@ class SyncCheckError(RuntimeError):
 def check_sync(rollout, actor: TrainEngine, probe: list[int], tolerance: float, step: int) -> float:
     """Mean |log p| difference between the engine and the trained policy over a fixed probe sequence; a wrong
     weight sync stops the run here instead of training on another model's samples. Every rank calls it."""
-    from ppo.losses import logprobs_from_logits
-
     ids = torch.tensor([probe], device=distributed.device())
     actor.eval()
-    policy = logprobs_from_logits(actor.forward(ids).logits[:, :-1].float(), ids[:, 1:])[0].cpu()
+    policy = actor.forward(ids, token_logprobs=True).token_logprobs[0].cpu()
     actor.train()
     engine = torch.tensor(rollout.prompt_logprobs(probe), dtype=policy.dtype)
     diff = float((engine - policy).abs().mean())

@@ -49,13 +49,11 @@ from ppo.experience import (
 )
 from ppo.kl_control import AdaptiveKLController, FixedKLController
 from ppo.losses import (
-    entropy_from_logits,
     explained_variance,
     gae,
     group_advantages,
     kl_estimate,
     kl_penalised_rewards,
-    logprobs_from_logits,
     masked_moments,
     masked_sum,
     masked_whiten,
@@ -331,8 +329,8 @@ def estimate_advantages(p, rewards: torch.Tensor, values: torch.Tensor, mask: to
 
 def actor_loss(run: Run, mb: Experience, global_tokens: int, ptx_batch: dict | None, global_ptx: int):
     p = run.cfg.ppo
-    logits = run.actor.forward(mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
-    logprobs = logprobs_from_logits(logits, mb.input_ids[:, 1:])
+    out = run.actor.forward(mb.input_ids, attention_mask=mb.attention_mask, token_logprobs=True, entropy=True)
+    logprobs, entropy = out.token_logprobs, out.entropy  # (B, T) each, without (B, T, V) logits
     per_token, clipped, approx_kl = policy_loss(logprobs, mb.old_logprobs, mb.advantages, p.clip_range)
     mask = mb.response_mask
     loss = normalised_loss(masked_sum(per_token, mask), global_tokens)
@@ -341,7 +339,6 @@ def actor_loss(run: Run, mb: Experience, global_tokens: int, ptx_batch: dict | N
         "clipfrac": masked_sum(clipped, mask),
         "approx_kl": masked_sum(approx_kl.detach(), mask),
     }  # sums on the device; read once per update
-    entropy = entropy_from_logits(logits if p.entropy_coef else logits.detach())
     stats["entropy"] = masked_sum(entropy.detach(), mask)
     if p.entropy_coef:
         loss = loss - p.entropy_coef * normalised_loss(masked_sum(entropy, mask), global_tokens)

@@ -30,7 +30,7 @@ from align.core.chatml import render_turns
 from align.core.checkpointing import TrainingState, open_run, save_checkpoint
 from align.core.config import ConfigError, Section
 from align.core.engine import TrainEngine, is_partitioned
-from align.core.losses import IGNORE_INDEX, sequence_logps
+from align.core.losses import IGNORE_INDEX, summed_logps
 from align.core.metrics import MetricsLogger, Throughput
 from align.core.modeling import build_model, save_from_engine
 from align.core.records import DataError, as_messages, iter_records
@@ -226,16 +226,13 @@ def pack_sequences(seqs: list[tuple[list[int], list[int]]], width: int, pad_id: 
     return out
 
 
-def segment_logps(logits: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor, n: int):
-    """`sequence_logps` for packed rows: sums per sequence (by `segments`) → (n,), (n,)."""
+def segment_logps(token_logps: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor, n: int):
+    """`summed_logps` for packed rows: sums per sequence (by `segments`) → (n,), (n,)."""
     shifted, seg = labels[:, 1:], segments[:, 1:]
     mask = (shifted != IGNORE_INDEX) & (seg >= 0)
-    token_logps = -torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), shifted.clamp(min=0), reduction="none"
-    )
     index = seg.clamp(min=0).reshape(-1)
-    logps = torch.zeros(n, device=logits.device).index_add(0, index, (token_logps * mask).reshape(-1))
-    tokens = torch.zeros(n, device=logits.device, dtype=torch.long).index_add(0, index, mask.reshape(-1).long())
+    logps = torch.zeros(n, device=token_logps.device).index_add(0, index, (token_logps * mask).reshape(-1))
+    tokens = torch.zeros(n, device=token_logps.device, dtype=torch.long).index_add(0, index, mask.reshape(-1).long())
     return logps, tokens
 
 
@@ -248,12 +245,12 @@ def sequence_pair_logps(
     if pack_to:
         seqs = [r["seqs"][0] for r in rows] + [r["seqs"][1] for r in rows]
         batch = {k: v.to(dev, non_blocking=True) for k, v in pack_sequences(seqs, pack_to, pad_id).items()}
-        logits = engine.forward(batch["input_ids"], position_ids=batch["position_ids"]).logits
-        logps, tokens = segment_logps(logits, batch["labels"], batch["segments"], len(seqs))
+        out = engine.forward(batch["input_ids"], position_ids=batch["position_ids"], token_logprobs=True)
+        logps, tokens = segment_logps(out.token_logprobs, batch["labels"], batch["segments"], len(seqs))
     else:
         batch = {k: v.to(dev, non_blocking=True) for k, v in collate_rows(rows, pad_id).items()}
-        logits = engine.forward(batch["input_ids"]).logits  # (2B, L, V)
-        logps, tokens = sequence_logps(logits, batch["labels"])  # (2B,), (2B,)
+        out = engine.forward(batch["input_ids"], token_logprobs=True)  # (2B, L-1), no (2B, L, V) logits
+        logps, tokens = summed_logps(out.token_logprobs, batch["labels"])  # (2B,), (2B,)
     return logps.view(2, -1).T, tokens.view(2, -1).T
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from base_model import QwenConfig, QwenForCausalLM, load_pretrained, save_pretrained
 from base_model.generate import SamplingParams, generate
-from base_model.losses import linear_cross_entropy_sum
+from base_model.losses import linear_cross_entropy_sum, token_logprobs
 from base_model.model import _attention_biases, _mask_bias
 from conftest import randomize_biases, tiny_config
 
@@ -162,6 +162,52 @@ def test_chunked_loss_in_bf16_is_as_close_to_fp32_as_the_plain_bf16_loss():
         grads(*bf16, lambda h, w: linear_cross_entropy_sum(h, w, labels, rows=100)), grads(*bf16, plain), exact
     ):
         assert (ours - ref).abs().max() <= 2 * (theirs - ref).abs().max()
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logp = torch.log_softmax(logits.float(), -1)
+    return logp.gather(-1, tokens[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("rows", [None, 7])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_chunked_token_logprobs_and_entropy_equal_those_of_the_logits(rows, with_entropy):
+    """PPO's and DPO's per-token log-probabilities (and PPO's entropy bonus) from hidden states a chunk of rows at a
+    time: the values, and the gradients of a loss of both (or of the log-probabilities alone), within 1e-5."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 11, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    tokens = torch.randint(0, 50, (3, 11))
+    a, b = torch.randn(3, 11), torch.randn(3, 11)
+    lp, ent = logprobs_and_entropy(hidden @ weight.T, tokens)
+    ((lp * a).sum() + (ent * b).sum() * with_entropy).backward()
+    expected = lp.detach(), ent.detach(), hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    lp, ent = token_logprobs(hidden, weight, tokens, entropy=True, rows=rows)
+    ((lp * a).sum() + ((ent * b).sum() if with_entropy else 0)).backward()
+    for ours, theirs in zip((lp, ent, hidden.grad, weight.grad), expected):
+        assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
+    with torch.no_grad():
+        lp, ent = token_logprobs(hidden, weight, tokens, rows=rows)
+    assert ent is None and (lp - expected[0]).abs().max() < 1e-5
+
+
+def test_model_token_logprobs_equal_those_of_its_logits():
+    torch.manual_seed(0)
+    model = QwenForCausalLM(tiny_config(), seed=0).train()
+    ids = torch.randint(0, 300, (2, 12))
+    a, b = torch.randn(2, 11), torch.randn(2, 11)
+    lp, ent = logprobs_and_entropy(model(ids).logits[:, :-1], ids[:, 1:])
+    ((lp * a).sum() + (ent * b).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = model(ids, token_logprobs=True, entropy=True)
+    assert out.logits is None
+    assert (out.token_logprobs - lp).abs().max() < 1e-5 and (out.entropy - ent).abs().max() < 1e-5
+    ((out.token_logprobs * a).sum() + (out.entropy * b).sum()).backward()
+    for n, p in model.named_parameters():
+        assert (p.grad - grads[n]).abs().max() <= 1e-5 * max(grads[n].abs().max(), 1e-6), n
+    assert model(ids, token_logprobs=True).entropy is None
 
 
 def test_model_loss_from_labels_equals_the_loss_of_its_logits():

@@ -6,14 +6,13 @@ import random
 import pytest
 import torch
 
+from base_model.losses import token_logprobs
 from ppo.kl_control import AdaptiveKLController, FixedKLController
 from ppo.losses import (
-    entropy_from_logits,
     explained_variance,
     gae,
     kl_estimate,
     kl_penalised_rewards,
-    logprobs_from_logits,
     masked_mean,
     masked_sum,
     masked_var,
@@ -83,8 +82,9 @@ def test_policy_and_value_losses_by_hand():
 
 
 def test_entropy_and_explained_variance():
-    uniform = torch.zeros(1, 1, 4)
-    assert entropy_from_logits(uniform).item() == pytest.approx(math.log(4))
+    uniform = torch.zeros(1, 1, 4)  # logits: hidden states through an identity head
+    _, entropy = token_logprobs(uniform, torch.eye(4), torch.zeros(1, 1, dtype=torch.long), entropy=True)
+    assert entropy.item() == pytest.approx(math.log(4))
     m = torch.ones(1, 4)
     returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     assert explained_variance(returns, returns, m).item() == pytest.approx(1.0)
@@ -162,9 +162,9 @@ def test_against_plain_loops_on_random_inputs(seed):
             assert tok_rewards[b, t].item() == pytest.approx(want, abs=1e-5)
     logits = torch.randn(2, 3, 7, generator=g)
     p = torch.softmax(logits, -1)
-    assert torch.allclose(entropy_from_logits(logits), -(p * p.log()).sum(-1), atol=1e-5)
     tokens = torch.randint(0, 7, (2, 3), generator=g)
-    lp = logprobs_from_logits(logits, tokens)
+    lp, entropy = token_logprobs(logits, torch.eye(7), tokens, entropy=True)  # logits through an identity head
+    assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-5)
     for b in range(2):
         for t in range(3):
             row = logits[b, t].tolist()

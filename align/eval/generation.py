@@ -10,7 +10,7 @@ import torch
 
 from align.core import distributed
 from align.core.chatml import render
-from align.core.losses import IGNORE_INDEX, sequence_logps
+from align.core.losses import IGNORE_INDEX, summed_logps
 from align.core.records import DataError, as_messages, iter_records, read_appended_rows
 from base_model.atomic import write_text_atomic
 from base_model.generate import SamplingParams, generate
@@ -99,8 +99,8 @@ def answer_logps(model, rows: list, answers: list[list[int]], n: int, pad_id: in
         ids = [p + a + [pad_id] * (width - len(p) - len(a)) for p, a in pairs]  # right padding: causal, unseen
         labels = [[IGNORE_INDEX] * len(p) + a + [IGNORE_INDEX] * (width - len(p) - len(a)) for p, a in pairs]
         dev = distributed.device()
-        logits = model(torch.tensor(ids, device=dev)).logits
-        out.append(sequence_logps(logits, torch.tensor(labels, device=dev))[0].float().cpu())
+        token_logps = model(torch.tensor(ids, device=dev), token_logprobs=True).token_logprobs
+        out.append(summed_logps(token_logps, torch.tensor(labels, device=dev))[0].float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -51,8 +51,7 @@ class NativeEngine:
     def prompt_logprobs(self, ids: list[int]) -> list[float]:
         """log p(ids[t] | ids[:t]) for t ≥ 1 under the engine's weights (the sync check's probe)."""
         t = torch.tensor([ids], device=next(self.model.parameters()).device)
-        logits = self.model(t).logits[0, :-1].float()
-        return torch.log_softmax(logits, -1).gather(-1, t[0, 1:, None])[:, 0].tolist()
+        return self.model(t, token_logprobs=True).token_logprobs[0].tolist()
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
