@@ -144,9 +144,10 @@ def perplexities(model, tokenizer, texts: list[str], max_tokens: int = 1024, bat
         for row, i in enumerate(batch):
             x[row, : len(ids[i])] = torch.tensor(ids[i])
         x = x.to(model.device)
-        logprobs = model(x).logits[:, :-1].float().log_softmax(-1).gather(-1, x[:, 1:, None]).squeeze(-1)
-        for row, i in enumerate(batch):
-            out[i] = math.exp(-logprobs[row, : len(ids[i]) - 1].mean().item())
+        logprobs = model(x, token_logprobs=True).token_logprobs  # (B, L-1), without (B, L, V) logits
+        means = [logprobs[row, : len(ids[i]) - 1].mean() for row, i in enumerate(batch)]
+        for i, mean in zip(batch, torch.stack(means).tolist()):
+            out[i] = math.exp(-mean)
     return out
 
 
