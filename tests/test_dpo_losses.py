@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from align.core.losses import sequence_logps
+from align.core.losses import summed_logps
+from base_model.losses import token_logprobs
 from sft.preference_losses import dpo_loss, ipo_loss, kto_loss, kto_reference_point, simpo_loss
 
 
@@ -84,7 +85,10 @@ def test_sequence_logps_sum_the_target_tokens_of_each_row():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 5, 7, generator=g)
     labels = torch.tensor([[-100, 3, 4, -100, -100], [-100, -100, 1, 2, 6]])
-    logps, tokens = sequence_logps(logits, labels)
+    input_ids = labels.clamp(min=0)  # the inputs are the labels wherever there is a target
+    # a model's token_logprobs: here the logits through an identity head
+    token_logps, _ = token_logprobs(logits[:, :-1], torch.eye(7), input_ids[:, 1:])
+    logps, tokens = summed_logps(token_logps, labels)
     logp = torch.log_softmax(logits, -1)
     expected = [logp[0, 0, 3] + logp[0, 1, 4], logp[1, 1, 1] + logp[1, 2, 2] + logp[1, 3, 6]]
     assert torch.allclose(logps, torch.stack(expected), atol=1e-6) and tokens.tolist() == [2, 3]

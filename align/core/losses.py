@@ -34,19 +34,10 @@ def normalised_loss(loss_sum: torch.Tensor, global_targets: int) -> torch.Tensor
     return loss_sum / max(global_targets, 1)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log p(label_t | tokens < t) over target tokens, and the number of target tokens.
-
-    logits (B, L, V) and labels (B, L) aligned with the inputs, -100 where there is no target. Returns two (B,)
-    tensors (fp32 log-probabilities, integer counts)."""
-    token_logps = -F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none"
-    )  # (B, L-1)
-    return summed_logps(token_logps, labels)
-
-
 def summed_logps(token_logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sequence_logps` from (B, L-1) log-probabilities of each next token: a model's `token_logprobs` (those of its
-    input tokens, which are the labels wherever there is a target)."""
+    """Per row: the summed log p(label_t | tokens < t) over target tokens, and the number of target tokens, from
+    (B, L-1) log-probabilities of each next token (a model's `token_logprobs`: those of its input tokens, which are
+    the labels wherever there is a target) and labels (B, L) aligned with the inputs, -100 where there is no
+    target. Returns two (B,) tensors (fp32 log-probabilities, integer counts)."""
     mask = labels[:, 1:] != IGNORE_INDEX
     return (token_logps * mask).sum(-1), mask.sum(-1)
