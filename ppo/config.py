@@ -43,6 +43,9 @@ class PPOSection(Section):
     sync_check_tolerance: float = Field(0.05, gt=0)  # mean |Δ log p| over the probe sequence (bf16 engines)
     ppo_epochs: int = Field(1, ge=1)
     mini_batch_size: int = Field(8, ge=1)  # rollouts per optimizer step, per rank
+    # rows per forward pass when scoring rollouts (old and reference log-probabilities, values, rewards); no
+    # gradients are kept, so it can exceed the training micro-batch. Default: 4 x train.micro_batch_size
+    experience_batch_size: int | None = Field(None, ge=1)
     clip_range: float = 0.2
     clip_range_value: float = 0.15
     gamma: float = 1.0

@@ -25,8 +25,16 @@ class Experience:
     advantages: torch.Tensor  # (N, T)
     returns: torch.Tensor  # (N, T)
 
-    def rows(self, idx: list[int]) -> "Experience":
-        return Experience(**{k: v[idx] for k, v in self.__dict__.items()})
+    def rows(self, idx: list[int], width: int | None = None) -> "Experience":
+        """The rows `idx`; with `width` (their longest sequence), without the columns past it, which hold padding
+        only: a causal model's outputs at the earlier positions do not depend on them."""
+        width = width or self.input_ids.shape[1]
+        return Experience(
+            **{
+                k: v[idx][:, : width if v.shape[1] == self.input_ids.shape[1] else width - 1]
+                for k, v in self.__dict__.items()
+            }
+        )
 
 
 def build_sequences(
@@ -48,26 +56,37 @@ def build_sequences(
     return input_ids, attention_mask, response_mask, engine_logprobs
 
 
+def length_batches(attention_mask: torch.Tensor, batch_size: int) -> list[tuple[list[int], int]]:
+    """The rows of right-padded (N, L) sequences in batches of at most `batch_size` rows of similar length, longest
+    first, each with its longest row's length: the columns past it are padding only, so a batch need not carry
+    them. Reads the lengths on the host once."""
+    lengths = attention_mask.sum(-1).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [(order[i : i + batch_size], int(lengths[order[i]])) for i in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
     """(N, T) log-probabilities of each next token under a causal LM (computed from its hidden states a chunk of
-    rows at a time: no (N, T, V) logits)."""
-    out = []
-    for i in range(0, len(input_ids), batch_size):
-        ids, mask = input_ids[i : i + batch_size], attention_mask[i : i + batch_size]
-        out.append(model(ids, attention_mask=mask, token_logprobs=True).token_logprobs)
-    return torch.cat(out)
+    rows at a time: no (N, T, V) logits), in batches of rows of similar length without their padding columns
+    (`length_batches`). Positions past a row's end hold no meaningful value (0 or the padding's)."""
+    out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, device=input_ids.device)
+    for idx, width in length_batches(attention_mask, batch_size):
+        ids, mask = input_ids[idx, :width], attention_mask[idx, :width]
+        out[idx, : width - 1] = model(ids, attention_mask=mask, token_logprobs=True).token_logprobs.float()
+    return out
 
 
 @torch.no_grad()
 def sequence_values(
     value_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int
 ) -> torch.Tensor:
-    """(N, T) value estimates of the state before each predicted token."""
-    out = []
-    for i in range(0, len(input_ids), batch_size):
-        out.append(value_model(input_ids[i : i + batch_size], attention_mask[i : i + batch_size]).float()[:, :-1])
-    return torch.cat(out)
+    """(N, T) value estimates of the state before each predicted token, batched as `sequence_logprobs` (no
+    meaningful value past a row's end)."""
+    out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, device=input_ids.device)
+    for idx, width in length_batches(attention_mask, batch_size):
+        out[idx, : width - 1] = value_model(input_ids[idx, :width], attention_mask[idx, :width]).float()[:, :-1]
+    return out
 
 
 def response_text(tokenizer, rollout: Rollout) -> str:
@@ -83,7 +102,7 @@ def reward_scores(
     """(N,) raw reward-model scores of prompt + response, rendered with the reward model's own tokenizer."""
     from rm.eval import score_texts
 
-    return score_texts(reward_model, rm_tokenizer, list(zip(prompts, responses)), max_len, batch_size)
+    return score_texts(reward_model, rm_tokenizer, list(zip(prompts, responses)), max_len, batch_size, by_length=True)
 
 
 class RunningMoments:

@@ -222,6 +222,11 @@ def sampling_for(run: Run, rows: list, step: int, n: int) -> SamplingParams:
     )
 
 
+def experience_batch(cfg: PPOConfig) -> int:
+    """Rows per forward pass when scoring rollouts: no gradients are kept, so more than a training micro-batch."""
+    return cfg.ppo.experience_batch_size or 4 * cfg.train.micro_batch_size
+
+
 def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     cfg, p = run.cfg, run.cfg.ppo
     rows = run.batches.get(step)
@@ -232,7 +237,7 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     dev = distributed.device()
     input_ids, attention_mask, mask, engine_logprobs = build_sequences(prompt_list, rollouts, run.tokenizer.pad_id)
     input_ids, attention_mask, mask = input_ids.to(dev), attention_mask.to(dev), mask.to(dev)
-    mb = cfg.train.micro_batch_size
+    mb = experience_batch(cfg)
     run.actor.eval()
     offload = cfg.models.offload_frozen
     old_logprobs = sequence_logprobs(run.actor.forward, input_ids, attention_mask, mb)
@@ -246,7 +251,7 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     run.actor.train()
     messages = [m for _, m, _ in rows for _ in range(p.n_samples)]
     texts = [response_text(run.tokenizer, r) for r in rollouts]
-    raw, by_source = total_reward(run, messages, texts)
+    raw, by_source = total_reward(run, messages, texts, mb)
 
     n, mean, var = (float(m) for m in masked_moments(raw, torch.ones_like(raw), distributed.all_reduce))
     run.moments.update(n, mean, var * (n - 1))  # this batch's count, mean and sum of squared deviations
@@ -292,15 +297,15 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
     return exp, metrics, samples
 
 
-def total_reward(run: Run, messages: list, texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def total_reward(
+    run: Run, messages: list, texts: list[str], batch_size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The reward of each response (B,): models.reward_weight x the reward model's score plus each extra source's
     weight x its score; and, with extra sources, each source's unweighted scores by name (the reward model's as
     `model`)."""
     dev, cfg = distributed.device(), run.cfg
     with resident(run.reward_model, cfg.models.offload_frozen) as reward_model:
-        model_scores = reward_scores(
-            reward_model, run.rm_tokenizer, messages, texts, cfg.train.micro_batch_size, 4096
-        ).to(dev)
+        model_scores = reward_scores(reward_model, run.rm_tokenizer, messages, texts, batch_size, 4096).to(dev)
     total = cfg.models.reward_weight * model_scores
     if not run.scorers:
         return total, {}
@@ -379,10 +384,12 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
     tokens_total = ptx_tokens_total = ptx_rows_tokens = 0.0
     skipped = 0
     g = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
+    lengths = exp.attention_mask.sum(-1).tolist()  # a micro-batch leaves out the padding past its longest row
     for epoch in range(p.ppo_epochs):
         order = torch.randperm(n, generator=g).tolist()
         for start in range(0, n, mb_size):
-            minibatch = order[start : start + mb_size]
+            # micro-batches of rows of similar length (the same optimizer step whatever their order): less padding
+            minibatch = sorted(order[start : start + mb_size], key=lambda i: -lengths[i])
             micros = [minibatch[i : i + micro] for i in range(0, len(minibatch), micro)]
             global_tokens = int(distributed.all_reduce_sum([float(exp.response_mask[minibatch].sum())])[0])
             ptx_batches = [None] * len(micros)
@@ -407,7 +414,7 @@ def ppo_update(run: Run, exp: Experience, step: int, train_actor: bool) -> dict[
                 ptx_rows_tokens += rows_tokens
             bad = False
             for idx, ptx_batch in zip(micros, ptx_batches):
-                mb = exp.rows(idx)
+                mb = exp.rows(idx, width=max(lengths[i] for i in idx))
                 losses, stats = [], {}
                 if run.critic is not None:
                     v_loss, v_stats = critic_loss(run, mb, global_tokens)
@@ -469,14 +476,15 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         rollouts = run.rollout.generate(prompt_list, sampling)
         messages = [m for _, m, _ in mine for _ in range(p.eval_samples)]
         texts = [response_text(run.tokenizer, r) for r in rollouts]
-        raw = total_reward(run, messages, texts)[0]
+        mb = experience_batch(run.cfg)
+        raw = total_reward(run, messages, texts, mb)[0]
         ids, att, mask, _ = build_sequences(prompt_list, rollouts, run.tokenizer.pad_id)
         ids, att, mask = ids.to(distributed.device()), att.to(distributed.device()), mask.to(distributed.device())
         run.actor.eval()
-        lp = sequence_logprobs(run.actor.forward, ids, att, run.cfg.train.micro_batch_size)
+        lp = sequence_logprobs(run.actor.forward, ids, att, mb)
         run.actor.train()
         with resident(run.ref_policy, run.cfg.models.offload_frozen) as ref_policy:
-            ref = sequence_logprobs(ref_policy, ids, att, run.cfg.train.micro_batch_size)
+            ref = sequence_logprobs(ref_policy, ids, att, mb)
         kl_each = (kl_estimate(lp, ref, "k1") * mask).sum(-1)  # (B,) nats per response
         n, mean, var = (float(m) for m in masked_moments(raw, torch.ones_like(raw), distributed.all_reduce))
         kl = distributed.all_reduce_sum([float(kl_each.sum())])[0]
