@@ -19,6 +19,8 @@ from base_model.packed_linear import prepacked_linears
 PACK_FROM_STEPS = 8  # shorter generations do not repay packing the weights
 ROUNDS_AT_ONCE = 4  # top-p rounds every row draws at once on a GPU (see `sample_tokens`)
 KEY_ALIGN = 16  # CUDA's memory-efficient attention pads an attention mask to a multiple of 16 keys in every call
+MIN_SPAN_KEYS = 256  # static steps attend over spans of the cache of this many keys at least (see `span_keys`)
+MAX_SPANS = 8  # and the cache is read in at most this many spans: one CUDA graph captured for each
 
 
 def draws_at_once(device: torch.device) -> bool:
@@ -198,12 +200,38 @@ class UniformTable:
         return self.table[step - self.start]  # (B, R)
 
 
+def span_keys(length: int) -> int:
+    """How many keys a span of a static cache of `length` keys grows by: a step attends over the first multiple of
+    it that holds every position written so far, not the whole buffer, so early steps read a fraction of the
+    cache (the attention's keys and values are most of what a decoding step reads once the cache is longer than
+    a few hundred keys). At least `MIN_SPAN_KEYS`, and at most `MAX_SPANS` spans: each is one more CUDA graph to
+    capture."""
+    per_span = -(-length // MAX_SPANS)
+    return max(MIN_SPAN_KEYS, -(-per_span // KEY_ALIGN) * KEY_ALIGN)
+
+
+def step_span(position: int, length: int, step_keys: int) -> int:
+    """The keys a static step that writes `position` attends over: the first multiple of `step_keys` past it, at
+    most the buffer's `length`."""
+    return min(length, (position // step_keys + 1) * step_keys)
+
+
 class CapturedDecoder:
-    """`model.decode_step` for one batch and cache, captured once in a CUDA graph and replayed at every step: one
-    launch per token instead of one per kernel (a decoding step of a small batch is launch-bound in eager mode)."""
+    """`model.decode_step` for one batch and cache, captured in a CUDA graph per span of the cache (`span_keys`)
+    and replayed at every step: one launch per token instead of one per kernel (a decoding step of a small batch
+    is launch-bound in eager mode). A span's graph is captured when the first step reaches it; spans only grow,
+    so the previous graph is released then."""
 
     def __init__(self, model: QwenForCausalLM, cache, batch: int) -> None:
+        self.model, self.cache = model, cache
         self.ids = torch.zeros((batch, 1), dtype=torch.long, device=model.device)
+        self.span: int | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _capture(self, span: int) -> None:
+        model, cache = self.model, self.cache
+        cache.span = span
         saved = [t.clone() for t in (cache.position, cache.next_positions, cache.key_valid)]
         stream = torch.cuda.Stream(model.device)
         stream.wait_stream(torch.cuda.current_stream(model.device))
@@ -212,14 +240,28 @@ class CapturedDecoder:
         torch.cuda.current_stream(model.device).wait_stream(stream)
         for t, old in zip((cache.position, cache.next_positions, cache.key_valid), saved):
             t.copy_(old)  # undo the warm-up's step (its keys and values are overwritten by the first replay)
+        self.graph = self.logits = None  # the previous span's graph and output go back to the allocator first
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = model.decode_step(self.ids, cache)  # recorded, not run
+        self.span = span
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, span: int) -> torch.Tensor:
         self.ids.copy_(ids)
+        if span != self.span:
+            self._capture(span)
         self.graph.replay()
         return self.logits
+
+
+def static_step(model: QwenForCausalLM, cache) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """An eager static decoding step over the given span of `cache`."""
+
+    def step(ids: torch.Tensor, span: int) -> torch.Tensor:
+        cache.span = span
+        return model.decode_step(ids, cache)
+
+    return step
 
 
 def _decode_mode(mode: str, device: torch.device, steps: int) -> str:
@@ -246,8 +288,9 @@ def generate(
     """Sample continuations of `prompts` (lists of token ids).
 
     `decode` chooses how tokens after the first are computed: "dynamic" (the cache grows by one key per step; the
-    reference, and the CPU's default), "static" (fixed-shape steps over a preallocated cache), "graph" (static
-    steps replayed from a CUDA graph; CUDA's default) — all give the same tokens and logprobs.
+    reference, and the CPU's default), "static" (fixed-shape steps over a preallocated cache, each attending over
+    the first span of it that holds the positions written so far: `span_keys`), "graph" (static steps replayed
+    from a CUDA graph per span; CUDA's default) — all give the same tokens and logprobs.
 
     `sampling.stop_strings` end a row at the token whose text completes one of them (that token is the row's last;
     `detokenize(ids) -> text` reads the text). `on_token(row, token_id)` is called with every new token of every
@@ -310,13 +353,10 @@ def generate(
                 logits = model(input_ids, attention_mask=mask_arg, past_key_values=cache, last_only=True).logits[:, -1]
                 if mode != "dynamic":
                     cache.start_static_decoding(mask_arg, cache.inv_freq)
-                    decoder = (
-                        CapturedDecoder(model, cache, b)
-                        if mode == "graph"
-                        else (lambda ids: model.decode_step(ids, cache))
-                    )
-            elif decoder is not None:
-                logits = decoder(next_ids[:, None])
+                    step_keys = span_keys(length)
+                    decoder = CapturedDecoder(model, cache, b) if mode == "graph" else static_step(model, cache)
+            elif decoder is not None:  # this step writes position width + step - 1
+                logits = decoder(next_ids[:, None], step_span(width + step - 1, length, step_keys))
             else:
                 logits = model(
                     next_ids[:, None], attention_mask=mask_arg, past_key_values=cache, last_only=True

@@ -10,7 +10,8 @@ class KVCache:
 
     With `max_length`, buffers are allocated once and filled in place; otherwise they grow by concatenation.
     After `start_static_decoding`, every shape and index is a tensor: each step writes one position in place
-    (`position`), attends over the whole buffer through `key_valid`, and can be captured in a CUDA graph.
+    (`position`), attends over the buffer's first `span` keys (all by default) through `key_valid`, and can be
+    captured in a CUDA graph (one per span).
     """
 
     def __init__(self, num_layers: int, max_length: int | None = None) -> None:
@@ -23,12 +24,14 @@ class KVCache:
         self.next_positions: torch.Tensor | None = None  # (B, 1) position id of each row's next token
         self.key_valid: torch.Tensor | None = None  # (B, K) keys a query may attend to
         self.inv_freq: torch.Tensor | None = None  # (1 or B, R/2) rotary inverse frequencies fixed at prefill
+        self.span: int | None = None  # static decoding: the step attends over the first `span` keys (None: all)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.position is not None:  # static decoding: write in place, return the whole buffer
+        if self.position is not None:  # static decoding: write in place, return the buffer's first `span` keys
             self.keys[layer].index_copy_(2, self.position, k)
             self.values[layer].index_copy_(2, self.position, v)
-            return self.keys[layer], self.values[layer]
+            span = self.attended()
+            return self.keys[layer][:, :, :span], self.values[layer][:, :, :span]
         start, end = self.length, self.length + k.shape[2]
         if self.max_length is not None and end <= self.max_length:
             if self.keys[layer] is None:
@@ -45,6 +48,11 @@ class KVCache:
         self.keys[layer], self.values[layer] = k, v
         self.max_length = None  # grown past the buffer: keep concatenating from here on
         return k, v
+
+    def attended(self) -> int:
+        """Keys a static decoding step attends over: the first `span` of the buffer (the positions written so far
+        and the one being written must lie within them; the rest is masked), or all of it."""
+        return self.span or self.max_length
 
     def start_static_decoding(self, attention_mask: torch.Tensor | None, inv_freq: torch.Tensor) -> None:
         """After a prefill of `length` tokens into preallocated buffers: decode with tensor state from here on.

@@ -272,9 +272,11 @@ class QwenModel(nn.Module):
         if cfg.use_logn_attn and not self.training and cache.max_length > cfg.seq_length:
             logn = logn_factors(positions, cfg.seq_length).to(dtype)
         biases = {}
-        k_idx = torch.arange(cache.max_length, device=input_ids.device)[None]  # (1, K)
+        span = cache.attended()  # keys past it are neither written nor attended: not read at all
+        valid = cache.key_valid[:, :span]
+        k_idx = torch.arange(span, device=input_ids.device)[None]  # (1, K)
         for window in set(cfg.window_sizes or [None]):
-            allowed = cache.key_valid if window is None else cache.key_valid & (cache.position - k_idx < window)
+            allowed = valid if window is None else valid & (cache.position - k_idx < window)
             # additive, in the model's dtype, once per step: attention would convert a boolean mask in every layer
             mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
             biases[window] = AttentionBias(mask[:, None, None, :], False, window)  # (B, 1, 1, K)

@@ -18,6 +18,7 @@ from align.core.records import write_jsonl_atomic
 from align.world import ppo_task
 from align.world.corpus import documents
 from base_model import QwenForCausalLM
+from base_model import generate as generate_module
 from base_model.generate import SamplingParams, generate
 from conftest import ROOT, randomize_biases, tiny_config
 
@@ -263,7 +264,9 @@ def _model(**overrides):
 
 
 @pytest.mark.parametrize("flags", [dict(), dict(use_dynamic_ntk=True, use_logn_attn=True, seq_length=16)])
-def test_greedy_generation_on_cuda_equals_the_cpu_in_fp32(flags):
+@pytest.mark.parametrize("span_keys", [16, 256])  # 16: a CUDA graph per span of 16 keys, 2 per generation
+def test_greedy_generation_on_cuda_equals_the_cpu_in_fp32(flags, span_keys, monkeypatch):
+    monkeypatch.setattr(generate_module, "MIN_SPAN_KEYS", span_keys)
     model = _model(**flags)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
     greedy = SamplingParams(max_new_tokens=24, temperature=0)
@@ -275,7 +278,8 @@ def test_greedy_generation_on_cuda_equals_the_cpu_in_fp32(flags):
         assert torch.allclose(torch.tensor(out.logprobs), torch.tensor(cpu.logprobs), atol=1e-4), mode
 
 
-def test_graph_decoding_samples_as_the_eager_path_on_cuda():
+def test_graph_decoding_samples_as_the_eager_path_on_cuda(monkeypatch):
+    monkeypatch.setattr(generate_module, "MIN_SPAN_KEYS", 16)  # 3 spans of the cache, 3 graphs captured in turn
     model = _model().cuda()
     prompts = [[5, 6, 7], [8, 9]] * 4
     sampling = SamplingParams(max_new_tokens=32, temperature=1.0, top_p=0.9, row_seeds=list(range(8)))

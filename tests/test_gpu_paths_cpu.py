@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from base_model import QwenConfig, QwenForCausalLM, load_pretrained, save_pretrained
-from base_model.generate import SamplingParams, generate
+from base_model import generate as generate_module
+from base_model.generate import SamplingParams, generate, span_keys, step_span
 from base_model.losses import linear_cross_entropy_sum, token_logprobs
 from base_model.model import _attention_biases, _mask_bias
 from conftest import randomize_biases, tiny_config
@@ -239,7 +240,9 @@ def test_model_loss_from_labels_equals_the_loss_of_its_logits():
         dict(rotary_pct=0.5),  # partial rotary: half of each head's channels pass through
     ],
 )
-def test_static_cache_decoding_equals_dynamic_decoding(flags):
+@pytest.mark.parametrize("span_keys", [16, 256])  # spans of 16 keys: 2 or 3 per generation; 256: the whole cache
+def test_static_cache_decoding_equals_dynamic_decoding(flags, span_keys, monkeypatch):
+    monkeypatch.setattr(generate_module, "MIN_SPAN_KEYS", span_keys)
     torch.manual_seed(0)
     model = randomize_biases(QwenForCausalLM(tiny_config(**flags), seed=0)).eval()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]  # left padding in the batch
@@ -253,6 +256,22 @@ def test_static_cache_decoding_equals_dynamic_decoding(flags):
         for a, b in zip(static.step_logits, dynamic.step_logits):
             assert (a - b).abs().max() < 1e-4
         assert torch.allclose(torch.tensor(static.logprobs), torch.tensor(dynamic.logprobs), atol=1e-5)
+
+
+def test_static_steps_attend_over_growing_spans_that_hold_every_written_position():
+    assert span_keys(384) == 256 and span_keys(4096) == 512 and span_keys(100) == 256
+    length, keys = 80, 16
+    spans = [step_span(p, length, keys) for p in range(length)]
+    assert all(p < s <= length and s % keys == 0 for p, s in zip(range(length), spans))
+    assert spans == sorted(spans) and spans[0] == 16 and spans[-1] == 80
+    model = QwenForCausalLM(tiny_config(), seed=0).eval()
+    cache = model.new_cache(max_length=64)
+    with torch.no_grad():
+        model(torch.randint(0, 300, (2, 5)), past_key_values=cache, last_only=True)
+        cache.start_static_decoding(None, cache.inv_freq)
+        cache.span = 16
+        k, _ = cache.update(0, *(torch.zeros(2, 2, 1, model.config.head_dim) for _ in range(2)))
+    assert k.shape[2] == 16 and cache.keys[0].shape[2] == 64  # the step reads 16 keys of the 64 held
 
 
 def test_a_static_decoding_step_runs_few_kernels():
