@@ -406,9 +406,10 @@ def test_vllm_engine_when_installed(tmp_path):
     ] == ours.token_ids
 
 
-def test_graph_decoding_with_compiled_layers_equals_the_eager_model_on_cuda():
+def test_graph_decoding_with_compiled_layers_equals_the_eager_model_on_cuda(monkeypatch):
     """`model.compile: true` in generation: the CUDA-graph decoding step captured over the compiled layers gives
-    the eager model's greedy tokens."""
+    the eager model's greedy tokens, with a graph for each of two spans of the cache."""
+    monkeypatch.setattr(generate_module, "MIN_SPAN_KEYS", 16)  # 4 + 24 keys in a cache of 32: spans of 16 and 32
     model = _model().cuda()
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     greedy = SamplingParams(max_new_tokens=24, temperature=0)

@@ -297,13 +297,14 @@ def test_prepacked_linears_decode_like_the_plain_model():
         assert torch.allclose(torch.tensor(out.logprobs[i]), torch.tensor(expected), atol=1e-5)
 
 
-def test_compiled_layers_decode_like_the_eager_model():
+def test_compiled_layers_decode_like_the_eager_model(monkeypatch):
     """With `compile_layers` (a config's `model.compile: true`), generation runs the compiled layers in its static
     steps and packs no weights (dynamo cannot trace oneDNN's packed op: it crashed); the tokens and logprobs are the
-    eager model's."""
+    eager model's, also as the static steps move to a longer span of the cache (another shape to compile)."""
+    monkeypatch.setattr(generate_module, "MIN_SPAN_KEYS", 16)  # 4 + 28 keys: spans of 16 and 32
     model = _model(num_hidden_layers=1)
     prompts = [[5, 6, 7, 8], [9, 10]]
-    greedy = SamplingParams(max_new_tokens=PACK_FROM_STEPS + 4, temperature=0)
+    greedy = SamplingParams(max_new_tokens=28, temperature=0)
     eager = generate(model, prompts, greedy, decode="static")
     model.compile_layers()
     with torch.no_grad(), prepacked_linears(model, rows=2) as n:
