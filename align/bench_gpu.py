@@ -135,6 +135,7 @@ def generate(reps: int = 2, batch: int = 64, prompt_len: int = 128, new_tokens: 
     t_ours, t_peer = _alternate(run_ours, run_peer, reps)
     tokens = batch * new_tokens
     out = [row("generate", "sampling_tokens_per_s_bf16_1.8b", tokens / t_ours, tokens / t_peer, "tokens/s")]
+    out.append(_spans_against_whole_cache(ours, prompts, 2 * new_tokens))
 
     # where a decoding step's time goes: a few static steps outside the graph, so that each launch shows too
     short = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=0)
@@ -151,6 +152,33 @@ def generate(reps: int = 2, batch: int = 64, prompt_len: int = 128, new_tokens: 
     note = "tokens/s, model.compile: true (peer: transformers generate)"
     out.append(row("generate", "sampling_tokens_per_s_bf16_1.8b_compiled", tokens / t_compiled, tokens / t_peer, note))
     return out
+
+
+def _spans_against_whole_cache(ours, prompts: torch.Tensor, new_tokens: int) -> dict:
+    """Static steps over growing spans of the cache (the default) against the same steps over the whole buffer,
+    at a longer generation, where most of a step's bytes are the cache's keys and values."""
+    from base_model import generate as generate_module
+
+    default = generate_module.MIN_SPAN_KEYS
+    sampling = generate_module.SamplingParams(max_new_tokens=new_tokens, temperature=1.0, top_p=0.9, seed=0)
+
+    def with_spans(min_keys: int):
+        def run():
+            generate_module.MIN_SPAN_KEYS = min_keys
+            try:
+                generate_module.generate(ours, prompts.tolist(), sampling)
+                _sync()
+            finally:
+                generate_module.MIN_SPAN_KEYS = default
+
+        return run
+
+    t_spans, t_whole = _alternate(with_spans(default), with_spans(1 << 30), 1)
+    tokens = prompts.shape[0] * new_tokens
+    note = f"tokens/s, {prompts.shape[1]} + {new_tokens} tokens (peer: the same steps over the whole cache)"
+    return row(
+        "generate", f"sampling_tokens_per_s_bf16_1.8b_{new_tokens}_new_spans", tokens / t_spans, tokens / t_whole, note
+    )
 
 
 def sft(steps: int = 8) -> list[dict]:
