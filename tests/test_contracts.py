@@ -211,3 +211,32 @@ def test_appended_rows_leave_out_a_line_cut_short_and_name_a_bad_one(tmp_path):
     results.write_text('{"id": "a"}\n{oops\n{"id": "c"}\n')
     with pytest.raises(DataError, match="results.jsonl:2: not valid JSON"):
         read_appended_rows(results)
+
+
+def test_deepspeed_starts_without_building_its_cpu_shared_memory_all_reduce():
+    """DeepSpeed's CPU backend would compile a C++ shared-memory all-reduce at its first start on a machine (half a
+    minute or more) for inference only: a training engine starts without loading it."""
+    script = """
+import sys, torch
+sys.path.insert(0, "tests")
+from deepspeed.accelerator import get_accelerator
+builder = type(get_accelerator().create_op_builder("ShareMemCommBuilder"))
+def refuse(self, *a, **k):
+    raise SystemExit("the shared-memory all-reduce was built")
+builder.load = refuse
+from align.core.engine import TrainEngine
+from align.core.sections import DeepSpeedSection, OptimConfig
+from base_model import QwenForCausalLM
+from conftest import tiny_config
+engine = TrainEngine(QwenForCausalLM(tiny_config(), seed=0), OptimConfig(lr=1e-3), DeepSpeedSection(), 1)
+ids = torch.randint(0, 300, (2, 8))
+engine.backward(engine.forward(ids, labels=ids).loss_sum)
+print("stepped", engine.step() is not None)
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "stepped True" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]

@@ -20,6 +20,19 @@ from align.core.sections import DeepSpeedSection, OptimConfig
 from base_model.atomic import write_json_atomic
 
 
+def _deepspeed():
+    """The deepspeed module, without its CPU shared-memory all-reduce: a C++ extension that DeepSpeed's CPU
+    backend compiles at its first start on a machine (half a minute or more) and sets up in every multi-rank run,
+    for its inference all-reduce, which training never calls (its collectives go through torch.distributed)."""
+    import deepspeed
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)  # a dict in every release since 0.15
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False  # read when the backend starts
+    return deepspeed
+
+
 def zero_section(ds: DeepSpeedSection) -> dict:
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -76,8 +89,7 @@ def build_partitioned(
     `deepspeed.zero.Init(module=...)` about `bucket_bytes` at a time (DeepSpeed broadcasts rank 0's values, then
     keeps each rank's partition: on the device, or on the CPU with `offload_params`). Tied parameters stay tied.
     The peak per rank is one bucket, not the model."""
-    import deepspeed
-
+    deepspeed = _deepspeed()
     if ds.zero_stage != 3:
         raise ValueError(f"building a partitioned model needs deepspeed.zero_stage=3, not {ds.zero_stage}")
     distributed.init()
@@ -126,7 +138,7 @@ def gathered_parameters(
     """Full parameters, copied to the CPU or kept on the training device (`to_cpu=False`, for a rollout engine
     on the same GPU). ZeRO-3 shards are gathered one parameter at a time, or with `bucket_bytes` once per
     bucket of parameters of about that many bytes (fewer collectives). Every rank must iterate."""
-    import deepspeed
+    deepspeed = _deepspeed()
 
     def full_bytes(p: torch.Tensor) -> int:
         return getattr(p, "ds_numel", p.numel()) * p.element_size()
@@ -157,8 +169,7 @@ class TrainEngine:
         micro_batch_size: int = 1,
         grad_accum: int = 1,
     ) -> None:
-        import deepspeed
-
+        deepspeed = _deepspeed()
         distributed.init()
         if is_partitioned(model):  # built by build_partitioned: only parts added afterwards (a head) are whole
             if ds.zero_stage != 3:
