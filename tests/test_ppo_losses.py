@@ -254,3 +254,34 @@ def test_reinforce_pp_returns_are_gae_with_no_critic_and_lambda_one():
     advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
     expected = torch.tensor([[1.4, 1.3, 1.5, 0.0], [1.9, 2.0, 0.0, 0.0]])
     assert torch.allclose(advantages, expected, atol=1e-6)
+
+
+def loop_gae(rewards, values, mask, gamma, lam):
+    """GAE position by position, from the last one back (the recursion as written)."""
+    advantages = torch.zeros_like(values)
+    last = torch.zeros(values.shape[0], dtype=values.dtype)
+    for t in reversed(range(values.shape[1])):
+        next_mask = mask[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last)
+        next_value = values[:, t + 1] * next_mask if t + 1 < values.shape[1] else torch.zeros_like(last)
+        last = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * last * next_mask
+        advantages[:, t] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+@pytest.mark.parametrize("t", [1, 2, 7, 300])
+def test_gae_scan_equals_the_recursion_on_responses_after_prompts(t):
+    """Response masks as PPO builds them: zeros over the prompt, ones over the response, zeros after; also a mask
+    with a gap, where the recursion restarts."""
+    g = torch.Generator().manual_seed(t)
+    b = 6
+    start = torch.randint(0, t, (b,), generator=g)
+    end = start + torch.randint(1, t + 1, (b,), generator=g)
+    pos = torch.arange(t)[None]
+    mask = ((pos >= start[:, None]) & (pos < end[:, None])).float()
+    if t > 4:
+        mask[0, t // 2] = 0.0  # a gap inside a response
+    rewards, values = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
+    adv, ret = gae(rewards, values, mask, 0.99, 0.95)
+    ref_adv, ref_ret = loop_gae(rewards, values, mask, 0.99, 0.95)
+    torch.testing.assert_close(adv, ref_adv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret, ref_ret, atol=1e-5, rtol=1e-5)
