@@ -4,6 +4,7 @@ that `align tags assign` reads."""
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 
@@ -83,9 +84,18 @@ def test_edits_keep_the_taxonomy_valid_and_refuse_what_would_break_it():
         review.undo_merge(tax, {"step": "rule", "into": py, "merged": ["Python Programming"]})
 
 
+@pytest.fixture(scope="module")
+def built_once(tmp_path_factory):
+    """`align tags build` once for the module's tests (its semantic step loads the embedding model): each test
+    imports its own copy."""
+    return built(tmp_path_factory.mktemp("built"))
+
+
 @pytest.fixture
-def app(tmp_path):
-    folder, prompts = built(tmp_path)
+def app(tmp_path, built_once):
+    folder, prompts = tmp_path / "tax", tmp_path / "raw.jsonl"
+    shutil.copytree(built_once[0], folder)
+    shutil.copyfile(built_once[1], prompts)
     db = f"sqlite:///{tmp_path / 'labels.db'}"
     out = subprocess.run([sys.executable, "-m", "align.cli", "label", "taxonomy", "import", "--db", db, "--name",
                           "instag", "--build", str(folder), "--prompts", str(prompts)],
