@@ -23,6 +23,34 @@ MIN_SPAN_KEYS = 256  # static steps attend over spans of the cache of this many 
 MAX_SPANS = 8  # and the cache is read in at most this many spans: one CUDA graph captured for each
 
 
+def row_bytes(config, dtype: torch.dtype, prompt_len: int, new_tokens: int) -> int:
+    """An upper estimate of the memory one more row adds to a `generate` call (`config` is the model's
+    `QwenConfig`): its KV cache (every layer's keys and values over prompt + new tokens, rounded up as a static
+    cache is), the larger of a layer's attention and MLP activations over its prompt during the prefill (the
+    residual stream and its norm; queries, keys and values with their rotated copies and the attention's output,
+    plus a row of fp32 scores per head where a kernel materialises them; or the MLP's three intermediate tensors),
+    and its last position's logits with the sampler's fp32 and fp64 copies."""
+    c, size = config, dtype.itemsize
+    length = -(-(prompt_len + new_tokens) // KEY_ALIGN) * KEY_ALIGN
+    kv = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * length * size
+    heads, kv_heads = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    attention = (2 * c.hidden_size + 3 * heads + 4 * kv_heads) * size + c.num_attention_heads * prompt_len * 4
+    mlp = (2 * c.hidden_size + 3 * c.intermediate_size) * size
+    return kv + prompt_len * max(attention, mlp) + c.vocab_size * (size + 4 + 4 + 8 + 8)
+
+
+def rows_that_fit(config, dtype: torch.dtype, prompt_len: int, new_tokens: int, free_bytes: int) -> int:
+    """How many rows of prompts up to `prompt_len` tokens one `generate` call can sample `new_tokens` for within
+    `free_bytes` (at least one): see `row_bytes`."""
+    return max(1, free_bytes // row_bytes(config, dtype, prompt_len, new_tokens))
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Memory a CUDA device can still give: free on the device plus what torch's allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def draws_at_once(device: torch.device) -> bool:
     """Whether sampling takes its first rounds for all rows at once from pre-drawn uniforms (`UniformTable`): on a
     GPU, where each host synchronisation and each small launch costs; the CPU draws round by round."""

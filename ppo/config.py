@@ -37,6 +37,9 @@ class PPOSection(Section):
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     engine: Literal["native", "vllm"] = "native"
+    # rows the native engine samples at once (waves of them, shortest prompts first). Default: every row on the
+    # CPU; on a GPU as many as fit in 90% of its free memory (KV cache, prefill and logits: ppo/rollout/native.py)
+    generate_batch_size: int | None = Field(None, ge=1)
     vllm_gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
     sync_bucket_mb: float = Field(256.0, gt=0)  # weights sent to a private engine copy per call (and gathered)
     sync_check_every: int = Field(1, ge=0)  # syncs between checks of the engine against the policy (0: never)

@@ -43,8 +43,14 @@ def make_rollout_engine(cfg, actor: TrainEngine, tokenizer: QwenTokenizer):
     from ppo.rollout.native import NativeEngine
 
     if actor.zero_stage < 3:  # whole weights on every rank: sample from the policy itself, no second copy
-        return NativeEngine.sharing(actor.module, tokenizer.pad_id)
-    engine = NativeEngine(actor.module.config, tokenizer.pad_id, distributed.device(), frozen_dtype(cfg))
+        return NativeEngine.sharing(actor.module, tokenizer.pad_id, cfg.ppo.generate_batch_size)
+    engine = NativeEngine(
+        actor.module.config,
+        tokenizer.pad_id,
+        distributed.device(),
+        frozen_dtype(cfg),
+        max_rows=cfg.ppo.generate_batch_size,
+    )
     engine.load_weights(actor.gathered_parameters(to_cpu=False, bucket_bytes=bucket_bytes(cfg)))
     return engine
 

@@ -291,6 +291,7 @@ def make_experience(run: Run, step: int) -> tuple[Experience, dict, list]:
         "time/rollout_s": t1 - t0,
         "time/experience_s": t2 - t1,
         "rollout_tokens_per_s": tokens_per_second(n_tokens, t1 - t0),
+        **({"rollout_waves": float(run.rollout.waves)} if hasattr(run.rollout, "waves") else {}),  # native engine
         **{f"reward/{k}": sums[f"source/{k}"] / n_rows for k in by_source},
     }  # response tokens, all ranks
     samples = [{"prompt": m, "response": t, "reward": float(r)} for m, t, r in zip(messages, texts, raw)]
@@ -543,7 +544,7 @@ def reference_answers(run: Run, step: int, mine: list, prompt_list: list, texts:
         from ppo.rollout.native import NativeEngine
 
         with resident(run.ref_policy, run.cfg.models.offload_frozen) as ref_policy:
-            engine = NativeEngine.sharing(ref_policy, run.tokenizer.pad_id)
+            engine = NativeEngine.sharing(ref_policy, run.tokenizer.pad_id, run.cfg.ppo.generate_batch_size)
             rollouts = engine.generate(prompt_list, sampling_for(run, mine, -1, run.cfg.ppo.eval_samples))
         answers = [response_text(run.tokenizer, r) for r in rollouts]
     write_json_atomic(path, answers)

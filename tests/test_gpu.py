@@ -201,6 +201,8 @@ def test_ppo_with_ptx_on_cuda(data, policy_and_reward, tmp_path, zero, bf16):
         tmp_path, "train/reward/raw", "train/kl", "train/ptx_loss", "train/policy_loss", "eval/reward_mean", "eval/kl"
     )
     assert max(r["step"] for r in rows) == 2
+    # the native engine sized its waves from the GPU's free memory: the tiny rollout batch fits in one
+    assert {r["train/rollout_waves"] for r in rows if "train/rollout_waves" in r} == {1.0}
 
 
 def bf16_ppo_without_ptx(d, out, *extra: str) -> None:
@@ -286,6 +288,43 @@ def test_graph_decoding_samples_as_the_eager_path_on_cuda(monkeypatch):
     eager = generate(model, prompts, sampling, decode="dynamic")
     graph = generate(model, prompts, sampling, decode="graph")
     assert graph.token_ids == eager.token_ids
+
+
+def test_a_row_adds_to_generate_on_cuda_no_more_than_its_estimate(monkeypatch):
+    """What one more row adds to the allocator's peak in `generate` on CUDA (bf16, graph decoding), measured
+    between batches of 8 and 16 rows, stays within `row_bytes`, which sizes the native engine's waves; an engine
+    left to size itself samples all rows at once when they fit, and in waves when the GPU has less free."""
+    from base_model.generate import row_bytes
+    from ppo.rollout import native
+
+    config = tiny_config(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                         vocab_size=32000)  # fmt: skip
+    model = QwenForCausalLM(config, seed=0, device="cuda", dtype=torch.bfloat16).eval()
+    prompt, new = 256, 128
+    sampling = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=0.9, seed=0)
+    peaks = {}
+    for b in (8, 16):
+        prompts = [list(range(1, prompt + 1))] * b
+        generate(model, prompts, sampling)  # kernels chosen and workspaces allocated before the measured call
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        generate(model, prompts, sampling)
+        torch.cuda.synchronize()
+        peaks[b] = torch.cuda.max_memory_allocated() - base
+    per_row = (peaks[16] - peaks[8]) / 8
+    estimate = row_bytes(config, torch.bfloat16, prompt, new)
+    print(f"a row adds {per_row / 2**20:.2f} MiB to generate's peak; estimated {estimate / 2**20:.2f} MiB")
+    assert 0 < per_row <= estimate, (per_row, estimate)
+    engine = native.NativeEngine.sharing(model, pad_id=0)
+    prompts = [list(range(1, prompt + 1))] * 16
+    engine.generate(prompts, sampling)
+    assert (engine.waves, engine.wave_rows) == (1, 16)
+    assert native.free_device_bytes(model.device) > 16 * estimate
+    monkeypatch.setattr(native, "free_device_bytes", lambda device: int(5.5 * estimate / native.MEMORY_FRACTION))
+    engine.generate(prompts, sampling)
+    assert (engine.waves, engine.wave_rows) == (4, 4)  # at most 5 rows a wave, in equal waves
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])

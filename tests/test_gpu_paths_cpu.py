@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from base_model import QwenConfig, QwenForCausalLM, load_pretrained, save_pretrained
 from base_model import generate as generate_module
-from base_model.generate import SamplingParams, generate, span_keys, step_span
+from base_model.generate import SamplingParams, generate, row_bytes, rows_that_fit, span_keys, step_span
 from base_model.losses import linear_cross_entropy_sum, token_logprobs
 from base_model.model import _attention_biases, _mask_bias
 from conftest import randomize_biases, tiny_config
@@ -305,6 +305,56 @@ def test_a_static_decoding_step_runs_few_kernels():
     per_layer = collections.Counter(step_ops(2)) - collections.Counter(step_ops(1))
     assert per_layer.total() <= 37, per_layer
     assert not {"neg", "where", "logical_not"} & set(per_layer), per_layer  # no rotation sign, no mask conversion
+
+
+def test_rows_that_fit_follow_the_memory_a_row_takes():
+    """At the Qwen-1.8B shape in bf16 a row's KV cache is 196,608 bytes per token (24 layers x K and V x 16 heads
+    x 128 x 2 B); the estimate adds one layer's prefill activations and the last position's logits, and the rows
+    that fit are the free bytes over it (at least one)."""
+    cfg = QwenConfig(vocab_size=151936, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
+                     num_attention_heads=16, head_dim=128)  # fmt: skip
+    prompt, new = 1000, 1000  # a static cache of 2000 keys
+    kv = 24 * 2 * 16 * 128 * 2000 * 2
+    attention, mlp = (2 * 2048 + 3 * 2048 + 4 * 2048) * 2 + 16 * prompt * 4, (2 * 2048 + 3 * 5504) * 2
+    prefill = prompt * max(attention, mlp)
+    logits = 151936 * (2 + 4 + 4 + 8 + 8)
+    per_row = row_bytes(cfg, torch.bfloat16, prompt, new)
+    assert per_row == kv + prefill + logits and 196_608 * 2000 == kv
+    assert rows_that_fit(cfg, torch.bfloat16, prompt, new, 40 * per_row + per_row // 2) == 40
+    assert rows_that_fit(cfg, torch.bfloat16, prompt, new, per_row // 2) == 1
+    assert row_bytes(cfg, torch.float32, prompt, new) > per_row
+    assert row_bytes(cfg, torch.bfloat16, prompt, new + 1) > per_row  # rounded up to the next 16 keys
+
+
+def _peak_bytes(fn) -> int:
+    """The most bytes of CPU tensors alive at once while `fn` runs, beyond those alive before it, from the
+    profiler's allocation records (each allocation and free in the order they happened)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    now = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        now += event.self_cpu_memory_usage
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.parametrize("prompt,new", [(200, 8), (16, 12)])  # prefill-heavy, and decoding-heavy
+def test_row_bytes_bound_what_a_row_adds_to_generate(prompt, new):
+    """What one more row adds to the peak of a static-cache `generate` (the GPU's path), measured as the
+    difference between batches of 2 and 4 rows, stays within the estimate that sizes the native engine's waves."""
+    config = tiny_config(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+                         vocab_size=4096)  # fmt: skip
+    model = QwenForCausalLM(config, seed=0).eval()
+    sampling = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=0.9, seed=0)
+    peaks = {}
+    for b in (2, 4):
+        prompts = [list(range(1, prompt + 1))] * b
+        peaks[b] = _peak_bytes(lambda: generate(model, prompts, sampling, decode="static"))
+    per_row = (peaks[4] - peaks[2]) / 2
+    kv = 4 * 2 * 2 * 32 * (-(-(prompt + new) // 16) * 16) * 4
+    assert kv < per_row <= row_bytes(config, torch.float32, prompt, new), (per_row, kv)
 
 
 def test_graph_decoding_needs_cuda():

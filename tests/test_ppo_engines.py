@@ -151,6 +151,66 @@ def test_engine_protocol(kind, tmp_path):
     assert engine.generate(prompts, greedy)[0].token_ids != out[0].token_ids
 
 
+def test_native_engine_samples_in_waves_as_in_one_batch():
+    """Rows split into waves (shortest prompts first) come back in the prompts' order with the tokens, log-
+    probabilities and finish reasons of one batch: PPO's per-row seeds make a row's draws its own."""
+    torch.manual_seed(0)
+    policy = randomize_biases(QwenForCausalLM(tiny_config())).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 200, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (11,), generator=g)]
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, stop_token_ids=(7, 9),
+                             row_seeds=[100 + i for i in range(len(prompts))])  # fmt: skip
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    for sampling in (sampled, greedy):
+        whole = NativeEngine.sharing(policy, pad_id=0).generate(prompts, sampling)
+        streamed: dict[int, list[int]] = {}
+        engine = NativeEngine.sharing(policy, pad_id=0, max_rows=3)
+        waves = engine.generate(prompts, sampling, on_token=lambda i, t: streamed.setdefault(i, []).append(t))
+        assert (engine.waves, engine.wave_rows) == (4, 3)
+        assert [r.token_ids for r in waves] == [r.token_ids for r in whole]
+        assert [r.finish_reason for r in waves] == [r.finish_reason for r in whole]
+        for a, b in zip(waves, whole):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+        assert {i: t for i, t in streamed.items()} == {i: r.token_ids for i, r in enumerate(whole)}
+        if sampling is sampled:  # both endings, in rows of different waves
+            assert {r.finish_reason for r in whole} == {"stop", "length"}
+    one = NativeEngine.sharing(policy, pad_id=0)
+    one.generate(prompts, greedy)
+    assert (one.waves, one.wave_rows) == (1, len(prompts))  # the CPU's default: every row at once
+    five = NativeEngine.sharing(policy, pad_id=0, max_rows=5)
+    assert [r.token_ids for r in five.generate(prompts, greedy)] == [r.token_ids for r in whole]
+    assert (five.waves, five.wave_rows) == (3, 4)  # 11 rows, at most 5 a wave: 4 + 4 + 3, not 5 + 5 + 1
+    # one shared seed: each wave draws from its own (seed + wave), so the first rows of two waves of the same
+    # prompt differ (with one seed for all they would draw the same numbers)
+    same = [prompts[0]] * 4
+    shared = NativeEngine.sharing(policy, pad_id=0, max_rows=2).generate(
+        same, SamplingParams(max_new_tokens=12, seed=5)
+    )
+    assert shared[0].token_ids != shared[2].token_ids
+    with pytest.raises(ValueError, match="max_rows=0"):
+        NativeEngine.sharing(policy, pad_id=0, max_rows=0)
+
+
+def test_native_engine_on_a_gpu_sizes_its_waves_from_free_memory(monkeypatch):
+    """On a CUDA device (stood in for: the sizing reads only the model's device, config and dtype, and the free
+    memory) the rows of a wave are those whose estimate fits in MEMORY_FRACTION of the free bytes, at the longest
+    prompt; `max_rows` overrides it."""
+    from base_model.generate import row_bytes
+    from ppo.rollout import native
+
+    policy = QwenForCausalLM(tiny_config())
+    engine = NativeEngine.sharing(policy, pad_id=0)
+    engine.model = SimpleNamespace(device=torch.device("cuda", 0), config=policy.config, dtype=torch.bfloat16)
+    asked = []
+    per_row = row_bytes(policy.config, torch.bfloat16, 30, 16)  # at the longest prompt, 30 tokens
+    monkeypatch.setattr(native, "free_device_bytes", lambda device: asked.append(device) or int(7.5 * per_row / 0.9))
+    prompts = [[1] * 10, [2] * 30, [3] * 5]
+    assert engine.rows_per_wave(prompts, 16) == 7 and asked == [torch.device("cuda", 0)]
+    assert engine.rows_per_wave([[1] * 10], 16) > 7  # a shorter longest prompt: more rows
+    engine.max_rows = 2
+    assert engine.rows_per_wave(prompts, 16) == 2 and len(asked) == 2
+
+
 def test_vllm_weights_reach_the_worker_as_tensors_in_buckets(tmp_path):
     """#1: an in-process engine core (external_launcher), so collective_rpc hands over tensors; a multiprocess
     one would deliver serialised lists, which the worker extension refuses with a message. Buckets by size."""

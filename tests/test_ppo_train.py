@@ -105,11 +105,14 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(models, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_process_zero_matches_one_process(models, tmp_path, stage):
-    """One minibatch per epoch, so both runs see the same batches and the same ptx rows: metrics agree within 5%
+    """One minibatch per epoch, so both runs see the same batches and the same ptx rows (the one process samples
+    its rollouts in waves, the two in one batch each): metrics agree within 5%
     (0.05 absolute below 1) over 3 iterations. Measured: rewards and value losses within 0.3%, the updated policy's
     KL within 0.03 nats (Adam turns reduction-order differences in tiny gradients into small weight differences)."""
     common = [*models, "ppo.iterations=3", "train.eval_every=0", "train.save_every=0", "ppo.critic_warmup_steps=1"]
-    align("ppo", TINY, f"out_dir={tmp_path / 'one'}", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=16", *common)
+    # the one process samples its 16 rows in waves of at most 5 (per-row seeds: the same responses as in one batch)
+    align("ppo", TINY, f"out_dir={tmp_path / 'one'}", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=16",
+          "ppo.generate_batch_size=5", *common)  # fmt: skip
     align(
         "ppo",
         TINY,
@@ -121,6 +124,8 @@ def test_two_process_zero_matches_one_process(models, tmp_path, stage):
         *common,
         torchrun=True,
     )
+    assert set(metric(tmp_path / "one", "train/rollout_waves").values()) == {4.0}
+    assert set(metric(tmp_path / "two", "train/rollout_waves").values()) == {1.0}  # the CPU's default: all rows
     for key in ("train/reward/raw", "train/kl", "train/value_loss", "train/policy_loss", "train/ptx_loss"):
         one, two = metric(tmp_path / "one", key), metric(tmp_path / "two", key)
         assert sorted(one) == sorted(two) and len(one) >= 2, key
