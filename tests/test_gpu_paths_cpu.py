@@ -328,7 +328,8 @@ def test_rows_that_fit_follow_the_memory_a_row_takes():
 
 def _peak_bytes(fn) -> int:
     """The most bytes of CPU tensors alive at once while `fn` runs, beyond those alive before it, from the
-    profiler's allocation records (each allocation and free in the order they happened)."""
+    profiler's allocation records: each operator's own net allocation counted at its start, each free outside an
+    operator at its time (a peak inside a single operator is not seen)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -203,7 +203,9 @@ def test_native_engine_on_a_gpu_sizes_its_waves_from_free_memory(monkeypatch):
     engine.model = SimpleNamespace(device=torch.device("cuda", 0), config=policy.config, dtype=torch.bfloat16)
     asked = []
     per_row = row_bytes(policy.config, torch.bfloat16, 30, 16)  # at the longest prompt, 30 tokens
-    monkeypatch.setattr(native, "free_device_bytes", lambda device: asked.append(device) or int(7.5 * per_row / 0.9))
+    monkeypatch.setattr(
+        native, "free_device_bytes", lambda device: asked.append(device) or int(7.5 * per_row / native.MEMORY_FRACTION)
+    )
     prompts = [[1] * 10, [2] * 30, [3] * 5]
     assert engine.rows_per_wave(prompts, 16) == 7 and asked == [torch.device("cuda", 0)]
     assert engine.rows_per_wave([[1] * 10], 16) > 7  # a shorter longest prompt: more rows

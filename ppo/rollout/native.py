@@ -6,8 +6,8 @@ policy that `load_weights` refreshes (ZeRO-3, where each rank holds only a shard
 
 A call's rows are sampled in equal waves of at most `max_rows` rows (by default, every row at once on the CPU and
 as many as fit in `MEMORY_FRACTION` of the GPU's free memory on a GPU: `base_model.generate.rows_that_fit`), the
-shortest prompts first so that each wave pads little. With per-row seeds (`SamplingParams.row_seeds`, as PPO samples) a
-row's tokens do not depend on the waves; with one shared seed each wave draws from its own seed (seed + wave)."""
+shortest prompts first so that each wave pads little. With per-row seeds (`SamplingParams.row_seeds`, as PPO
+samples) a row's tokens do not depend on the waves; with one shared seed each wave draws from seed + wave."""
 
 from __future__ import annotations
 
